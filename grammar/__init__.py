@@ -1,0 +1,1 @@
+"""The KQL grammar (kql.lark), shipped as package data of ``kql.grammar``."""

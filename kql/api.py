@@ -1,0 +1,135 @@
+"""The Python API, in the spirit of DuckDB's.
+
+>>> import kql, torch
+>>> con = kql.connect()
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+...                           torch.nn.Flatten(), torch.nn.Linear(4, 2))
+>>> con.register_model("net", net)
+>>> con.register_image("img", torch.rand(3, 12, 10))
+>>> r = con.execute("OCCLUDE img USING net PATCH 4 STRIDE 3 COLOR (0, 0, 0)")
+>>> r.heatmap.shape, r.heatmap.dtype.name
+((3, 3), 'float32')
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+from . import ast
+from .catalog import Catalog
+from .errors import KqlError, KqlExecutionError, KqlPlanError
+from .models import ModelSpec
+from .parser import parse_with_text
+from .result import Result
+
+
+class Connection:
+    """A catalog of models and images plus session settings; runs KQL text."""
+
+    def __init__(self, directory: Optional[str] = None):
+        self.catalog = Catalog(directory)
+        self.settings: dict = {"strategy": "auto"}
+
+    # -- registration -----------------------------------------------------------------
+
+    def register_model(self, name: str, module, mean=None, std=None, input_size=None,
+                       labels=None) -> None:
+        """Register a torch module taking ``[B, 3, H, W]`` and returning logits ``[B, classes]``."""
+        import torch
+
+        if not isinstance(module, torch.nn.Module):
+            raise KqlPlanError(f"register_model: expected a torch.nn.Module, got {type(module).__name__}")
+        for what, value in (("mean", mean), ("std", std)):
+            if value is not None and len(tuple(value)) != 3:
+                raise KqlPlanError(f"register_model: {what} must have 3 values (one per channel)")
+        if std is not None and any(float(s) == 0 for s in std):
+            raise KqlPlanError("register_model: std values must be non-zero")
+        if isinstance(input_size, int) and input_size < 1:
+            raise KqlPlanError("register_model: input_size must be positive")
+        spec = ModelSpec(name, module.eval(), tuple(map(float, mean)) if mean is not None else None,
+                         tuple(map(float, std)) if std is not None else None, input_size,
+                         list(labels) if labels is not None else None)
+        self.catalog.register_model(spec)
+
+    def register_image(self, name: str, image) -> None:
+        """Register a torch float ``[3, H, W]`` in [0, 1] or a numpy uint8 ``HxWx3`` image."""
+        self.catalog.register_image(name, image)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def execute(self, query: str, progress=None) -> Optional[Result]:
+        """Run every statement of ``query``; return the last statement's result."""
+        result = None
+        for result in self.run(query, progress=progress):
+            pass
+        return result
+
+    def run(self, query: str, progress=None) -> Iterator[Result]:
+        """Run the statements of ``query`` one by one, yielding each result."""
+        if not isinstance(query, str):
+            raise KqlPlanError(f"a query must be a string, not {type(query).__name__}")
+        for stmt, text in parse_with_text(query):
+            try:
+                yield self._statement(stmt, text, progress)
+            except KqlError as exc:
+                raise exc.at(None, None, query)
+
+    def _statement(self, stmt, text: str, progress) -> Result:
+        from . import executor
+
+        if isinstance(stmt, ast.Occlude):
+            return executor.occlude(self, stmt, text, progress)
+        if isinstance(stmt, ast.Explain):
+            return executor.explain(self, stmt, text, progress)
+        if isinstance(stmt, ast.LoadModel):
+            spec = self.catalog.load_model(stmt.name, stmt.path, stmt.arch, stmt.labels)
+            return Result("load", text, message=f"model '{stmt.name}' loaded ({spec.arch}, "
+                                                f"{spec.num_classes} classes)")
+        if isinstance(stmt, ast.LoadImage):
+            t = self.catalog.load_image(stmt.name, stmt.path)
+            return Result("load", text, message=f"image '{stmt.name}' loaded "
+                                                f"({t.shape[1]}x{t.shape[2]})")
+        if isinstance(stmt, ast.ShowModels):
+            return Result("show", text, rows=self.catalog.model_rows())
+        if isinstance(stmt, ast.ShowImages):
+            return Result("show", text, rows=self.catalog.image_rows())
+        if isinstance(stmt, ast.SetOption):
+            return self._set(stmt, text)
+        raise KqlExecutionError(f"unsupported statement {type(stmt).__name__}")
+
+    def _set(self, stmt: ast.SetOption, text: str) -> Result:
+        from .planner.physical import check_setting
+
+        value = stmt.value.lower() if isinstance(stmt.value, str) else stmt.value
+        problem = check_setting(stmt.name.lower(), value)
+        if problem:
+            raise KqlPlanError(problem, line=stmt.pos.line or None, column=stmt.pos.column or None)
+        self.settings[stmt.name.lower()] = value
+        return Result("set", text, message=f"{stmt.name.lower()} = {value}")
+
+    def models(self) -> list[dict]:
+        return self.catalog.model_rows()
+
+    def images(self) -> list[dict]:
+        return self.catalog.image_rows()
+
+
+def connect(directory: Optional[str] = None) -> Connection:
+    """An in-memory catalog, or one persisted in ``directory``."""
+    return Connection(directory)
+
+
+_default: Optional[Connection] = None
+
+
+def default_connection() -> Connection:
+    global _default
+    if _default is None:
+        _default = Connection()
+    return _default
+
+
+def execute(query: str, progress=None) -> Optional[Result]:
+    """Run ``query`` on the default in-memory connection (like ``duckdb.sql``)."""
+    return default_connection().execute(query, progress=progress)
+

@@ -1,0 +1,208 @@
+"""The abstract syntax tree of KQL: what the user wrote, with positions.
+
+Nodes are frozen dataclasses. The tree holds only what the text says: an omitted clause
+is ``None`` here, and the logical planner fills in the defaults. Every node carries
+``pos`` (1-based line and column of its first token), so later stages can point errors at
+the text.
+
+>>> q = Occlude(image=SampleImage("chelsea"), model=ModelName("net"), patch=(8, 8))
+>>> [type(n).__name__ for n in q.walk()]
+['Occlude', 'SampleImage', 'ModelName']
+>>> q.replace(patch=(4, 4)).patch
+(4, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Tuple, Union
+
+
+@dataclass(frozen=True)
+class Pos:
+    line: int
+    column: int
+
+
+NOWHERE = Pos(0, 0)
+
+
+@dataclass(frozen=True)
+class Node:
+    """Base node: knows how to walk and copy itself; subclasses only declare fields."""
+
+    def children(self) -> Iterator["Node"]:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Node):
+                yield value
+
+    def walk(self) -> Iterator["Node"]:
+        """Pre-order traversal of this node and its descendants."""
+        yield self
+        for child in self.children():
+            yield from child.walk()
+
+    def replace(self, **changes) -> "Node":
+        return dataclasses.replace(self, **changes)
+
+
+# -- images -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageName(Node):
+    """An image registered in the catalog (``LOAD IMAGE`` or ``register_image``)."""
+    name: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ImageFile(Node):
+    """A quoted path to an image file."""
+    path: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SampleImage(Node):
+    """``sample('<skimage.data name>')``."""
+    name: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+ImageRef = Union[ImageName, ImageFile, SampleImage]
+
+
+# -- models -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelName(Node):
+    """A catalog name, a torchvision builder name or the built-in ``efficientnet_lite0``."""
+    name: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+# -- targets, colours, regions ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetPredicted(Node):
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TargetIndex(Node):
+    index: int
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TargetLabel(Node):
+    label: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+Target = Union[TargetPredicted, TargetIndex, TargetLabel]
+
+
+@dataclass(frozen=True)
+class ColorNamed(Node):
+    """``black``, ``gray`` (or ``grey``, stored as ``gray``), ``white`` or ``mean``."""
+    name: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ColorRGB(Node):
+    """``(r, g, b)`` in pixel space, as written (range checked by the planner)."""
+    r: float
+    g: float
+    b: float
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+Color = Union[ColorNamed, ColorRGB]
+
+
+@dataclass(frozen=True)
+class Region(Node):
+    """``REGION (x, y, w, h)``: columns x..x+w-1 and rows y..y+h-1 of the model input."""
+    x: int
+    y: int
+    w: int
+    h: int
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+# -- statements ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Occlude(Node):
+    """``OCCLUDE <image> USING <model> [clauses]``; omitted clauses are None."""
+    image: ImageRef
+    model: ModelName
+    target: Optional[Target] = None
+    patch: Optional[Tuple[int, int]] = None        # (height, width)
+    stride: Optional[Tuple[int, int]] = None       # (rows, columns)
+    color: Optional[Color] = None
+    region: Optional[Region] = None
+    ssim: Optional[float] = None                   # WITH SSIM >= value
+    drilldown: Optional[float] = None              # DRILLDOWN fraction
+    speedup: Optional[float] = None                # DRILLDOWN fraction SPEEDUP factor
+    device: Optional[str] = None                   # 'cpu' | 'gpu' | 'auto'
+    batch: Optional[int] = None
+    into: Optional[str] = None
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    # Positions of individual clauses (keyword token), for pointing errors at them.
+    clause_pos: Tuple[Tuple[str, Pos], ...] = field(default=(), compare=False, repr=False)
+
+    def pos_of(self, clause: str) -> Pos:
+        """Position of a clause keyword ('patch', 'stride', ...) or of the statement."""
+        return dict(self.clause_pos).get(clause, self.pos)
+
+
+@dataclass(frozen=True)
+class Explain(Node):
+    """``EXPLAIN [ANALYZE] <statement>``."""
+    statement: Occlude
+    analyze: bool = False
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LoadModel(Node):
+    """``LOAD MODEL <name> FROM '<file>' [ARCH <builder>] [LABELS '<file>']``."""
+    name: str
+    path: str
+    arch: Optional[str] = None
+    labels: Optional[str] = None
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LoadImage(Node):
+    """``LOAD IMAGE <name> FROM '<file>'``."""
+    name: str
+    path: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ShowModels(Node):
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ShowImages(Node):
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SetOption(Node):
+    """``SET <name> = <value>``: a session setting (e.g. ``SET strategy = 'naive'``)."""
+    name: str
+    value: Union[str, int, float]
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+Statement = Union[Occlude, Explain, LoadModel, LoadImage, ShowModels, ShowImages, SetOption]

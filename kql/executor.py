@@ -1,0 +1,75 @@
+"""Runs bound, optimized, physically planned statements and turns them into Results."""
+
+from __future__ import annotations
+
+import time
+
+from . import ast
+from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
+from .planner.logical import bind, fail
+from .planner.physical import PlanContext, plan_query
+from .planner.rules import optimize
+from .result import Result
+
+
+def plan(con, stmt: ast.Occlude, text: str):
+    ctx = PlanContext(settings=dict(con.settings))
+    logical = optimize(bind(stmt, text, con.catalog), ctx)
+    return plan_query(logical, ctx)
+
+
+def run(physical, stmt: ast.Occlude, progress):
+    try:
+        return physical.run(progress)
+    except KqlError:
+        raise
+    except IndexError as exc:       # target out of range, found only once the model ran
+        raise fail(stmt, "target", str(exc)) from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise KqlModelError(f"model '{physical.query.model.name}' failed on the "
+                            f"{tuple(physical.query.image.shape[1:])} image: {detail}") from None
+    except MemoryError:
+        raise KqlExecutionError("out of memory; lower BATCH") from None
+
+
+def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
+    start = time.perf_counter()
+    physical = plan(con, stmt, text)
+    out = run(physical, stmt, progress)
+    result = _result(physical, out, text)
+    result.seconds = time.perf_counter() - start
+    if stmt.into:
+        result.save(stmt.into)
+        result.into = stmt.into
+    return result
+
+
+def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
+    physical = plan(con, stmt.statement, text)
+    lines = physical.explain()
+    if stmt.analyze:
+        start = time.perf_counter()
+        run(physical, stmt.statement, progress)
+        lines.append(f"Analyze: positions={physical.query.grid.count}, "
+                     f"seconds={time.perf_counter() - start:.3f}")
+    return Result("explain", text, plan="\n".join(lines))
+
+
+def _result(physical, out, text: str) -> Result:
+    q = physical.query
+    rows, cols = q.grid.shape
+    labels = q.model.labels
+    if labels is not None and len(labels) != len(out.base_logits):
+        raise KqlPlanError(f"model '{q.model.name}' has {len(labels)} labels but returns "
+                           f"{len(out.base_logits)} classes")
+    return Result(
+        "occlude", text,
+        heatmap=out.probabilities.reshape(rows, cols),
+        logits=out.logits.reshape(rows, cols),
+        target=out.target,
+        label=labels[out.target] if labels is not None else f"class {out.target}",
+        probability=out.base_probability,
+        plan="\n".join(physical.explain()),
+        model=q.model.name, image_label=q.image_label, image=q.image,
+        patch=q.grid.patch, stride=q.grid.stride, offset=q.grid.offset)

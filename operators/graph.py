@@ -1,0 +1,345 @@
+"""The layer graph: a model traced by torch.fx, each node normalised to a logical operator.
+
+The three spellings of an operation (``nn.Conv2d`` module, ``F.conv2d`` call, tensor
+method) become one of four logical kinds (seed paper 000, section 3.2):
+
+* :class:`Local` - convolution, max/avg pooling, constant padding: a window op with a
+  kernel, stride, dilation, padding and a fill value for the border;
+* :class:`Pointwise` - batch norm (eval), activations, dropout (eval), identity, scalar or
+  per-channel arithmetic;
+* :class:`Join` - element-wise ops of several spatial tensors, channel concatenation;
+* ``None`` - global: everything else. Incremental computation ends there (the patch is
+  projected into a full tensor); an unknown node is global, which is slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+
+class TraceError(Exception):
+    """torch.fx could not trace the model."""
+
+
+@dataclass
+class Local:
+    """A window op (seed paper 000, eqs 7-15), generalised to dilation and asymmetric pads."""
+
+    kind: str                       # 'conv' | 'maxpool' | 'avgpool' | 'pad'
+    kernel: tuple                   # (kh, kw)
+    stride: tuple
+    dilation: tuple
+    pad: tuple                      # (top, bottom, left, right); may be negative for 'pad'
+    fill: float                     # value outside the input (0, -inf, or the pad constant)
+    apply: Callable                 # applied to a gathered context with no further padding
+    in_channels: int = 0
+    out_channels: int = 0
+    groups: int = 1
+    divisor: Optional[torch.Tensor] = None   # avg pool: exact per-output divisor map
+
+    def macs_per_output(self) -> int:
+        """Multiply-adds per output element (eq. 16 without the output volume)."""
+        if self.kind == "conv":
+            return (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+        if self.kind == "pad":
+            return 0
+        return self.kernel[0] * self.kernel[1]
+
+
+@dataclass
+class Pointwise:
+    """Applied position by position: a patch maps to the same patch."""
+
+    call: Callable                  # call(*args, **kwargs) with patches in place of tensors
+
+
+@dataclass
+class Join:
+    """Several spatial operands combined position by position (eqs 35-38)."""
+
+    call: Callable
+    spatial: tuple                  # indices into the flattened operand list
+
+
+_POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
+                      nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+                      nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Softsign, nn.Identity,
+                      nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Threshold)
+_POINTWISE_FUNCTIONS = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
+                        F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus,
+                        F.hardtanh, F.dropout, torch.relu, torch.sigmoid, torch.tanh,
+                        torch.clamp, torch.neg, torch.exp, torch.abs, operator.neg,
+                        F.batch_norm}
+_POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clamp_min", "clamp_max", "neg",
+                      "exp", "abs", "contiguous", "float", "hardswish"}
+_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
+                     torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
+_BINARY_METHODS = {"add", "sub", "mul", "div"}
+_INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+            operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace a private copy of ``model`` with in-place ops made out-of-place.
+
+    In-place ops would overwrite the materialized views other nodes read.
+    """
+    model = copy.deepcopy(model).eval()
+    for sub in model.modules():
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError...)
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise TraceError(f"torch.fx cannot trace the model: {first}") from None
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _INPLACE:
+            node.target = _INPLACE[node.target]
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__") \
+                and hasattr(torch.Tensor, node.target[:-1]):
+            node.target = node.target[:-1]
+        if "inplace" in node.kwargs and node.kwargs["inplace"] is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+    gm.recompile()
+    return gm
+
+
+def pair(v) -> tuple:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def classify(node: fx.Node, gm: fx.GraphModule, value, arg) -> object:
+    """The logical operator of ``node``, or None for global.
+
+    ``value(n)`` gives the materialized output of node ``n``; ``arg(i, name, default)`` the
+    materialized value of the node's argument (positional index or keyword).
+    """
+    out = value(node)
+    if not _is_map(out):
+        return None
+    if node.op == "call_module":
+        return _classify_module(gm.get_submodule(node.target), node, value)
+    if node.op == "call_function":
+        return _classify_function(node, value, arg)
+    if node.op == "call_method":
+        return _classify_method(node, value)
+    return None
+
+
+def _is_map(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+
+
+def _input_shape(node: fx.Node, value) -> Optional[torch.Size]:
+    first = node.args[0] if node.args else None
+    v = value(first) if isinstance(first, fx.Node) else None
+    return v.shape if _is_map(v) else None
+
+
+def _classify_module(mod: nn.Module, node: fx.Node, value):
+    if isinstance(mod, nn.BatchNorm2d):
+        return Pointwise(mod) if not mod.training and mod.running_mean is not None else None
+    if isinstance(mod, _POINTWISE_MODULES):
+        return Pointwise(mod) if not isinstance(mod, (nn.Dropout, nn.Dropout2d)) or not mod.training else None
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    shape = _input_shape(node, value)
+    if shape is None:
+        return None
+    if isinstance(mod, nn.Conv2d) and type(mod).forward is nn.Conv2d.forward:
+        if mod.padding_mode != "zeros":
+            return None
+        return conv(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
+        return maxpool(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode, shape)
+    if isinstance(mod, nn.AvgPool2d):
+        return avgpool(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+                       mod.count_include_pad, mod.divisor_override, shape)
+    if isinstance(mod, nn.AdaptiveAvgPool2d):
+        return adaptive_avgpool(mod.output_size, shape)
+    if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d)):
+        return pad(mod.padding, float(getattr(mod, "value", 0.0)))
+    return None
+
+
+def _classify_function(node: fx.Node, value, arg):
+    t = node.target
+    if t in (F.conv2d, torch.conv2d):
+        stride, padding, dilation, groups = (arg(i, k, d) for i, k, d in (
+            (3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1)))
+        return conv(arg(1, "weight", None), arg(2, "bias", None), stride, padding, dilation, groups)
+    shape = _input_shape(node, value)
+    if t in (F.max_pool2d, torch.max_pool2d) and shape is not None and not arg(6, "return_indices", False):
+        k = arg(1, "kernel_size", None)
+        return maxpool(k, arg(2, "stride", None) or k, arg(3, "padding", 0), arg(4, "dilation", 1),
+                       arg(5, "ceil_mode", False), shape)
+    if t is F.avg_pool2d and shape is not None:
+        k = arg(1, "kernel_size", None)
+        return avgpool(k, arg(2, "stride", None) or k, arg(3, "padding", 0), arg(4, "ceil_mode", False),
+                       arg(5, "count_include_pad", True), arg(6, "divisor_override", None), shape)
+    if t is F.adaptive_avg_pool2d and shape is not None:
+        return adaptive_avgpool(arg(1, "output_size", None), shape)
+    if t is F.pad:
+        if arg(2, "mode", "constant") != "constant" or len(arg(1, "pad", ())) != 4:
+            return None
+        return pad(tuple(arg(1, "pad", ())), float(arg(3, "value", 0.0) or 0.0))
+    if t is torch.cat:
+        dim = arg(1, "dim", 0)
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        if dim in (1, -3) and isinstance(tensors, (list, tuple)) and all(
+                isinstance(a, fx.Node) and _is_map(value(a)) for a in tensors):
+            return Join(lambda *xs: torch.cat(xs, 1), tuple(range(len(tensors))))
+        return None
+    if t in _BINARY_FUNCTIONS:
+        return _binary(node, value, t)
+    if t in _POINTWISE_FUNCTIONS:
+        if t is F.dropout and arg(2, "training", True):
+            return None
+        if t is F.batch_norm and arg(5, "training", False):
+            return None
+        return _unary(node, value, t)
+    return None
+
+
+def _classify_method(node: fx.Node, value):
+    name = node.target
+    if name in _BINARY_METHODS:
+        return _binary(node, value, lambda a, *rest, **kw: getattr(a, name)(*rest, **kw))
+    if name in _POINTWISE_METHODS:
+        return _unary(node, value, lambda a, *rest, **kw: getattr(a, name)(*rest, **kw))
+    return None
+
+
+def _broadcast_safe(v) -> bool:
+    """A constant operand that is the same at every spatial position."""
+    if not isinstance(v, torch.Tensor):
+        return isinstance(v, (int, float, bool))
+    if v.dim() == 0:
+        return True
+    if v.dim() == 1:
+        return v.shape[0] == 1
+    return v.shape[-1] == 1 and v.shape[-2] == 1
+
+
+def _operands(node: fx.Node) -> list:
+    return list(node.args) + list(node.kwargs.values())
+
+
+def _unary(node: fx.Node, value, fn):
+    first, rest = node.args[0] if node.args else None, _operands(node)[1:]
+    if not isinstance(first, fx.Node) or not _is_map(value(first)):
+        return None
+    if any(isinstance(a, fx.Node) and not _broadcast_safe(value(a)) for a in rest):
+        return None
+    return Pointwise(fn)
+
+
+def _binary(node: fx.Node, value, fn):
+    ops = _operands(node)
+    spatial = tuple(i for i, a in enumerate(ops) if isinstance(a, fx.Node) and _is_map(value(a))
+                    and not _broadcast_safe(value(a)))
+    others_ok = all(_broadcast_safe(value(a)) if isinstance(a, fx.Node) else _broadcast_safe(a)
+                    for i, a in enumerate(ops) if i not in spatial)
+    if not spatial or not others_ok or len(node.args) < 2:
+        return None
+    if len(spatial) == 1 and spatial[0] == 0:
+        return Pointwise(fn)
+    return Join(fn, spatial)
+
+
+# -- window ops ---------------------------------------------------------------------------
+
+def conv(weight, bias, stride, padding, dilation, groups) -> Optional[Local]:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        return None
+    k, s, d = pair(weight.shape[2:]), pair(stride), pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            p = (0, 0, 0, 0)
+        else:  # 'same' (stride 1): PyTorch puts the odd pixel at the bottom/right
+            th, tw = d[0] * (k[0] - 1), d[1] * (k[1] - 1)
+            p = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    else:
+        ph, pw = pair(padding)
+        p = (ph, ph, pw, pw)
+
+    def apply(ctx, weight=weight, bias=bias):
+        return F.conv2d(ctx, weight, bias, s, 0, d, groups)
+
+    return Local("conv", k, s, d, p, 0.0, apply, int(weight.shape[1]) * int(groups),
+                 int(weight.shape[0]), int(groups))
+
+
+def maxpool(kernel, stride, padding, dilation, ceil_mode, shape) -> Local:
+    k, s, d = pair(kernel), pair(stride if stride else kernel), pair(dilation)
+    ph, pw = pair(padding)
+    h_out, w_out = (_pool_out(shape[2 + i], k[i], s[i], (ph, pw)[i], d[i], ceil_mode) for i in (0, 1))
+    p = _pool_pads(shape, k, s, d, (ph, pw), (h_out, w_out))
+    return Local("maxpool", k, s, d, p, -math.inf,
+                 lambda ctx: F.max_pool2d(ctx, k, s, 0, d), int(shape[1]), int(shape[1]))
+
+
+def avgpool(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override, shape):
+    if divisor_override:
+        return None
+    k, s = pair(kernel), pair(stride if stride else kernel)
+    ph, pw = pair(padding)
+    h_out, w_out = (_pool_out(shape[2 + i], k[i], s[i], (ph, pw)[i], 1, ceil_mode) for i in (0, 1))
+    p = _pool_pads(shape, k, s, (1, 1), (ph, pw), (h_out, w_out))
+    # Exact divisor of every output (count_include_pad, ceil_mode overhang): torch's own
+    # average of ones against its sum of ones.
+    ones = torch.ones(1, 1, int(shape[2]), int(shape[3]))
+    mean = F.avg_pool2d(ones, k, s, (ph, pw), ceil_mode, count_include_pad)
+    total = F.avg_pool2d(ones, k, s, (ph, pw), ceil_mode, count_include_pad, divisor_override=1)
+    divisor = total / mean
+    uniform = bool((divisor == k[0] * k[1]).all())
+
+    def apply(ctx):
+        return F.avg_pool2d(ctx, k, s, 0, False, True, divisor_override=1)
+
+    return Local("avgpool", k, s, (1, 1), p, 0.0, apply, int(shape[1]), int(shape[1]),
+                 divisor=None if uniform else divisor)
+
+
+def adaptive_avgpool(output_size, shape) -> Optional[Local]:
+    out = pair(output_size) if not isinstance(output_size, (tuple, list)) or None not in output_size \
+        else tuple(shape[2 + i] if v is None else int(v) for i, v in enumerate(output_size))
+    h, w = int(shape[2]), int(shape[3])
+    if out[0] < 1 or out[1] < 1 or h % out[0] or w % out[1] or (out == (1, 1) and (h, w) != (1, 1)):
+        return None
+    k = (h // out[0], w // out[1])
+    return avgpool(k, k, 0, False, True, None, shape)
+
+
+def pad(padding, value: float) -> Local:
+    left, right, top, bottom = (int(v) for v in (padding if isinstance(padding, (tuple, list))
+                                                  and len(padding) == 4 else (padding,) * 4))
+    return Local("pad", (1, 1), (1, 1), (1, 1), (top, bottom, left, right), value, lambda ctx: ctx)
+
+
+def _pool_out(size, k, s, p, d, ceil_mode) -> int:
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _pool_pads(shape, k, s, d, pads, outs) -> tuple:
+    """(top, bottom, left, right) so that every window lies inside the padded input."""
+    res = []
+    for i in (0, 1):
+        size, p = int(shape[2 + i]), pads[i]
+        last = (outs[i] - 1) * s[i] - p + d[i] * (k[i] - 1)
+        res += [p, max(0, last + 1 - size)]
+    return tuple(res)

@@ -1,0 +1,264 @@
+"""Exact incremental inference over materialized layer views (seed paper 000, section 4.1).
+
+The unoccluded image runs once and every node's output is kept (the materialized views).
+For a batch of patch positions, each node then recomputes only the region its input
+changes: a :class:`Patch` (the changed values, uniform size, per-item corner). Window ops
+gather their read-in contexts for the whole batch at once; at a global node the patches
+are projected into full copies of the view and the rest of the network runs as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from . import gather as g
+from .graph import Join, Local, Pointwise, classify, trace
+from .task import OcclusionResult, OcclusionTask, Progress, check_logits, target_scores
+
+
+@dataclass
+class Patch:
+    """Changed region of one node's output: ``data`` [B, C, h, w] at rows ``y``, cols ``x``."""
+
+    data: torch.Tensor
+    y: np.ndarray
+    x: np.ndarray
+
+    @property
+    def size(self) -> tuple:
+        return tuple(self.data.shape[2:])
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def local_geometry(y: np.ndarray, p: int, k: int, s: int, d: int, pad: int, out: int):
+    """Output patch corner and size for an input patch (eqs 21-24 and 29-34, with dilation).
+
+    Returns ``(oy, po)``: the output rows ``oy .. oy+po-1`` hold every output that reads
+    an input row in ``y .. y+p-1``; ``po`` is the same for every item (the upper bound),
+    and ``oy`` is shifted back inside the output where the bound would overhang it.
+    """
+    po = min((p - 1 + (k - 1) * d) // s + 1, out)
+    lo = _ceil_div(y + pad - (k - 1) * d, s)
+    return np.clip(lo, 0, out - po), po
+
+
+def union_geometry(corners: list, sizes: list, out: int):
+    """Bounding box of several patches, per item, with one size for the batch (eqs 35-38)."""
+    lo = np.min(np.stack(corners), axis=0)
+    hi = np.max(np.stack([c + s for c, s in zip(corners, sizes)]), axis=0)
+    size = min(int((hi - lo).max()), out)
+    return np.minimum(lo, out - size), size
+
+
+class IncrementalModel:
+    """A traced model with its materialized views for one image; runs batches of patches."""
+
+    def __init__(self, model: torch.nn.Module, image: torch.Tensor, device: str = "cpu",
+                 crossover: Optional[set] = None):
+        self.device = torch.device(device)
+        self.gm = trace(model).to(self.device)
+        self.nodes = list(self.gm.graph.nodes)
+        self.crossover = set(crossover or ())
+        self.views = self._materialize(image.to(self.device).unsqueeze(0))
+        self.dynamic = self._dynamic_nodes()
+        self.ops = {n: classify(n, self.gm, self.views.get, self._arg_reader(n))
+                    for n in self.nodes if n in self.dynamic and n.op.startswith("call")}
+        self._padded: dict = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _materialize(self, x: torch.Tensor) -> dict:
+        views: dict = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                views[n] = super().run_node(n)
+                return views[n]
+
+        out = Recorder(self.gm).run(x)
+        self.base_logits = check_logits(out)[0].float()
+        return views
+
+    def _dynamic_nodes(self) -> set:
+        dynamic: set = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in dynamic for a in n.all_input_nodes):
+                dynamic.add(n)
+        return dynamic
+
+    def _arg_reader(self, node: fx.Node):
+        def arg(i, name, default):
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+            return self.views[v] if isinstance(v, fx.Node) else v
+        return arg
+
+    def _padded_view(self, node: fx.Node, op: Local) -> torch.Tensor:
+        key = (node, op.pad, op.fill)
+        if key not in self._padded:
+            top, bottom, left, right = op.pad
+            self._padded[key] = F.pad(self.views[node], (left, right, top, bottom), value=op.fill)
+        return self._padded[key]
+
+    def describe(self) -> dict:
+        kinds = {"local": 0, "pointwise": 0, "join": 0, "global": 0}
+        for op in self.ops.values():
+            kinds[{Local: "local", Pointwise: "pointwise", Join: "join"}.get(type(op), "global")] += 1
+        return kinds
+
+    def view_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.views.values()
+                   if isinstance(v, torch.Tensor))
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, ys: np.ndarray, xs: np.ndarray, patch: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, classes]`` with ``patch`` ([3, h, w], model input space) at each corner."""
+        b = len(ys)
+        env: dict = {}
+        for n in self.nodes:
+            if n.op == "placeholder":
+                data = patch.to(self.device).unsqueeze(0).expand(b, *patch.shape)
+                env[n] = Patch(data, np.asarray(ys, np.int64), np.asarray(xs, np.int64))
+            elif n.op == "output":
+                return check_logits(self._full_args(n, env, b)[0][0])
+            elif n not in self.dynamic:
+                env[n] = self.views[n]
+            else:
+                env[n] = self._step(n, env, b)
+        raise RuntimeError("the traced graph has no output")
+
+    def _step(self, n: fx.Node, env: dict, b: int):
+        op = self.ops.get(n)
+        states = [env[a] for a in n.all_input_nodes if a in self.dynamic]
+        if op is not None and n not in self.crossover and all(isinstance(s, Patch) for s in states):
+            if isinstance(op, Pointwise):
+                out = self._pointwise(n, op, env)
+            elif isinstance(op, Local):
+                out = self._local(n, op, env[n.args[0]])
+            else:
+                out = self._join(n, op, env)
+            if out.size == tuple(self.views[n].shape[2:]):
+                return out.data          # the patch covers the whole map: it is the full tensor
+            return out
+        args, kwargs = self._full_args(n, env, b)
+        return self._call(n, args, kwargs)
+
+    def _call(self, n: fx.Node, args, kwargs):
+        if n.op == "call_module":
+            return self.gm.get_submodule(n.target)(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        return self.views[n]
+
+    def _full_args(self, n: fx.Node, env: dict, b: int):
+        def full(a):
+            v = env[a]
+            return g.project(self.views[a], v.data, v.y, v.x) if isinstance(v, Patch) else v
+        return fx.node.map_arg(n.args, full), fx.node.map_arg(n.kwargs, full)
+
+    def _pointwise(self, n: fx.Node, op: Pointwise, env: dict) -> Patch:
+        first = env[n.args[0]]
+        args = fx.node.map_arg(n.args, lambda a: env[a].data if isinstance(env[a], Patch) else env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+        return Patch(op.call(*args, **kwargs), first.y, first.x)
+
+    def _local(self, n: fx.Node, op: Local, p: Patch) -> Patch:
+        src = n.args[0]
+        _, _, h_out, w_out = self.views[n].shape
+        (kh, kw), (sh, sw), (dh, dw) = op.kernel, op.stride, op.dilation
+        top, _, left, _ = op.pad
+        oy, po = local_geometry(p.y, p.size[0], kh, sh, dh, top, h_out)
+        ox, pwo = local_geometry(p.x, p.size[1], kw, sw, dw, left, w_out)
+        size = ((po - 1) * sh + (kh - 1) * dh + 1, (pwo - 1) * sw + (kw - 1) * dw + 1)
+        padded = self._padded_view(src, op)
+        # Eqs 25-28: the read-in window starts at o*S - P, i.e. at o*S in padded coordinates.
+        ctx = g.gather(padded, p.data, p.y + top, p.x + left, oy * sh, ox * sw, size)
+        out = op.apply(ctx)
+        if op.divisor is not None:
+            div = g.windows(op.divisor.to(out.device), oy, ox, (po, pwo))
+            out = out / div
+        elif op.kind == "avgpool":
+            out = out / float(kh * kw)
+        return Patch(out, oy, ox)
+
+    def _join(self, n: fx.Node, op: Join, env: dict) -> Patch:
+        operands = list(n.args[0]) if n.target is torch.cat else list(n.args) + list(n.kwargs.values())
+        _, _, h, w = self.views[n].shape
+        patches = [env[operands[i]] for i in op.spatial if isinstance(env.get(operands[i]), Patch)]
+        uy, uh = union_geometry([p.y for p in patches], [p.size[0] for p in patches], h)
+        ux, uw = union_geometry([p.x for p in patches], [p.size[1] for p in patches], w)
+        values = []
+        for i, a in enumerate(operands):
+            if i not in op.spatial:
+                values.append(env[a] if isinstance(a, fx.Node) else a)
+                continue
+            v = env[a]
+            if isinstance(v, Patch):
+                values.append(g.gather(self.views[a], v.data, v.y, v.x, uy, ux, (uh, uw)))
+            else:
+                values.append(g.windows(self.views[a], uy, ux, (uh, uw)))
+        if n.target is torch.cat:
+            return Patch(op.call(*values), uy, ux)
+        args = values[:len(n.args)]
+        kwargs = dict(zip(n.kwargs.keys(), values[len(n.args):]))
+        return Patch(op.call(*args, **kwargs), uy, ux)
+
+
+class IncrementalOcclusion:
+    """Physical operator: exact heat maps by incremental inference, batch by batch."""
+
+    name = "IncrementalOcclusion"
+
+    def __init__(self, batch_size: int = 16, crossover: Optional[set] = None,
+                 engine: Optional[IncrementalModel] = None):
+        self.batch_size = max(1, int(batch_size))
+        self.crossover = crossover
+        self.engine = engine
+
+    def prepare(self, task: OcclusionTask) -> IncrementalModel:
+        if self.engine is None:
+            self.engine = IncrementalModel(task.model, task.image, task.device, self.crossover)
+        return self.engine
+
+    def describe_plan(self) -> dict:
+        if self.engine is None:
+            return {}
+        kinds = self.engine.describe()
+        return {"layers": "{local} local/{pointwise} pointwise/{join} join/{global} global".format(**kinds),
+                "views_mb": f"{self.engine.view_bytes() / 2**20:.1f}"}
+
+    @torch.inference_mode()
+    def run(self, task: OcclusionTask, progress: Progress = None) -> OcclusionResult:
+        engine = self.prepare(task)
+        base_logits = engine.base_logits
+        target = int(base_logits.argmax()) if task.target is None else int(task.target)
+        if not 0 <= target < base_logits.numel():
+            raise IndexError(f"target class {target} is out of range: the model has "
+                             f"{base_logits.numel()} classes (0..{base_logits.numel() - 1})")
+        ph, pw = task.patch
+        patch = task.color.to(engine.device, torch.float32).view(3, 1, 1).expand(3, ph, pw)
+        probs = np.empty(task.count, np.float32)
+        logits = np.empty(task.count, np.float32)
+        for start in range(0, task.count, self.batch_size):
+            stop = min(start + self.batch_size, task.count)
+            out = engine.run(task.ys[start:stop], task.xs[start:stop], patch)
+            p, lg = target_scores(out, target)
+            probs[start:stop] = p.cpu().numpy()
+            logits[start:stop] = lg.cpu().numpy()
+            if progress is not None:
+                progress(stop, task.count)
+        base_p = float(torch.softmax(base_logits, 0)[target])
+        return OcclusionResult(probs, logits, target, base_p, base_logits.cpu().numpy())

@@ -1,0 +1,1 @@
+"""Logical plans, optimizer rules, cost model and physical planning for KQL queries."""

@@ -1,0 +1,29 @@
+"""Quality clauses: WITH SSIM >= s (0 < s <= 1) and DRILLDOWN r [SPEEDUP k].
+
+The approximate operators (projective-field thresholding, adaptive drill-down) are not
+built yet, so a query that asks for them fails with a clear error after its values are
+checked, instead of silently running exactly.
+"""
+
+from kql.errors import KqlNotSupportedError
+from kql.planner.logical import fail
+
+
+def rewrite(plan, ctx):
+    stmt = plan.statement
+    if plan.ssim is not None and not 0.0 < plan.ssim <= 1.0:
+        raise fail(stmt, "ssim", f"SSIM target must lie in (0, 1], got {plan.ssim:g}")
+    if plan.drilldown is not None and not 0.0 < plan.drilldown < 1.0:
+        raise fail(stmt, "drilldown", f"DRILLDOWN fraction must lie in (0, 1), got {plan.drilldown:g}")
+    if plan.speedup is not None:
+        # Seed paper 000, equation 48: the speedup of drill-down is below 1 / fraction.
+        if plan.speedup <= 1.0 or plan.speedup >= 1.0 / plan.drilldown:
+            raise fail(stmt, "drilldown", f"SPEEDUP must lie in (1, {1.0 / plan.drilldown:g}) for "
+                                          f"DRILLDOWN {plan.drilldown:g}, got {plan.speedup:g}")
+    if plan.ssim is not None:
+        raise fail(stmt, "ssim", "WITH SSIM (approximate heat maps) is not available yet; "
+                                 "drop the clause for the exact map", KqlNotSupportedError)
+    if plan.drilldown is not None:
+        raise fail(stmt, "drilldown", "DRILLDOWN (adaptive drill-down) is not available yet; "
+                                      "drop the clause for the exact map", KqlNotSupportedError)
+    return plan
