@@ -1,0 +1,60 @@
+"""The progress bar of the CLI and the shell: patch positions done of an OCCLUDE.
+
+A :class:`ProgressBar` is the ``progress(done, total)`` callback of
+:meth:`kql.Connection.run`. The tqdm bar (on stderr) is made on the first call of a
+statement and removed by :meth:`ProgressBar.close`, which the caller runs after each
+statement; the next statement's first call makes a fresh bar.
+
+>>> import io
+>>> stream = io.StringIO()
+>>> with ProgressBar(stream=stream) as bar:
+...     bar(16, 56)
+...     bar(56, 56)
+>>> "0/56 [" in stream.getvalue(), "positions/s" in stream.getvalue()
+(True, True)
+>>> ProgressBar(enabled=False)(1, 2)  # a disabled bar writes nothing
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, TextIO
+
+
+class ProgressBar:
+    """Positions done / total and the rate, as one tqdm line that clears when done."""
+
+    def __init__(self, enabled: bool = True, stream: Optional[TextIO] = None,
+                 desc: str = "occlude"):
+        self.enabled = enabled
+        self.stream = stream
+        self.desc = desc
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None and (done < self._bar.n or total != self._bar.total):
+            self.close()                    # a new OCCLUDE began without a close()
+        if self._bar is None:
+            self._bar = self._new_bar(total)
+        self._bar.update(done - self._bar.n)
+
+    def _new_bar(self, total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=self.desc, unit=" positions", unit_scale=False,
+                    file=self.stream if self.stream is not None else sys.stderr,
+                    leave=False, dynamic_ncols=True)
+
+    def close(self) -> None:
+        """Remove the current bar (if any); safe to call any number of times."""
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
