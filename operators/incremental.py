@@ -73,6 +73,14 @@ class IncrementalModel:
         self.ops = {n: classify(n, self.gm, self.views.get, self._arg_reader(n))
                     for n in self.nodes if n in self.dynamic and n.op.startswith("call")}
         self._padded: dict = {}
+        # Free each batch value after its last reader, as eager PyTorch would.
+        last_use: dict = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last_use[a] = i
+        self._dead_after = [[] for _ in self.nodes]
+        for n, i in last_use.items():
+            self._dead_after[i].append(n)
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -126,7 +134,7 @@ class IncrementalModel:
         """Logits ``[B, classes]`` with ``patch`` ([3, h, w], model input space) at each corner."""
         b = len(ys)
         env: dict = {}
-        for n in self.nodes:
+        for i, n in enumerate(self.nodes):
             if n.op == "placeholder":
                 data = patch.to(self.device).unsqueeze(0).expand(b, *patch.shape)
                 env[n] = Patch(data, np.asarray(ys, np.int64), np.asarray(xs, np.int64))
@@ -136,12 +144,63 @@ class IncrementalModel:
                 env[n] = self.views[n]
             else:
                 env[n] = self._step(n, env, b)
+            for dead in self._dead_after[i]:
+                env.pop(dead, None)
         raise RuntimeError("the traced graph has no output")
 
-    def _step(self, n: fx.Node, env: dict, b: int):
+    def incremental_op(self, n: fx.Node, patch_inputs: bool):
+        """The logical op to apply incrementally at ``n``, or None to compute it in full."""
         op = self.ops.get(n)
+        return op if op is not None and patch_inputs and n not in self.crossover else None
+
+    def patch_geometry(self, y: int, x: int, ph: int, pw: int) -> dict:
+        """Shape-only dry run for one patch: node -> changed (h, w), or None when full.
+
+        Mirrors :meth:`run`'s decisions; the cost model prices a plan with it.
+        """
+        sizes: dict = {}
+        corners: dict = {}
+        for n in self.nodes:
+            if n.op == "placeholder":
+                sizes[n], corners[n] = (ph, pw), (np.array([y]), np.array([x]))
+                continue
+            if n not in self.dynamic or n.op == "output":
+                continue
+            inputs = [a for a in n.all_input_nodes if a in self.dynamic]
+            op = self.incremental_op(n, all(sizes.get(a) is not None for a in inputs))
+            full = tuple(self.views[n].shape[2:]) if op is not None else None
+            if isinstance(op, Pointwise):
+                sizes[n], corners[n] = sizes[n.args[0]], corners[n.args[0]]
+            elif isinstance(op, Local):
+                geo = self._local_geometry(n, op, corners[n.args[0]], sizes[n.args[0]])
+                sizes[n], corners[n] = (geo[1], geo[3]), (geo[0], geo[2])
+            elif isinstance(op, Join):
+                src = [a for a in inputs if sizes.get(a) is not None]
+                (uy, uh), (ux, uw) = self._union(src, [corners[a] for a in src], [sizes[a] for a in src], full)
+                sizes[n], corners[n] = (uh, uw), (uy, ux)
+            else:
+                sizes[n] = None
+            if sizes[n] is not None and sizes[n] == full:
+                sizes[n] = None
+        return sizes
+
+    def _local_geometry(self, n: fx.Node, op: Local, corner: tuple, size: tuple):
+        _, _, h_out, w_out = self.views[n].shape
+        top, _, left, _ = op.pad
+        oy, po = local_geometry(corner[0], size[0], op.kernel[0], op.stride[0], op.dilation[0], top, h_out)
+        ox, pwo = local_geometry(corner[1], size[1], op.kernel[1], op.stride[1], op.dilation[1], left, w_out)
+        return oy, po, ox, pwo
+
+    @staticmethod
+    def _union(nodes, corners, sizes, full):
+        uy = union_geometry([c[0] for c in corners], [s[0] for s in sizes], full[0])
+        ux = union_geometry([c[1] for c in corners], [s[1] for s in sizes], full[1])
+        return uy, ux
+
+    def _step(self, n: fx.Node, env: dict, b: int):
         states = [env[a] for a in n.all_input_nodes if a in self.dynamic]
-        if op is not None and n not in self.crossover and all(isinstance(s, Patch) for s in states):
+        op = self.incremental_op(n, all(isinstance(s, Patch) for s in states))
+        if op is not None:
             if isinstance(op, Pointwise):
                 out = self._pointwise(n, op, env)
             elif isinstance(op, Local):
@@ -177,11 +236,9 @@ class IncrementalModel:
 
     def _local(self, n: fx.Node, op: Local, p: Patch) -> Patch:
         src = n.args[0]
-        _, _, h_out, w_out = self.views[n].shape
         (kh, kw), (sh, sw), (dh, dw) = op.kernel, op.stride, op.dilation
         top, _, left, _ = op.pad
-        oy, po = local_geometry(p.y, p.size[0], kh, sh, dh, top, h_out)
-        ox, pwo = local_geometry(p.x, p.size[1], kw, sw, dw, left, w_out)
+        oy, po, ox, pwo = self._local_geometry(n, op, (p.y, p.x), p.size)
         size = ((po - 1) * sh + (kh - 1) * dh + 1, (pwo - 1) * sw + (kw - 1) * dw + 1)
         padded = self._padded_view(src, op)
         # Eqs 25-28: the read-in window starts at o*S - P, i.e. at o*S in padded coordinates.
@@ -198,8 +255,8 @@ class IncrementalModel:
         operands = list(n.args[0]) if n.target is torch.cat else list(n.args) + list(n.kwargs.values())
         _, _, h, w = self.views[n].shape
         patches = [env[operands[i]] for i in op.spatial if isinstance(env.get(operands[i]), Patch)]
-        uy, uh = union_geometry([p.y for p in patches], [p.size[0] for p in patches], h)
-        ux, uw = union_geometry([p.x for p in patches], [p.size[1] for p in patches], w)
+        (uy, uh), (ux, uw) = self._union(patches, [(p.y, p.x) for p in patches],
+                                         [p.size for p in patches], (h, w))
         values = []
         for i, a in enumerate(operands):
             if i not in op.spatial:

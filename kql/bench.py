@@ -1,0 +1,213 @@
+"""``kql bench``: naive, incremental and Captum occlusion, side by side in one process.
+
+The three engines compute the same patch positions (a band of whole grid rows around the
+image centre) with the same batch size, one after the other, ``--repeat`` times; the
+median time of each is reported with the speedup against naive, the peak memory each
+added to the process, and the theoretical redundancy ratio R (seed paper 000, eqs 16-20).
+Captum's ``Occlusion`` is given the band as its input and pastes it back into the image
+inside the forward function, so it visits exactly the same positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from .errors import KqlError
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: the CUDA allocator's peak on a GPU, else the
+    process's resident memory sampled every 2 ms."""
+
+    def __init__(self, device: str = "cpu"):
+        self.peak = 0
+        self.cuda = device == "cuda"
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        _trim()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss() - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.base)
+
+
+def _trim():
+    """Hand freed heap pages back to the OS so each engine's peak starts from the floor."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def build_model(name: str, classes: int = 1000):
+    """A torchvision architecture with random weights (speed does not depend on weights)."""
+    from . import models
+
+    if name == models.BUILTIN:
+        spec = models.builtin_efficientnet_lite0()
+        return spec, spec.composed()
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs = {"init_weights": False, "aux_logits": False} if name in ("inception_v3", "googlenet") else {}
+    module = torchvision.models.get_model(name, weights=None, num_classes=classes, **kwargs).eval()
+    spec = models.ModelSpec(name, module, models.IMAGENET_MEAN, models.IMAGENET_STD,
+                            models.default_input_size(name), None, arch=name)
+    return spec, spec.composed()
+
+
+def band(grid_rows: int, grid_cols: int, positions: int) -> tuple[int, int]:
+    """Grid rows [r0, r1) around the centre holding about ``positions`` positions."""
+    rows = max(1, min(grid_rows, round(positions / grid_cols)))
+    r0 = (grid_rows - rows) // 2
+    return r0, r0 + rows
+
+
+def captum_runner(model, image, patch, stride, color, target, batch, y0, y1):
+    from captum.attr import Occlusion
+
+    top, bottom = image[:, :, :y0], image[:, :, y1:]
+
+    def forward(strip):
+        full = torch.cat([top.expand(len(strip), -1, -1, -1), strip,
+                          bottom.expand(len(strip), -1, -1, -1)], dim=2)
+        return torch.softmax(model(full), dim=1)
+
+    occ = Occlusion(forward)
+    strip = image[:, :, y0:y1]
+    baseline = torch.full_like(strip, float(color[0]))   # a tensor on the input's device
+
+    def run():
+        with torch.inference_mode():
+            occ.attribute(strip, sliding_window_shapes=(3, *patch), strides=(3, *stride),
+                          baselines=baseline, target=target, perturbations_per_eval=batch)
+    return run
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _bench(args)
+    except KqlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="kql bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vgg16", help="torchvision builder or efficientnet_lite0")
+    p.add_argument("--image", default="chelsea", help="skimage sample name")
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--positions", type=int, default=256, help="about this many positions")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the engines; medians reported")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--no-captum", action="store_true", help="skip Captum")
+    return p
+
+
+def _bench(args) -> int:
+    from .images import load_sample
+    from .operators.geometry import OcclusionGrid
+    from .operators.incremental import IncrementalOcclusion
+    from .operators.naive import NaiveOcclusion
+    from .operators.preprocess import resize
+    from .operators.task import OcclusionTask
+    from .planner.cost import redundancy_ratio
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec, model = build_model(args.model)
+    model = model.to(args.device)
+    image = resize(load_sample(args.image), spec.input_size)
+    h, w = image.shape[1:]
+    patch, stride = (args.patch, args.patch), (args.stride, args.stride)
+    full = OcclusionGrid(h, w, patch, stride)
+    r0, r1 = band(*full.full_shape, args.positions)
+    y0, y1 = r0 * args.stride, (r1 - 1) * args.stride + args.patch     # pixel rows of the band
+    grid = OcclusionGrid(h, w, patch, stride, region=(0, y0, w, y1 - y0))
+    ys, xs = grid.positions()
+    color = torch.tensor([0.5, 0.5, 0.5])
+    task = OcclusionTask(model, image, color, patch, ys, xs, device=args.device)
+    naive = NaiveOcclusion(args.batch)
+    with torch.inference_mode():
+        target = int(model(image[None].to(args.device)).argmax())
+    task.target = target
+    engines = {"naive": lambda: naive.run(task)}
+
+    def incremental():
+        return IncrementalOcclusion(args.batch).run(task)    # set-up (trace, views) included
+    engines["incremental"] = incremental
+    if not args.no_captum:
+        engines["captum"] = captum_runner(model, image[None].to(args.device), patch, stride,
+                                          color, target, args.batch, y0, y1)
+    times = {k: [] for k in engines}
+    peaks = {k: 0 for k in engines}
+    results = {}
+    for name, run in engines.items():                          # warm-up: kernels, caches
+        results[name] = run()
+    for _ in range(max(1, args.repeat)):
+        for name, run in engines.items():
+            with PeakMemory(args.device) as mem:
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], mem.peak)
+    engine = IncrementalOcclusion(args.batch)
+    ratio = redundancy_ratio(engine.prepare(task), patch)
+    _report(args, spec, (h, w), grid, full, (r0, r1), times, peaks, results, ratio)
+    return 0
+
+
+def _report(args, spec, size, grid, full, rows, times, peaks, results, ratio):
+    n = grid.count
+    naive_t = statistics.median(times["naive"])
+    print(f"kql bench: {spec.name}, image {size[0]}x{size[1]}, patch {args.patch}, stride "
+          f"{args.stride}, {n} positions (grid rows {rows[0]}..{rows[1] - 1} of "
+          f"{full.full_shape[0]}x{full.full_shape[1]}), batch {args.batch}, "
+          f"{torch.get_num_threads()} threads, {args.device}, {max(1, args.repeat)} round(s)")
+    print(f"{'engine':<12} {'ms/position':>12} {'vs naive':>9} {'peak MB':>9} {'max |dp| vs naive':>18}")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        diff = "-"
+        if name in results and hasattr(results[name], "probabilities"):
+            diff = f"{np.abs(results[name].probabilities - results['naive'].probabilities).max():.1e}"
+        print(f"{name:<12} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}")
+    print(f"theoretical R = Q/Q_inc (eqs 16-20, patch at the centre): {ratio:.2f}")
