@@ -95,6 +95,8 @@ class Connection:
             return Result("show", text, rows=self.catalog.image_rows())
         if isinstance(stmt, ast.SetOption):
             return self._set(stmt, text)
+        if isinstance(stmt, ast.Calibrate):
+            return executor.calibrate(self, stmt, text)
         raise KqlExecutionError(f"unsupported statement {type(stmt).__name__}")
 
     def _set(self, stmt: ast.SetOption, text: str) -> Result:

@@ -205,4 +205,12 @@ class SetOption(Node):
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 
 
-Statement = Union[Occlude, Explain, LoadModel, LoadImage, ShowModels, ShowImages, SetOption]
+@dataclass(frozen=True)
+class Calibrate(Node):
+    """``CALIBRATE [ON CPU | ON GPU]``: re-measure the cost model's device throughput."""
+    device: Optional[str] = None
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+Statement = Union[Occlude, Explain, LoadModel, LoadImage, ShowModels, ShowImages, SetOption,
+                  Calibrate]

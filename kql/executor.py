@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from . import ast
 from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
 from .planner.logical import bind, fail
@@ -13,14 +15,14 @@ from .result import Result
 
 
 def plan(con, stmt: ast.Occlude, text: str):
-    ctx = PlanContext(settings=dict(con.settings))
+    ctx = PlanContext(settings=dict(con.settings), directory=con.catalog.directory)
     logical = optimize(bind(stmt, text, con.catalog), ctx)
     return plan_query(logical, ctx)
 
 
-def run(physical, stmt: ast.Occlude, progress):
+def run(physical, stmt: ast.Occlude, progress, profile=None):
     try:
-        return physical.run(progress)
+        return physical.run(progress, profile)
     except KqlError:
         raise
     except IndexError as exc:       # target out of range, found only once the model ran
@@ -47,13 +49,27 @@ def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
 
 def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
     physical = plan(con, stmt.statement, text)
-    lines = physical.explain()
-    if stmt.analyze:
-        start = time.perf_counter()
-        run(physical, stmt.statement, progress)
-        lines.append(f"Analyze: positions={physical.query.grid.count}, "
-                     f"seconds={time.perf_counter() - start:.3f}")
-    return Result("explain", text, plan="\n".join(lines))
+    if not stmt.analyze:
+        return Result("explain", text, plan="\n".join(physical.explain()))
+    profile: dict = {}
+    start = time.perf_counter()
+    run(physical, stmt.statement, progress, profile)
+    profile["total"] = time.perf_counter() - start
+    return Result("explain", text, plan="\n".join(physical.explain(profile)))
+
+
+def calibrate(con, stmt: ast.Calibrate, text: str) -> Result:
+    from .planner.calibrate import throughput
+
+    device = "cuda" if stmt.device == "gpu" else "cpu"
+    if stmt.device == "gpu" and not torch.cuda.is_available():
+        raise KqlPlanError("CALIBRATE ON GPU: no CUDA GPU is available on this machine",
+                           line=stmt.pos.line or None, column=stmt.pos.column or None)
+    tp = throughput(device, con.catalog.directory, refresh=True)
+    best = max(max(row) for row in tp.dense)
+    return Result("set", text, message=f"calibrated {device}: convolutions up to "
+                                        f"{2 * best / 1e9:.1f} GFLOP/s, copies "
+                                        f"{tp.bandwidth / 1e9:.1f} GB/s")
 
 
 def _result(physical, out, text: str) -> Result:

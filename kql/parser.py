@@ -156,6 +156,10 @@ class _ToAst(Transformer):
                  _number(token) if token.type == "NUMBER" else str(token))
         return ast.SetOption(name=str(name), value=value, pos=_pos(meta))
 
+    def calibrate(self, meta, children):
+        device = str(children[0]).lower() if children and children[0] is not None else None
+        return ast.Calibrate(device=device, pos=_pos(meta))
+
     # -- image and model
     def image_name(self, meta, children):
         return ast.ImageName(str(children[0]), pos=_pos(meta))
@@ -239,7 +243,7 @@ def _size(numbers: list, keyword: str) -> tuple[int, int]:
 
 _CLAUSES = ("_TARGET", "_PATCH", "_STRIDE", "_COLOR", "_REGION", "_WITH", "_DRILLDOWN", "_ON",
             "_BATCH", "_INTO")
-_STATEMENTS = ("_OCCLUDE", "_EXPLAIN", "_LOAD", "_SHOW", "_SET")
+_STATEMENTS = ("_OCCLUDE", "_EXPLAIN", "_LOAD", "_SHOW", "_SET", "_CALIBRATE")
 _IMAGE_FORMS = frozenset({"NAME", "STRING", "_SAMPLE"})
 _VALUES = frozenset({"NAME", "STRING", "NUMBER", "COLOR_NAME", "DEVICE"})
 

@@ -9,6 +9,7 @@ are projected into full copies of the view and the rest of the network runs as u
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -130,8 +131,12 @@ class IncrementalModel:
     # -- one batch ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, ys: np.ndarray, xs: np.ndarray, patch: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, classes]`` with ``patch`` ([3, h, w], model input space) at each corner."""
+    def run(self, ys: np.ndarray, xs: np.ndarray, patch: torch.Tensor,
+            profile: Optional[dict] = None) -> torch.Tensor:
+        """Logits ``[B, classes]`` with ``patch`` ([3, h, w], model input space) at each corner.
+
+        With ``profile``, each node's seconds are added to ``profile[node.name]``.
+        """
         b = len(ys)
         env: dict = {}
         for i, n in enumerate(self.nodes):
@@ -142,21 +147,29 @@ class IncrementalModel:
                 return check_logits(self._full_args(n, env, b)[0][0])
             elif n not in self.dynamic:
                 env[n] = self.views[n]
-            else:
+            elif profile is None:
                 env[n] = self._step(n, env, b)
+            else:
+                start = time.perf_counter()
+                env[n] = self._step(n, env, b)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                profile[n.name] = profile.get(n.name, 0.0) + time.perf_counter() - start
             for dead in self._dead_after[i]:
                 env.pop(dead, None)
         raise RuntimeError("the traced graph has no output")
 
-    def incremental_op(self, n: fx.Node, patch_inputs: bool):
+    def incremental_op(self, n: fx.Node, patch_inputs: bool, crossover=None):
         """The logical op to apply incrementally at ``n``, or None to compute it in full."""
         op = self.ops.get(n)
-        return op if op is not None and patch_inputs and n not in self.crossover else None
+        crossover = self.crossover if crossover is None else crossover
+        return op if op is not None and patch_inputs and n not in crossover else None
 
-    def patch_geometry(self, y: int, x: int, ph: int, pw: int) -> dict:
+    def patch_geometry(self, y: int, x: int, ph: int, pw: int, crossover=None) -> dict:
         """Shape-only dry run for one patch: node -> changed (h, w), or None when full.
 
-        Mirrors :meth:`run`'s decisions; the cost model prices a plan with it.
+        Mirrors :meth:`run`'s decisions (with ``crossover`` in place of the engine's own
+        set when given); the cost model prices a plan with it.
         """
         sizes: dict = {}
         corners: dict = {}
@@ -167,7 +180,7 @@ class IncrementalModel:
             if n not in self.dynamic or n.op == "output":
                 continue
             inputs = [a for a in n.all_input_nodes if a in self.dynamic]
-            op = self.incremental_op(n, all(sizes.get(a) is not None for a in inputs))
+            op = self.incremental_op(n, all(sizes.get(a) is not None for a in inputs), crossover)
             full = tuple(self.views[n].shape[2:]) if op is not None else None
             if isinstance(op, Pointwise):
                 sizes[n], corners[n] = sizes[n.args[0]], corners[n.args[0]]
@@ -290,15 +303,9 @@ class IncrementalOcclusion:
             self.engine = IncrementalModel(task.model, task.image, task.device, self.crossover)
         return self.engine
 
-    def describe_plan(self) -> dict:
-        if self.engine is None:
-            return {}
-        kinds = self.engine.describe()
-        return {"layers": "{local} local/{pointwise} pointwise/{join} join/{global} global".format(**kinds),
-                "views_mb": f"{self.engine.view_bytes() / 2**20:.1f}"}
-
     @torch.inference_mode()
-    def run(self, task: OcclusionTask, progress: Progress = None) -> OcclusionResult:
+    def run(self, task: OcclusionTask, progress: Progress = None,
+            profile: Optional[dict] = None) -> OcclusionResult:
         engine = self.prepare(task)
         base_logits = engine.base_logits
         target = int(base_logits.argmax()) if task.target is None else int(task.target)
@@ -311,7 +318,7 @@ class IncrementalOcclusion:
         logits = np.empty(task.count, np.float32)
         for start in range(0, task.count, self.batch_size):
             stop = min(start + self.batch_size, task.count)
-            out = engine.run(task.ys[start:stop], task.xs[start:stop], patch)
+            out = engine.run(task.ys[start:stop], task.xs[start:stop], patch, profile)
             p, lg = target_scores(out, target)
             probs[start:stop] = p.cpu().numpy()
             logits[start:stop] = lg.cpu().numpy()

@@ -1,15 +1,25 @@
-"""The cost model: FLOPs of full and incremental inference per layer (seed paper 000, eqs 16-20).
+"""The cost model: FLOPs, bytes and predicted seconds of a plan, node by node.
 
-``Q`` is the multiply-adds of every convolution over its full output, ``Q_inc`` over the
-region a patch changes (the patch placed at the image centre, the paper's worst case);
-``R = Q / Q_inc`` is the theoretical speedup of incremental inference.
+Seed paper 000, eqs 16-20: ``Q`` is the multiply-adds of every convolution over its full
+output, ``Q_inc`` over the region a patch changes (the patch at the image centre, the
+paper's worst case), ``R = Q / Q_inc``. To predict time the model also counts the bytes
+each incremental node gathers (its read-in contexts) and projects (at the crossover), and
+prices MACs and bytes with the device's calibrated :class:`~.calibrate.Throughput`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kql.operators.graph import Local
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from kql.operators.graph import Join, Local, Pointwise
+
+FLOAT = 4
+NODE_OVERHEAD = {"cpu": 25e-6, "cuda": 60e-6}   # engine bookkeeping per node and batch
 
 
 @dataclass
@@ -20,12 +30,35 @@ class LayerCost:
     full: bool              # computed at full size (after the global boundary or crossover)
 
 
-def layer_costs(engine, patch: tuple, position: tuple = None) -> list[LayerCost]:
-    """Per-convolution MACs of one occlusion, with the patch at ``position`` (default: centre)."""
+@dataclass
+class NodeCost:
+    node: fx.Node
+    mode: str               # 'incremental' | 'full' | 'project' (full, inputs projected)
+    macs: float             # per batch
+    gather_bytes: float     # per batch
+    seconds: float          # predicted, per batch
+    patch: tuple = None     # changed (h, w) when incremental
+
+
+@dataclass
+class PlanCost:
+    nodes: list = field(default_factory=list)
+    seconds: float = 0.0    # per batch
+    macs: float = 0.0       # per batch
+
+    def by_name(self) -> dict:
+        return {c.node.name: c for c in self.nodes}
+
+
+def centre(engine, patch: tuple) -> tuple:
     h, w = engine.views[engine.nodes[0]].shape[2:]
-    ph, pw = patch
-    y, x = position if position is not None else ((h - ph) // 2, (w - pw) // 2)
-    sizes = engine.patch_geometry(y, x, ph, pw)
+    return (h - patch[0]) // 2, (w - patch[1]) // 2
+
+
+def layer_costs(engine, patch: tuple, position: tuple = None, crossover=None) -> list[LayerCost]:
+    """Per-convolution MACs of one occlusion, with the patch at ``position`` (default: centre)."""
+    y, x = position if position is not None else centre(engine, patch)
+    sizes = engine.patch_geometry(y, x, patch[0], patch[1], crossover)
     costs = []
     for n in engine.nodes:
         op = engine.ops.get(n)
@@ -41,7 +74,114 @@ def layer_costs(engine, patch: tuple, position: tuple = None) -> list[LayerCost]
 
 def redundancy_ratio(engine, patch: tuple, position: tuple = None) -> float:
     """R = Q / Q_inc (eqs 17, 19, 20)."""
-    costs = layer_costs(engine, patch, position)
+    costs = layer_costs(engine, patch, position, crossover=())
     q = sum(c.full_macs for c in costs)
     q_inc = sum(c.incremental_macs for c in costs)
     return q / q_inc if q_inc else 1.0
+
+
+def _numel(t) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else 0
+
+
+def _conv_seconds(tp, op: Local, macs_item: float, area: int, batch: int) -> float:
+    depth = op.macs_per_output()
+    depthwise = op.groups > 1 and op.groups == op.in_channels
+    t16 = tp.conv_seconds(16 * macs_item, depth, area, depthwise)
+    over = tp.overhead
+    return over + max(t16 - over, 0.0) * batch / 16
+
+
+def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
+    """(macs, seconds) of running node ``n`` on full tensors for a batch."""
+    out = engine.views.get(n)
+    op = engine.ops.get(n)
+    if isinstance(op, Local) and op.kind == "conv":
+        _, c_out, h, w = out.shape
+        macs = op.macs_per_output() * c_out * h * w
+        return batch * macs, _conv_seconds(tp, op, macs, h * w, batch)
+    linear = _linear_macs(engine, n)
+    if linear:
+        return batch * linear, tp.overhead + tp.matmul_seconds(batch * linear)
+    moved = sum(_numel(engine.views.get(a)) for a in n.all_input_nodes) + _numel(out)
+    return 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
+
+
+def _linear_macs(engine, n: fx.Node) -> int:
+    if n.op == "call_module":
+        mod = engine.gm.get_submodule(n.target)
+        if isinstance(mod, nn.Linear):
+            return mod.in_features * mod.out_features
+    if n.op == "call_function" and n.target in (F.linear, torch.matmul, torch.addmm):
+        shapes = [engine.views[a].shape for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)]
+        if len(shapes) >= 2:
+            return int(shapes[1].numel())
+    return 0
+
+
+def naive_cost(engine, tp, batch: int) -> PlanCost:
+    """Every node at full size, as the naive operator runs it (plus building the batch)."""
+    plan = PlanCost()
+    image = engine.views[engine.nodes[0]]
+    plan.seconds = tp.bytes_seconds(2 * batch * _numel(image) * FLOAT)
+    for n in engine.nodes:
+        if n.op.startswith("call"):
+            macs, secs = full_node_cost(engine, n, tp, batch)
+            plan.nodes.append(NodeCost(n, "full", macs, 0.0, secs))
+            plan.macs += macs
+            plan.seconds += secs
+    return plan
+
+
+def incremental_cost(engine, tp, patch: tuple, batch: int, crossover=None) -> PlanCost:
+    """Predicted cost per batch of the incremental engine with the given crossover set."""
+    y, x = centre(engine, patch)
+    sizes = engine.patch_geometry(y, x, patch[0], patch[1], crossover)
+    plan = PlanCost()
+    overhead = NODE_OVERHEAD.get(engine.device.type, 25e-6)
+    for n in engine.nodes:
+        if n.op == "placeholder" or not n.op.startswith("call") or n not in engine.dynamic:
+            continue
+        size = sizes.get(n)
+        if size is not None:
+            macs, gathered, secs = _incremental_node(engine, n, sizes, tp, batch)
+            mode = "incremental"
+        else:
+            projected = sum(_numel(engine.views[a]) for a in n.all_input_nodes
+                            if sizes.get(a) is not None)
+            macs, secs = full_node_cost(engine, n, tp, batch)
+            gathered = batch * projected * FLOAT
+            secs += tp.bytes_seconds(2 * gathered) if projected else 0.0
+            mode = "project" if projected else "full"
+        cost = NodeCost(n, mode, macs, gathered, secs + overhead, size)
+        plan.nodes.append(cost)
+        plan.macs += macs
+        plan.seconds += cost.seconds
+    return plan
+
+
+def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
+    op = engine.ops[n]
+    out = engine.views[n]
+    h, w = sizes[n]
+    c_out = out.shape[1]
+    if isinstance(op, Pointwise):
+        moved = 2 * c_out * h * w
+        return 0.0, 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
+    if isinstance(op, Local):
+        src = n.args[0]
+        c_in = engine.views[src].shape[1]
+        ph, pw = sizes[src]
+        ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \
+            ((w - 1) * op.stride[1] + (op.kernel[1] - 1) * op.dilation[1] + 1)
+        gathered = batch * (ctx + c_in * ph * pw) * FLOAT
+        secs = 2 * tp.overhead + tp.bytes_seconds(2 * gathered)
+        if op.kind == "conv":
+            macs = op.macs_per_output() * c_out * h * w
+            return batch * macs, gathered, secs + _conv_seconds(tp, op, macs, h * w, batch)
+        return 0.0, gathered, secs + tp.bytes_seconds(batch * (ctx + c_out * h * w) * FLOAT)
+    inputs = [a for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)
+              and engine.views[a].dim() == 4]
+    moved = sum(engine.views[a].shape[1] for a in inputs) * h * w
+    gathered = batch * moved * FLOAT
+    return 0.0, gathered, 2 * tp.overhead + tp.bytes_seconds(3 * gathered)

@@ -1,8 +1,9 @@
 """The physical planner: decides *how* a logical occlusion query is computed.
 
-It lowers an :class:`~kql.planner.logical.OcclusionQuery` to a physical operator
-(naive or incremental), a device and a batch size, and renders EXPLAIN text: one
-operator per line, ``Name: key=value, ...``, in a fixed order, with no object ids.
+It lowers an :class:`~kql.planner.logical.OcclusionQuery` to a physical operator: naive,
+or incremental with a crossover (the nodes past which the changed region covers so much
+of the feature map that projecting the patches into full tensors is cheaper), a device
+and a batch size, each chosen by predicted cost (:mod:`.cost`).
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ from kql.operators.incremental import IncrementalModel, IncrementalOcclusion
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
+from . import calibrate, memory
+from .cost import PlanCost, centre, incremental_cost, naive_cost, redundancy_ratio
 from .logical import OcclusionQuery
 
-DEFAULT_BATCH = {"cpu": 16, "gpu": 64}
+CROSSOVER_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+STRATEGIES = ("auto", "naive", "incremental")
 
 
 @dataclass
 class PlanContext:
-    """What the planner may consult: session settings and the machine."""
+    """What the planner may consult: session settings, the catalog directory, the machine."""
 
     settings: dict = field(default_factory=dict)
+    directory: Optional[str] = None
 
     def cuda_available(self) -> bool:
         return torch.cuda.is_available()
@@ -36,18 +41,38 @@ class PlanContext:
     def strategy(self) -> str:
         return str(self.settings.get("strategy", "auto"))
 
+    @property
+    def crossover(self):
+        return self.settings.get("crossover", "auto")
+
+    def throughput(self, device: str):
+        return calibrate.throughput(device, self.directory)
+
 
 @dataclass
 class PhysicalPlan:
     query: OcclusionQuery
     operator: object
     batch: int
+    device: str = "cpu"                       # torch device type: 'cpu' | 'cuda'
     reason: str = ""
-    timings: dict = field(default_factory=dict)
+    cost: Optional[PlanCost] = None           # predicted, per batch
+    setup_seconds: float = 0.0
+    naive_seconds: Optional[float] = None     # predicted total of the naive plan
+    ratio: Optional[float] = None             # R, eqs 16-20
+    crossover: Optional[float] = None         # chosen fraction, None = pure incremental
+    memory_bytes: int = 0
+    threads: Optional[int] = None             # CPU threads to run with (calibrated)
 
     @property
-    def device(self) -> str:
-        return "cuda" if self.query.device == "gpu" else "cpu"
+    def batches(self) -> int:
+        return -(-self.query.grid.count // self.batch)
+
+    @property
+    def predicted_seconds(self) -> Optional[float]:
+        if self.cost is None:
+            return None
+        return self.setup_seconds + self.cost.seconds * self.batches
 
     def task(self) -> OcclusionTask:
         q = self.query
@@ -56,49 +81,95 @@ class PhysicalPlan:
                              color=torch.tensor(q.color, dtype=torch.float32),
                              patch=q.grid.patch, ys=ys, xs=xs, target=q.target, device=self.device)
 
-    def run(self, progress: Progress = None) -> OcclusionResult:
-        return self.operator.run(self.task(), progress)
+    def run(self, progress: Progress = None, profile: Optional[dict] = None) -> OcclusionResult:
+        with calibrate.threads(self.threads or torch.get_num_threads()):
+            if isinstance(self.operator, IncrementalOcclusion):
+                return self.operator.run(self.task(), progress, profile=profile)
+            return self.operator.run(self.task(), progress)
 
-    def explain(self) -> list[str]:
-        q = self.query
-        rows, cols = q.grid.shape
-        target = "predicted" if q.target is None else str(q.target)
-        lines = [_line("HeatMap", target=target, shape=f"{rows}x{cols}", positions=q.grid.count,
-                       into=q.into or "none")]
-        op = _line(self.operator.name, model=q.model.name, device=q.device, batch=self.batch,
-                   **self.operator.describe_plan() if hasattr(self.operator, "describe_plan") else {})
-        if self.reason:
-            op += f", reason={self.reason}"
-        lines.append("  " + op)
-        h, w = q.image.shape[1:]
-        lines.append("    " + _line("Image", source=q.image_label, size=f"{h}x{w}",
-                                     patch="{}x{}".format(*q.grid.patch),
-                                     stride="{}x{}".format(*q.grid.stride),
-                                     region=("({}, {}, {}, {})".format(*q.grid.region)
-                                             if q.grid.region else "none"),
-                                     color=q.color_label))
-        return lines
+    def explain(self, actual: Optional[dict] = None) -> list[str]:
+        from .explain import render
 
-
-def _line(name: str, **items) -> str:
-    return f"{name}: " + ", ".join(f"{k}={v}" for k, v in items.items())
+        return render(self, actual)
 
 
 def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
     """Choose the operator, device and batch size for an optimized logical plan."""
-    batch = query.batch or DEFAULT_BATCH[query.device]
-    if ctx.strategy == "naive":
-        return PhysicalPlan(query, NaiveOcclusion(batch), batch, reason="strategy=naive")
-    device = "cuda" if query.device == "gpu" else "cpu"
+    devices = ["cuda", "cpu"] if query.device == "auto" else ["cuda" if query.device == "gpu" else "cpu"]
+    plans = []
+    for device in devices:
+        tp = ctx.throughput(device)
+        with calibrate.threads(tp.threads if device == "cpu" else torch.get_num_threads()):
+            plan = _plan_on(query, ctx, device, tp)
+        plan.threads = tp.threads if device == "cpu" else None
+        plans.append(plan)
+    return min(plans, key=lambda p: p.predicted_seconds if p.predicted_seconds is not None else 0.0)
+
+
+def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp) -> PhysicalPlan:
     try:
         engine = IncrementalModel(query.model.composed(), query.image, device)
     except TraceError as exc:
-        return PhysicalPlan(query, NaiveOcclusion(batch), batch, reason=_quote(str(exc)))
+        batch = query.batch or 16
+        return PhysicalPlan(query, NaiveOcclusion(batch), batch, device, reason=_quote(str(exc)))
     except (RuntimeError, ValueError, TypeError) as exc:
         detail = " ".join(str(exc).split())[:300]
         raise KqlModelError(f"model '{query.model.name}' failed on the "
                             f"{tuple(query.image.shape[1:])} image: {detail}") from None
-    return PhysicalPlan(query, IncrementalOcclusion(batch, engine=engine), batch)
+    patch = query.grid.patch
+    budget = memory.budget(device)
+    naive_batch = query.batch or memory.naive_batch(engine, budget, device)
+    naive = naive_cost(engine, tp, naive_batch)
+    naive_plan = PhysicalPlan(query, NaiveOcclusion(naive_batch), naive_batch, device, cost=naive,
+                              ratio=redundancy_ratio(engine, patch), memory_bytes=memory.naive_bytes(engine, naive_batch))
+    naive_plan.naive_seconds = naive_plan.predicted_seconds
+    if ctx.strategy == "naive":
+        naive_plan.reason = "strategy=naive"
+        return naive_plan
+    best = _best_incremental(query, ctx, engine, tp, budget, device)
+    best.naive_seconds = naive_plan.predicted_seconds
+    best.ratio = naive_plan.ratio
+    if ctx.strategy == "auto" and naive_plan.predicted_seconds < best.predicted_seconds:
+        naive_plan.reason = "cheaper than incremental"
+        return naive_plan
+    return best
+
+
+def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
+    patch = query.grid.patch
+    y, x = centre(engine, patch)
+    natural = engine.patch_geometry(y, x, patch[0], patch[1], crossover=())
+    setting = ctx.crossover
+    fractions = (None,) + CROSSOVER_FRACTIONS if setting == "auto" else (
+        (None,) if setting == "none" else (float(setting),))
+    best = None
+    for fraction in fractions:
+        cross = _crossover_set(engine, natural, fraction)
+        batch = query.batch or memory.incremental_batch(engine, natural, cross, budget, device)
+        cost = incremental_cost(engine, tp, patch, batch, cross)
+        plan = PhysicalPlan(query, None, batch, device, cost=cost, crossover=fraction,
+                            setup_seconds=naive_cost(engine, tp, 1).seconds,
+                            memory_bytes=memory.incremental_bytes(engine, natural, cross, batch))
+        plan.operator = cross
+        if best is None or plan.predicted_seconds < best.predicted_seconds:
+            best = plan
+    engine.crossover = best.operator
+    best.operator = IncrementalOcclusion(best.batch, engine=engine)
+    return best
+
+
+def _crossover_set(engine, natural: dict, fraction: Optional[float]) -> set:
+    """Nodes whose changed region covers at least ``fraction`` of their feature map."""
+    if fraction is None:
+        return set()
+    chosen = set()
+    for n, size in natural.items():
+        if size is None or n.op == "placeholder":
+            continue
+        h, w = engine.views[n].shape[2:]
+        if size[0] * size[1] >= fraction * h * w:
+            chosen.add(n)
+    return chosen
 
 
 def _quote(text: str) -> str:
@@ -108,7 +179,11 @@ def _quote(text: str) -> str:
 def check_setting(name: str, value) -> Optional[str]:
     """Why a SET is invalid, or None."""
     if name == "strategy":
-        if value not in ("auto", "naive", "incremental"):
+        if value not in STRATEGIES:
             return f"strategy must be 'auto', 'naive' or 'incremental', got {value!r}"
         return None
-    return f"unknown setting '{name}'; settings: strategy"
+    if name == "crossover":
+        if value in ("auto", "none") or (isinstance(value, (int, float)) and 0 < value <= 1):
+            return None
+        return f"crossover must be 'auto', 'none' or a fraction in (0, 1], got {value!r}"
+    return f"unknown setting '{name}'; settings: strategy, crossover"

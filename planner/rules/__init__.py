@@ -5,8 +5,8 @@ The order matters and is fixed here:
 1. ``check_output``: a bad INTO path fails before anything expensive runs.
 2. ``check_quality``: range-check WITH SSIM / DRILLDOWN, then refuse them until the
    approximate operators exist (never silently ignored).
-3. ``resolve_device``: ON AUTO / ON GPU become a concrete device; later rules and the
-   physical planner cost the plan for that device.
+3. ``resolve_device``: ON GPU needs a GPU; ON AUTO without one becomes CPU, with one it
+   stays for the physical planner to price both devices.
 """
 
 from . import check_output, check_quality, resolve_device

@@ -1,0 +1,183 @@
+"""Device throughput, measured once by micro-benchmarks and cached.
+
+FLOPs alone mislead: a convolution over many small patches runs at a lower rate than one
+over full images. The table here holds the achieved multiply-add rate of convolutions as
+a function of the GEMM reduction depth (input channels per group x kernel area) and the
+output's spatial area, plus depthwise convolutions, matrix products, memory bandwidth and
+the fixed cost of one operator call. The cost model turns MACs and bytes into seconds
+with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEPTHS = (16, 144, 576, 2304)          # c_in/groups * kh * kw
+SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
+BATCH = 16
+FILE = "calibration.json"
+_cache: dict = {}
+
+
+@dataclass
+class Throughput:
+    device: str
+    dense: list            # [len(DEPTHS)][len(SIDES)] MAC/s at batch BATCH, call overhead included
+    depthwise: list        # [len(SIDES)] MAC/s
+    matmul: float          # MAC/s of a [B, 4096] x [4096, 1024] product
+    bandwidth: float       # bytes/s of a gather-like copy
+    overhead: float        # seconds per operator call (dispatch, Python)
+    threads: int = 1       # CPU threads that ran fastest (more is not always faster)
+
+    def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False) -> float:
+        side = math.sqrt(max(area, 1))
+        if depthwise:
+            rate = _interp1(SIDES, self.depthwise, side)
+        else:
+            rate = _interp2(DEPTHS, SIDES, self.dense, depth, side)
+        return macs / rate
+
+    def matmul_seconds(self, macs: float) -> float:
+        return macs / self.matmul
+
+    def bytes_seconds(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth
+
+
+def _interp1(xs, ys, x) -> float:
+    lx = math.log(min(max(x, xs[0]), xs[-1]))
+    for i in range(len(xs) - 1):
+        a, b = math.log(xs[i]), math.log(xs[i + 1])
+        if lx <= b:
+            t = (lx - a) / (b - a)
+            return math.exp((1 - t) * math.log(ys[i]) + t * math.log(ys[i + 1]))
+    return ys[-1]
+
+
+def _interp2(xs, ys, table, x, y) -> float:
+    rows = [_interp1(ys, row, y) for row in table]
+    return _interp1(xs, rows, x)
+
+
+def _timed(fn, device: str, repeat: int = 2) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """Run torch on ``count`` CPU threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(count)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def best_threads() -> int:
+    """1 or all cores, whichever runs a mid-size convolution faster (shared or virtual
+    CPUs can make more threads slower)."""
+    available = torch.get_num_threads()
+    if available <= 1:
+        return 1
+    x, w = torch.randn(BATCH, 64, 30, 30), torch.randn(64, 64, 3, 3)
+    timings = {}
+    for count in (1, available):
+        with threads(count):
+            timings[count] = _timed(lambda: F.conv2d(x, w), "cpu")
+    return available if timings[available] < 0.9 * timings[1] else 1
+
+
+@torch.inference_mode()
+def measure(device: str = "cpu") -> Throughput:
+    """Run the micro-benchmarks (a few seconds on a 2-core CPU)."""
+    if device == "cpu":
+        count = best_threads()
+        with threads(count):
+            result = _measure("cpu")
+        result.threads = count
+        return result
+    return _measure(device)
+
+
+def _measure(device: str) -> Throughput:
+    dev = torch.device(device)
+    dense = []
+    for depth in DEPTHS:
+        c_in, k = (depth, 1) if depth == 16 else (depth // 9, 3)
+        c_out = max(64, min(256, c_in))
+        w = torch.randn(c_out, c_in, k, k, device=dev)
+        row = []
+        for side in SIDES:
+            x = torch.randn(BATCH, c_in, side + k - 1, side + k - 1, device=dev)
+            row.append(BATCH * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), device))
+        dense.append(row)
+    depthwise = []
+    for side in SIDES:
+        w = torch.randn(64, 1, 3, 3, device=dev)
+        x = torch.randn(BATCH, 64, side + 2, side + 2, device=dev)
+        depthwise.append(BATCH * 9 * 64 * side * side / _timed(lambda: F.conv2d(x, w, groups=64), device))
+    a, m = torch.randn(BATCH, 4096, device=dev), torch.randn(4096, 1024, device=dev)
+    matmul = BATCH * 4096 * 1024 / _timed(lambda: a @ m, device)
+    src = torch.randn(1, 64, 128, 128, device=dev)
+    idx = torch.randint(0, 100, (BATCH,), device=dev)
+    view = src[0].unfold(1, 28, 1).unfold(2, 28, 1).permute(1, 2, 0, 3, 4)
+    nbytes = 2 * BATCH * 64 * 28 * 28 * 4
+    bandwidth = nbytes / _timed(lambda: view[idx, idx].contiguous(), device)
+    tiny = torch.randn(2, 2, device=dev)
+    overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
+    return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2)
+
+
+def device_key(device: str) -> str:
+    if device == "cuda":
+        return "cuda:" + torch.cuda.get_device_name()
+    return f"cpu:{os.cpu_count()}cores:{torch.get_num_threads()}threads"
+
+
+def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Throughput:
+    """Cached calibration: in this process, and in ``directory/calibration.json`` if given."""
+    key = device_key(device)
+    if not refresh and key in _cache:
+        return _cache[key]
+    path = os.path.join(directory, FILE) if directory else None
+    stored = {}
+    if path and os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                stored = json.load(fh)
+        except (OSError, ValueError):
+            stored = {}
+    if not refresh and key in stored:
+        try:
+            _cache[key] = Throughput(**stored[key])
+            return _cache[key]
+        except TypeError:
+            pass
+    result = measure(device)
+    _cache[key] = result
+    if path:
+        stored[key] = asdict(result)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(stored, fh, indent=1)
+        os.replace(tmp, path)
+    return result

@@ -1,0 +1,119 @@
+"""EXPLAIN text: one operator per line, ``Name: key=value, ...``, in a fixed order.
+
+Predicted GFLOPs (2 x multiply-adds), gathered megabytes and milliseconds are totals over
+the whole query. Point-wise nodes are folded into the line of the node that feeds them,
+and runs of nodes computed at full size after the crossover share one ``Full`` line.
+With ``actual`` (EXPLAIN ANALYZE), each line also shows the measured time and the
+predicted/actual ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from kql.operators.graph import Join, Local
+
+NAMES = {"conv": "IncrementalConv", "maxpool": "IncrementalPool", "avgpool": "IncrementalPool",
+         "pad": "IncrementalPad"}
+
+
+def _line(name: str, **items) -> str:
+    return f"{name}: " + ", ".join(f"{k}={v}" for k, v in items.items() if v is not None)
+
+
+def _num(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}"
+
+
+def render(plan, actual: Optional[dict] = None) -> list[str]:
+    q = plan.query
+    rows, cols = q.grid.shape
+    target = "predicted" if q.target is None else str(q.target)
+    lines = [_line("HeatMap", target=target, shape=f"{rows}x{cols}", positions=q.grid.count,
+                   into=q.into or "none")]
+    lines.append("  " + _operator_line(plan, actual))
+    if plan.cost is not None and plan.operator.name == "IncrementalOcclusion":
+        lines += ["    " + text for text in _node_lines(plan, actual)]
+    h, w = q.image.shape[1:]
+    lines.append("    " + _line("Image", source=q.image_label, size=f"{h}x{w}",
+                                 patch="{}x{}".format(*q.grid.patch),
+                                 stride="{}x{}".format(*q.grid.stride),
+                                 region=("({}, {}, {}, {})".format(*q.grid.region)
+                                         if q.grid.region else "none"),
+                                 color=q.color_label))
+    return lines
+
+
+def _operator_line(plan, actual) -> str:
+    q = plan.query
+    items = {"model": q.model.name, "device": plan.device, "threads": plan.threads,
+             "batch": plan.batch}
+    if plan.cost is not None:
+        n = plan.batches
+        incremental = plan.operator.name == "IncrementalOcclusion"
+        if incremental:
+            items["crossover"] = "none" if plan.crossover is None else f"{plan.crossover:.2f}"
+        items["R"] = _num(plan.ratio) if plan.ratio else None
+        items["gflops"] = _num(2 * plan.cost.macs * n / 1e9, 3)
+        if incremental:
+            items["gather_mb"] = _num(sum(c.gather_bytes for c in plan.cost.nodes) * n / 2**20, 1)
+        items["memory_mb"] = _num(plan.memory_bytes / 2**20, 0)
+        items["predicted_s"] = _num(plan.predicted_seconds, 3)
+        if incremental and plan.naive_seconds:
+            items["naive_predicted_s"] = _num(plan.naive_seconds, 3)
+    if plan.reason:
+        items["reason"] = plan.reason
+    if actual is not None:
+        items["actual_s"] = _num(actual["total"], 3)
+        if plan.cost is not None and actual["total"] > 0:
+            items["predicted/actual"] = _num(plan.predicted_seconds / actual["total"])
+    return _line(plan.operator.name, **items)
+
+
+def _groups(plan) -> list:
+    """[(name, [NodeCost, ...]), ...] in graph order."""
+    engine = plan.operator.engine
+    groups: list = []
+    for cost in plan.cost.nodes:
+        op = engine.ops.get(cost.node)
+        if cost.mode == "incremental":
+            if isinstance(op, Local):
+                groups.append((NAMES[op.kind], [cost]))
+            elif isinstance(op, Join):
+                groups.append(("IncrementalJoin", [cost]))
+            elif groups and groups[-1][0] != "Full":
+                groups[-1][1].append(cost)                 # point-wise: folded
+            else:
+                groups.append(("IncrementalPointwise", [cost]))
+        elif cost.mode == "project":
+            groups.append(("Project", [cost]))
+        elif groups and groups[-1][0] == "Full":
+            groups[-1][1].append(cost)
+        else:
+            groups.append(("Full", [cost]))
+    return groups
+
+
+def _node_lines(plan, actual) -> list[str]:
+    n = plan.batches
+    out = []
+    for name, members in _groups(plan):
+        first = members[0]
+        items = {"node": first.node.name if len(members) == 1 or name != "Full"
+                 else f"{first.node.name}..{members[-1].node.name}"}
+        if name == "Full":
+            items["nodes"] = len(members)
+        elif first.patch is not None:
+            items["patch"] = "{}x{}".format(*first.patch)
+        items["gflops"] = _num(2 * sum(c.macs for c in members) * n / 1e9, 3)
+        gathered = sum(c.gather_bytes for c in members)
+        if gathered:
+            items["gather_mb"] = _num(gathered * n / 2**20, 1)
+        predicted = sum(c.seconds for c in members) * n
+        items["predicted_ms"] = _num(1000 * predicted, 1)
+        if actual is not None:
+            spent = sum(actual.get(c.node.name, 0.0) for c in members)
+            items["actual_ms"] = _num(1000 * spent, 1)
+            items["predicted/actual"] = _num(predicted / spent) if spent > 0 else None
+        out.append(_line(name, **items))
+    return out

@@ -1,0 +1,71 @@
+"""Memory estimates and the batch size they allow.
+
+The naive operator holds a batch of full activations; the incremental one holds the
+materialized views (and their padded copies) for the whole query, plus per batch the
+read-in contexts and changed patches, and full activations past the crossover.
+The default budget is a quarter of the memory free on the device; BATCH overrides it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT = 4
+BUDGET_FRACTION = 0.25
+MAX_BATCH = {"cpu": 32, "cuda": 256}
+
+
+def budget(device: str) -> int:
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * BUDGET_FRACTION)
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        return int(info.get("MemAvailable", info.get("MemFree", 4 << 30)) * BUDGET_FRACTION)
+    except (OSError, ValueError, IndexError):
+        return 1 << 30
+
+
+def _bytes(t) -> int:
+    return t.numel() * FLOAT if isinstance(t, torch.Tensor) else 0
+
+
+def _per_item_full(engine, nodes) -> int:
+    """A forward pass keeps a node's inputs and output alive at once (x3 for slack)."""
+    peak = 0
+    for n in nodes:
+        live = _bytes(engine.views.get(n)) + sum(_bytes(engine.views.get(a)) for a in n.all_input_nodes)
+        peak = max(peak, live)
+    return 3 * peak
+
+
+def naive_bytes(engine, batch: int) -> int:
+    return batch * _per_item_full(engine, engine.nodes)
+
+
+def incremental_bytes(engine, natural: dict, crossover: set, batch: int) -> int:
+    fixed = 2 * engine.view_bytes()          # views and (at most) their padded copies
+    full_nodes = [n for n in engine.nodes if n in engine.dynamic and
+                  (natural.get(n) is None or n in crossover)]
+    per_item = _per_item_full(engine, full_nodes)
+    for n, size in natural.items():
+        if size is not None and n not in crossover and n.op != "placeholder":
+            c = engine.views[n].shape[1]
+            per_item = max(per_item, 3 * c * (size[0] + 4) * (size[1] + 4) * FLOAT)
+    return fixed + batch * per_item
+
+
+def _fit(per_item: int, fixed: int, limit: int, device: str) -> int:
+    room = max(limit - fixed, per_item)
+    return int(max(1, min(MAX_BATCH[device], room // max(per_item, 1))))
+
+
+def naive_batch(engine, limit: int, device: str) -> int:
+    return _fit(naive_bytes(engine, 1), 0, limit, device)
+
+
+def incremental_batch(engine, natural: dict, crossover: set, limit: int, device: str) -> int:
+    fixed = incremental_bytes(engine, natural, crossover, 0)
+    per_item = incremental_bytes(engine, natural, crossover, 1) - fixed
+    return _fit(per_item, fixed, limit, device)
