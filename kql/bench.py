@@ -135,54 +135,77 @@ def _parser():
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--positions", type=int, default=256, help="about this many positions")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="batch size of every engine")
     p.add_argument("--repeat", type=int, default=1, help="rounds of the engines; medians reported")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the calibrated fastest count)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-captum", action="store_true", help="skip Captum")
     return p
 
 
-def _bench(args) -> int:
-    from .images import load_sample
-    from .operators.geometry import OcclusionGrid
-    from .operators.incremental import IncrementalOcclusion
-    from .operators.naive import NaiveOcclusion
-    from .operators.preprocess import resize
-    from .operators.task import OcclusionTask
-    from .planner.cost import redundancy_ratio
+def _connection(args):
+    from . import connect
+    from .models import BUILTIN
 
+    con = connect()
+    spec, _ = build_model(args.model) if args.model != BUILTIN else (None, None)
+    if spec is not None:
+        con.register_model(args.model, spec.module, spec.mean, spec.std, spec.input_size)
+    return con
+
+
+def _bench(args) -> int:
+    from . import executor
+    from .parser import parse
+    from .planner import calibrate
+
+    con = _connection(args)
+    tp = calibrate.throughput(args.device)
+    thread_count = args.threads or (tp.threads if args.device == "cpu" else torch.get_num_threads())
     if args.threads:
-        torch.set_num_threads(args.threads)
-    spec, model = build_model(args.model)
-    model = model.to(args.device)
-    image = resize(load_sample(args.image), spec.input_size)
-    h, w = image.shape[1:]
-    patch, stride = (args.patch, args.patch), (args.stride, args.stride)
-    full = OcclusionGrid(h, w, patch, stride)
+        tp.threads = args.threads
+    spec = con.catalog.resolve_model(args.model)
+    h, w = spec.input_size
+    from .operators.geometry import OcclusionGrid
+
+    full = OcclusionGrid(h, w, (args.patch,) * 2, (args.stride,) * 2)
     r0, r1 = band(*full.full_shape, args.positions)
     y0, y1 = r0 * args.stride, (r1 - 1) * args.stride + args.patch     # pixel rows of the band
-    grid = OcclusionGrid(h, w, patch, stride, region=(0, y0, w, y1 - y0))
-    ys, xs = grid.positions()
-    color = torch.tensor([0.5, 0.5, 0.5])
-    task = OcclusionTask(model, image, color, patch, ys, xs, device=args.device)
-    naive = NaiveOcclusion(args.batch)
-    with torch.inference_mode():
-        target = int(model(image[None].to(args.device)).argmax())
-    task.target = target
-    engines = {"naive": lambda: naive.run(task)}
+    device = "GPU" if args.device == "cuda" else "CPU"
+    text = (f"OCCLUDE sample('{args.image}') USING {args.model} PATCH {args.patch} "
+            f"STRIDE {args.stride} REGION (0, {y0}, {w}, {y1 - y0}) BATCH {args.batch} ON {device}")
+    stmt = parse(text)[0]
+    settings = {"naive": {"strategy": "naive"},
+                "incremental": {"strategy": "incremental", "crossover": "none"},
+                "chosen plan": {"strategy": "auto", "crossover": "auto"}}
+    plans = {}
 
-    def incremental():
-        return IncrementalOcclusion(args.batch).run(task)    # set-up (trace, views) included
-    engines["incremental"] = incremental
+    def planned(name):
+        def run():
+            con.settings.update(settings[name])
+            plans[name] = executor.plan(con, stmt, text)   # planning (views, costing) is timed too
+            return plans[name].run()
+        return run
+    engines = {name: planned(name) for name in settings}
     if not args.no_captum:
-        engines["captum"] = captum_runner(model, image[None].to(args.device), patch, stride,
-                                          color, target, args.batch, y0, y1)
+        q = executor.plan(con, stmt, text).query
+        model = spec.composed().to(args.device)
+        with torch.inference_mode():
+            target = int(model(q.image[None].to(args.device)).argmax())
+        engines["captum"] = captum_runner(model, q.image[None].to(args.device), (args.patch,) * 2,
+                                          (args.stride,) * 2, torch.tensor(q.color), target,
+                                          args.batch, y0, y1)
+    with calibrate.threads(thread_count):
+        times, peaks, results = _measure(engines, args)
+    _report(args, spec, (h, w), plans, full, (r0, r1), times, peaks, results, thread_count)
+    return 0
+
+
+def _measure(engines: dict, args):
     times = {k: [] for k in engines}
     peaks = {k: 0 for k in engines}
-    results = {}
-    for name, run in engines.items():                          # warm-up: kernels, caches
-        results[name] = run()
+    results = {name: run() for name, run in engines.items()}      # warm-up: kernels, caches
     for _ in range(max(1, args.repeat)):
         for name, run in engines.items():
             with PeakMemory(args.device) as mem:
@@ -190,24 +213,28 @@ def _bench(args) -> int:
                 run()
                 times[name].append(time.perf_counter() - start)
             peaks[name] = max(peaks[name], mem.peak)
-    engine = IncrementalOcclusion(args.batch)
-    ratio = redundancy_ratio(engine.prepare(task), patch)
-    _report(args, spec, (h, w), grid, full, (r0, r1), times, peaks, results, ratio)
-    return 0
+    return times, peaks, results
 
 
-def _report(args, spec, size, grid, full, rows, times, peaks, results, ratio):
-    n = grid.count
+def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_count):
+    chosen = plans["chosen plan"]
+    n = chosen.query.grid.count
     naive_t = statistics.median(times["naive"])
     print(f"kql bench: {spec.name}, image {size[0]}x{size[1]}, patch {args.patch}, stride "
           f"{args.stride}, {n} positions (grid rows {rows[0]}..{rows[1] - 1} of "
           f"{full.full_shape[0]}x{full.full_shape[1]}), batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, {args.device}, {max(1, args.repeat)} round(s)")
+          f"{thread_count} thread(s), {args.device}, {max(1, args.repeat)} round(s)")
     print(f"{'engine':<12} {'ms/position':>12} {'vs naive':>9} {'peak MB':>9} {'max |dp| vs naive':>18}")
     for name, ts in times.items():
         t = statistics.median(ts)
         diff = "-"
-        if name in results and hasattr(results[name], "probabilities"):
+        if hasattr(results[name], "probabilities"):
             diff = f"{np.abs(results[name].probabilities - results['naive'].probabilities).max():.1e}"
         print(f"{name:<12} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}")
-    print(f"theoretical R = Q/Q_inc (eqs 16-20, patch at the centre): {ratio:.2f}")
+    actual = statistics.median(times["chosen plan"])
+    crossover = "none" if chosen.crossover is None else f"{chosen.crossover:.2f}"
+    kind = chosen.operator.name
+    print(f"chosen plan: {kind}" + (f", crossover {crossover}" if kind == "IncrementalOcclusion" else "")
+          + f"; predicted {chosen.predicted_seconds:.2f}s, actual {actual:.2f}s "
+          f"(predicted/actual {chosen.predicted_seconds / actual:.2f})")
+    print(f"theoretical R = Q/Q_inc (eqs 16-20, patch at the centre): {chosen.ratio:.2f}")

@@ -314,15 +314,15 @@ class IncrementalOcclusion:
                              f"{base_logits.numel()} classes (0..{base_logits.numel() - 1})")
         ph, pw = task.patch
         patch = task.color.to(engine.device, torch.float32).view(3, 1, 1).expand(3, ph, pw)
-        probs = np.empty(task.count, np.float32)
-        logits = np.empty(task.count, np.float32)
+        probs, logits = [], []
         for start in range(0, task.count, self.batch_size):
             stop = min(start + self.batch_size, task.count)
             out = engine.run(task.ys[start:stop], task.xs[start:stop], patch, profile)
             p, lg = target_scores(out, target)
-            probs[start:stop] = p.cpu().numpy()
-            logits[start:stop] = lg.cpu().numpy()
+            probs.append(p)          # stays on the device: no synchronisation per batch
+            logits.append(lg)
             if progress is not None:
                 progress(stop, task.count)
         base_p = float(torch.softmax(base_logits, 0)[target])
-        return OcclusionResult(probs, logits, target, base_p, base_logits.cpu().numpy())
+        return OcclusionResult(torch.cat(probs).cpu().numpy(), torch.cat(logits).cpu().numpy(),
+                               target, base_p, base_logits.cpu().numpy())

@@ -29,17 +29,16 @@ class NaiveOcclusion:
         if not 0 <= target < base_logits.numel():
             raise IndexError(f"target class {target} is out of range: the model has "
                              f"{base_logits.numel()} classes (0..{base_logits.numel() - 1})")
-        probs = np.empty(task.count, np.float32)
-        logits = np.empty(task.count, np.float32)
+        probs, logits = [], []
         for start in range(0, task.count, self.batch_size):
             stop = min(start + self.batch_size, task.count)
-            batch = image.unsqueeze(0).repeat(stop - start, 1, 1, 1)
-            occlude(batch, color, task.ys[start:stop], task.xs[start:stop], task.patch)
+            batch = occlude(image, color, task.ys[start:stop], task.xs[start:stop], task.patch)
             p, lg = target_scores(check_logits(model(batch)), target)
-            probs[start:stop] = p.cpu().numpy()
-            logits[start:stop] = lg.cpu().numpy()
+            probs.append(p)          # stays on the device: no synchronisation per batch
+            logits.append(lg)
             if progress is not None:
                 progress(stop, task.count)
         base_p = float(torch.softmax(base_logits, 0)[target])
-        return OcclusionResult(probs, logits, target, base_p, base_logits.cpu().numpy())
+        return OcclusionResult(torch.cat(probs).cpu().numpy(), torch.cat(logits).cpu().numpy(),
+                               target, base_p, base_logits.cpu().numpy())
 

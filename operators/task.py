@@ -45,12 +45,23 @@ class OcclusionResult:
     base_logits: np.ndarray     # float32 [classes]
 
 
-def occlude(images: torch.Tensor, color: torch.Tensor, ys, xs, patch) -> torch.Tensor:
-    """Paint the patch into a batch of copies of one image, in place; returns ``images``."""
+def occlude(image: torch.Tensor, color: torch.Tensor, ys, xs, patch) -> torch.Tensor:
+    """A batch of copies of ``image`` [3, H, W], each with the patch painted at its corner.
+
+    One broadcast ``where`` over row and column masks: no loop over the batch.
+
+    >>> occlude(torch.zeros(1, 3, 4), torch.ones(1), [0, 1], [2, 0], (1, 2))[:, 0].tolist()
+    [[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]
+    """
     ph, pw = patch
-    for b, (y, x) in enumerate(zip(ys, xs)):
-        images[b, :, y:y + ph, x:x + pw] = color.view(3, 1, 1)
-    return images
+    _, h, w = image.shape
+    dev = image.device
+    y = torch.as_tensor(np.asarray(ys, np.int64), device=dev)[:, None]
+    x = torch.as_tensor(np.asarray(xs, np.int64), device=dev)[:, None]
+    rows = (torch.arange(h, device=dev) >= y) & (torch.arange(h, device=dev) < y + ph)
+    cols = (torch.arange(w, device=dev) >= x) & (torch.arange(w, device=dev) < x + pw)
+    inside = (rows[:, :, None] & cols[:, None, :])[:, None]          # [B, 1, H, W]
+    return torch.where(inside, color.view(1, -1, 1, 1), image.unsqueeze(0))
 
 
 def target_scores(logits: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
