@@ -36,6 +36,7 @@ class Throughput:
     bandwidth: float       # bytes/s of a gather-like copy
     overhead: float        # seconds per operator call (dispatch, Python)
     threads: int = 1       # CPU threads that ran fastest (more is not always faster)
+    node_overhead: float = 25e-6   # incremental engine bookkeeping per node and batch
 
     def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False) -> float:
         side = math.sqrt(max(area, 1))
@@ -144,7 +145,27 @@ def _measure(device: str) -> Throughput:
     bandwidth = nbytes / _timed(lambda: view[idx, idx].contiguous(), device)
     tiny = torch.randn(2, 2, device=dev)
     overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
-    return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2)
+    return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2,
+                      node_overhead=_engine_overhead(device))
+
+
+def _engine_overhead(device: str) -> float:
+    """Seconds per node and batch of the incremental engine on a model too small to compute:
+    index building, host-to-device copies, dispatch."""
+    import numpy as np
+    from torch import nn
+
+    from kql.operators.incremental import IncrementalModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    engine = IncrementalModel(model, torch.rand(3, 24, 24), device)
+    ys = np.arange(BATCH) % 20
+    patch = torch.full((3, 2, 2), 0.5)
+    seconds = _timed(lambda: engine.run(ys, ys[::-1].copy(), patch), device)
+    return seconds / max(1, len(engine.ops))
 
 
 def device_key(device: str) -> str:

@@ -19,7 +19,6 @@ from torch import nn
 from kql.operators.graph import Join, Local, Pointwise
 
 FLOAT = 4
-NODE_OVERHEAD = {"cpu": 25e-6, "cuda": 60e-6}   # engine bookkeeping per node and batch
 
 
 @dataclass
@@ -138,7 +137,7 @@ def incremental_cost(engine, tp, patch: tuple, batch: int, crossover=None) -> Pl
     y, x = centre(engine, patch)
     sizes = engine.patch_geometry(y, x, patch[0], patch[1], crossover)
     plan = PlanCost()
-    overhead = NODE_OVERHEAD.get(engine.device.type, 25e-6)
+    overhead = tp.node_overhead
     for n in engine.nodes:
         if n.op == "placeholder" or not n.op.startswith("call") or n not in engine.dynamic:
             continue

@@ -25,6 +25,10 @@ from .logical import OcclusionQuery
 
 CROSSOVER_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 STRATEGIES = ("auto", "naive", "incremental")
+# A more elaborate plan must be predicted this much cheaper than the simpler one before it
+# is chosen: predictions carry ~20% error, and a wrong elaborate plan costs more than a
+# wrong simple one (naive < pure incremental < incremental with a crossover).
+MARGIN = 0.95
 
 
 @dataclass
@@ -129,8 +133,8 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp) -> Physic
     best = _best_incremental(query, ctx, engine, tp, budget, device)
     best.naive_seconds = naive_plan.predicted_seconds
     best.ratio = naive_plan.ratio
-    if ctx.strategy == "auto" and naive_plan.predicted_seconds < best.predicted_seconds:
-        naive_plan.reason = "cheaper than incremental"
+    if ctx.strategy == "auto" and best.predicted_seconds > MARGIN * naive_plan.predicted_seconds:
+        naive_plan.reason = "incremental not predicted cheaper"
         return naive_plan
     return best
 
@@ -151,7 +155,8 @@ def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
                             setup_seconds=naive_cost(engine, tp, 1).seconds,
                             memory_bytes=memory.incremental_bytes(engine, natural, cross, batch))
         plan.operator = cross
-        if best is None or plan.predicted_seconds < best.predicted_seconds:
+        if best is None or plan.predicted_seconds < (MARGIN if best.crossover is None else 1.0) \
+                * best.predicted_seconds:
             best = plan
     engine.crossover = best.operator
     best.operator = IncrementalOcclusion(best.batch, engine=engine)

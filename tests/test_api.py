@@ -183,6 +183,7 @@ def test_load_model_infers_class_count(tmp_path):
 
 def test_explain_lists_the_plan(con):
     con.register_image("img", blob_image(24, 30))
+    con.execute("SET strategy = 'incremental'")
     text = con.execute("EXPLAIN OCCLUDE img USING net PATCH 8 STRIDE 4").plan
     lines = text.splitlines()
     assert lines[0].startswith("HeatMap: target=predicted, shape=5x6, positions=30")
