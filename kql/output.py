@@ -27,12 +27,19 @@ def atomic_write(path: str):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except OSError as exc:
         raise KqlExecutionError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save(result, path: str) -> str:

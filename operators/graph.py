@@ -114,6 +114,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
+def is_metadata(node: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()``, ``x.shape``: reads only the shape of its input."""
+    return ((node.op == "call_method" and node.target in ("size", "dim"))
+            or (node.op == "call_function" and node.target is getattr
+                and len(node.args) > 1 and node.args[1] in ("shape", "ndim")))
+
+
 def pair(v) -> tuple:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 

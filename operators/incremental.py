@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import gather as g
-from .graph import Join, Local, Pointwise, classify, trace
+from .graph import Join, Local, Pointwise, classify, is_metadata, trace
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, target_scores
 
 
@@ -211,6 +211,8 @@ class IncrementalModel:
         return uy, ux
 
     def _step(self, n: fx.Node, env: dict, b: int):
+        if is_metadata(n) and isinstance(env.get(n.args[0]), Patch):
+            return self._metadata(n, b)
         states = [env[a] for a in n.all_input_nodes if a in self.dynamic]
         op = self.incremental_op(n, all(isinstance(s, Patch) for s in states))
         if op is not None:
@@ -225,6 +227,16 @@ class IncrementalModel:
             return out
         args, kwargs = self._full_args(n, env, b)
         return self._call(n, args, kwargs)
+
+    def _metadata(self, n: fx.Node, b: int):
+        """The shape of a patched tensor is its view's shape with the batch's size."""
+        shape = torch.Size((b,) + tuple(self.views[n.args[0]].shape[1:]))
+        if n.op == "call_function":
+            return shape if n.args[1] == "shape" else len(shape)
+        if n.target == "dim":
+            return len(shape)
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return shape if dim is None else shape[dim]
 
     def _call(self, n: fx.Node, args, kwargs):
         if n.op == "call_module":

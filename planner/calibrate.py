@@ -37,6 +37,7 @@ class Throughput:
     overhead: float        # seconds per operator call (dispatch, Python)
     threads: int = 1       # CPU threads that ran fastest (more is not always faster)
     node_overhead: float = 25e-6   # incremental engine bookkeeping per node and batch
+    batch: int = BATCH     # the batch the convolution tables were measured at
 
     def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False) -> float:
         side = math.sqrt(max(area, 1))
@@ -121,6 +122,7 @@ def measure(device: str = "cpu") -> Throughput:
 
 def _measure(device: str) -> Throughput:
     dev = torch.device(device)
+    batch = BATCH if device == "cpu" else 4 * BATCH       # GPUs need bigger batches to fill
     dense = []
     for depth in DEPTHS:
         c_in, k = (depth, 1) if depth == 16 else (depth // 9, 3)
@@ -128,25 +130,25 @@ def _measure(device: str) -> Throughput:
         w = torch.randn(c_out, c_in, k, k, device=dev)
         row = []
         for side in SIDES:
-            x = torch.randn(BATCH, c_in, side + k - 1, side + k - 1, device=dev)
-            row.append(BATCH * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), device))
+            x = torch.randn(batch, c_in, side + k - 1, side + k - 1, device=dev)
+            row.append(batch * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), device))
         dense.append(row)
     depthwise = []
     for side in SIDES:
         w = torch.randn(64, 1, 3, 3, device=dev)
-        x = torch.randn(BATCH, 64, side + 2, side + 2, device=dev)
-        depthwise.append(BATCH * 9 * 64 * side * side / _timed(lambda: F.conv2d(x, w, groups=64), device))
+        x = torch.randn(batch, 64, side + 2, side + 2, device=dev)
+        depthwise.append(batch * 9 * 64 * side * side / _timed(lambda: F.conv2d(x, w, groups=64), device))
     a, m = torch.randn(BATCH, 4096, device=dev), torch.randn(4096, 1024, device=dev)
     matmul = BATCH * 4096 * 1024 / _timed(lambda: a @ m, device)
     src = torch.randn(1, 64, 128, 128, device=dev)
-    idx = torch.randint(0, 100, (BATCH,), device=dev)
+    idx = torch.randint(0, 100, (batch,), device=dev)
     view = src[0].unfold(1, 28, 1).unfold(2, 28, 1).permute(1, 2, 0, 3, 4)
-    nbytes = 2 * BATCH * 64 * 28 * 28 * 4
+    nbytes = 2 * batch * 64 * 28 * 28 * 4
     bandwidth = nbytes / _timed(lambda: view[idx, idx].contiguous(), device)
     tiny = torch.randn(2, 2, device=dev)
     overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
     return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2,
-                      node_overhead=_engine_overhead(device))
+                      node_overhead=_engine_overhead(device), batch=batch)
 
 
 def _engine_overhead(device: str) -> float:

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from kql.operators.graph import Join, Local, Pointwise
+from kql.operators.graph import Join, Local, Pointwise, is_metadata
 
 FLOAT = 4
 
@@ -84,11 +84,12 @@ def _numel(t) -> int:
 
 
 def _conv_seconds(tp, op: Local, macs_item: float, area: int, batch: int) -> float:
+    """The table's time at its own batch, minus the call overhead, scaled to ``batch``."""
     depth = op.macs_per_output()
     depthwise = op.groups > 1 and op.groups == op.in_channels
-    t16 = tp.conv_seconds(16 * macs_item, depth, area, depthwise)
+    at_table = tp.conv_seconds(tp.batch * macs_item, depth, area, depthwise)
     over = tp.overhead
-    return over + max(t16 - over, 0.0) * batch / 16
+    return over + max(at_table - over, 0.0) * batch / tp.batch
 
 
 def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
@@ -142,7 +143,9 @@ def incremental_cost(engine, tp, patch: tuple, batch: int, crossover=None) -> Pl
         if n.op == "placeholder" or not n.op.startswith("call") or n not in engine.dynamic:
             continue
         size = sizes.get(n)
-        if size is not None:
+        if is_metadata(n):
+            macs, gathered, secs, mode = 0.0, 0.0, 0.0, "full"
+        elif size is not None:
             macs, gathered, secs = _incremental_node(engine, n, sizes, tp, batch)
             mode = "incremental"
         else:

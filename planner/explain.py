@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kql.operators.graph import Join, Local
+from kql.operators.graph import Join, Local, is_metadata
 
 NAMES = {"conv": "IncrementalConv", "maxpool": "IncrementalPool", "avgpool": "IncrementalPool",
          "pad": "IncrementalPad"}
@@ -75,6 +75,8 @@ def _groups(plan) -> list:
     engine = plan.operator.engine
     groups: list = []
     for cost in plan.cost.nodes:
+        if is_metadata(cost.node):
+            continue                                       # x.size(): no work to show
         op = engine.ops.get(cost.node)
         if cost.mode == "incremental":
             if isinstance(op, Local):

@@ -147,12 +147,13 @@ def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
     fractions = (None,) + CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
     best = None
+    setup = naive_cost(engine, tp, 1).seconds          # materializing the views: one forward
     for fraction in fractions:
         cross = _crossover_set(engine, natural, fraction)
         batch = query.batch or memory.incremental_batch(engine, natural, cross, budget, device)
         cost = incremental_cost(engine, tp, patch, batch, cross)
         plan = PhysicalPlan(query, None, batch, device, cost=cost, crossover=fraction,
-                            setup_seconds=naive_cost(engine, tp, 1).seconds,
+                            setup_seconds=setup,
                             memory_bytes=memory.incremental_bytes(engine, natural, cross, batch))
         plan.operator = cross
         if best is None or plan.predicted_seconds < (MARGIN if best.crossover is None else 1.0) \

@@ -141,6 +141,9 @@ def test_outputs_png_npy_parquet(con, tmp_path):
     assert row["target"] == r.target and "INTO" in row["query"]
     np.testing.assert_allclose(np.array(row["heatmap"], np.float32), r.heatmap)
     assert sorted(os.listdir(tmp_path)) == ["m.npy", "m.parquet", "m.png"]  # no temp files left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(npy).st_mode & 0o777 == 0o666 & ~mask       # not mkstemp's private 0600
 
 
 def test_to_arrow(con):
