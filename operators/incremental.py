@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import gather as g
 from .graph import Join, Local, Pointwise, classify, is_metadata, trace
-from .task import OcclusionResult, OcclusionTask, Progress, check_logits, target_scores
+from .task import OcclusionResult, OcclusionTask, Progress, check_logits, scan
 
 
 @dataclass
@@ -319,22 +319,7 @@ class IncrementalOcclusion:
     def run(self, task: OcclusionTask, progress: Progress = None,
             profile: Optional[dict] = None) -> OcclusionResult:
         engine = self.prepare(task)
-        base_logits = engine.base_logits
-        target = int(base_logits.argmax()) if task.target is None else int(task.target)
-        if not 0 <= target < base_logits.numel():
-            raise IndexError(f"target class {target} is out of range: the model has "
-                             f"{base_logits.numel()} classes (0..{base_logits.numel() - 1})")
         ph, pw = task.patch
         patch = task.color.to(engine.device, torch.float32).view(3, 1, 1).expand(3, ph, pw)
-        probs, logits = [], []
-        for start in range(0, task.count, self.batch_size):
-            stop = min(start + self.batch_size, task.count)
-            out = engine.run(task.ys[start:stop], task.xs[start:stop], patch, profile)
-            p, lg = target_scores(out, target)
-            probs.append(p)          # stays on the device: no synchronisation per batch
-            logits.append(lg)
-            if progress is not None:
-                progress(stop, task.count)
-        base_p = float(torch.softmax(base_logits, 0)[target])
-        return OcclusionResult(torch.cat(probs).cpu().numpy(), torch.cat(logits).cpu().numpy(),
-                               target, base_p, base_logits.cpu().numpy())
+        return scan(task, engine.base_logits, self.batch_size,
+                    lambda ys, xs: engine.run(ys, xs, patch, profile), progress)

@@ -64,6 +64,30 @@ def occlude(image: torch.Tensor, color: torch.Tensor, ys, xs, patch) -> torch.Te
     return torch.where(inside, color.view(1, -1, 1, 1), image.unsqueeze(0))
 
 
+def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits_of,
+         progress: Progress = None) -> OcclusionResult:
+    """Run ``logits_of(ys, xs)`` over the task's positions batch by batch; collect the map.
+
+    The target defaults to the arg-max of ``base_logits`` (the unoccluded image). Per-batch
+    scores stay on the device until the end: no synchronisation per batch.
+    """
+    target = int(base_logits.argmax()) if task.target is None else int(task.target)
+    if not 0 <= target < base_logits.numel():
+        raise IndexError(f"target class {target} is out of range: the model has "
+                         f"{base_logits.numel()} classes (0..{base_logits.numel() - 1})")
+    probs, logits = [], []
+    for start in range(0, task.count, batch_size):
+        stop = min(start + batch_size, task.count)
+        p, lg = target_scores(logits_of(task.ys[start:stop], task.xs[start:stop]), target)
+        probs.append(p)
+        logits.append(lg)
+        if progress is not None:
+            progress(stop, task.count)
+    base_p = float(torch.softmax(base_logits, 0)[target])
+    return OcclusionResult(torch.cat(probs).cpu().numpy(), torch.cat(logits).cpu().numpy(),
+                           target, base_p, base_logits.cpu().numpy())
+
+
 def target_scores(logits: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(probability, logit) of ``target`` for each row of ``logits`` [B, classes]."""
     logits = logits.float()

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from kql.operators.graph import Join, Local, Pointwise, is_metadata
+from kql.operators.graph import Local, Pointwise, is_metadata
 
 FLOAT = 4
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import kql
-from conftest import blob_image, plain_occlusion, sensitive, small_cnn
+from conftest import blob_image, plain_occlusion
 
 
 @pytest.fixture
