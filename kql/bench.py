@@ -155,10 +155,27 @@ def _connection(args):
     return con
 
 
+def _check(args) -> None:
+    from .models import BUILTIN, torchvision_builders
+
+    if args.model != BUILTIN and args.model not in torchvision_builders():
+        raise KqlError(f"unknown model '{args.model}': name a torchvision classifier "
+                       f"(vgg16, resnet18, inception_v3, ...) or {BUILTIN}")
+    for name in ("patch", "stride", "positions", "batch", "repeat"):
+        if getattr(args, name) < 1:
+            raise KqlError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise KqlError(f"--threads must be at least 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise KqlError("--device cuda: no CUDA GPU is available on this machine")
+
+
 def _bench(args) -> int:
     from . import executor
     from .parser import parse
     from .planner import calibrate
+
+    _check(args)
 
     con = _connection(args)
     tp = calibrate.throughput(args.device)
@@ -170,6 +187,8 @@ def _bench(args) -> int:
     from .operators.geometry import OcclusionGrid
 
     full = OcclusionGrid(h, w, (args.patch,) * 2, (args.stride,) * 2)
+    if full.problem():
+        raise KqlError(full.problem())
     r0, r1 = band(*full.full_shape, args.positions)
     y0, y1 = r0 * args.stride, (r1 - 1) * args.stride + args.patch     # pixel rows of the band
     device = "GPU" if args.device == "cuda" else "CPU"

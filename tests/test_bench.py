@@ -1,0 +1,34 @@
+"""``kql bench`` end to end on a small model, and its one-line errors."""
+
+import re
+
+import pytest
+
+from kql import bench
+
+
+def test_bench_runs_every_engine(capsys):
+    code = bench.main(["--model", "squeezenet1_1", "--patch", "64", "--stride", "40",
+                       "--positions", "4", "--batch", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {m.group(1): m for m in re.finditer(
+        r"^(naive|incremental|chosen plan|captum)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+)\s+(\S+)$", out, re.M)}
+    assert set(rows) == {"naive", "incremental", "chosen plan", "captum"}
+    assert float(rows["naive"].group(3)) == 1.0
+    for name in ("incremental", "chosen plan"):
+        assert float(rows[name].group(5)) <= 1e-5          # same map as naive
+    assert re.search(r"^chosen plan: (Naive|Incremental)Occlusion.*predicted/actual [0-9.]+\)$", out, re.M)
+    assert re.search(r"theoretical R = Q/Q_inc .*: [0-9.]+$", out, re.M)
+    assert "5 positions (grid rows 2..2 of 5x5)" in out      # the middle row of the grid
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--model", "squeezenet1_1", "--patch", "300"], "patch 300x300 is larger than the image"),
+    (["--model", "squeezenet1_1", "--batch", "0"], "--batch must be at least 1"),
+])
+def test_bench_errors(capsys, args, message):
+    assert bench.main(args + ["--no-captum"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
