@@ -33,11 +33,12 @@ class Throughput:
     dense: list            # [len(DEPTHS)][len(SIDES)] MAC/s at batch BATCH, call overhead included
     depthwise: list        # [len(SIDES)] MAC/s
     matmul: float          # MAC/s of a [B, 4096] x [4096, 1024] product
-    bandwidth: float       # bytes/s of a gather-like copy
+    bandwidth: float       # bytes/s (read + written) of an element-wise op
     overhead: float        # seconds per operator call (dispatch, Python)
     threads: int = 1       # CPU threads that ran fastest (more is not always faster)
     node_overhead: float = 25e-6   # incremental engine bookkeeping per node and batch
     batch: int = BATCH     # the batch the convolution tables were measured at
+    gather_rate: float = 1e9   # context bytes/s produced by the batched gather (with paste)
 
     def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False) -> float:
         side = math.sqrt(max(area, 1))
@@ -52,6 +53,9 @@ class Throughput:
 
     def bytes_seconds(self, nbytes: float) -> float:
         return nbytes / self.bandwidth
+
+    def gather_seconds(self, context_bytes: float) -> float:
+        return context_bytes / self.gather_rate
 
 
 def _interp1(xs, ys, x) -> float:
@@ -140,15 +144,28 @@ def _measure(device: str) -> Throughput:
         depthwise.append(batch * 9 * 64 * side * side / _timed(lambda: F.conv2d(x, w, groups=64), device))
     a, m = torch.randn(BATCH, 4096, device=dev), torch.randn(4096, 1024, device=dev)
     matmul = BATCH * 4096 * 1024 / _timed(lambda: a @ m, device)
-    src = torch.randn(1, 64, 128, 128, device=dev)
-    idx = torch.randint(0, 100, (batch,), device=dev)
-    view = src[0].unfold(1, 28, 1).unfold(2, 28, 1).permute(1, 2, 0, 3, 4)
-    nbytes = 2 * batch * 64 * 28 * 28 * 4
-    bandwidth = nbytes / _timed(lambda: view[idx, idx].contiguous(), device)
+    big = torch.randn(batch, 64, 56, 56, device=dev)
+    bandwidth = 2 * big.numel() * 4 / _timed(lambda: torch.relu(big), device)
+    gather_rate = _gather_rate(dev, batch)
     tiny = torch.randn(2, 2, device=dev)
     overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
     return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2,
-                      node_overhead=_engine_overhead(device), batch=batch)
+                      node_overhead=_engine_overhead(device), batch=batch,
+                      gather_rate=gather_rate)
+
+
+def _gather_rate(dev, batch: int) -> float:
+    """Bytes/s of read-in contexts built by the engine's gather (windows + pasted patches)."""
+    import numpy as np
+
+    from kql.operators.gather import gather
+
+    base = torch.randn(1, 128, 58, 58, device=dev)
+    patches = torch.randn(batch, 128, 12, 12, device=dev)
+    rng = np.random.default_rng(0)
+    wy, wx = rng.integers(0, 44, batch), rng.integers(0, 44, batch)
+    seconds = _timed(lambda: gather(base, patches, wy + 1, wx + 1, wy, wx, (14, 14)), str(dev.type))
+    return batch * 128 * 14 * 14 * 4 / seconds
 
 
 def _engine_overhead(device: str) -> float:

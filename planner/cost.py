@@ -153,7 +153,7 @@ def incremental_cost(engine, tp, patch: tuple, batch: int, crossover=None) -> Pl
                             if sizes.get(a) is not None)
             macs, secs = full_node_cost(engine, n, tp, batch)
             gathered = batch * projected * FLOAT
-            secs += tp.bytes_seconds(2 * gathered) if projected else 0.0
+            secs += tp.bytes_seconds(2 * gathered) if projected else 0.0   # copy + scatter
             mode = "project" if projected else "full"
         cost = NodeCost(n, mode, macs, gathered, secs + overhead, size)
         plan.nodes.append(cost)
@@ -176,8 +176,8 @@ def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
         ph, pw = sizes[src]
         ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \
             ((w - 1) * op.stride[1] + (op.kernel[1] - 1) * op.dilation[1] + 1)
-        gathered = batch * (ctx + c_in * ph * pw) * FLOAT
-        secs = 2 * tp.overhead + tp.bytes_seconds(2 * gathered)
+        gathered = batch * ctx * FLOAT
+        secs = tp.gather_seconds(gathered)
         if op.kind == "conv":
             macs = op.macs_per_output() * c_out * h * w
             return batch * macs, gathered, secs + _conv_seconds(tp, op, macs, h * w, batch)
@@ -186,4 +186,5 @@ def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
               and engine.views[a].dim() == 4]
     moved = sum(engine.views[a].shape[1] for a in inputs) * h * w
     gathered = batch * moved * FLOAT
-    return 0.0, gathered, 2 * tp.overhead + tp.bytes_seconds(3 * gathered)
+    combined = batch * c_out * h * w * FLOAT
+    return 0.0, gathered, tp.gather_seconds(gathered) + tp.overhead + tp.bytes_seconds(2 * combined)
