@@ -146,10 +146,13 @@ def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
     setting = ctx.crossover
     fractions = (None,) + CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
-    best = None
+    best, seen = None, set()
     setup = naive_cost(engine, tp, 1).seconds          # materializing the views: one forward
     for fraction in fractions:
         cross = _crossover_set(engine, natural, fraction)
+        if frozenset(cross) in seen:                   # another fraction, the same plan
+            continue
+        seen.add(frozenset(cross))
         batch = query.batch or memory.incremental_batch(engine, natural, cross, budget, device)
         cost = incremental_cost(engine, tp, patch, batch, cross)
         plan = PhysicalPlan(query, None, batch, device, cost=cost, crossover=fraction,
