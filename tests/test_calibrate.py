@@ -1,0 +1,52 @@
+"""Calibration: measured once, cached in the catalog, re-measured by CALIBRATE."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import kql
+from kql.planner import calibrate
+
+
+def test_calibrate_writes_the_catalog_and_is_reused(tmp_path, monkeypatch):
+    directory = str(tmp_path / "cat")
+    con = kql.connect(directory)
+    message = con.execute("CALIBRATE").message
+    assert message.startswith("calibrated cpu: convolutions up to ")
+    with open(os.path.join(directory, calibrate.FILE)) as fh:
+        stored = json.load(fh)
+    (key, table), = stored.items()
+    assert key == calibrate.device_key("cpu")
+    assert len(table["dense"]) == len(calibrate.DEPTHS)
+    assert all(rate > 0 for row in table["dense"] for rate in row)
+    assert table["threads"] >= 1 and table["gather_rate"] > 0
+
+    calibrate._cache.clear()                      # a new process: only the file is left
+
+    def no_measuring(device):
+        raise AssertionError("the cached calibration should have been used")
+    monkeypatch.setattr(calibrate, "measure", no_measuring)
+    tp = calibrate.throughput("cpu", directory)
+    assert tp.dense == table["dense"]
+
+
+def test_stale_calibration_file_is_measured_again(tmp_path, monkeypatch):
+    directory = tmp_path / "cat"
+    directory.mkdir()
+    key = calibrate.device_key("cpu")
+    (directory / calibrate.FILE).write_text(json.dumps({key: {"device": "cpu", "dense": [[1.0]]}}))
+    calibrate._cache.clear()
+    calls = []
+    real = calibrate.measure
+    monkeypatch.setattr(calibrate, "measure", lambda device: calls.append(device) or real(device))
+    tp = calibrate.throughput("cpu", str(directory))
+    assert calls == ["cpu"] and len(tp.dense) == len(calibrate.DEPTHS)
+
+
+def test_calibrate_on_gpu_without_one():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # CI machines have none
+    with pytest.raises(kql.KqlPlanError, match="line 1, column 1: CALIBRATE ON GPU: no CUDA GPU"):
+        kql.connect().execute("CALIBRATE ON GPU")
