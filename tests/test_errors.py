@@ -163,3 +163,15 @@ def test_register_bad_images(bad, expected):
 def test_register_bad_model():
     with pytest.raises(kql.KqlPlanError, match="expected a torch.nn.Module"):
         kql.connect().register_model("x", lambda t: t)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "incremental"])
+def test_target_out_of_range_without_labels(strategy):
+    """Without labels the class count is known only once the model ran."""
+    con = kql.connect()
+    con.register_model("n", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                                torch.nn.Flatten()))
+    con.register_image("i", blob_image(20, 20))
+    con.execute(f"SET strategy = '{strategy}'")
+    err = error_of(con, "OCCLUDE i USING n PATCH 4 TARGET 9")
+    assert str(err) == "line 1, column 27: target class 9 is out of range: the model has 4 classes (0..3)"
