@@ -118,12 +118,6 @@ class IncrementalModel:
             self._padded[key] = F.pad(self.views[node], (left, right, top, bottom), value=op.fill)
         return self._padded[key]
 
-    def describe(self) -> dict:
-        kinds = {"local": 0, "pointwise": 0, "join": 0, "global": 0}
-        for op in self.ops.values():
-            kinds[{Local: "local", Pointwise: "pointwise", Join: "join"}.get(type(op), "global")] += 1
-        return kinds
-
     def view_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.views.values()
                    if isinstance(v, torch.Tensor))
@@ -189,7 +183,7 @@ class IncrementalModel:
                 sizes[n], corners[n] = (geo[1], geo[3]), (geo[0], geo[2])
             elif isinstance(op, Join):
                 src = [a for a in inputs if sizes.get(a) is not None]
-                (uy, uh), (ux, uw) = self._union(src, [corners[a] for a in src], [sizes[a] for a in src], full)
+                (uy, uh), (ux, uw) = self._union([corners[a] for a in src], [sizes[a] for a in src], full)
                 sizes[n], corners[n] = (uh, uw), (uy, ux)
             else:
                 sizes[n] = None
@@ -205,7 +199,7 @@ class IncrementalModel:
         return oy, po, ox, pwo
 
     @staticmethod
-    def _union(nodes, corners, sizes, full):
+    def _union(corners, sizes, full):
         uy = union_geometry([c[0] for c in corners], [s[0] for s in sizes], full[0])
         ux = union_geometry([c[1] for c in corners], [s[1] for s in sizes], full[1])
         return uy, ux
@@ -280,7 +274,7 @@ class IncrementalModel:
         operands = list(n.args[0]) if n.target is torch.cat else list(n.args) + list(n.kwargs.values())
         _, _, h, w = self.views[n].shape
         patches = [env[operands[i]] for i in op.spatial if isinstance(env.get(operands[i]), Patch)]
-        (uy, uh), (ux, uw) = self._union(patches, [(p.y, p.x) for p in patches],
+        (uy, uh), (ux, uw) = self._union([(p.y, p.x) for p in patches],
                                          [p.size for p in patches], (h, w))
         values = []
         for i, a in enumerate(operands):

@@ -146,7 +146,7 @@ def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
     setting = ctx.crossover
     fractions = (None,) + CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
-    best, seen = None, set()
+    best, best_cross, seen = None, set(), set()
     setup = naive_cost(engine, tp, 1).seconds          # materializing the views: one forward
     for fraction in fractions:
         cross = _crossover_set(engine, natural, fraction)
@@ -158,11 +158,10 @@ def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
         plan = PhysicalPlan(query, None, batch, device, cost=cost, crossover=fraction,
                             setup_seconds=setup,
                             memory_bytes=memory.incremental_bytes(engine, natural, cross, batch))
-        plan.operator = cross
         if best is None or plan.predicted_seconds < (MARGIN if best.crossover is None else 1.0) \
                 * best.predicted_seconds:
-            best = plan
-    engine.crossover = best.operator
+            best, best_cross = plan, cross
+    engine.crossover = best_cross
     best.operator = IncrementalOcclusion(best.batch, engine=engine)
     return best
 
