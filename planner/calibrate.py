@@ -3,9 +3,10 @@
 FLOPs alone mislead: a convolution over many small patches runs at a lower rate than one
 over full images. The table here holds the achieved multiply-add rate of convolutions as
 a function of the GEMM reduction depth (input channels per group x kernel area) and the
-output's spatial area, plus depthwise convolutions, matrix products, memory bandwidth and
-the fixed cost of one operator call. The cost model turns MACs and bytes into seconds
-with it.
+output's spatial area (corrected by a factor for the number of output channels), plus
+depthwise convolutions, max and average pooling, matrix products, memory bandwidth, the
+gather that builds read-in contexts and the fixed cost of one operator call. The cost
+model turns MACs, window elements and bytes into seconds with it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-DEPTHS = (16, 144, 576, 2304)          # c_in/groups * kh * kw
+DEPTHS = (16, 144, 576, 2304, 4608)    # c_in/groups * kh * kw
 SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
+C_OUT = 128                            # output channels of the dense table
+COUTS = (16, 32, 64, 128, 256, 512)    # output channels of the correction row
 BATCH = 16
+VERSION = 2                            # of the table's layout; other versions re-measure
 FILE = "calibration.json"
 _cache: dict = {}
 
@@ -39,14 +43,25 @@ class Throughput:
     node_overhead: float = 25e-6   # incremental engine bookkeeping per node and batch
     batch: int = BATCH     # the batch the convolution tables were measured at
     gather_rate: float = 1e9   # context bytes/s produced by the batched gather (with paste)
+    cout: list = None      # [len(COUTS)] rate relative to C_OUT output channels
+    maxpool: float = 1e9   # window elements/s (outputs x kernel area) of max pooling
+    avgpool: float = 1e9   # the same for average pooling
+    version: int = VERSION
 
-    def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False) -> float:
+    def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False,
+                     c_out: int = C_OUT) -> float:
         side = math.sqrt(max(area, 1))
         if depthwise:
             rate = _interp1(SIDES, self.depthwise, side)
         else:
             rate = _interp2(DEPTHS, SIDES, self.dense, depth, side)
+            if self.cout:
+                rate *= _interp1(COUTS, self.cout, c_out)
         return macs / rate
+
+    def pool_seconds(self, windows: float, kind: str) -> float:
+        """Seconds to reduce ``windows`` window elements by max or average pooling."""
+        return windows / (self.maxpool if kind == "maxpool" else self.avgpool)
 
     def matmul_seconds(self, macs: float) -> float:
         return macs / self.matmul
@@ -127,16 +142,9 @@ def measure(device: str = "cpu") -> Throughput:
 def _measure(device: str) -> Throughput:
     dev = torch.device(device)
     batch = BATCH if device == "cpu" else 4 * BATCH       # GPUs need bigger batches to fill
-    dense = []
-    for depth in DEPTHS:
-        c_in, k = (depth, 1) if depth == 16 else (depth // 9, 3)
-        c_out = max(64, min(256, c_in))
-        w = torch.randn(c_out, c_in, k, k, device=dev)
-        row = []
-        for side in SIDES:
-            x = torch.randn(batch, c_in, side + k - 1, side + k - 1, device=dev)
-            row.append(batch * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), device))
-        dense.append(row)
+    dense = [[_conv_rate(dev, batch, depth, C_OUT, side) for side in SIDES] for depth in DEPTHS]
+    reference = _conv_rate(dev, batch, 576, C_OUT, 8)
+    cout = [_conv_rate(dev, batch, 576, c, 8) / reference for c in COUTS]
     depthwise = []
     for side in SIDES:
         w = torch.randn(64, 1, 3, 3, device=dev)
@@ -146,12 +154,24 @@ def _measure(device: str) -> Throughput:
     matmul = BATCH * 4096 * 1024 / _timed(lambda: a @ m, device)
     big = torch.randn(batch, 64, 56, 56, device=dev)
     bandwidth = 2 * big.numel() * 4 / _timed(lambda: torch.relu(big), device)
+    pooled = torch.randn(batch, 64, 18, 18, device=dev)
+    windows = batch * 64 * 16 * 16 * 9
+    maxpool = windows / _timed(lambda: F.max_pool2d(pooled, 3, 1), device)
+    avgpool = windows / _timed(lambda: F.avg_pool2d(pooled, 3, 1), device)
     gather_rate = _gather_rate(dev, batch)
     tiny = torch.randn(2, 2, device=dev)
     overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
     return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2,
                       node_overhead=_engine_overhead(device), batch=batch,
-                      gather_rate=gather_rate)
+                      gather_rate=gather_rate, cout=cout, maxpool=maxpool, avgpool=avgpool)
+
+
+def _conv_rate(dev, batch: int, depth: int, c_out: int, side: int) -> float:
+    """MAC/s of a convolution with reduction depth ``depth`` (1x1 for 16, else 3x3)."""
+    c_in, k = (depth, 1) if depth == 16 else (depth // 9, 3)
+    w = torch.randn(c_out, c_in, k, k, device=dev)
+    x = torch.randn(batch, c_in, side + k - 1, side + k - 1, device=dev)
+    return batch * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), str(dev.type))
 
 
 def _gather_rate(dev, batch: int) -> float:
@@ -206,7 +226,7 @@ def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Th
                 stored = json.load(fh)
         except (OSError, ValueError):
             stored = {}
-    if not refresh and key in stored:
+    if not refresh and stored.get(key, {}).get("version") == VERSION:
         try:
             _cache[key] = Throughput(**stored[key])
             return _cache[key]

@@ -9,6 +9,7 @@ prices MACs and bytes with the device's calibrated :class:`~.calibrate.Throughpu
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,12 @@ from torch import nn
 from kql.operators.graph import Local, Pointwise, is_metadata
 
 FLOAT = 4
+POOLS = ("maxpool", "avgpool")
+# Calls that return a view (or a tuple of views) of their input: no bytes move.
+VIEW_METHODS = {"view", "flatten", "transpose", "permute", "chunk", "split", "unsqueeze",
+                "squeeze", "expand", "narrow", "unbind", "t", "size", "dim"}
+VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.transpose, torch.permute, torch.chunk,
+                  torch.split, torch.unsqueeze, torch.squeeze, torch.narrow, torch.unbind}
 
 
 @dataclass
@@ -87,7 +94,7 @@ def _conv_seconds(tp, op: Local, macs_item: float, area: int, batch: int) -> flo
     """The table's time at its own batch, minus the call overhead, scaled to ``batch``."""
     depth = op.macs_per_output()
     depthwise = op.groups > 1 and op.groups == op.in_channels
-    at_table = tp.conv_seconds(tp.batch * macs_item, depth, area, depthwise)
+    at_table = tp.conv_seconds(tp.batch * macs_item, depth, area, depthwise, op.out_channels)
     over = tp.overhead
     return over + max(at_table - over, 0.0) * batch / tp.batch
 
@@ -100,11 +107,23 @@ def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
         _, c_out, h, w = out.shape
         macs = op.macs_per_output() * c_out * h * w
         return batch * macs, _conv_seconds(tp, op, macs, h * w, batch)
+    if isinstance(op, Local) and op.kind in POOLS:
+        return 0.0, tp.overhead + tp.pool_seconds(batch * out.numel() * op.macs_per_output(), op.kind)
     linear = _linear_macs(engine, n)
     if linear:
         return batch * linear, tp.overhead + tp.matmul_seconds(batch * linear)
+    if _is_view(n):
+        return 0.0, tp.overhead
     moved = sum(_numel(engine.views.get(a)) for a in n.all_input_nodes) + _numel(out)
     return 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
+
+
+def _is_view(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in VIEW_METHODS
+    if n.op == "call_function":
+        return n.target in VIEW_FUNCTIONS or is_metadata(n)
+    return False
 
 
 def _linear_macs(engine, n: fx.Node) -> int:
@@ -155,7 +174,9 @@ def incremental_cost(engine, tp, patch: tuple, batch: int, crossover=None) -> Pl
             gathered = batch * projected * FLOAT
             secs += tp.bytes_seconds(2 * gathered) if projected else 0.0   # copy + scatter
             mode = "project" if projected else "full"
-        cost = NodeCost(n, mode, macs, gathered, secs + overhead, size)
+        # The engine's bookkeeping (index arrays, patch state) is spent on the nodes it
+        # runs incrementally or projects into; a full node is one plain call.
+        cost = NodeCost(n, mode, macs, gathered, secs + (overhead if mode != "full" else 0.0), size)
         plan.nodes.append(cost)
         plan.macs += macs
         plan.seconds += cost.seconds
@@ -181,6 +202,8 @@ def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
         if op.kind == "conv":
             macs = op.macs_per_output() * c_out * h * w
             return batch * macs, gathered, secs + _conv_seconds(tp, op, macs, h * w, batch)
+        if op.kind in POOLS:
+            return 0.0, gathered, secs + tp.pool_seconds(batch * c_out * h * w * op.macs_per_output(), op.kind)
         return 0.0, gathered, secs + tp.bytes_seconds(batch * (ctx + c_out * h * w) * FLOAT)
     inputs = [a for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)
               and engine.views[a].dim() == 4]
