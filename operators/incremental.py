@@ -66,7 +66,7 @@ class IncrementalModel:
     def __init__(self, model: torch.nn.Module, image: torch.Tensor, device: str = "cpu",
                  crossover: Optional[set] = None):
         self.device = torch.device(device)
-        self.gm = trace(model).to(self.device)
+        self.gm = trace(model, self.device)
         self.nodes = list(self.gm.graph.nodes)
         self.crossover = set(crossover or ())
         self.views = self._materialize(image.to(self.device).unsqueeze(0))

@@ -109,6 +109,21 @@ def test_custom_operator(name):
     differential(con, occlude("img", "net", (16, 16), (12, 16), extra="BATCH 7"), net)
 
 
+def test_trace_copy_shares_weights_and_leaves_the_model_alone():
+    from torch import nn
+
+    from kql.operators.graph import trace
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
+    gm = trace(model, "cpu")
+    assert gm.get_submodule("0").weight is model[0].weight                 # shared, not copied
+    assert gm.get_submodule("1").running_var is model[1].running_var
+    assert model[2].inplace is True and gm.get_submodule("2").inplace is False
+    gm = trace(model, "meta")                                              # another device: copies
+    assert gm.get_submodule("0").weight.is_meta and not model[0].weight.is_meta
+    assert isinstance(gm.get_submodule("0").weight, nn.Parameter)
+
+
 def test_untraceable_model_falls_back_to_naive():
     image = blob_image(32, 40, seed=2)
     net = sensitive(custom_model("untraceable"), image, (12, 12))
