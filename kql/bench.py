@@ -141,6 +141,8 @@ def _parser():
                    help="torch CPU threads (default: the calibrated fastest count)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-captum", action="store_true", help="skip Captum")
+    p.add_argument("--crossovers", action="store_true",
+                   help="also time incremental inference at every crossover the planner costs")
     return p
 
 
@@ -207,6 +209,9 @@ def _bench(args) -> int:
             return plans[name].run()
         return run
     engines = {name: planned(name) for name in settings}
+    if args.crossovers:
+        for name in _crossover_settings(con, stmt, text, settings):
+            engines[name] = planned(name)
     if not args.no_captum:
         q = executor.plan(con, stmt, text).query
         model = spec.composed().to(args.device)
@@ -219,6 +224,28 @@ def _bench(args) -> int:
         times, peaks, results = _measure(engines, args)
     _report(args, spec, (h, w), plans, full, (r0, r1), times, peaks, results, thread_count)
     return 0
+
+
+def _crossover_settings(con, stmt, text, settings) -> list:
+    """Add one engine setting per distinct crossover set the planner would cost; their names."""
+    from . import executor
+    from .planner.physical import CROSSOVER_FRACTIONS
+
+    seen, names = {frozenset()}, []            # no crossover is the 'incremental' row
+    for fraction in CROSSOVER_FRACTIONS:
+        setting = {"strategy": "incremental", "crossover": fraction}
+        con.settings.update(setting)
+        plan = executor.plan(con, stmt, text)
+        engine = getattr(plan.operator, "engine", None)
+        if engine is None:                     # the model cannot run incrementally
+            return names
+        nodes = frozenset(n.name for n in engine.crossover)
+        if nodes in seen:
+            continue
+        seen.add(nodes)
+        names.append(f"crossover {fraction:.2f}")
+        settings[names[-1]] = setting
+    return names
 
 
 def _measure(engines: dict, args):
@@ -243,13 +270,13 @@ def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_c
           f"{args.stride}, {n} positions (grid rows {rows[0]}..{rows[1] - 1} of "
           f"{full.full_shape[0]}x{full.full_shape[1]}), batch {args.batch}, "
           f"{thread_count} thread(s), {args.device}, {max(1, args.repeat)} round(s)")
-    print(f"{'engine':<12} {'ms/position':>12} {'vs naive':>9} {'peak MB':>9} {'max |dp| vs naive':>18}")
+    print(f"{'engine':<14} {'ms/position':>12} {'vs naive':>9} {'peak MB':>9} {'max |dp| vs naive':>18}")
     for name, ts in times.items():
         t = statistics.median(ts)
         diff = "-"
         if hasattr(results[name], "probabilities"):
             diff = f"{np.abs(results[name].probabilities - results['naive'].probabilities).max():.1e}"
-        print(f"{name:<12} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}")
+        print(f"{name:<14} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}")
     actual = statistics.median(times["chosen plan"])
     crossover = "none" if chosen.crossover is None else f"{chosen.crossover:.2f}"
     kind = chosen.operator.name
@@ -257,3 +284,13 @@ def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_c
           + f"; predicted {chosen.predicted_seconds:.2f}s, actual {actual:.2f}s "
           f"(predicted/actual {chosen.predicted_seconds / actual:.2f})")
     print(f"theoretical R = Q/Q_inc (eqs 16-20, patch at the centre): {chosen.ratio:.2f}")
+    swept = ["incremental"] + [name for name in times if name.startswith("crossover ")]
+    if len(swept) > 1:
+        pure = statistics.median(times["incremental"])
+        print(f"{'crossover':<14} {'nodes':>6} {'predicted s':>12} {'actual s':>9} {'vs pure':>8}")
+        for name in swept:
+            plan = plans[name]
+            label = "none" if plan.crossover is None else f"{plan.crossover:.2f}"
+            t = statistics.median(times[name])
+            print(f"{label:<14} {len(plan.operator.engine.crossover):>6} {plan.predicted_seconds:>12.2f} "
+                  f"{t:>9.2f} {pure / t:>7.2f}x")

@@ -32,3 +32,17 @@ def test_bench_errors(capsys, args, message):
     assert bench.main(args + ["--no-captum"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_crossover_sweep(capsys):
+    code = bench.main(["--model", "resnet18", "--patch", "48", "--stride", "40", "--positions", "4",
+                       "--batch", "4", "--threads", "1", "--no-captum", "--crossovers"])
+    out = capsys.readouterr().out
+    assert code == 0
+    sweep = re.findall(r"^(none|0\.\d\d)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)x$", out, re.M)
+    assert sweep[0][0] == "none" and sweep[0][1] == "0" and float(sweep[0][4]) == 1.0
+    assert len(sweep) >= 2                                  # resnet18 has crossovers to cost
+    assert len({nodes for _, nodes, *_ in sweep}) == len(sweep)   # each a distinct set
+    rows = re.findall(r"^crossover (0\.\d\d)\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+(\S+)$", out, re.M)
+    assert [f for f, _ in rows] == [f for f, *_ in sweep[1:]]
+    assert all(float(diff) <= 1e-5 for _, diff in rows)      # every crossover matches naive
