@@ -15,9 +15,12 @@ from .result import Result
 
 
 def plan(con, stmt: ast.Occlude, text: str):
+    start = time.perf_counter()
     ctx = PlanContext(settings=dict(con.settings), directory=con.catalog.directory)
     logical = optimize(bind(stmt, text, con.catalog), ctx)
-    return plan_query(logical, ctx)
+    physical = plan_query(logical, ctx)
+    physical.planning_seconds = time.perf_counter() - start
+    return physical
 
 
 def run(physical, stmt: ast.Occlude, progress, profile=None):
@@ -48,11 +51,11 @@ def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
 
 
 def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
+    start = time.perf_counter()
     physical = plan(con, stmt.statement, text)
     if not stmt.analyze:
         return Result("explain", text, plan="\n".join(physical.explain()))
     profile: dict = {}
-    start = time.perf_counter()
     run(physical, stmt.statement, progress, profile)
     profile["total"] = time.perf_counter() - start
     return Result("explain", text, plan="\n".join(physical.explain(profile)))

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-DEPTHS = (16, 144, 576, 2304, 4608)    # c_in/groups * kh * kw
+DEPTHS = (27, 144, 576, 2304, 4608)    # c_in/groups * kh * kw (27: an RGB stem)
 SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
 C_OUT = 128                            # output channels of the dense table
 COUTS = (16, 32, 64, 128, 256, 512)    # output channels of the correction row
 BATCH = 16
-VERSION = 2                            # of the table's layout; other versions re-measure
+VERSION = 4                            # of the table's layout; other versions re-measure
 FILE = "calibration.json"
 _cache: dict = {}
 
@@ -36,7 +36,7 @@ class Throughput:
     device: str
     dense: list            # [len(DEPTHS)][len(SIDES)] MAC/s at batch BATCH, call overhead included
     depthwise: list        # [len(SIDES)] MAC/s
-    matmul: float          # MAC/s of a [B, 4096] x [4096, 1024] product
+    matmul: float          # MAC/s of a [B, 4096] x [4096, 4096] product (weights streamed)
     bandwidth: float       # bytes/s (read + written) of an element-wise op
     overhead: float        # seconds per operator call (dispatch, Python)
     threads: int = 1       # CPU threads that ran fastest (more is not always faster)
@@ -46,6 +46,7 @@ class Throughput:
     cout: list = None      # [len(COUTS)] rate relative to C_OUT output channels
     maxpool: float = 1e9   # window elements/s (outputs x kernel area) of max pooling
     avgpool: float = 1e9   # the same for average pooling
+    activation: float = 1e9   # bytes/s (read + written) of a transcendental activation (SiLU)
     version: int = VERSION
 
     def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False,
@@ -66,8 +67,8 @@ class Throughput:
     def matmul_seconds(self, macs: float) -> float:
         return macs / self.matmul
 
-    def bytes_seconds(self, nbytes: float) -> float:
-        return nbytes / self.bandwidth
+    def bytes_seconds(self, nbytes: float, transcendental: bool = False) -> float:
+        return nbytes / (self.activation if transcendental else self.bandwidth)
 
     def gather_seconds(self, context_bytes: float) -> float:
         return context_bytes / self.gather_rate
@@ -88,7 +89,7 @@ def _interp2(xs, ys, table, x, y) -> float:
     return _interp1(xs, rows, x)
 
 
-def _timed(fn, device: str, repeat: int = 2) -> float:
+def _timed(fn, device: str, repeat: int = 3) -> float:
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -150,25 +151,27 @@ def _measure(device: str) -> Throughput:
         w = torch.randn(64, 1, 3, 3, device=dev)
         x = torch.randn(batch, 64, side + 2, side + 2, device=dev)
         depthwise.append(batch * 9 * 64 * side * side / _timed(lambda: F.conv2d(x, w, groups=64), device))
-    a, m = torch.randn(BATCH, 4096, device=dev), torch.randn(4096, 1024, device=dev)
-    matmul = BATCH * 4096 * 1024 / _timed(lambda: a @ m, device)
+    a, m = torch.randn(BATCH, 4096, device=dev), torch.randn(4096, 4096, device=dev)
+    matmul = BATCH * 4096 * 4096 / _timed(lambda: a @ m, device)
     big = torch.randn(batch, 64, 56, 56, device=dev)
-    bandwidth = 2 * big.numel() * 4 / _timed(lambda: torch.relu(big), device)
+    bandwidth = 2 * big.numel() * 4 / _timed(lambda: torch.relu(big), device, repeat=5)
+    activation = 2 * big.numel() * 4 / _timed(lambda: F.silu(big), device, repeat=5)
     pooled = torch.randn(batch, 64, 18, 18, device=dev)
     windows = batch * 64 * 16 * 16 * 9
-    maxpool = windows / _timed(lambda: F.max_pool2d(pooled, 3, 1), device)
-    avgpool = windows / _timed(lambda: F.avg_pool2d(pooled, 3, 1), device)
+    maxpool = windows / _timed(lambda: F.max_pool2d(pooled, 3, 1), device, repeat=5)
+    avgpool = windows / _timed(lambda: F.avg_pool2d(pooled, 3, 1), device, repeat=5)
     gather_rate = _gather_rate(dev, batch)
     tiny = torch.randn(2, 2, device=dev)
     overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
     return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2,
                       node_overhead=_engine_overhead(device), batch=batch,
-                      gather_rate=gather_rate, cout=cout, maxpool=maxpool, avgpool=avgpool)
+                      gather_rate=gather_rate, cout=cout, maxpool=maxpool, avgpool=avgpool,
+                      activation=activation)
 
 
 def _conv_rate(dev, batch: int, depth: int, c_out: int, side: int) -> float:
-    """MAC/s of a convolution with reduction depth ``depth`` (1x1 for 16, else 3x3)."""
-    c_in, k = (depth, 1) if depth == 16 else (depth // 9, 3)
+    """MAC/s of a 3x3 convolution with reduction depth ``depth``."""
+    c_in, k = depth // 9, 3
     w = torch.randn(c_out, c_in, k, k, device=dev)
     x = torch.randn(batch, c_in, side + k - 1, side + k - 1, device=dev)
     return batch * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), str(dev.type))

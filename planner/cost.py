@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -109,13 +110,33 @@ def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
         return batch * macs, _conv_seconds(tp, op, macs, h * w, batch)
     if isinstance(op, Local) and op.kind in POOLS:
         return 0.0, tp.overhead + tp.pool_seconds(batch * out.numel() * op.macs_per_output(), op.kind)
-    linear = _linear_macs(engine, n)
+    linear = _linear_shape(engine, n)
     if linear:
-        return batch * linear, tp.overhead + tp.matmul_seconds(batch * linear)
+        rows, k, m = linear
+        macs = batch * rows * k * m
+        if rows == 1:                                  # a head: bound by streaming the weights
+            return macs, tp.overhead + tp.matmul_seconds(macs)
+        # Over every pixel it is a 1x1 convolution of depth ``k``.
+        return macs, tp.overhead + tp.conv_seconds(macs, k, rows, c_out=m)
     if _is_view(n):
         return 0.0, tp.overhead
     moved = sum(_numel(engine.views.get(a)) for a in n.all_input_nodes) + _numel(out)
-    return 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
+    return 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT, transcendental(engine, n))
+
+
+TRANSCENDENTAL_MODULES = (nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.ELU, nn.Softplus)
+TRANSCENDENTAL_FUNCTIONS = {F.silu, torch.sigmoid, F.sigmoid, F.gelu, torch.tanh, F.tanh, F.mish,
+                            F.elu, F.softplus, torch.exp}
+TRANSCENDENTAL_METHODS = {"sigmoid", "tanh", "exp"}
+
+
+def transcendental(engine, n: fx.Node) -> bool:
+    """An activation that evaluates exp/erf per element: several times slower than ReLU."""
+    if n.op == "call_module":
+        return isinstance(engine.gm.get_submodule(n.target), TRANSCENDENTAL_MODULES)
+    if n.op == "call_function":
+        return n.target in TRANSCENDENTAL_FUNCTIONS
+    return n.op == "call_method" and n.target in TRANSCENDENTAL_METHODS
 
 
 def _is_view(n: fx.Node) -> bool:
@@ -126,16 +147,24 @@ def _is_view(n: fx.Node) -> bool:
     return False
 
 
-def _linear_macs(engine, n: fx.Node) -> int:
+def _linear_shape(engine, n: fx.Node) -> Optional[tuple]:
+    """(rows, in, out) per batch item of a linear layer: one row for a classifier head,
+    one per pixel for ConvNeXt's channel MLPs; None for other nodes."""
+    out = engine.views.get(n)
+    if not isinstance(out, torch.Tensor) or out.dim() < 1:
+        return None
+    rows = out[0].numel() // out.shape[-1] if out.dim() > 1 else 1
     if n.op == "call_module":
         mod = engine.gm.get_submodule(n.target)
         if isinstance(mod, nn.Linear):
-            return mod.in_features * mod.out_features
+            return rows, mod.in_features, mod.out_features
     if n.op == "call_function" and n.target in (F.linear, torch.matmul, torch.addmm):
         shapes = [engine.views[a].shape for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)]
-        if len(shapes) >= 2:
-            return int(shapes[1].numel())
-    return 0
+        weight = shapes[2] if n.target is torch.addmm and len(shapes) > 2 else shapes[1] if len(shapes) > 1 else None
+        if weight is not None and len(weight) == 2:
+            k = weight[1] if n.target is F.linear else weight[0]
+            return rows, int(k), int(weight.numel()) // int(k)
+    return None
 
 
 def naive_cost(engine, tp, batch: int) -> PlanCost:

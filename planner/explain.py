@@ -58,9 +58,10 @@ def _operator_line(plan, actual) -> str:
         if incremental:
             items["gather_mb"] = _num(sum(c.gather_bytes for c in plan.cost.nodes) * n / 2**20, 1)
         items["memory_mb"] = _num(plan.memory_bytes / 2**20, 0)
+        items["planning_s"] = _num(plan.planning_seconds, 3)
         items["predicted_s"] = _num(plan.predicted_seconds, 3)
         if incremental and plan.naive_seconds:
-            items["naive_predicted_s"] = _num(plan.naive_seconds, 3)
+            items["naive_predicted_s"] = _num(plan.naive_predicted_seconds, 3)
     if plan.reason:
         items["reason"] = plan.reason
     if actual is not None:

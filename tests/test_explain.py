@@ -16,7 +16,7 @@ import kql
 from conftest import blob_image, sensitive, small_cnn
 
 FIXTURES = Path(__file__).parent / "fixtures" / "explain"
-TIMED = re.compile(r"\b(threads|predicted_s|naive_predicted_s|predicted_ms|actual_s|actual_ms|"
+TIMED = re.compile(r"\b(threads|planning_s|predicted_s|naive_predicted_s|predicted_ms|actual_s|actual_ms|"
                    r"predicted/actual)=[0-9.]+")
 
 
