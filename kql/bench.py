@@ -1,8 +1,8 @@
 """``kql bench``: naive, incremental and Captum occlusion, side by side in one process.
 
-The three engines compute the same patch positions (a band of whole grid rows around the
-image centre) with the same batch size, one after the other, ``--repeat`` times; the
-median time of each is reported with the speedup against naive, the peak memory each
+The engines compute the same patch positions (a band of whole grid rows around the
+image centre) with the same batch size, one after the other, ``--repeat`` times (each
+round in a rotated order); the median time of each is reported with the speedup against naive, the peak memory each
 added to the process, and the theoretical redundancy ratio R (seed paper 000, eqs 16-20).
 Captum's ``Occlusion`` is given the band as its input and pastes it back into the image
 inside the forward function, so it visits exactly the same positions.
@@ -252,8 +252,12 @@ def _measure(engines: dict, args):
     times = {k: [] for k in engines}
     peaks = {k: 0 for k in engines}
     results = {name: run() for name, run in engines.items()}      # warm-up: kernels, caches
-    for _ in range(max(1, args.repeat)):
-        for name, run in engines.items():
+    names = list(engines)
+    for r in range(max(1, args.repeat)):
+        # Each round starts one engine later: the engine timed right after another one
+        # inherits its heap and caches, so no engine always follows the same one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = engines[name]
             with PeakMemory(args.device) as mem:
                 start = time.perf_counter()
                 run()
