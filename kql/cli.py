@@ -32,7 +32,8 @@ examples:
 
 exit status: 0 ok, 1 a statement failed, 2 usage error, 70 internal error, 130 interrupted.
 environment: KQL_PROGRESS=1|0 forces the progress bar on|off; KQL_HISTORY is the shell's
-history file (default ~/.kql_history); KQL_DEBUG=1 shows tracebacks."""
+history file (default ~/.kql_history); KQL_CACHE_DIR keeps the device calibration when no
+--catalog is given (default ~/.cache/kql; empty: not kept); KQL_DEBUG=1 shows tracebacks."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -216,12 +216,25 @@ def device_key(device: str) -> str:
     return f"cpu:{os.cpu_count()}cores:{torch.get_num_threads()}threads"
 
 
+def cache_dir():
+    """Where calibrations live when the catalog is in memory: ``$KQL_CACHE_DIR`` (empty:
+    nowhere), else ``$XDG_CACHE_HOME/kql`` or ``~/.cache/kql``."""
+    env = os.environ.get("KQL_CACHE_DIR")
+    if env is not None:
+        return env or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kql")
+
+
 def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Throughput:
-    """Cached calibration: in this process, and in ``directory/calibration.json`` if given."""
+    """Cached calibration: in this process, and in ``calibration.json`` of the catalog
+    ``directory`` or, for an in-memory catalog, of the user's :func:`cache_dir`."""
     key = device_key(device)
     if not refresh and key in _cache:
         return _cache[key]
-    path = os.path.join(directory, FILE) if directory else None
+    user_cache = not directory
+    folder = cache_dir() if user_cache else directory
+    path = os.path.join(folder, FILE) if folder else None
     stored = {}
     if path and os.path.exists(path):
         try:
@@ -229,9 +242,12 @@ def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Th
                 stored = json.load(fh)
         except (OSError, ValueError):
             stored = {}
-    if not refresh and stored.get(key, {}).get("version") == VERSION:
+    if not isinstance(stored, dict):
+        stored = {}
+    entry = stored.get(key)
+    if not refresh and isinstance(entry, dict) and entry.get("version") == VERSION:
         try:
-            _cache[key] = Throughput(**stored[key])
+            _cache[key] = Throughput(**entry)
             return _cache[key]
         except TypeError:
             pass
@@ -239,8 +255,27 @@ def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Th
     _cache[key] = result
     if path:
         stored[key] = asdict(result)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(stored, fh, indent=1)
-        os.replace(tmp, path)
+        try:
+            _write_json(path, stored)
+        except OSError:
+            if not user_cache:          # the catalog's own directory must be writable
+                raise
     return result
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write through a temporary file in the same folder and rename: readers (another
+    process included) see the old file or the new one, never half of one."""
+    import tempfile
+
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -5,10 +5,19 @@ and any wrong engine matches it. ``sensitive`` calibrates BatchNorm statistics o
 inputs and scales the logits so the target probability really moves across the map.
 """
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+
+def pytest_configure(config):
+    # Calibrations of in-memory catalogs go to a cache of this test run (shared with the
+    # CLI subprocesses), never to the user's ~/.cache/kql.
+    os.environ["KQL_CACHE_DIR"] = tempfile.mkdtemp(prefix="kql-test-cache-")
 
 
 class Scaled(nn.Module):

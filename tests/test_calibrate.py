@@ -1,5 +1,6 @@
 """Calibration: measured once, cached in the catalog, re-measured by CALIBRATE."""
 
+import dataclasses
 import json
 import os
 
@@ -43,6 +44,40 @@ def test_stale_calibration_file_is_measured_again(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "measure", lambda device: calls.append(device) or real(device))
     tp = calibrate.throughput("cpu", str(directory))
     assert calls == ["cpu"] and len(tp.dense) == len(calibrate.DEPTHS)
+
+
+def _fake_measure(calls):
+    real = calibrate.throughput("cpu")                  # measured once in this process
+    return lambda device: calls.append(device) or dataclasses.replace(real)
+
+
+def test_in_memory_catalog_keeps_calibration_in_the_user_cache(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(calibrate, "measure", _fake_measure(calls))
+    monkeypatch.setenv("KQL_CACHE_DIR", str(tmp_path / "cache"))
+    calibrate._cache.clear()
+    first = calibrate.throughput("cpu")                   # no catalog directory
+    assert calls == ["cpu"]
+    stored = json.loads((tmp_path / "cache" / calibrate.FILE).read_text())
+    assert stored[calibrate.device_key("cpu")]["dense"] == first.dense
+    calibrate._cache.clear()                              # a new process
+    assert calibrate.throughput("cpu").dense == first.dense and calls == ["cpu"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [calibrate.FILE]   # no temp left
+
+
+def test_user_cache_disabled_or_unwritable(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(calibrate, "measure", _fake_measure(calls))
+    monkeypatch.setenv("KQL_CACHE_DIR", "")
+    calibrate._cache.clear()
+    calibrate.throughput("cpu")
+    assert calls == ["cpu"] and not any(tmp_path.iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("KQL_CACHE_DIR", str(blocker / "kql"))
+    calibrate._cache.clear()
+    calibrate.throughput("cpu")                           # measured, not cached, no error
+    assert calls == ["cpu", "cpu"] and blocker.read_text() == "not a folder"
 
 
 def test_calibrate_on_gpu_without_one():
