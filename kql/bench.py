@@ -2,8 +2,9 @@
 
 The engines compute the same patch positions (a band of whole grid rows around the
 image centre) with the same batch size, one after the other, ``--repeat`` times (each
-round in a rotated order); the median time of each is reported with the speedup against naive, the peak memory each
-added to the process, and the theoretical redundancy ratio R (seed paper 000, eqs 16-20).
+round in a rotated order); the median time of each is reported with the speedup against
+naive, the peak memory each added to the process, and the theoretical redundancy ratio R
+(seed paper 000, eqs 16-20).
 Captum's ``Occlusion`` is given the band as its input and pastes it back into the image
 inside the forward function, so it visits exactly the same positions.
 """
@@ -227,24 +228,21 @@ def _bench(args) -> int:
 
 
 def _crossover_settings(con, stmt, text, settings) -> list:
-    """Add one engine setting per distinct crossover set the planner would cost; their names."""
+    """Add one engine setting per distinct crossover set the planner costs; their names."""
     from . import executor
-    from .planner.physical import CROSSOVER_FRACTIONS
+    from .planner.physical import CROSSOVER_FRACTIONS, crossover_candidates
 
-    seen, names = {frozenset()}, []            # no crossover is the 'incremental' row
-    for fraction in CROSSOVER_FRACTIONS:
-        setting = {"strategy": "incremental", "crossover": fraction}
-        con.settings.update(setting)
-        plan = executor.plan(con, stmt, text)
-        engine = getattr(plan.operator, "engine", None)
-        if engine is None:                     # the model cannot run incrementally
-            return names
-        nodes = frozenset(n.name for n in engine.crossover)
-        if nodes in seen:
-            continue
-        seen.add(nodes)
-        names.append(f"crossover {fraction:.2f}")
-        settings[names[-1]] = setting
+    con.settings.update({"strategy": "incremental", "crossover": "none"})
+    plan = executor.plan(con, stmt, text)
+    engine = getattr(plan.operator, "engine", None)
+    if engine is None:                         # the model cannot run incrementally
+        return []
+    _, candidates = crossover_candidates(engine, plan.query.grid.patch, CROSSOVER_FRACTIONS)
+    names = []
+    for fraction, cross in candidates:
+        if cross:                              # no crossover is the 'incremental' row
+            names.append(f"crossover {fraction:.2f}")
+            settings[names[-1]] = {"strategy": "incremental", "crossover": fraction}
     return names
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -144,8 +145,8 @@ def _measure(device: str) -> Throughput:
     dev = torch.device(device)
     batch = BATCH if device == "cpu" else 4 * BATCH       # GPUs need bigger batches to fill
     dense = [[_conv_rate(dev, batch, depth, C_OUT, side) for side in SIDES] for depth in DEPTHS]
-    reference = _conv_rate(dev, batch, 576, C_OUT, 8)
-    cout = [_conv_rate(dev, batch, 576, c, 8) / reference for c in COUTS]
+    rates = [_conv_rate(dev, batch, 576, c, 8) for c in COUTS]
+    cout = [r / rates[COUTS.index(C_OUT)] for r in rates]
     depthwise = []
     for side in SIDES:
         w = torch.randn(64, 1, 3, 3, device=dev)
@@ -266,8 +267,6 @@ def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Th
 def _write_json(path: str, data: dict) -> None:
     """Write through a temporary file in the same folder and rename: readers (another
     process included) see the old file or the new one, never half of one."""
-    import tempfile
-
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".tmp", dir=folder)

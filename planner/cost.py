@@ -100,6 +100,11 @@ def _conv_seconds(tp, op: Local, macs_item: float, area: int, batch: int) -> flo
     return over + max(at_table - over, 0.0) * batch / tp.batch
 
 
+def _pool_seconds(tp, op: Local, outputs: int) -> float:
+    """One pooling call producing ``outputs`` values, each reducing a kernel-sized window."""
+    return tp.overhead + tp.pool_seconds(outputs * op.macs_per_output(), op.kind)
+
+
 def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
     """(macs, seconds) of running node ``n`` on full tensors for a batch."""
     out = engine.views.get(n)
@@ -109,7 +114,7 @@ def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
         macs = op.macs_per_output() * c_out * h * w
         return batch * macs, _conv_seconds(tp, op, macs, h * w, batch)
     if isinstance(op, Local) and op.kind in POOLS:
-        return 0.0, tp.overhead + tp.pool_seconds(batch * out.numel() * op.macs_per_output(), op.kind)
+        return 0.0, _pool_seconds(tp, op, batch * out.numel())
     linear = _linear_shape(engine, n)
     if linear:
         rows, k, m = linear
@@ -121,7 +126,12 @@ def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
     if _is_view(n):
         return 0.0, tp.overhead
     moved = sum(_numel(engine.views.get(a)) for a in n.all_input_nodes) + _numel(out)
-    return 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT, transcendental(engine, n))
+    return 0.0, _elementwise_seconds(engine, n, tp, batch * moved * FLOAT)
+
+
+def _elementwise_seconds(engine, n: fx.Node, tp, nbytes: float) -> float:
+    """One call moving ``nbytes``, at the activation rate where ``n`` evaluates exp/erf."""
+    return tp.overhead + tp.bytes_seconds(nbytes, transcendental(engine, n))
 
 
 TRANSCENDENTAL_MODULES = (nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.ELU, nn.Softplus)
@@ -160,10 +170,11 @@ def _linear_shape(engine, n: fx.Node) -> Optional[tuple]:
             return rows, mod.in_features, mod.out_features
     if n.op == "call_function" and n.target in (F.linear, torch.matmul, torch.addmm):
         shapes = [engine.views[a].shape for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)]
-        weight = shapes[2] if n.target is torch.addmm and len(shapes) > 2 else shapes[1] if len(shapes) > 1 else None
-        if weight is not None and len(weight) == 2:
-            k = weight[1] if n.target is F.linear else weight[0]
-            return rows, int(k), int(weight.numel()) // int(k)
+        at = 2 if n.target is torch.addmm else 1        # addmm(bias, x, weight)
+        if len(shapes) > at and len(shapes[at]) == 2:
+            weight = shapes[at]                          # [out, in] for linear, else [in, out]
+            k = int(weight[1] if n.target is F.linear else weight[0])
+            return rows, k, int(weight.numel()) // k
     return None
 
 
@@ -219,7 +230,7 @@ def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
     c_out = out.shape[1]
     if isinstance(op, Pointwise):
         moved = 2 * c_out * h * w
-        return 0.0, 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
+        return 0.0, 0.0, _elementwise_seconds(engine, n, tp, batch * moved * FLOAT)
     if isinstance(op, Local):
         src = n.args[0]
         c_in = engine.views[src].shape[1]
@@ -232,7 +243,7 @@ def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
             macs = op.macs_per_output() * c_out * h * w
             return batch * macs, gathered, secs + _conv_seconds(tp, op, macs, h * w, batch)
         if op.kind in POOLS:
-            return 0.0, gathered, secs + tp.pool_seconds(batch * c_out * h * w * op.macs_per_output(), op.kind)
+            return 0.0, gathered, secs + _pool_seconds(tp, op, batch * c_out * h * w)
         return 0.0, gathered, secs + tp.bytes_seconds(batch * (ctx + c_out * h * w) * FLOAT)
     inputs = [a for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)
               and engine.views[a].dim() == 4]

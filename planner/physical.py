@@ -149,19 +149,28 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp) -> Physic
     return best
 
 
-def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
-    patch = query.grid.patch
+def crossover_candidates(engine, patch: tuple, fractions) -> tuple[dict, list]:
+    """The patch sizes with no crossover, and ``[(fraction, node set), ...]`` with one
+    entry per distinct set (several fractions often cut the network at the same nodes)."""
     y, x = centre(engine, patch)
     natural = engine.patch_geometry(y, x, patch[0], patch[1], crossover=())
+    candidates, seen = [], set()
+    for fraction in fractions:
+        cross = _crossover_set(engine, natural, fraction)
+        if frozenset(cross) not in seen:
+            seen.add(frozenset(cross))
+            candidates.append((fraction, cross))
+    return natural, candidates
+
+
+def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
+    patch = query.grid.patch
     setting = ctx.crossover
     fractions = (None,) + CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
-    best, best_cross, seen = None, set(), set()
-    for fraction in fractions:
-        cross = _crossover_set(engine, natural, fraction)
-        if frozenset(cross) in seen:                   # another fraction, the same plan
-            continue
-        seen.add(frozenset(cross))
+    natural, candidates = crossover_candidates(engine, patch, fractions)
+    best, best_cross = None, set()
+    for fraction, cross in candidates:
         batch = query.batch or memory.incremental_batch(engine, natural, cross, budget, device)
         cost = incremental_cost(engine, tp, patch, batch, cross)
         # The views were materialized while planning: no set-up left to predict.
