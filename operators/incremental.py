@@ -5,6 +5,7 @@ For a batch of patch positions, each node then recomputes only the region its in
 changes: a :class:`Patch` (the changed values, uniform size, per-item corner). Window ops
 gather their read-in contexts for the whole batch at once; at a global node the patches
 are projected into full copies of the view and the rest of the network runs as usual.
+A :class:`Crossover` moves that projection earlier.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ class Patch:
         return tuple(self.data.shape[2:])
 
 
+@dataclass(frozen=True)
+class Crossover:
+    """Where the engine turns patches into full tensors before the global boundary.
+
+    ``nodes`` run in full on inputs projected into full copies of their views (a crossover
+    at a fraction of the map). With ``covered``, a patch that has grown to its whole
+    feature map is handed on as the full tensor it is: the nodes after it run as plain
+    calls instead of gathering full-sized contexts (the crossover at fraction 1).
+    :data:`PURE` does neither: patches, clamped to the map (eqs 23-24), run up to the
+    global boundary, as in the seed prototype.
+    """
+
+    nodes: frozenset = frozenset()
+    covered: bool = True
+
+
+PURE = Crossover(covered=False)
+
+
 def _ceil_div(a, b):
     return -(-a // b)
 
@@ -64,11 +84,11 @@ class IncrementalModel:
     """A traced model with its materialized views for one image; runs batches of patches."""
 
     def __init__(self, model: torch.nn.Module, image: torch.Tensor, device: str = "cpu",
-                 crossover: Optional[set] = None):
+                 crossover: Optional[Crossover] = None):
         self.device = torch.device(device)
         self.gm = trace(model, self.device)
         self.nodes = list(self.gm.graph.nodes)
-        self.crossover = set(crossover or ())
+        self.crossover = crossover or Crossover()
         self.views = self._materialize(image.to(self.device).unsqueeze(0))
         self.dynamic = self._dynamic_nodes()
         self.ops = {n: classify(n, self.gm, self.views.get, self._arg_reader(n))
@@ -153,18 +173,19 @@ class IncrementalModel:
                 env.pop(dead, None)
         raise RuntimeError("the traced graph has no output")
 
-    def incremental_op(self, n: fx.Node, patch_inputs: bool, crossover=None):
+    def incremental_op(self, n: fx.Node, patch_inputs: bool, crossover: Crossover):
         """The logical op to apply incrementally at ``n``, or None to compute it in full."""
         op = self.ops.get(n)
-        crossover = self.crossover if crossover is None else crossover
-        return op if op is not None and patch_inputs and n not in crossover else None
+        return op if op is not None and patch_inputs and n not in crossover.nodes else None
 
-    def patch_geometry(self, y: int, x: int, ph: int, pw: int, crossover=None) -> dict:
+    def patch_geometry(self, y: int, x: int, ph: int, pw: int,
+                       crossover: Optional[Crossover] = None) -> dict:
         """Shape-only dry run for one patch: node -> changed (h, w), or None when full.
 
         Mirrors :meth:`run`'s decisions (with ``crossover`` in place of the engine's own
-        set when given); the cost model prices a plan with it.
+        policy when given); the cost model prices a plan with it.
         """
+        crossover = crossover or self.crossover
         sizes: dict = {}
         corners: dict = {}
         for n in self.nodes:
@@ -187,7 +208,7 @@ class IncrementalModel:
                 sizes[n], corners[n] = (uh, uw), (uy, ux)
             else:
                 sizes[n] = None
-            if sizes[n] is not None and sizes[n] == full:
+            if crossover.covered and sizes[n] is not None and sizes[n] == full:
                 sizes[n] = None
         return sizes
 
@@ -208,7 +229,7 @@ class IncrementalModel:
         if is_metadata(n) and isinstance(env.get(n.args[0]), Patch):
             return self._metadata(n, b)
         states = [env[a] for a in n.all_input_nodes if a in self.dynamic]
-        op = self.incremental_op(n, all(isinstance(s, Patch) for s in states))
+        op = self.incremental_op(n, all(isinstance(s, Patch) for s in states), self.crossover)
         if op is not None:
             if isinstance(op, Pointwise):
                 out = self._pointwise(n, op, env)
@@ -216,7 +237,7 @@ class IncrementalModel:
                 out = self._local(n, op, env[n.args[0]])
             else:
                 out = self._join(n, op, env)
-            if out.size == tuple(self.views[n].shape[2:]):
+            if self.crossover.covered and out.size == tuple(self.views[n].shape[2:]):
                 return out.data          # the patch covers the whole map: it is the full tensor
             return out
         args, kwargs = self._full_args(n, env, b)
@@ -298,7 +319,7 @@ class IncrementalOcclusion:
 
     name = "IncrementalOcclusion"
 
-    def __init__(self, batch_size: int = 16, crossover: Optional[set] = None,
+    def __init__(self, batch_size: int = 16, crossover: Optional[Crossover] = None,
                  engine: Optional[IncrementalModel] = None):
         self.batch_size = max(1, int(batch_size))
         self.crossover = crossover

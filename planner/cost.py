@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kql.operators.graph import Local, Pointwise, is_metadata
+from kql.operators.incremental import Crossover
 
 FLOAT = 4
 POOLS = ("maxpool", "avgpool")
@@ -81,7 +82,7 @@ def layer_costs(engine, patch: tuple, position: tuple = None, crossover=None) ->
 
 def redundancy_ratio(engine, patch: tuple, position: tuple = None) -> float:
     """R = Q / Q_inc (eqs 17, 19, 20)."""
-    costs = layer_costs(engine, patch, position, crossover=())
+    costs = layer_costs(engine, patch, position, crossover=Crossover())
     q = sum(c.full_macs for c in costs)
     q_inc = sum(c.incremental_macs for c in costs)
     return q / q_inc if q_inc else 1.0
@@ -193,7 +194,8 @@ def naive_cost(engine, tp, batch: int) -> PlanCost:
 
 
 def incremental_cost(engine, tp, patch: tuple, batch: int, crossover=None) -> PlanCost:
-    """Predicted cost per batch of the incremental engine with the given crossover set."""
+    """Predicted cost per batch of the incremental engine with the given
+    :class:`~kql.operators.incremental.Crossover` (default: the engine's own)."""
     y, x = centre(engine, patch)
     sizes = engine.patch_geometry(y, x, patch[0], patch[1], crossover)
     plan = PlanCost()

@@ -44,13 +44,15 @@ def naive_bytes(engine, batch: int) -> int:
     return batch * _per_item_full(engine, engine.nodes)
 
 
-def incremental_bytes(engine, natural: dict, crossover: set, batch: int) -> int:
+def incremental_bytes(engine, sizes: dict, batch: int) -> int:
+    """Views for the query plus, per item, the larger of a forward pass over the nodes run
+    in full and the contexts of the nodes run on patches; ``sizes`` is the plan's
+    :meth:`~kql.operators.incremental.IncrementalModel.patch_geometry`."""
     fixed = 2 * engine.view_bytes()          # views and (at most) their padded copies
-    full_nodes = [n for n in engine.nodes if n in engine.dynamic and
-                  (natural.get(n) is None or n in crossover)]
+    full_nodes = [n for n in engine.nodes if n in engine.dynamic and sizes.get(n) is None]
     per_item = _per_item_full(engine, full_nodes)
-    for n, size in natural.items():
-        if size is not None and n not in crossover and n.op != "placeholder":
+    for n, size in sizes.items():
+        if size is not None and n.op != "placeholder":
             c = engine.views[n].shape[1]
             per_item = max(per_item, 3 * c * (size[0] + 4) * (size[1] + 4) * FLOAT)
     return fixed + batch * per_item
@@ -65,7 +67,7 @@ def naive_batch(engine, limit: int, device: str) -> int:
     return _fit(naive_bytes(engine, 1), 0, limit, device)
 
 
-def incremental_batch(engine, natural: dict, crossover: set, limit: int, device: str) -> int:
-    fixed = incremental_bytes(engine, natural, crossover, 0)
-    per_item = incremental_bytes(engine, natural, crossover, 1) - fixed
+def incremental_batch(engine, sizes: dict, limit: int, device: str) -> int:
+    fixed = incremental_bytes(engine, sizes, 0)
+    per_item = incremental_bytes(engine, sizes, 1) - fixed
     return _fit(per_item, fixed, limit, device)

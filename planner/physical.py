@@ -15,7 +15,7 @@ import torch
 
 from kql.errors import KqlModelError
 from kql.operators.graph import TraceError
-from kql.operators.incremental import IncrementalModel, IncrementalOcclusion
+from kql.operators.incremental import PURE, Crossover, IncrementalModel, IncrementalOcclusion
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
@@ -23,11 +23,15 @@ from . import calibrate, memory
 from .cost import PlanCost, centre, incremental_cost, naive_cost, redundancy_ratio
 from .logical import OcclusionQuery
 
-CROSSOVER_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+# Fraction 1: a patch that has grown to its whole feature map is handed on as a full
+# tensor. It never costs more than pure incremental inference (the seed prototype's,
+# ``SET crossover = 'none'``), which gathers full-sized contexts there instead, so the
+# planner starts from it and only costs the earlier crossovers against it.
+CROSSOVER_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 STRATEGIES = ("auto", "naive", "incremental")
 # A more elaborate plan must be predicted this much cheaper than the simpler one before it
 # is chosen: predictions carry ~20% error, and a wrong elaborate plan costs more than a
-# wrong simple one (naive < pure incremental < incremental with a crossover). Against
+# wrong simple one (naive < incremental < incremental with an earlier crossover). Against
 # naive the bar is higher: where incremental inference saves only a few layers (a model
 # whose squeeze-excitation makes every later layer full), its bookkeeping eats the gain.
 MARGIN = 0.95
@@ -68,7 +72,7 @@ class PhysicalPlan:
     naive_seconds: Optional[float] = None     # predicted run of the naive plan
     planning_seconds: float = 0.0             # measured: binding, tracing, views, costing
     ratio: Optional[float] = None             # R, eqs 16-20
-    crossover: Optional[float] = None         # chosen fraction, None = pure incremental
+    crossover: Optional[float] = None         # chosen fraction, None = pure incremental (seed)
     memory_bytes: int = 0
     threads: Optional[int] = None             # CPU threads to run with (calibrated)
 
@@ -149,45 +153,50 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp) -> Physic
     return best
 
 
-def crossover_candidates(engine, patch: tuple, fractions) -> tuple[dict, list]:
-    """The patch sizes with no crossover, and ``[(fraction, node set), ...]`` with one
-    entry per distinct set (several fractions often cut the network at the same nodes)."""
+def crossover_candidates(engine, patch: tuple, fractions) -> list:
+    """``[(fraction, Crossover), ...]`` with one entry per distinct policy (several
+    fractions often cut the network at the same nodes); fraction None is pure."""
     y, x = centre(engine, patch)
-    natural = engine.patch_geometry(y, x, patch[0], patch[1], crossover=())
+    natural = engine.patch_geometry(y, x, patch[0], patch[1], Crossover())
     candidates, seen = [], set()
     for fraction in fractions:
-        cross = _crossover_set(engine, natural, fraction)
-        if frozenset(cross) not in seen:
-            seen.add(frozenset(cross))
+        cross = crossover_at(engine, natural, fraction)
+        if cross not in seen:
+            seen.add(cross)
             candidates.append((fraction, cross))
-    return natural, candidates
+    return candidates
 
 
 def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
     patch = query.grid.patch
     setting = ctx.crossover
-    fractions = (None,) + CROSSOVER_FRACTIONS if setting == "auto" else (
+    fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
-    natural, candidates = crossover_candidates(engine, patch, fractions)
-    best, best_cross = None, set()
+    candidates = crossover_candidates(engine, patch, fractions)
+    y, x = centre(engine, patch)
+    plans = []
     for fraction, cross in candidates:
-        batch = query.batch or memory.incremental_batch(engine, natural, cross, budget, device)
+        sizes = engine.patch_geometry(y, x, patch[0], patch[1], cross)
+        batch = query.batch or memory.incremental_batch(engine, sizes, budget, device)
         cost = incremental_cost(engine, tp, patch, batch, cross)
         # The views were materialized while planning: no set-up left to predict.
-        plan = PhysicalPlan(query, None, batch, device, cost=cost, crossover=fraction,
-                            memory_bytes=memory.incremental_bytes(engine, natural, cross, batch))
-        if best is None or plan.predicted_seconds < (MARGIN if best.crossover is None else 1.0) \
-                * best.predicted_seconds:
+        plans.append((PhysicalPlan(query, None, batch, device, cost=cost, crossover=fraction,
+                                   memory_bytes=memory.incremental_bytes(engine, sizes, batch)), cross))
+    best, best_cross = plans[0]              # the reference: the first fraction asked for
+    for plan, cross in plans[1:]:
+        bar = MARGIN if best is plans[0][0] else 1.0
+        if plan.predicted_seconds < bar * best.predicted_seconds:
             best, best_cross = plan, cross
     engine.crossover = best_cross
     best.operator = IncrementalOcclusion(best.batch, engine=engine)
     return best
 
 
-def _crossover_set(engine, natural: dict, fraction: Optional[float]) -> set:
-    """Nodes whose changed region covers at least ``fraction`` of their feature map."""
+def crossover_at(engine, natural: dict, fraction: Optional[float]) -> Crossover:
+    """The crossover before every node whose changed region (``natural``: with the
+    crossover at fraction 1) covers at least ``fraction`` of its feature map; None: pure."""
     if fraction is None:
-        return set()
+        return PURE
     chosen = set()
     for n, size in natural.items():
         if size is None or n.op == "placeholder":
@@ -195,7 +204,7 @@ def _crossover_set(engine, natural: dict, fraction: Optional[float]) -> set:
         h, w = engine.views[n].shape[2:]
         if size[0] * size[1] >= fraction * h * w:
             chosen.add(n)
-    return chosen
+    return Crossover(frozenset(chosen))
 
 
 def _quote(text: str) -> str:

@@ -13,10 +13,10 @@ def test_bench_runs_every_engine(capsys):
     out = capsys.readouterr().out
     assert code == 0
     rows = {m.group(1): m for m in re.finditer(
-        r"^(naive|incremental|chosen plan|captum)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+)\s+(\S+)$", out, re.M)}
-    assert set(rows) == {"naive", "incremental", "chosen plan", "captum"}
+        r"^(naive|pure incremental|chosen plan|captum)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+)\s+(\S+)$", out, re.M)}
+    assert set(rows) == {"naive", "pure incremental", "chosen plan", "captum"}
     assert float(rows["naive"].group(3)) == 1.0
-    for name in ("incremental", "chosen plan"):
+    for name in ("pure incremental", "chosen plan"):
         assert float(rows[name].group(5)) <= 1e-5          # same map as naive
     assert re.search(r"^chosen plan: (Naive|Incremental)Occlusion.*predicted/actual [0-9.]+\)$", out, re.M)
     assert re.search(r"theoretical R = Q/Q_inc .*: [0-9.]+$", out, re.M)
@@ -39,10 +39,16 @@ def test_bench_crossover_sweep(capsys):
                        "--batch", "4", "--threads", "1", "--no-captum", "--crossovers"])
     out = capsys.readouterr().out
     assert code == 0
-    sweep = re.findall(r"^(none|0\.\d\d)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)x$", out, re.M)
-    assert sweep[0][0] == "none" and sweep[0][1] == "0" and float(sweep[0][4]) == 1.0
-    assert len(sweep) >= 2                                  # resnet18 has crossovers to cost
-    assert len({nodes for _, nodes, *_ in sweep}) == len(sweep)   # each a distinct set
-    rows = re.findall(r"^crossover (0\.\d\d)\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+(\S+)$", out, re.M)
-    assert [f for f, _ in rows] == [f for f, *_ in sweep[1:]]
-    assert all(float(diff) <= 1e-5 for _, diff in rows)      # every crossover matches naive
+    sweep = re.findall(r"^(none \(pure\)|[01]\.\d\d)( \(chosen\))?\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+"
+                       r"([0-9.]+)x$", out, re.M)
+    labels = [label for label, *_ in sweep]
+    nodes = [int(count) for _, _, count, *_ in sweep]
+    assert labels[:2] == ["none (pure)", "1.00"] and nodes[:2] == [0, 0]
+    assert float(sweep[0][5]) == 1.0                        # pure against itself
+    assert len(sweep) >= 3                                  # resnet18 has earlier crossovers
+    assert nodes[1:] == sorted(set(nodes[1:]))              # each a distinct, larger set
+    assert sum(1 for _, chosen, *_ in sweep if chosen) <= 1
+    rows = re.findall(r"^(?:crossover ([01]\.\d\d)|pure incremental)\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+(\S+)$",
+                      out, re.M)
+    assert [f for f, _ in rows] == [""] + labels[1:]
+    assert all(float(diff) <= 1e-5 for _, diff in rows)      # every engine matches naive

@@ -205,6 +205,24 @@ def test_geometry(calibrated, model, case):
         assert ref.target == target
 
 
+@pytest.mark.parametrize("crossover", ["'none'", "1", "0.6", "0.2"])
+@pytest.mark.parametrize("model", ["resnet18", "cat_inception"])
+def test_every_crossover_is_exact(calibrated, model, crossover):
+    """Pure incremental inference (patches carried up to the global boundary, the seed
+    prototype), the crossover where a patch covers its map, and earlier ones. The 24x24
+    patch covers the late feature maps, so the engines really differ there."""
+    image = blob_image(64, 80, seed=3) if model in CUSTOM else chelsea(64, 80)
+    patch = (24, 24)
+    net = sensitive(calibrated(model), image, patch)
+    con = kql.connect()
+    con.register_model("net", net)
+    con.register_image("img", image)
+    con.execute(f"SET crossover = {crossover}")
+    _, inc = differential(con, occlude("img", "net", patch, (10, 14), extra="BATCH 6"), net)
+    expected = "none" if crossover == "'none'" else f"{float(crossover):.2f}"
+    assert f"crossover={expected}," in operator_line(inc), inc.plan
+
+
 def test_both_engines_match_the_plain_loop():
     """Pins the grid semantics both engines share: rows, columns and REGION windowing."""
     image = blob_image(50, 70, seed=4)
