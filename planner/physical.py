@@ -34,8 +34,10 @@ STRATEGIES = ("auto", "naive", "incremental")
 # wrong simple one (naive < incremental < incremental with an earlier crossover). Against
 # naive the bar is higher: where incremental inference saves only a few layers (a model
 # whose squeeze-excitation makes every later layer full), its bookkeeping eats the gain.
+# EfficientNet-B0 is that case: predicted 10% cheaper, measured 0.87-1.04x of naive, as
+# projecting its 112x112 maps into full tensors ran at half the calibrated copy rate.
 MARGIN = 0.95
-NAIVE_MARGIN = 0.9
+NAIVE_MARGIN = 0.85
 
 
 @dataclass
