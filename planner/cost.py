@@ -63,6 +63,14 @@ def centre(engine, patch: tuple) -> tuple:
     return (h - patch[0]) // 2, (w - patch[1]) // 2
 
 
+def plan_sizes(engine, patch: tuple, crossover=None) -> dict:
+    """Changed (h, w) per node, None where full, for the patch at the image centre (the
+    paper's worst case) under a :class:`~kql.operators.incremental.Crossover` (default:
+    the engine's own): what a plan is priced and sized with."""
+    y, x = centre(engine, patch)
+    return engine.patch_geometry(y, x, patch[0], patch[1], crossover)
+
+
 def layer_costs(engine, patch: tuple, position: tuple = None, crossover=None) -> list[LayerCost]:
     """Per-convolution MACs of one occlusion, with the patch at ``position`` (default: centre)."""
     y, x = position if position is not None else centre(engine, patch)
@@ -193,11 +201,8 @@ def naive_cost(engine, tp, batch: int) -> PlanCost:
     return plan
 
 
-def incremental_cost(engine, tp, patch: tuple, batch: int, crossover=None) -> PlanCost:
-    """Predicted cost per batch of the incremental engine with the given
-    :class:`~kql.operators.incremental.Crossover` (default: the engine's own)."""
-    y, x = centre(engine, patch)
-    sizes = engine.patch_geometry(y, x, patch[0], patch[1], crossover)
+def incremental_cost(engine, tp, sizes: dict, batch: int) -> PlanCost:
+    """Predicted cost per batch of the incremental engine on a plan's :func:`plan_sizes`."""
     plan = PlanCost()
     overhead = tp.node_overhead
     for n in engine.nodes:

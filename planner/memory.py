@@ -47,7 +47,7 @@ def naive_bytes(engine, batch: int) -> int:
 def incremental_bytes(engine, sizes: dict, batch: int) -> int:
     """Views for the query plus, per item, the larger of a forward pass over the nodes run
     in full and the contexts of the nodes run on patches; ``sizes`` is the plan's
-    :meth:`~kql.operators.incremental.IncrementalModel.patch_geometry`."""
+    :func:`~kql.planner.cost.plan_sizes`."""
     fixed = 2 * engine.view_bytes()          # views and (at most) their padded copies
     full_nodes = [n for n in engine.nodes if n in engine.dynamic and sizes.get(n) is None]
     per_item = _per_item_full(engine, full_nodes)

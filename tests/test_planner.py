@@ -10,7 +10,7 @@ import kql
 from conftest import blob_image, sensitive
 from kql.operators.incremental import PURE, Crossover, IncrementalModel
 from kql.planner import calibrate
-from kql.planner.cost import centre, incremental_cost
+from kql.planner.cost import incremental_cost, plan_sizes
 from kql.planner.physical import CROSSOVER_FRACTIONS, crossover_at, crossover_candidates
 
 
@@ -33,18 +33,13 @@ def engine():
     return IncrementalModel(tapering_cnn(), blob_image(32, 32, seed=2))
 
 
-def geometry(engine, crossover):
-    y, x = centre(engine, PATCH)
-    return engine.patch_geometry(y, x, *PATCH, crossover)
-
-
 def convs(engine):
     return [n for n in engine.nodes if n.op == "call_module" and
             isinstance(engine.gm.get_submodule(n.target), nn.Conv2d)]
 
 
 def test_pure_carries_full_sized_patches_to_the_global_boundary(engine):
-    pure, covered = geometry(engine, PURE), geometry(engine, Crossover())
+    pure, covered = plan_sizes(engine, PATCH, PURE), plan_sizes(engine, PATCH, Crossover())
     full = [n for n in convs(engine) if pure[n] == tuple(engine.views[n].shape[2:])]
     assert len(full) >= 2                     # the 8x8 and 4x4 maps are covered whole
     for n in full:
@@ -55,16 +50,15 @@ def test_pure_carries_full_sized_patches_to_the_global_boundary(engine):
 
 def test_pure_is_priced_above_the_crossover_at_fraction_one(engine):
     tp = calibrate.throughput("cpu")
-    pure = incremental_cost(engine, tp, PATCH, 8, PURE)
-    covered = incremental_cost(engine, tp, PATCH, 8, Crossover())
+    pure = incremental_cost(engine, tp, plan_sizes(engine, PATCH, PURE), 8)
+    covered = incremental_cost(engine, tp, plan_sizes(engine, PATCH, Crossover()), 8)
     assert pure.macs == covered.macs          # the same convolutions, at the same sizes
     assert pure.seconds > covered.seconds     # plus the full-sized contexts it gathers
     assert sum(c.gather_bytes for c in pure.nodes) > sum(c.gather_bytes for c in covered.nodes)
 
 
 def test_earlier_crossovers_cut_before_more_nodes(engine):
-    y, x = centre(engine, PATCH)
-    natural = engine.patch_geometry(y, x, *PATCH, Crossover())
+    natural = plan_sizes(engine, PATCH, Crossover())
     assert crossover_at(engine, natural, None) is PURE
     assert crossover_at(engine, natural, 1.0) == Crossover()
     sets = [crossover_at(engine, natural, f).nodes for f in (0.9, 0.5, 0.2)]
