@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-from . import ast
 from .catalog import Catalog
 from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .models import ModelSpec
 from .parser import parse_with_text
+from .planner.settings import Settings
 from .result import Result
 
 
@@ -28,7 +28,7 @@ class Connection:
 
     def __init__(self, directory: Optional[str] = None):
         self.catalog = Catalog(directory)
-        self.settings: dict = {"strategy": "auto"}
+        self.settings = Settings()
 
     # -- registration -----------------------------------------------------------------
 
@@ -75,39 +75,12 @@ class Connection:
                 raise exc.at(None, None, query)
 
     def _statement(self, stmt, text: str, progress) -> Result:
-        from . import executor
+        from .executor import HANDLERS
 
-        if isinstance(stmt, ast.Occlude):
-            return executor.occlude(self, stmt, text, progress)
-        if isinstance(stmt, ast.Explain):
-            return executor.explain(self, stmt, text, progress)
-        if isinstance(stmt, ast.LoadModel):
-            spec = self.catalog.load_model(stmt.name, stmt.path, stmt.arch, stmt.labels)
-            return Result("load", text, message=f"model '{stmt.name}' loaded ({spec.arch}, "
-                                                f"{spec.num_classes} classes)")
-        if isinstance(stmt, ast.LoadImage):
-            t = self.catalog.load_image(stmt.name, stmt.path)
-            return Result("load", text, message=f"image '{stmt.name}' loaded "
-                                                f"({t.shape[1]}x{t.shape[2]})")
-        if isinstance(stmt, ast.ShowModels):
-            return Result("show", text, rows=self.catalog.model_rows())
-        if isinstance(stmt, ast.ShowImages):
-            return Result("show", text, rows=self.catalog.image_rows())
-        if isinstance(stmt, ast.SetOption):
-            return self._set(stmt, text)
-        if isinstance(stmt, ast.Calibrate):
-            return executor.calibrate(self, stmt, text)
-        raise KqlExecutionError(f"unsupported statement {type(stmt).__name__}")
-
-    def _set(self, stmt: ast.SetOption, text: str) -> Result:
-        from .planner.physical import check_setting
-
-        value = stmt.value.lower() if isinstance(stmt.value, str) else stmt.value
-        problem = check_setting(stmt.name.lower(), value)
-        if problem:
-            raise KqlPlanError(problem, line=stmt.pos.line or None, column=stmt.pos.column or None)
-        self.settings[stmt.name.lower()] = value
-        return Result("set", text, message=f"{stmt.name.lower()} = {value}")
+        handler = HANDLERS.get(type(stmt))
+        if handler is None:
+            raise KqlExecutionError(f"unsupported statement {type(stmt).__name__}")
+        return handler(self, stmt, text, progress)
 
     def models(self) -> list[dict]:
         return self.catalog.model_rows()

@@ -175,8 +175,10 @@ def _check(args) -> None:
             raise KqlError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise KqlError(f"--threads must be at least 1, got {args.threads}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise KqlError("--device cuda: no CUDA GPU is available on this machine")
+    if args.device == "cuda":
+        from .planner.devices import require_cuda
+
+        require_cuda("--device cuda", cls=KqlError)
 
 
 def _bench(args) -> int:
@@ -193,7 +195,7 @@ def _bench(args) -> int:
         tp.threads = args.threads
     spec = con.catalog.resolve_model(args.model)
     h, w = spec.input_size
-    from .operators.geometry import OcclusionGrid
+    from .planner.grid import OcclusionGrid
 
     full = OcclusionGrid(h, w, (args.patch,) * 2, (args.stride,) * 2)
     if full.problem():
@@ -240,13 +242,14 @@ def _crossover_settings(con, stmt, text, settings) -> list:
 
     con.settings.update(settings[PURE])
     plan = executor.plan(con, stmt, text)
-    engine = getattr(plan.operator, "engine", None)
-    if engine is None:                         # the model cannot run incrementally
+    profile = getattr(plan.operator, "profile", None)
+    if profile is None:                        # the model cannot run incrementally
         return []
     names = []
-    for fraction, _ in crossover_candidates(engine, plan.query.grid.patch, CROSSOVER_FRACTIONS):
-        names.append(f"crossover {fraction:.2f}")
-        settings[names[-1]] = {"strategy": "incremental", "crossover": fraction}
+    for steps in crossover_candidates(profile, plan.query.grid.positions(), plan.query.grid.patch,
+                                      CROSSOVER_FRACTIONS):
+        names.append(f"crossover {steps.crossover.label}")
+        settings[names[-1]] = {"strategy": "incremental", "crossover": steps.crossover.fraction}
     return names
 
 
@@ -284,10 +287,8 @@ def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_c
             diff = f"{np.abs(results[name].probabilities - results['naive'].probabilities).max():.1e}"
         print(f"{name:<18} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}")
     actual = statistics.median(times["chosen plan"])
-    crossover = "none" if chosen.crossover is None else f"{chosen.crossover:.2f}"
-    kind = chosen.operator.name
-    print(f"chosen plan: {kind}" + (f", crossover {crossover}" if kind == "IncrementalOcclusion" else "")
-          + f"; predicted {chosen.predicted_seconds:.2f}s, actual {actual:.2f}s "
+    own = "".join(f", {k} {v}" for k, v in chosen.operator.describe().items())
+    print(f"chosen plan: {chosen.operator.name}{own}; predicted {chosen.predicted_seconds:.2f}s, actual {actual:.2f}s "
           f"(predicted/actual {chosen.predicted_seconds / actual:.2f})")
     print(f"theoretical R = Q/Q_inc (eqs 16-20, patch at the centre): {chosen.ratio:.2f}")
     swept = [PURE] + [name for name in times if name.startswith("crossover ")]
@@ -296,9 +297,10 @@ def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_c
         print(f"{'crossover':<18} {'nodes':>6} {'predicted s':>12} {'actual s':>9} {'vs pure':>8}")
         for name in swept:
             plan = plans[name]
-            label = "none (pure)" if plan.crossover is None else f"{plan.crossover:.2f}"
-            if kind == "IncrementalOcclusion" and plan.crossover == chosen.crossover:
+            crossover = plan.operator.steps.crossover
+            label = "none (pure)" if crossover.fraction is None else crossover.label
+            if chosen.operator.describe().get("crossover") == crossover.label:
                 label += " (chosen)"
             t = statistics.median(times[name])
-            print(f"{label:<18} {len(plan.operator.engine.crossover.nodes):>6} "
+            print(f"{label:<18} {len(crossover.nodes):>6} "
                   f"{plan.predicted_seconds:>12.2f} {t:>9.2f} {pure / t:>7.2f}x")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Optional
 
 import torch
 
 from . import images as img
 from .errors import KqlError, KqlImageError, KqlModelError
+from .fileio import atomic_write
 from .models import BUILTIN, ModelSpec, builtin_efficientnet_lite0, load_model_file, torchvision_builders
 
 CATALOG_FILE = "catalog.json"
@@ -57,16 +57,9 @@ class Catalog:
     def _save(self) -> None:
         if self.directory is None:
             return
-        path = os.path.join(self.directory, CATALOG_FILE)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".catalog-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self._persisted, fh, indent=2, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(os.path.join(self.directory, CATALOG_FILE),
+                     lambda fh: json.dump(self._persisted, fh, indent=2, sort_keys=True),
+                     prefix=".catalog-")
 
     # -- models ---------------------------------------------------------------------------
 

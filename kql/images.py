@@ -1,7 +1,8 @@
-"""Images: reading files, skimage samples and user arrays into one form.
+"""Images: reading files, skimage samples and user arrays into one form, and resizing.
 
 Every image becomes a float32 tensor ``[3, H, W]`` in pixel space, values in [0, 1].
-Greyscale is repeated to three channels; an alpha channel is dropped.
+Greyscale is repeated to three channels; an alpha channel is dropped. :func:`resize`
+brings it to the size a model expects (still pixel space, before normalisation).
 
 >>> import numpy as np
 >>> to_tensor(np.zeros((4, 5, 3), dtype=np.uint8)).shape
@@ -16,6 +17,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import KqlImageError
 
@@ -124,3 +126,29 @@ def load_sample(name: str) -> torch.Tensor:
     except Exception as exc:  # skimage raises assorted errors when a file is missing
         raise KqlImageError(f"sample image '{name}' is not available offline ({exc})") from None
     return _from_array(np.asarray(arr))
+
+
+def target_size(height: int, width: int, input_size) -> tuple[int, int]:
+    """None keeps the size; an int is the shorter side (aspect kept); (h, w) is exact.
+
+    >>> target_size(300, 451, 224)
+    (224, 337)
+    >>> target_size(300, 451, (224, 224)), target_size(5, 7, None)
+    ((224, 224), (5, 7))
+    """
+    if input_size is None:
+        return height, width
+    if isinstance(input_size, int):
+        if height <= width:
+            return input_size, max(1, round(width * input_size / height))
+        return max(1, round(height * input_size / width)), input_size
+    return int(input_size[0]), int(input_size[1])
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of a ``[3, H, W]`` image in [0, 1]."""
+    if tuple(image.shape[1:]) == tuple(size):
+        return image
+    out = F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
+                        antialias=True)[0]
+    return out.clamp_(0.0, 1.0).contiguous()

@@ -1,56 +1,39 @@
 """Writing heat maps: PNG overlay with a colour bar, raw .npy, or a Parquet row.
 
-Every writer goes through :func:`atomic_write`: the data lands in a temporary file in
-the target directory and is renamed into place, so a failure leaves nothing half-written.
+Every writer goes through :func:`kql.fileio.atomic_write`: the data lands in a temporary
+file in the target directory and is renamed into place, so a failure leaves nothing
+half-written.
+
+>>> FORMATS, formats_text()
+(('.png', '.npy', '.parquet'), '.png, .npy or .parquet')
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 
 import numpy as np
 
 from .errors import KqlExecutionError
-
-
-@contextlib.contextmanager
-def atomic_write(path: str):
-    """Yield a temporary path next to ``path``; rename it over ``path`` on success."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kql-", suffix=suffix)
-    except OSError as exc:
-        raise KqlExecutionError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise KqlExecutionError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from .fileio import atomic_write
 
 
 def save(result, path: str) -> str:
     """Write ``result`` (a :class:`kql.api.Result` of OCCLUDE) to .png, .npy or .parquet."""
     ext = os.path.splitext(path)[1].lower()
-    writers = {".png": _png, ".npy": _npy, ".parquet": _parquet}
-    if ext not in writers:
-        raise KqlExecutionError(f"cannot save to '{path}': use a .png, .npy or .parquet file")
-    with atomic_write(path) as tmp:
-        writers[ext](result, tmp)
+    if ext not in WRITERS:
+        raise KqlExecutionError(f"cannot save to '{path}': use a {formats_text()} file")
+    try:
+        # Through a hidden .kql-* file; the map gets the usual mode, not mkstemp's 0600.
+        atomic_write(path, lambda tmp: WRITERS[ext](result, tmp), mode=None, private=False)
+    except OSError as exc:
+        raise KqlExecutionError(f"cannot write '{path}': {exc.strerror or exc}") from None
     return path
+
+
+def formats_text() -> str:
+    """The file types INTO and :func:`save` accept, for messages."""
+    return ", ".join(FORMATS[:-1]) + " or " + FORMATS[-1]
 
 
 def _npy(result, tmp: str) -> None:
@@ -93,3 +76,8 @@ def _png(result, tmp: str) -> None:
     bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label(f"P({result.label}) with the patch here")
     fig.savefig(tmp, format="png", bbox_inches="tight")
+
+
+# The one list of output formats (the INTO check of the planner uses it too).
+WRITERS = {".png": _png, ".npy": _npy, ".parquet": _parquet}
+FORMATS = tuple(WRITERS)

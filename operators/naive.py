@@ -17,15 +17,19 @@ class NaiveOcclusion:
     def __init__(self, batch_size: int = 16):
         self.batch_size = max(1, int(batch_size))
 
+    def describe(self) -> dict:
+        """This operator's own EXPLAIN items (none: it is the plain loop)."""
+        return {}
+
     @torch.inference_mode()
-    def run(self, task: OcclusionTask, progress: Progress = None) -> OcclusionResult:
+    def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
         device = torch.device(task.device)
         model = task.model.to(device).eval()
         image = task.image.to(device)
         color = task.color.to(device, image.dtype)
         base_logits = check_logits(model(image.unsqueeze(0)))[0].float()
 
-        def logits_of(ys, xs):
-            return check_logits(model(occlude(image, color, ys, xs, task.patch)))
+        def logits_of(items):
+            return check_logits(model(occlude(image, color, task.ys[items], task.xs[items], task.patch)))
         return scan(task, base_logits, self.batch_size, logits_of, progress)
 

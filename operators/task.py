@@ -66,7 +66,8 @@ def occlude(image: torch.Tensor, color: torch.Tensor, ys, xs, patch) -> torch.Te
 
 def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits_of,
          progress: Progress = None) -> OcclusionResult:
-    """Run ``logits_of(ys, xs)`` over the task's positions batch by batch; collect the map.
+    """Run ``logits_of(items)`` over the task's positions batch by batch (``items``: the
+    slice of positions in the batch); collect the map.
 
     The target defaults to the arg-max of ``base_logits`` (the unoccluded image). Per-batch
     scores stay on the device until the end: no synchronisation per batch.
@@ -78,7 +79,7 @@ def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits
     probs, logits = [], []
     for start in range(0, task.count, batch_size):
         stop = min(start + batch_size, task.count)
-        p, lg = target_scores(logits_of(task.ys[start:stop], task.xs[start:stop]), target)
+        p, lg = target_scores(logits_of(slice(start, stop)), target)
         probs.append(p)
         logits.append(lg)
         if progress is not None:

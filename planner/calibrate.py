@@ -15,12 +15,13 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kql.fileio import atomic_write
 
 DEPTHS = (27, 144, 576, 2304, 4608)    # c_in/groups * kh * kw (27: an RGB stem)
 SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
@@ -198,17 +199,24 @@ def _engine_overhead(device: str) -> float:
     import numpy as np
     from torch import nn
 
-    from kql.operators.incremental import IncrementalModel
+    from kql.operators.incremental import IncrementalOcclusion
+    from kql.operators.profile import ModelProfile
+    from kql.operators.steps import plan_steps
+    from kql.operators.task import OcclusionTask
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                           nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
-    engine = IncrementalModel(model, torch.rand(3, 24, 24), device)
+    image = torch.rand(3, 24, 24)
+    profile = ModelProfile(model, image, device)
     ys = np.arange(BATCH) % 20
-    patch = torch.full((3, 2, 2), 0.5)
-    seconds = _timed(lambda: engine.run(ys, ys[::-1].copy(), patch), device)
-    return seconds / max(1, len(engine.ops))
+    xs = ys[::-1].copy()
+    steps = plan_steps(profile, ys, xs, (2, 2))
+    task = OcclusionTask(model, image, torch.full((3,), 0.5), (2, 2), ys, xs, device=device)
+    engine = IncrementalOcclusion(profile, steps, BATCH)
+    seconds = _timed(lambda: engine.run(task), device)
+    return seconds / max(1, len(profile.ops))
 
 
 def device_key(device: str) -> str:
@@ -267,14 +275,6 @@ def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Th
 def _write_json(path: str, data: dict) -> None:
     """Write through a temporary file in the same folder and rename: readers (another
     process included) see the old file or the new one, never half of one."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda fh: json.dump(data, fh, indent=1), prefix=".calibration-",
+                 suffix=".tmp")

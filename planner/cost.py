@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kql.operators.graph import Local, Pointwise, is_metadata
-from kql.operators.incremental import Crossover
+from kql.operators.steps import COVER, PATCH, PROJECT, SHAPE, Step, StepTable, plan_steps
 
 FLOAT = 4
 POOLS = ("maxpool", "avgpool")
@@ -40,12 +40,14 @@ class LayerCost:
 
 @dataclass
 class NodeCost:
-    node: fx.Node
-    mode: str               # 'incremental' | 'full' | 'project' (full, inputs projected)
+    step: Step              # what the node does (operators.steps)
     macs: float             # per batch
     gather_bytes: float     # per batch
     seconds: float          # predicted, per batch
-    patch: tuple = None     # changed (h, w) when incremental
+
+    @property
+    def node(self) -> fx.Node:
+        return self.step.node
 
 
 @dataclass
@@ -53,44 +55,36 @@ class PlanCost:
     nodes: list = field(default_factory=list)
     seconds: float = 0.0    # per batch
     macs: float = 0.0       # per batch
+    gather_bytes: Optional[float] = None    # per batch; None: the plan gathers nothing
 
     def by_name(self) -> dict:
         return {c.node.name: c for c in self.nodes}
 
 
-def centre(engine, patch: tuple) -> tuple:
-    h, w = engine.views[engine.nodes[0]].shape[2:]
+def centre(profile, patch: tuple) -> tuple:
+    h, w = profile.map_size(profile.image_node)
     return (h - patch[0]) // 2, (w - patch[1]) // 2
 
 
-def plan_sizes(engine, patch: tuple, crossover=None) -> dict:
-    """Changed (h, w) per node, None where full, for the patch at the image centre (the
-    paper's worst case) under a :class:`~kql.operators.incremental.Crossover` (default:
-    the engine's own): what a plan is priced and sized with."""
-    y, x = centre(engine, patch)
-    return engine.patch_geometry(y, x, patch[0], patch[1], crossover)
-
-
-def layer_costs(engine, patch: tuple, position: tuple = None, crossover=None) -> list[LayerCost]:
-    """Per-convolution MACs of one occlusion, with the patch at ``position`` (default: centre)."""
-    y, x = position if position is not None else centre(engine, patch)
-    sizes = engine.patch_geometry(y, x, patch[0], patch[1], crossover)
+def layer_costs(profile, steps: StepTable) -> list[LayerCost]:
+    """Per-convolution MACs of one occlusion under ``steps``."""
     costs = []
-    for n in engine.nodes:
-        op = engine.ops.get(n)
+    for n in profile.nodes:
+        op = profile.ops.get(n)
         if not isinstance(op, Local) or op.kind != "conv":
             continue
-        _, c_out, h_out, w_out = engine.views[n].shape
+        _, c_out, h_out, w_out = profile.views[n].shape
         per = op.macs_per_output() * c_out
-        size = sizes.get(n)
+        size = steps.changed_size(n)
         area = h_out * w_out if size is None else size[0] * size[1]
         costs.append(LayerCost(n.name, per * h_out * w_out, per * area, size is None))
     return costs
 
 
-def redundancy_ratio(engine, patch: tuple, position: tuple = None) -> float:
-    """R = Q / Q_inc (eqs 17, 19, 20)."""
-    costs = layer_costs(engine, patch, position, crossover=Crossover())
+def redundancy_ratio(profile, patch: tuple, position: tuple = None) -> float:
+    """R = Q / Q_inc (eqs 17, 19, 20), the patch at ``position`` (default: the centre)."""
+    y, x = position if position is not None else centre(profile, patch)
+    costs = layer_costs(profile, plan_steps(profile, [y], [x], patch))
     q = sum(c.full_macs for c in costs)
     q_inc = sum(c.incremental_macs for c in costs)
     return q / q_inc if q_inc else 1.0
@@ -114,17 +108,17 @@ def _pool_seconds(tp, op: Local, outputs: int) -> float:
     return tp.overhead + tp.pool_seconds(outputs * op.macs_per_output(), op.kind)
 
 
-def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
+def full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
     """(macs, seconds) of running node ``n`` on full tensors for a batch."""
-    out = engine.views.get(n)
-    op = engine.ops.get(n)
+    out = profile.views.get(n)
+    op = profile.ops.get(n)
     if isinstance(op, Local) and op.kind == "conv":
         _, c_out, h, w = out.shape
         macs = op.macs_per_output() * c_out * h * w
         return batch * macs, _conv_seconds(tp, op, macs, h * w, batch)
     if isinstance(op, Local) and op.kind in POOLS:
         return 0.0, _pool_seconds(tp, op, batch * out.numel())
-    linear = _linear_shape(engine, n)
+    linear = _linear_shape(profile, n)
     if linear:
         rows, k, m = linear
         macs = batch * rows * k * m
@@ -134,13 +128,13 @@ def full_node_cost(engine, n: fx.Node, tp, batch: int) -> tuple:
         return macs, tp.overhead + tp.conv_seconds(macs, k, rows, c_out=m)
     if _is_view(n):
         return 0.0, tp.overhead
-    moved = sum(_numel(engine.views.get(a)) for a in n.all_input_nodes) + _numel(out)
-    return 0.0, _elementwise_seconds(engine, n, tp, batch * moved * FLOAT)
+    moved = sum(_numel(profile.views.get(a)) for a in n.all_input_nodes) + _numel(out)
+    return 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT)
 
 
-def _elementwise_seconds(engine, n: fx.Node, tp, nbytes: float) -> float:
+def _elementwise_seconds(profile, n: fx.Node, tp, nbytes: float) -> float:
     """One call moving ``nbytes``, at the activation rate where ``n`` evaluates exp/erf."""
-    return tp.overhead + tp.bytes_seconds(nbytes, transcendental(engine, n))
+    return tp.overhead + tp.bytes_seconds(nbytes, transcendental(profile, n))
 
 
 TRANSCENDENTAL_MODULES = (nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.ELU, nn.Softplus)
@@ -149,10 +143,10 @@ TRANSCENDENTAL_FUNCTIONS = {F.silu, torch.sigmoid, F.sigmoid, F.gelu, torch.tanh
 TRANSCENDENTAL_METHODS = {"sigmoid", "tanh", "exp"}
 
 
-def transcendental(engine, n: fx.Node) -> bool:
+def transcendental(profile, n: fx.Node) -> bool:
     """An activation that evaluates exp/erf per element: several times slower than ReLU."""
     if n.op == "call_module":
-        return isinstance(engine.gm.get_submodule(n.target), TRANSCENDENTAL_MODULES)
+        return isinstance(profile.gm.get_submodule(n.target), TRANSCENDENTAL_MODULES)
     if n.op == "call_function":
         return n.target in TRANSCENDENTAL_FUNCTIONS
     return n.op == "call_method" and n.target in TRANSCENDENTAL_METHODS
@@ -166,19 +160,19 @@ def _is_view(n: fx.Node) -> bool:
     return False
 
 
-def _linear_shape(engine, n: fx.Node) -> Optional[tuple]:
+def _linear_shape(profile, n: fx.Node) -> Optional[tuple]:
     """(rows, in, out) per batch item of a linear layer: one row for a classifier head,
     one per pixel for ConvNeXt's channel MLPs; None for other nodes."""
-    out = engine.views.get(n)
+    out = profile.views.get(n)
     if not isinstance(out, torch.Tensor) or out.dim() < 1:
         return None
     rows = out[0].numel() // out.shape[-1] if out.dim() > 1 else 1
     if n.op == "call_module":
-        mod = engine.gm.get_submodule(n.target)
+        mod = profile.gm.get_submodule(n.target)
         if isinstance(mod, nn.Linear):
             return rows, mod.in_features, mod.out_features
     if n.op == "call_function" and n.target in (F.linear, torch.matmul, torch.addmm):
-        shapes = [engine.views[a].shape for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)]
+        shapes = [profile.views[a].shape for a in n.all_input_nodes if isinstance(profile.views.get(a), torch.Tensor)]
         at = 2 if n.target is torch.addmm else 1        # addmm(bias, x, weight)
         if len(shapes) > at and len(shapes[at]) == 2:
             weight = shapes[at]                          # [out, in] for linear, else [in, out]
@@ -187,61 +181,56 @@ def _linear_shape(engine, n: fx.Node) -> Optional[tuple]:
     return None
 
 
-def naive_cost(engine, tp, batch: int) -> PlanCost:
+def naive_cost(profile, tp, batch: int) -> PlanCost:
     """Every node at full size, as the naive operator runs it (plus building the batch)."""
     plan = PlanCost()
-    image = engine.views[engine.nodes[0]]
+    image = profile.views[profile.image_node]
     plan.seconds = tp.bytes_seconds(2 * batch * _numel(image) * FLOAT)
-    for n in engine.nodes:
+    for n in profile.nodes:
         if n.op.startswith("call"):
-            macs, secs = full_node_cost(engine, n, tp, batch)
-            plan.nodes.append(NodeCost(n, "full", macs, 0.0, secs))
+            macs, secs = full_node_cost(profile, n, tp, batch)
             plan.macs += macs
             plan.seconds += secs
     return plan
 
 
-def incremental_cost(engine, tp, sizes: dict, batch: int) -> PlanCost:
-    """Predicted cost per batch of the incremental engine on a plan's :func:`plan_sizes`."""
-    plan = PlanCost()
-    overhead = tp.node_overhead
-    for n in engine.nodes:
-        if n.op == "placeholder" or not n.op.startswith("call") or n not in engine.dynamic:
+def incremental_cost(profile, steps: StepTable, tp, batch: int) -> PlanCost:
+    """Predicted cost per batch of the incremental operator running ``steps``."""
+    plan = PlanCost(gather_bytes=0.0)
+    for step in steps:
+        if not step.computed:
             continue
-        size = sizes.get(n)
-        if is_metadata(n):
-            macs, gathered, secs, mode = 0.0, 0.0, 0.0, "full"
-        elif size is not None:
-            macs, gathered, secs = _incremental_node(engine, n, sizes, tp, batch)
-            mode = "incremental"
+        n = step.node
+        if step.mode == SHAPE:
+            macs, gathered, secs = 0.0, 0.0, 0.0
+        elif step.incremental:
+            macs, gathered, secs = _incremental_node(profile, step, steps, tp, batch)
         else:
-            projected = sum(_numel(engine.views[a]) for a in n.all_input_nodes
-                            if sizes.get(a) is not None)
-            macs, secs = full_node_cost(engine, n, tp, batch)
+            projected = sum(_numel(profile.views[a]) for a in n.all_input_nodes
+                            if steps.changed_size(a) is not None)
+            macs, secs = full_node_cost(profile, n, tp, batch)
             gathered = batch * projected * FLOAT
             secs += tp.bytes_seconds(2 * gathered) if projected else 0.0   # copy + scatter
-            mode = "project" if projected else "full"
         # The engine's bookkeeping (index arrays, patch state) is spent on the nodes it
         # runs incrementally or projects into; a full node is one plain call.
-        cost = NodeCost(n, mode, macs, gathered, secs + (overhead if mode != "full" else 0.0), size)
-        plan.nodes.append(cost)
+        if step.mode in (PATCH, COVER, PROJECT):
+            secs += tp.node_overhead
+        plan.nodes.append(NodeCost(step, macs, gathered, secs))
         plan.macs += macs
-        plan.seconds += cost.seconds
+        plan.gather_bytes += gathered
+        plan.seconds += secs
     return plan
 
 
-def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
-    op = engine.ops[n]
-    out = engine.views[n]
-    h, w = sizes[n]
-    c_out = out.shape[1]
+def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> tuple:
+    n, op = step.node, step.op
+    h, w = step.size
+    c_out = profile.views[n].shape[1]
     if isinstance(op, Pointwise):
         moved = 2 * c_out * h * w
-        return 0.0, 0.0, _elementwise_seconds(engine, n, tp, batch * moved * FLOAT)
+        return 0.0, 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT)
     if isinstance(op, Local):
-        src = n.args[0]
-        c_in = engine.views[src].shape[1]
-        ph, pw = sizes[src]
+        c_in = profile.views[n.args[0]].shape[1]
         ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \
             ((w - 1) * op.stride[1] + (op.kernel[1] - 1) * op.dilation[1] + 1)
         gathered = batch * ctx * FLOAT
@@ -252,9 +241,9 @@ def _incremental_node(engine, n: fx.Node, sizes: dict, tp, batch: int) -> tuple:
         if op.kind in POOLS:
             return 0.0, gathered, secs + _pool_seconds(tp, op, batch * c_out * h * w)
         return 0.0, gathered, secs + tp.bytes_seconds(batch * (ctx + c_out * h * w) * FLOAT)
-    inputs = [a for a in n.all_input_nodes if isinstance(engine.views.get(a), torch.Tensor)
-              and engine.views[a].dim() == 4]
-    moved = sum(engine.views[a].shape[1] for a in inputs) * h * w
+    inputs = [a for a in n.all_input_nodes if isinstance(profile.views.get(a), torch.Tensor)
+              and profile.views[a].dim() == 4]
+    moved = sum(profile.views[a].shape[1] for a in inputs) * h * w
     gathered = batch * moved * FLOAT
     combined = batch * c_out * h * w * FLOAT
     return 0.0, gathered, tp.gather_seconds(gathered) + tp.overhead + tp.bytes_seconds(2 * combined)

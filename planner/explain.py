@@ -11,11 +11,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kql.operators.graph import Join, Local, is_metadata
-
-NAMES = {"conv": "IncrementalConv", "maxpool": "IncrementalPool", "avgpool": "IncrementalPool",
-         "pad": "IncrementalPad"}
-
 
 def _line(name: str, **items) -> str:
     return f"{name}: " + ", ".join(f"{k}={v}" for k, v in items.items() if v is not None)
@@ -32,7 +27,7 @@ def render(plan, actual: Optional[dict] = None) -> list[str]:
     lines = [_line("HeatMap", target=target, shape=f"{rows}x{cols}", positions=q.grid.count,
                    into=q.into or "none")]
     lines.append("  " + _operator_line(plan, actual))
-    if plan.cost is not None and plan.operator.name == "IncrementalOcclusion":
+    if plan.cost is not None:
         lines += ["    " + text for text in _node_lines(plan, actual)]
     h, w = q.image.shape[1:]
     lines.append("    " + _line("Image", source=q.image_label, size=f"{h}x{w}",
@@ -48,66 +43,58 @@ def _operator_line(plan, actual) -> str:
     q = plan.query
     items = {"model": q.model.name, "device": plan.device, "threads": plan.threads,
              "batch": plan.batch}
-    if plan.cost is not None:
+    items.update(plan.operator.describe())
+    cost = plan.cost
+    if cost is not None:
         n = plan.batches
-        incremental = plan.operator.name == "IncrementalOcclusion"
-        if incremental:
-            items["crossover"] = "none" if plan.crossover is None else f"{plan.crossover:.2f}"
         items["R"] = _num(plan.ratio) if plan.ratio else None
-        items["gflops"] = _num(2 * plan.cost.macs * n / 1e9, 3)
-        if incremental:
-            items["gather_mb"] = _num(sum(c.gather_bytes for c in plan.cost.nodes) * n / 2**20, 1)
+        items["gflops"] = _num(2 * cost.macs * n / 1e9, 3)
+        if cost.gather_bytes is not None:
+            items["gather_mb"] = _num(cost.gather_bytes * n / 2**20, 1)
         items["memory_mb"] = _num(plan.memory_bytes / 2**20, 0)
         items["planning_s"] = _num(plan.planning_seconds, 3)
         items["predicted_s"] = _num(plan.predicted_seconds, 3)
-        if incremental and plan.naive_seconds:
+        if plan.naive_seconds:
             items["naive_predicted_s"] = _num(plan.naive_predicted_seconds, 3)
     if plan.reason:
         items["reason"] = plan.reason
     if actual is not None:
         items["actual_s"] = _num(actual["total"], 3)
-        if plan.cost is not None and actual["total"] > 0:
+        if cost is not None and actual["total"] > 0:
             items["predicted/actual"] = _num(plan.predicted_seconds / actual["total"])
     return _line(plan.operator.name, **items)
 
 
 def _groups(plan) -> list:
-    """[(name, [NodeCost, ...]), ...] in graph order."""
-    engine = plan.operator.engine
+    """[(name, merge, [NodeCost, ...]), ...] in graph order, as each step asks
+    (:attr:`~kql.operators.steps.Step.explain_merge`)."""
     groups: list = []
     for cost in plan.cost.nodes:
-        if is_metadata(cost.node):
+        step = cost.step
+        name = step.explain_name
+        if name is None:
             continue                                       # x.size(): no work to show
-        op = engine.ops.get(cost.node)
-        if cost.mode == "incremental":
-            if isinstance(op, Local):
-                groups.append((NAMES[op.kind], [cost]))
-            elif isinstance(op, Join):
-                groups.append(("IncrementalJoin", [cost]))
-            elif groups and groups[-1][0] != "Full":
-                groups[-1][1].append(cost)                 # point-wise: folded
-            else:
-                groups.append(("IncrementalPointwise", [cost]))
-        elif cost.mode == "project":
-            groups.append(("Project", [cost]))
-        elif groups and groups[-1][0] == "Full":
-            groups[-1][1].append(cost)
+        merge = step.explain_merge
+        last = groups[-1] if groups else None
+        if last is not None and ((merge == "fold" and last[1] != "run")
+                                 or (merge == "run" and last[1] == "run")):
+            last[2].append(cost)
         else:
-            groups.append(("Full", [cost]))
+            groups.append((name, merge, [cost]))
     return groups
 
 
 def _node_lines(plan, actual) -> list[str]:
     n = plan.batches
     out = []
-    for name, members in _groups(plan):
+    for name, merge, members in _groups(plan):
         first = members[0]
-        items = {"node": first.node.name if len(members) == 1 or name != "Full"
+        items = {"node": first.node.name if len(members) == 1 or merge != "run"
                  else f"{first.node.name}..{members[-1].node.name}"}
-        if name == "Full":
+        if merge == "run":
             items["nodes"] = len(members)
-        elif first.patch is not None:
-            items["patch"] = "{}x{}".format(*first.patch)
+        elif first.step.size is not None:
+            items["patch"] = "{}x{}".format(*first.step.size)
         items["gflops"] = _num(2 * sum(c.macs for c in members) * n / 1e9, 3)
         gathered = sum(c.gather_bytes for c in members)
         if gathered:

@@ -13,10 +13,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from kql import ast
+from kql import ast, images
 from kql.errors import KqlError, KqlPlanError
-from kql.operators.geometry import OcclusionGrid
-from kql.operators.preprocess import resize, target_size
+
+from .grid import OcclusionGrid
 
 DEFAULT_PATCH = 16
 DEFAULT_STRIDE = 4
@@ -67,7 +67,7 @@ def bind(stmt: ast.Occlude, text: str, catalog) -> OcclusionQuery:
     except KqlError as exc:
         raise at_node(exc, stmt.model)
     raw, label = _image(stmt.image, catalog)
-    image = resize(raw, target_size(raw.shape[1], raw.shape[2], spec.input_size))
+    image = images.resize(raw, images.target_size(raw.shape[1], raw.shape[2], spec.input_size))
     patch = stmt.patch or (DEFAULT_PATCH, DEFAULT_PATCH)
     stride = stmt.stride or (DEFAULT_STRIDE, DEFAULT_STRIDE)
     region = (stmt.region.x, stmt.region.y, stmt.region.w, stmt.region.h) if stmt.region else None
@@ -88,8 +88,6 @@ def bind(stmt: ast.Occlude, text: str, catalog) -> OcclusionQuery:
 
 
 def _image(ref, catalog) -> tuple[torch.Tensor, str]:
-    from kql import images
-
     try:
         if isinstance(ref, ast.SampleImage):
             return images.load_sample(ref.name), f"sample('{ref.name}')"

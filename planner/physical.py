@@ -8,19 +8,22 @@ and a batch size, each chosen by predicted cost (:mod:`.cost`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 from kql.errors import KqlModelError
 from kql.operators.graph import TraceError
-from kql.operators.incremental import PURE, Crossover, IncrementalModel, IncrementalOcclusion
+from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.naive import NaiveOcclusion
+from kql.operators.profile import ModelProfile
+from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
-from . import calibrate, memory
-from .cost import PlanCost, incremental_cost, naive_cost, plan_sizes, redundancy_ratio
+from . import calibrate, devices, memory
+from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
 from .logical import OcclusionQuery
 
 # Fraction 1: a patch that has grown to its whole feature map is handed on as a full
@@ -28,7 +31,6 @@ from .logical import OcclusionQuery
 # ``SET crossover = 'none'``), which gathers full-sized contexts there instead, so the
 # planner starts from it and only costs the earlier crossovers against it.
 CROSSOVER_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
-STRATEGIES = ("auto", "naive", "incremental")
 # A more elaborate plan must be predicted this much cheaper than the simpler one before it
 # is chosen: predictions carry ~20% error, and a wrong elaborate plan costs more than a
 # wrong simple one (naive < incremental < incremental with an earlier crossover). Against
@@ -44,11 +46,11 @@ NAIVE_MARGIN = 0.85
 class PlanContext:
     """What the planner may consult: session settings, the catalog directory, the machine."""
 
-    settings: dict = field(default_factory=dict)
+    settings: Mapping = field(default_factory=dict)     # a planner.settings.Settings
     directory: Optional[str] = None
 
     def cuda_available(self) -> bool:
-        return torch.cuda.is_available()
+        return devices.cuda_available()
 
     @property
     def strategy(self) -> str:
@@ -58,11 +60,18 @@ class PlanContext:
     def crossover(self):
         return self.settings.get("crossover", "auto")
 
+    @property
+    def tau(self) -> float:
+        """The projective-field threshold asked for: a number, or 1 (exact) for 'auto'
+        when the query sets no quality target."""
+        value = self.settings.get("tau", "auto")
+        return 1.0 if value == "auto" else float(value)
+
     def throughput(self, device: str):
         return calibrate.throughput(device, self.directory)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PhysicalPlan:
     query: OcclusionQuery
     operator: object
@@ -71,7 +80,7 @@ class PhysicalPlan:
     reason: str = ""
     cost: Optional[PlanCost] = None           # predicted, per batch
     setup_seconds: float = 0.0                # predicted, before the first batch
-    naive_seconds: Optional[float] = None     # predicted run of the naive plan
+    naive_seconds: Optional[float] = None     # predicted run of the naive plan (another plan's)
     planning_seconds: float = 0.0             # measured: binding, tracing, views, costing
     ratio: Optional[float] = None             # R, eqs 16-20
     crossover: Optional[float] = None         # chosen fraction, None = pure incremental (seed)
@@ -100,11 +109,10 @@ class PhysicalPlan:
                              color=torch.tensor(q.color, dtype=torch.float32),
                              patch=q.grid.patch, ys=ys, xs=xs, target=q.target, device=self.device)
 
-    def run(self, progress: Progress = None, profile: Optional[dict] = None) -> OcclusionResult:
+    def run(self, progress: Progress = None, timings: Optional[dict] = None) -> OcclusionResult:
+        """The heat map; with ``timings``, seconds per node where the operator has nodes."""
         with calibrate.threads(self.threads or torch.get_num_threads()):
-            if isinstance(self.operator, IncrementalOcclusion):
-                return self.operator.run(self.task(), progress, profile=profile)
-            return self.operator.run(self.task(), progress)
+            return self.operator.run(self.task(), progress, timings)
 
     def explain(self, actual: Optional[dict] = None) -> list[str]:
         from .explain import render
@@ -114,111 +122,110 @@ class PhysicalPlan:
 
 def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
     """Choose the operator, device and batch size for an optimized logical plan."""
-    devices = ["cuda", "cpu"] if query.device == "auto" else ["cuda" if query.device == "gpu" else "cpu"]
+    candidates = ["cuda", "cpu"] if query.device == "auto" else ["cuda" if query.device == "gpu" else "cpu"]
     plans = []
-    for device in devices:
+    for device in candidates:
         tp = ctx.throughput(device)
-        with calibrate.threads(tp.threads if device == "cpu" else torch.get_num_threads()):
-            plan = _plan_on(query, ctx, device, tp)
-        plan.threads = tp.threads if device == "cpu" else None
-        plans.append(plan)
+        threads = tp.threads if device == "cpu" else None
+        with calibrate.threads(threads or torch.get_num_threads()):
+            plans.append(_plan_on(query, ctx, device, tp, threads))
     return min(plans, key=lambda p: p.predicted_seconds if p.predicted_seconds is not None else 0.0)
 
 
-def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp) -> PhysicalPlan:
+def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
+    """The model's profile on the query's image; TraceError when torch.fx cannot trace it."""
     try:
-        engine = IncrementalModel(query.model.composed(), query.image, device)
-    except TraceError as exc:
-        batch = query.batch or 16
-        return PhysicalPlan(query, NaiveOcclusion(batch), batch, device, reason=_quote(str(exc)))
+        return ModelProfile(query.model.composed(), query.image, device)
+    except TraceError:
+        raise
     except (RuntimeError, ValueError, TypeError) as exc:
         detail = " ".join(str(exc).split())[:300]
         raise KqlModelError(f"model '{query.model.name}' failed on the "
                             f"{tuple(query.image.shape[1:])} image: {detail}") from None
+
+
+def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
+    try:
+        profile = profile_model(query, device)
+    except TraceError as exc:
+        batch = query.batch or 16
+        return PhysicalPlan(query, NaiveOcclusion(batch), batch, device, reason=_quote(str(exc)),
+                            threads=threads)
     patch = query.grid.patch
     budget = memory.budget(device)
-    naive_batch = query.batch or memory.naive_batch(engine, budget, device)
-    naive = naive_cost(engine, tp, naive_batch)
-    naive_plan = PhysicalPlan(query, NaiveOcclusion(naive_batch), naive_batch, device, cost=naive,
-                              setup_seconds=naive_cost(engine, tp, 1).seconds,   # the base logits
-                              ratio=redundancy_ratio(engine, patch), memory_bytes=memory.naive_bytes(engine, naive_batch))
-    naive_plan.naive_seconds = naive_plan.predicted_seconds
+    naive_batch = query.batch or memory.naive_batch(profile, budget, device)
+    naive_plan = PhysicalPlan(query, NaiveOcclusion(naive_batch), naive_batch, device,
+                              cost=naive_cost(profile, tp, naive_batch),
+                              setup_seconds=naive_cost(profile, tp, 1).seconds,   # the base logits
+                              ratio=redundancy_ratio(profile, patch),
+                              memory_bytes=memory.naive_bytes(profile, naive_batch), threads=threads)
     if ctx.strategy == "naive":
-        naive_plan.reason = "strategy=naive"
-        return naive_plan
-    best = _best_incremental(query, ctx, engine, tp, budget, device)
-    best.naive_seconds = naive_plan.predicted_seconds
-    best.ratio = naive_plan.ratio
+        return dataclasses.replace(naive_plan, reason="strategy=naive")
+    best = _best_incremental(query, ctx, profile, tp, budget, device, threads)
+    best = dataclasses.replace(best, ratio=naive_plan.ratio,
+                               naive_seconds=naive_plan.predicted_seconds)
     if ctx.strategy == "auto" and best.predicted_seconds > NAIVE_MARGIN * naive_plan.predicted_seconds:
-        naive_plan.reason = "incremental not predicted cheaper"
-        return naive_plan
+        return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper")
     return best
 
 
-def crossover_candidates(engine, patch: tuple, fractions) -> list:
-    """``[(fraction, Crossover), ...]`` with one entry per distinct policy (several
-    fractions often cut the network at the same nodes); fraction None is pure."""
-    natural = plan_sizes(engine, patch, Crossover())
-    candidates, seen = [], set()
+def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
+                         tau: float = 1.0) -> list:
+    """``[StepTable, ...]``: the step table for patches at ``positions`` (ys, xs) under
+    each crossover fraction, one per distinct policy (several fractions often cut the
+    network at the same nodes); fraction None is pure incremental inference. ``tau``:
+    the projective-field threshold of every table."""
+    ys, xs = positions
+    natural = plan_steps(profile, ys, xs, patch, Crossover(), tau)
+    tables, seen = [], set()
     for fraction in fractions:
-        cross = crossover_at(engine, natural, fraction)
+        cross = crossover_at(profile, natural, fraction)
         if cross not in seen:
             seen.add(cross)
-            candidates.append((fraction, cross))
-    return candidates
+            same = cross == natural.crossover          # no node cut: the natural steps
+            tables.append(dataclasses.replace(natural, crossover=cross) if same
+                          else plan_steps(profile, ys, xs, patch, cross, tau))
+    return tables
 
 
-def _best_incremental(query, ctx, engine, tp, budget, device) -> PhysicalPlan:
-    patch = query.grid.patch
+def _best_incremental(query, ctx, profile, tp, budget, device, threads) -> PhysicalPlan:
     setting = ctx.crossover
     fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
-    candidates = crossover_candidates(engine, patch, fractions)
     plans = []
-    for fraction, cross in candidates:
-        sizes = plan_sizes(engine, patch, cross)
-        batch = query.batch or memory.incremental_batch(engine, sizes, budget, device)
-        cost = incremental_cost(engine, tp, sizes, batch)
+    tau = ctx.tau
+    for steps in crossover_candidates(profile, query.grid.positions(), query.grid.patch,
+                                      fractions, tau):
+        batch = query.batch or memory.incremental_batch(profile, steps, budget, device)
         # The views were materialized while planning: no set-up left to predict.
-        plans.append((PhysicalPlan(query, None, batch, device, cost=cost, crossover=fraction,
-                                   memory_bytes=memory.incremental_bytes(engine, sizes, batch)), cross))
-    best, best_cross = plans[0]              # the reference: the first fraction asked for
-    for plan, cross in plans[1:]:
-        bar = MARGIN if best is plans[0][0] else 1.0
+        plans.append(PhysicalPlan(query, IncrementalOcclusion(profile, steps, batch), batch, device,
+                                  cost=incremental_cost(profile, steps, tp, batch),
+                                  crossover=steps.crossover.fraction,
+                                  memory_bytes=memory.incremental_bytes(profile, steps, batch),
+                                  threads=threads))
+    best = plans[0]                          # the reference: the first fraction asked for
+    for plan in plans[1:]:
+        bar = MARGIN if best is plans[0] else 1.0
         if plan.predicted_seconds < bar * best.predicted_seconds:
-            best, best_cross = plan, cross
-    engine.crossover = best_cross
-    best.operator = IncrementalOcclusion(best.batch, engine=engine)
+            best = plan
     return best
 
 
-def crossover_at(engine, natural: dict, fraction: Optional[float]) -> Crossover:
-    """The crossover before every node whose changed region (``natural``: with the
-    crossover at fraction 1) covers at least ``fraction`` of its feature map; None: pure."""
+def crossover_at(profile, natural: StepTable, fraction: Optional[float]) -> Crossover:
+    """The crossover before every node whose changed region (``natural``: the steps with
+    the crossover at fraction 1) covers at least ``fraction`` of its feature map; None: pure."""
     if fraction is None:
         return PURE
     chosen = set()
-    for n, size in natural.items():
-        if size is None or n.op == "placeholder":
+    for step in natural:
+        size = natural.changed_size(step.node)
+        if size is None or step.mode == INPUT:
             continue
-        h, w = engine.views[n].shape[2:]
+        h, w = profile.map_size(step.node)
         if size[0] * size[1] >= fraction * h * w:
-            chosen.add(n)
-    return Crossover(frozenset(chosen))
+            chosen.add(step.node)
+    return Crossover(frozenset(chosen), fraction=fraction)
 
 
 def _quote(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
-
-
-def check_setting(name: str, value) -> Optional[str]:
-    """Why a SET is invalid, or None."""
-    if name == "strategy":
-        if value not in STRATEGIES:
-            return f"strategy must be 'auto', 'naive' or 'incremental', got {value!r}"
-        return None
-    if name == "crossover":
-        if value in ("auto", "none") or (isinstance(value, (int, float)) and 0 < value <= 1):
-            return None
-        return f"crossover must be 'auto', 'none' or a fraction in (0, 1], got {value!r}"
-    return f"unknown setting '{name}'; settings: strategy, crossover"

@@ -1,199 +1,42 @@
-"""Small models and helpers for the naive-vs-incremental differential tests.
+"""Small models for the tests.
 
-Each custom model exercises one operator kind the incremental engine must handle, ends
-in the same head (global average pool, linear, 10 classes) and takes any image size,
-except ``flatten_linear_head`` and ``adaptive_avg_pools``, which are sized for 64x80. ``sensitive`` turns a randomly initialised network into one whose occlusion
-map is not flat: a flat map is matched by any wrong engine, so it proves nothing.
+``small_cnn`` (made sensitive: ``sensitive_small_cnn``) is the API, error and EXPLAIN
+tests' model. The custom models of the differential tests each exercise one operator
+kind the incremental engine must handle, end in the same head (global average pool,
+linear, 10 classes) and take any image size, except ``flatten_linear_head`` and
+``adaptive_avg_pools``, which are sized for 64x80.
+A random network's occlusion map is flat, so a test makes it sensitive first (see
+``helpers.calibrate_batchnorm`` and ``helpers.sensitive``).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import calibrate_batchnorm, sensitive, smooth_noise_image
+
 CLASSES = 10
 
 
-# -- images ----------------------------------------------------------------------------------
-
-def blob_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """Smooth random colour blobs on a gradient: structure a random CNN reacts to."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.linspace(0, 1, height).view(height, 1)
-    xs = torch.linspace(0, 1, width).view(1, width)
-    image = 0.25 + 0.3 * torch.rand(3, 1, 1, generator=g) * (ys + xs)
-    for _ in range(6):
-        cy, cx, r = torch.rand(3, generator=g).tolist()
-        radius = 0.08 + 0.25 * r
-        blob = torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * radius ** 2))
-        image = image + (torch.rand(3, 1, 1, generator=g) - 0.4) * blob
-    return image.clamp(0, 1).float().contiguous()
+def small_cnn(classes: int = 5) -> nn.Module:
+    """A deterministic CNN with BatchNorm (5 classes by default): conv, pool, strided conv, head."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
 
 
-def _photo() -> torch.Tensor:
-    import skimage.data
+def sensitive_small_cnn() -> nn.Module:
+    """``small_cnn`` calibrated on 24x30 noise images, its top class at p ~ 0.6.
 
-    return torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float() / 255
-
-
-def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    out = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False,
-                        antialias=True)
-    return out[0].clamp(0, 1).contiguous()
-
-
-def chelsea(height: int, width: int) -> torch.Tensor:
-    """skimage's cat photo, resized to ``height x width``."""
-    return _resize(_photo(), height, width)
-
-
-def chelsea_crop(height: int, width: int, seed: int) -> torch.Tensor:
-    """A random crop of the cat photo (same aspect ratio), resized to ``height x width``."""
-    g = torch.Generator().manual_seed(seed)
-    photo = _photo()
-    _, ph, pw = photo.shape
-    ch = int(torch.randint(ph // 3, ph + 1, (1,), generator=g))
-    cw = min(pw, round(ch * width / height))
-    y = int(torch.randint(0, ph - ch + 1, (1,), generator=g))
-    x = int(torch.randint(0, pw - cw + 1, (1,), generator=g))
-    return _resize(photo[:, y:y + ch, x:x + cw], height, width)
-
-
-# -- making a random network sensitive ---------------------------------------------------------
-
-class Scaled(nn.Module):
-    """``scale * body(x) + offset``: a random network's near-uniform softmax made sensitive.
-
-    ``magnitude`` is the largest |scale * body logit| on the fitting image: float rounding
-    in the body grows with it, the constant ``offset`` adds none.
+    The API, error and EXPLAIN tests' model (the ``small_model`` fixture): the golden
+    EXPLAIN fixtures depend on exactly this model.
     """
-
-    def __init__(self, body: nn.Module, scale: float, offset: torch.Tensor, magnitude: float):
-        super().__init__()
-        self.body, self.scale, self.magnitude = body, float(scale), float(magnitude)
-        self.register_buffer("offset", offset.float().view(1, -1))
-
-    def forward(self, x):
-        return self.scale * self.body(x) + self.offset
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, height: int, width: int, passes: int = 3,
-                        kind: str = "blobs") -> nn.Module:
-    """Running statistics = the average batch statistics of random images like the test's.
-
-    ``kind``: "blobs" (``blob_image``) or "photo" (``chelsea_crop``). Statistics from
-    other images than the test's leave channels of tiny variance that blow up on it.
-    """
-    make = blob_image if kind == "blobs" else chelsea_crop
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None                   # cumulative average over the passes
-        model.train()
-        with torch.random.fork_rng():           # dropout and stochastic depth are random in train()
-            torch.manual_seed(0)
-            for p in range(passes):
-                model(torch.stack([make(height, width, seed=1000 + 4 * p + k) for k in range(4)]))
-    return model.eval()
-
-
-def _probes(image: torch.Tensor, patch, color) -> torch.Tensor:
-    """The image and 9 copies with the patch at spread-out places."""
-    _, h, w = image.shape
-    ph, pw = min(patch[0], h), min(patch[1], w)
-    out = [image]
-    for fy in (0.0, 0.5, 1.0):
-        for fx in (0.0, 0.5, 1.0):
-            y, x = round(fy * (h - ph)), round(fx * (w - pw))
-            occluded = image.clone()
-            occluded[:, y:y + ph, x:x + pw] = torch.tensor(color, dtype=image.dtype).view(3, 1, 1)
-            out.append(occluded)
-    return torch.stack(out)
-
-
-MAX_MAGNITUDE = 15.0   # |scaled logit| cap: the brief's "std ~5" order; float noise grows with it
-NOISE_BUDGET = 1e-6    # the model's own float noise on the target probability: 10x below 1e-5
-MAX_SPREAD = 0.3       # no more sensitive than needed: the float noise shrinks with the scale
-
-
-class _Probed:
-    """A model's logits on the probes, run as one batch and one by one, and the target."""
-
-    def __init__(self, model, image, patch, color, target):
-        probes = _probes(image, patch, color)
-        self.batched = model(probes).double()
-        self.alone = torch.cat([model(p[None]) for p in probes]).double()
-        self.base = self.batched[0]
-        self.target = int(self.base.argmax()) if target is None else int(target)
-        moves = self.batched - self.base
-        gaps = moves[:, self.target:self.target + 1] - moves
-        gaps = gaps.amax(0) - gaps.amin(0)           # how much each class's gap to the target moves
-        gaps[self.target] = -1.0
-        self.rival = int(gaps.argmax())
-        self.gap = max(float(gaps[self.rival]), 1e-12)
-        self.lead = torch.full_like(self.base, -4.0)
-        leader = self.rival if target is not None else self.target
-        self.lead[self.target], self.lead[self.rival] = 0.0, 0.0
-        self.lead[leader] = 0.2
-
-    def probability(self, scale, logits):
-        return torch.softmax(scale * (logits - self.base) + self.lead, 1)[:, self.target]
-
-    def noise(self, scale) -> float:
-        diff = self.probability(scale, self.batched) - self.probability(scale, self.alone)
-        return float(diff.abs().max())
-
-    def spread(self, scale) -> float:
-        p = self.probability(scale, self.batched)
-        return float(p.max() - p.min())
-
-
-@torch.no_grad()
-def sensitive(model: nn.Module, image: torch.Tensor, patch, color=(0.0, 0.0, 0.0),
-              target=None) -> Scaled:
-    """``model`` (BatchNorm already calibrated) wrapped so occluding ``image`` moves the target.
-
-    The offset makes the unoccluded image a near tie between the target and the rival
-    class whose logit gap to it moves most across the probes (p ~ 0.5, where the softmax
-    is steepest; with ``target`` given the rival leads, so the default target differs).
-    The scale makes that gap move by ~3 across the probes, within three caps: MAX_SPREAD,
-    MAX_MAGNITUDE, and NOISE_BUDGET on the model's own float noise, measured as the
-    difference between running the probes as one batch and one by one. A chaotic random
-    network amplifies rounding so much that it cannot judge an engine to 1e-5: its map
-    then comes out flat, and the test's range check says so.
-    """
-    probed = _Probed(model.eval(), image, patch, color, target)
-    scale = min(3.0 / probed.gap, MAX_MAGNITUDE / float(probed.base.abs().max()))
-    for _ in range(3):                          # the noise is about linear in the scale
-        scale *= min(1.0, NOISE_BUDGET / max(probed.noise(scale), 1e-15))
-    while probed.spread(scale) > MAX_SPREAD:
-        scale *= 0.8
-    net = Scaled(model, scale, probed.lead - scale * probed.base,
-                 scale * float(probed.base.abs().max()))
-    net.noise = probed.noise(scale)
-    return net.eval()
-
-
-@torch.no_grad()
-def plain_heatmap(model, image, patch, stride, color, region=None) -> np.ndarray:
-    """The obviously-correct loop of the spec: one forward pass per patch position."""
-    (ph, pw), (sy, sx) = patch, stride
-    _, h, w = image.shape
-    target = int(model(image[None])[0].argmax())
-    x0, y0, rw, rh = region if region is not None else (0, 0, w, h)
-    rows = [i for i in range((h - ph) // sy + 1) if y0 <= i * sy and i * sy + ph <= y0 + rh]
-    cols = [j for j in range((w - pw) // sx + 1) if x0 <= j * sx and j * sx + pw <= x0 + rw]
-    out = np.zeros((len(rows), len(cols)), np.float32)
-    for a, i in enumerate(rows):
-        for b, j in enumerate(cols):
-            occluded = image.clone()
-            occluded[:, i * sy:i * sy + ph, j * sx:j * sx + pw] = torch.tensor(color).view(3, 1, 1)
-            out[a, b] = torch.softmax(model(occluded[None]).double(), 1)[0, target]
-    return out
+    model = calibrate_batchnorm(small_cnn(), 24, 30, kind="noise", seed=100)
+    return sensitive(model, smooth_noise_image(24, 30))
 
 
 # -- building blocks ------------------------------------------------------------------------

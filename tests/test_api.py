@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import kql
-from conftest import blob_image, plain_occlusion
+from helpers import plain_heatmap, smooth_noise_image
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ GEOMETRIES = [
                          ids=[f"{g[0]}-p{g[1]}-s{g[2]}-r{g[3]}" for g in GEOMETRIES])
 @pytest.mark.parametrize("strategy", ["naive", "incremental"])
 def test_heatmap_equals_plain_loop(small_model, size, patch, stride, region, strategy):
-    img = blob_image(*size)
+    img = smooth_noise_image(*size)
     con = kql.connect()
     con.register_model("net", small_model)
     con.register_image("img", img)
@@ -43,7 +43,7 @@ def test_heatmap_equals_plain_loop(small_model, size, patch, stride, region, str
     clause = f" REGION ({region[0]}, {region[1]}, {region[2]}, {region[3]})" if region else ""
     r = con.execute(f"OCCLUDE img USING net PATCH {patch[0]} x {patch[1]} "
                     f"STRIDE {stride[0]} x {stride[1]} COLOR (0, 0, 0){clause} BATCH 5")
-    ref, target = plain_occlusion(small_model, img, patch, stride, (0.0, 0.0, 0.0), region=region)
+    ref, target = plain_heatmap(small_model, img, patch, stride, (0.0, 0.0, 0.0), region=region)
     assert ref.max() - ref.min() > 0.02, "reference map too flat for the test to mean anything"
     assert r.heatmap.dtype == np.float32 and r.heatmap.shape == ref.shape
     assert r.target == target
@@ -52,13 +52,13 @@ def test_heatmap_equals_plain_loop(small_model, size, patch, stride, region, str
 
 
 def test_full_map_shape_formula(con):
-    con.register_image("img", blob_image(37, 50))
+    con.register_image("img", smooth_noise_image(37, 50))
     r = con.execute("OCCLUDE img USING net PATCH 9 x 4 STRIDE 5 x 3")
     assert r.heatmap.shape == ((37 - 9) // 5 + 1, (50 - 4) // 3 + 1)
 
 
 def test_region_map_is_a_window_of_the_full_map(con):
-    con.register_image("img", blob_image(24, 30))
+    con.register_image("img", smooth_noise_image(24, 30))
     full = con.execute("OCCLUDE img USING net PATCH 6 STRIDE 3").heatmap
     r = con.execute("OCCLUDE img USING net PATCH 6 STRIDE 3 REGION (4, 2, 17, 13)")
     assert r.offset == (1, 2)
@@ -69,23 +69,23 @@ def test_region_map_is_a_window_of_the_full_map(con):
 @pytest.mark.parametrize("color,rgb", [("black", (0, 0, 0)), ("white", (1, 1, 1)),
                                        ("gray", (0.5, 0.5, 0.5)), ("(0.2, 0.4, 0.9)", (0.2, 0.4, 0.9))])
 def test_colors(con, small_model, color, rgb):
-    img = blob_image(24, 30)
+    img = smooth_noise_image(24, 30)
     con.register_image("img", img)
     r = con.execute(f"OCCLUDE img USING net PATCH 8 STRIDE 8 COLOR {color}")
-    ref, _ = plain_occlusion(small_model, img, (8, 8), (8, 8), rgb)
+    ref, _ = plain_heatmap(small_model, img, (8, 8), (8, 8), rgb)
     np.testing.assert_allclose(r.heatmap, ref, atol=1e-5)
 
 
 def test_mean_color_is_the_image_mean(con, small_model):
-    img = blob_image(24, 30)
+    img = smooth_noise_image(24, 30)
     con.register_image("img", img)
     r = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 8 COLOR mean")
-    ref, _ = plain_occlusion(small_model, img, (8, 8), (8, 8), tuple(img.mean(dim=(1, 2)).tolist()))
+    ref, _ = plain_heatmap(small_model, img, (8, 8), (8, 8), tuple(img.mean(dim=(1, 2)).tolist()))
     np.testing.assert_allclose(r.heatmap, ref, atol=1e-5)
 
 
 def test_targets_and_default_connection(small_model):
-    img = blob_image(24, 30)
+    img = smooth_noise_image(24, 30)
     labels = ["a", "b", "c", "d", "e"]
     kql.connect()  # a fresh connection must not disturb the default one
     con = kql.api.default_connection()
@@ -96,7 +96,7 @@ def test_targets_and_default_connection(small_model):
     other = (predicted.target + 1) % 5
     by_index = kql.execute(f"OCCLUDE pic USING lab PATCH 8 STRIDE 8 TARGET {other}")
     by_label = kql.execute(f"OCCLUDE pic USING lab PATCH 8 STRIDE 8 TARGET '{labels[other].upper()}'")
-    ref, _ = plain_occlusion(small_model, img, (8, 8), (8, 8), (0.5, 0.5, 0.5), target=other)
+    ref, _ = plain_heatmap(small_model, img, (8, 8), (8, 8), (0.5, 0.5, 0.5), target=other)
     np.testing.assert_allclose(by_index.heatmap, ref, atol=1e-5)
     np.testing.assert_array_equal(by_index.heatmap, by_label.heatmap)
     with torch.no_grad():
@@ -109,26 +109,26 @@ def test_mean_std_and_input_size(small_model):
     con = kql.connect()
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
     con.register_model("net", small_model, mean=mean, std=std, input_size=(24, 30))
-    img = blob_image(48, 60)
+    img = smooth_noise_image(48, 60)
     con.register_image("img", img)
     r = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 8 COLOR black")
     small = torch.nn.functional.interpolate(img[None], size=(24, 30), mode="bilinear",
                                             antialias=True, align_corners=False)[0].clamp(0, 1)
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    ref, _ = plain_occlusion(lambda x: small_model((x - m) / s), small, (8, 8), (8, 8), (0, 0, 0))
+    ref, _ = plain_heatmap(lambda x: small_model((x - m) / s), small, (8, 8), (8, 8), (0, 0, 0))
     np.testing.assert_allclose(r.heatmap, ref, atol=1e-5)
     assert r.image.shape == (3, 24, 30)
 
 
 def test_numpy_uint8_image(con):
-    arr = (blob_image(24, 30).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    arr = (smooth_noise_image(24, 30).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     con.register_image("img", arr)
     r = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 8")
     assert r.heatmap.shape == (3, 3)
 
 
 def test_outputs_png_npy_parquet(con, tmp_path):
-    con.register_image("img", blob_image(24, 30))
+    con.register_image("img", smooth_noise_image(24, 30))
     npy, png, parquet = (str(tmp_path / f"m.{e}") for e in ("npy", "png", "parquet"))
     r = con.execute(f"OCCLUDE img USING net PATCH 8 STRIDE 4 INTO '{npy}'")
     np.testing.assert_array_equal(np.load(npy), r.heatmap)
@@ -147,7 +147,7 @@ def test_outputs_png_npy_parquet(con, tmp_path):
 
 
 def test_to_arrow(con):
-    con.register_image("img", blob_image(24, 30))
+    con.register_image("img", smooth_noise_image(24, 30))
     t = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 8").to_arrow()
     assert t.num_rows == 1 and t.column("rows")[0].as_py() == 3
 
@@ -156,7 +156,8 @@ def test_show_and_persisted_catalog(tmp_path):
     from PIL import Image
 
     path = tmp_path / "pic.png"
-    Image.fromarray((blob_image(20, 26).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(path)
+    pixels = (smooth_noise_image(20, 26).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
     weights = tmp_path / "sq.pt"
     torch.save(torchvision.models.squeezenet1_1(weights=None, num_classes=3).state_dict(), weights)
     labels = tmp_path / "labels.txt"
@@ -185,7 +186,7 @@ def test_load_model_infers_class_count(tmp_path):
 
 
 def test_explain_lists_the_plan(con):
-    con.register_image("img", blob_image(24, 30))
+    con.register_image("img", smooth_noise_image(24, 30))
     con.execute("SET strategy = 'incremental'")
     text = con.execute("EXPLAIN OCCLUDE img USING net PATCH 8 STRIDE 4").plan
     lines = text.splitlines()

@@ -8,14 +8,14 @@ import torch
 import torchvision
 
 import kql
-from conftest import blob_image
+from helpers import smooth_noise_image
 
 
 @pytest.fixture
 def con(small_model):
     c = kql.connect()
     c.register_model("net", small_model, labels=["a", "b", "c", "d", "e"])
-    c.register_image("img", blob_image(24, 30))
+    c.register_image("img", smooth_noise_image(24, 30))
     return c
 
 
@@ -134,7 +134,7 @@ def test_failing_model_writes_nothing(tmp_path):
 
     con = kql.connect()
     con.register_model("bad", Broken())
-    con.register_image("img", blob_image(24, 30))
+    con.register_image("img", smooth_noise_image(24, 30))
     out = tmp_path / "m.npy"
     err = error_of(con, f"OCCLUDE img USING bad PATCH 8 INTO '{out}'")
     assert isinstance(err, kql.KqlModelError) and "kaput" in str(err)
@@ -144,7 +144,7 @@ def test_failing_model_writes_nothing(tmp_path):
 def test_model_with_wrong_output_shape():
     con = kql.connect()
     con.register_model("flat", torch.nn.Identity())
-    con.register_image("img", blob_image(24, 30))
+    con.register_image("img", smooth_noise_image(24, 30))
     err = error_of(con, "OCCLUDE img USING flat PATCH 8")
     assert "must return logits of shape [batch, classes]" in str(err)
 
@@ -171,7 +171,7 @@ def test_target_out_of_range_without_labels(strategy):
     con = kql.connect()
     con.register_model("n", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
                                                 torch.nn.Flatten()))
-    con.register_image("i", blob_image(20, 20))
+    con.register_image("i", smooth_noise_image(20, 20))
     con.execute(f"SET strategy = '{strategy}'")
     err = error_of(con, "OCCLUDE i USING n PATCH 4 TARGET 9")
     assert str(err) == "line 1, column 27: target class 9 is out of range: the model has 4 classes (0..3)"

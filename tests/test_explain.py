@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import kql
-from conftest import blob_image, sensitive, small_cnn
+from helpers import smooth_noise_image
+from models_zoo import sensitive_small_cnn
 
 FIXTURES = Path(__file__).parent / "fixtures" / "explain"
 TIMED = re.compile(r"\b(threads|planning_s|predicted_s|naive_predicted_s|predicted_ms|actual_s|actual_ms|"
@@ -49,10 +50,10 @@ def masked(text: str) -> str:
 @pytest.fixture(scope="module")
 def con():
     c = kql.connect()
-    c.register_model("small", sensitive(small_cnn(), (3, 24, 30)))
+    c.register_model("small", sensitive_small_cnn())
     c.register_model("branchy", Branchy().eval())
-    c.register_image("img", blob_image(24, 30))
-    c.register_image("big", blob_image(48, 64))
+    c.register_image("img", smooth_noise_image(24, 30))
+    c.register_image("big", smooth_noise_image(48, 64))
     return c
 
 
@@ -98,7 +99,7 @@ def test_untraceable_model_explains_why():
 
     c = kql.connect()
     c.register_model("moody", Moody())
-    c.register_image("img", blob_image(12, 12))
+    c.register_image("img", smooth_noise_image(12, 12))
     line = c.execute("EXPLAIN OCCLUDE img USING moody PATCH 4").plan.splitlines()[1]
     assert line.lstrip().startswith("NaiveOcclusion:")
     assert 'reason="torch.fx cannot trace the model' in line

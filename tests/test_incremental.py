@@ -4,7 +4,7 @@ Every test runs one OCCLUDE twice on one connection, ``SET strategy = 'naive'`` 
 ``'incremental'``, and checks that the maps agree (probabilities to 1e-5), that the
 incremental plan really ran (no silent fallback), and that the naive map is not flat
 (range >= 0.02): a flat map is matched by any wrong engine. Random networks are made
-sensitive by ``models_zoo``: BatchNorm statistics calibrated on images like the test's,
+sensitive by ``helpers``: BatchNorm statistics calibrated on images like the test's,
 then ``sensitive`` scales and offsets the logits so the target probability moves, while
 keeping the network's own float noise (batched vs one by one) near 1e-6, well under 1e-5.
 """
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import kql
-from models_zoo import (CUSTOM, blob_image, calibrate_batchnorm, chelsea, custom_model,
-                        plain_heatmap, sensitive, torchvision_model)
+from helpers import blob_image, calibrate_batchnorm, chelsea, plain_heatmap, sensitive
+from models_zoo import CUSTOM, custom_model, torchvision_model
 
 PROB_TOL = 1e-5
 # Both engines compute each output element as the same sum, but on differently sized
@@ -54,7 +54,7 @@ def operator_line(result) -> str:
 def differential(con, query: str, net=None, incremental_plan: bool = True):
     """Run ``query`` naive and incremental on ``con``; check they agree; return both.
 
-    ``net``: the registered ``models_zoo.Scaled`` model, for the size of its logits before
+    ``net``: the registered ``helpers.Scaled`` model, for the size of its logits before
     the constant offset (see above) and its own float noise; None for real weights.
     """
     out = {}
@@ -233,7 +233,7 @@ def test_both_engines_match_the_plain_loop():
     con.register_image("img", image)
     query = occlude("img", "net", patch, stride, extra="REGION (10, 5, 48, 40)")
     ref, inc = differential(con, query, net)
-    expected = plain_heatmap(net, image, patch, stride, (0.0, 0.0, 0.0), region)
+    expected, _ = plain_heatmap(net, image, patch, stride, (0.0, 0.0, 0.0), region=region)
     assert ref.heatmap.shape == expected.shape == (6, 6)
     np.testing.assert_allclose(ref.heatmap, expected, atol=PROB_TOL, rtol=0)
     np.testing.assert_allclose(inc.heatmap, expected, atol=PROB_TOL, rtol=0)

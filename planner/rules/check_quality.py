@@ -1,15 +1,31 @@
-"""Quality clauses: WITH SSIM >= s (0 < s <= 1) and DRILLDOWN r [SPEEDUP k].
+"""Check the quality clauses: WITH SSIM >= s (0 < s <= 1) and DRILLDOWN r [SPEEDUP k].
 
 The approximate operators (projective-field thresholding, adaptive drill-down) are not
 built yet, so a query that asks for them fails with a clear error after its values are
 checked, instead of silently running exactly.
+
+>>> from types import SimpleNamespace
+>>> from kql.parser import parse
+>>> def plan(text):
+...     s = parse(text)[0]
+...     return SimpleNamespace(statement=s, ssim=s.ssim, drilldown=s.drilldown, speedup=s.speedup)
+>>> check(plan("OCCLUDE img USING net"), None) is None        # exact: nothing to refuse
+True
+>>> check(plan("OCCLUDE img USING net WITH SSIM >= 1.5"), None)
+Traceback (most recent call last):
+...
+kql.errors.KqlPlanError: line 1, column 23: SSIM target must lie in (0, 1], got 1.5
+>>> check(plan("OCCLUDE img USING net DRILLDOWN 0.25"), None)
+Traceback (most recent call last):
+...
+kql.errors.KqlNotSupportedError: line 1, column 23: DRILLDOWN (adaptive drill-down) is not available yet; drop the clause for the exact map
 """
 
 from kql.errors import KqlNotSupportedError
 from kql.planner.logical import fail
 
 
-def rewrite(plan, ctx):
+def check(plan, ctx) -> None:
     stmt = plan.statement
     if plan.ssim is not None and not 0.0 < plan.ssim <= 1.0:
         raise fail(stmt, "ssim", f"SSIM target must lie in (0, 1], got {plan.ssim:g}")
@@ -26,4 +42,3 @@ def rewrite(plan, ctx):
     if plan.drilldown is not None:
         raise fail(stmt, "drilldown", "DRILLDOWN (adaptive drill-down) is not available yet; "
                                       "drop the clause for the exact map", KqlNotSupportedError)
-    return plan

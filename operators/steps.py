@@ -1,0 +1,237 @@
+"""The step table: what the incremental engine does at every node, decided once per plan.
+
+For the patch positions of a query, :func:`plan_steps` walks the traced graph once and
+gives each node one :class:`Step`: run on the changed region only (and where), run in
+full, project patches into full tensors first, or read the materialized view. The engine
+executes the table, the cost and memory models price it, EXPLAIN prints it; none of them
+re-derives it. A :class:`Crossover` is the policy that moves the switch to full tensors.
+
+The changed region of a node is a patch of one size for the whole query (the largest
+over its positions, so every position fits) at a per-position corner (seed paper 000,
+eqs 21-38, generalised to dilation and asymmetric pads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch.fx as fx
+
+from .graph import Join, Local, Pointwise, is_metadata
+
+# Step modes.
+INPUT = "input"        # the occluded image: the patch itself
+VIEW = "view"          # not changed by the occlusion: its materialized view
+PATCH = "patch"        # computed on the changed region; hands on a patch
+COVER = "cover"        # computed on the changed region, which is the whole map: hands on a full tensor
+PROJECT = "project"    # run in full on inputs whose patches are projected into copies of their views
+FULL = "full"          # run in full on full inputs
+SHAPE = "shape"        # reads only the shape of its input (x.size(), x.shape)
+OUTPUT = "output"
+
+_LOCAL_NAMES = {"conv": "IncrementalConv", "maxpool": "IncrementalPool",
+                "avgpool": "IncrementalPool", "pad": "IncrementalPad"}
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """Where the engine turns patches into full tensors before the global boundary.
+
+    ``nodes`` run in full on inputs projected into full copies of their views (a crossover
+    at a fraction of the map). With ``covered``, a patch that has grown to its whole
+    feature map is handed on as the full tensor it is: the nodes after it run as plain
+    calls instead of gathering full-sized contexts (the crossover at fraction 1).
+    :data:`PURE` does neither: patches, clamped to the map (eqs 23-24), run up to the
+    global boundary, as in the seed prototype. ``fraction`` only names the policy.
+    """
+
+    nodes: frozenset = frozenset()
+    covered: bool = True
+    fraction: Optional[float] = field(default=1.0, compare=False)
+
+    @property
+    def label(self) -> str:
+        return "none" if self.fraction is None else f"{self.fraction:.2f}"
+
+
+PURE = Crossover(covered=False, fraction=None)
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """One node's step. ``size`` and the per-position corners ``y``/``x`` describe the
+    changed region for :data:`INPUT`, :data:`PATCH` and :data:`COVER` steps."""
+
+    node: fx.Node
+    mode: str
+    op: object = None                   # the logical op (Local, Pointwise, Join) run on the region
+    size: Optional[tuple] = None
+    y: Optional[np.ndarray] = None
+    x: Optional[np.ndarray] = None
+
+    @property
+    def hands_on_patch(self) -> bool:
+        """Its output is a patch (not a full tensor) for the nodes that read it."""
+        return self.mode in (INPUT, PATCH)
+
+    @property
+    def incremental(self) -> bool:
+        return self.mode in (PATCH, COVER)
+
+    @property
+    def computed(self) -> bool:
+        """Work done per batch (not a view, the input or the output)."""
+        return self.mode in (PATCH, COVER, PROJECT, FULL, SHAPE)
+
+    @property
+    def explain_name(self) -> Optional[str]:
+        """The EXPLAIN line this step belongs to; None: no work worth a line."""
+        if self.incremental:
+            if isinstance(self.op, Local):
+                return _LOCAL_NAMES[self.op.kind]
+            return "IncrementalJoin" if isinstance(self.op, Join) else "IncrementalPointwise"
+        return {PROJECT: "Project", FULL: "Full"}.get(self.mode)
+
+    @property
+    def explain_merge(self) -> Optional[str]:
+        """How EXPLAIN groups it: 'fold' (a point-wise step, shown with the step that feeds
+        it), 'run' (full steps in a row share one line) or None (a line of its own)."""
+        if self.incremental and isinstance(self.op, Pointwise):
+            return "fold"
+        return "run" if self.mode == FULL else None
+
+
+@dataclass(frozen=True, eq=False)
+class StepTable:
+    """Every node's :class:`Step` in graph order, for a query's patch positions."""
+
+    steps: dict
+    crossover: Crossover
+    patch: tuple
+    tau: float = 1.0                    # projective-field threshold; 1: exact
+
+    def __getitem__(self, node: fx.Node) -> Step:
+        return self.steps[node]
+
+    def __iter__(self):
+        return iter(self.steps.values())
+
+    def changed_size(self, node: fx.Node) -> Optional[tuple]:
+        """(h, w) of the patch a node hands on; None when it hands on a full tensor."""
+        step = self.steps.get(node)
+        return step.size if step is not None and step.hands_on_patch else None
+
+    def count(self, *modes: str) -> int:
+        return sum(1 for s in self if s.mode in modes)
+
+
+def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover(),
+               tau: float = 1.0) -> StepTable:
+    """The step of every node of ``profile`` for patches ``patch`` at corners ``ys, xs``.
+
+    ``tau`` < 1 thresholds the projective field (seed paper 000, section 4.2): no node's
+    changed region grows past ``round(tau x its map)`` per dimension; a larger one is cut
+    to its centre, and the nodes that read it see the unoccluded values outside it (an
+    approximation). ``tau`` = 1 is exact.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from kql.operators.profile import ModelProfile
+    >>> net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+    ...                     nn.Flatten(), nn.Linear(2, 2))
+    >>> table = plan_steps(ModelProfile(net, torch.rand(3, 8, 8)), [0, 4], [2, 4], (2, 2))
+    >>> [(s.node.name, s.mode, s.size) for s in table]     # doctest: +NORMALIZE_WHITESPACE
+    [('input_1', 'input', (2, 2)), ('_0', 'patch', (4, 4)), ('_1', 'patch', (4, 4)),
+     ('_2', 'project', None), ('_3', 'full', None), ('_4', 'full', None), ('output', 'output', None)]
+    >>> list(table)[1].y.tolist()                 # clamped to the map (eq 23)
+    [0, 3]
+    """
+    ys = np.asarray(ys, np.int64)
+    xs = np.asarray(xs, np.int64)
+    steps: dict = {}
+    for n in profile.nodes:
+        steps[n] = _step(profile, n, steps, ys, xs, patch, crossover, tau)
+    return StepTable(steps, crossover, tuple(patch), tau)
+
+
+def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover, tau: float) -> Step:
+    if n.op == "placeholder":
+        return Step(n, INPUT, size=tuple(patch), y=ys, x=xs)
+    if n.op == "output":
+        return Step(n, OUTPUT)
+    if n not in profile.dynamic:
+        return Step(n, VIEW)
+    inputs = [steps[a] for a in n.all_input_nodes if a in profile.dynamic]
+    patched = [s for s in inputs if s.hands_on_patch]
+    if is_metadata(n) and steps[n.args[0]].hands_on_patch:
+        return Step(n, SHAPE)
+    op = profile.ops.get(n)
+    if op is None or len(patched) < len(inputs) or n in crossover.nodes:
+        return Step(n, PROJECT if patched else FULL)
+    y, x, size = _region(profile, n, op, patched)
+    if tau < 1.0 and not isinstance(op, Pointwise):
+        y, x, size = threshold(y, x, size, profile.map_size(n), tau)
+    covers = size == profile.map_size(n)
+    return Step(n, COVER if crossover.covered and covers else PATCH, op, size, y, x)
+
+
+def _region(profile, n: fx.Node, op, patched: list) -> tuple:
+    """Corners and size of the region ``n`` changes, from its inputs' regions."""
+    h, w = profile.map_size(n)
+    if isinstance(op, Pointwise):
+        src = patched[0]
+        return src.y, src.x, src.size
+    if isinstance(op, Local):
+        src = patched[0]
+        top, _, left, _ = op.pad
+        oy, ph = local_geometry(src.y, src.size[0], op.kernel[0], op.stride[0], op.dilation[0], top, h)
+        ox, pw = local_geometry(src.x, src.size[1], op.kernel[1], op.stride[1], op.dilation[1], left, w)
+        return oy, ox, (ph, pw)
+    uy, uh = union_geometry([s.y for s in patched], [s.size[0] for s in patched], h)
+    ux, uw = union_geometry([s.x for s in patched], [s.size[1] for s in patched], w)
+    return uy, ux, (uh, uw)
+
+
+def threshold(y: np.ndarray, x: np.ndarray, size: tuple, out: tuple, tau: float) -> tuple:
+    """Cap a changed region at ``round(tau x out)`` per dimension, keeping its centre
+    (eqs 40-41 and 43, on the output side: the read-in window follows from the capped
+    output, eq 42).
+
+    >>> y, x, size = threshold(np.array([0, 6]), np.array([2, 2]), (8, 3), (16, 16), 0.25)
+    >>> y.tolist(), x.tolist(), size
+    ([2, 8], [2, 2], (4, 3))
+    """
+    (h, w), (oh, ow) = size, out
+    ch, cw = min(h, max(1, round(tau * oh))), min(w, max(1, round(tau * ow)))
+    y = np.clip(y + (h - ch) // 2, 0, oh - ch)
+    x = np.clip(x + (w - cw) // 2, 0, ow - cw)
+    return y, x, (ch, cw)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def local_geometry(y: np.ndarray, p: int, k: int, s: int, d: int, pad: int, out: int):
+    """Output patch corner and size for an input patch (eqs 21-24 and 29-34, with dilation).
+
+    Returns ``(oy, po)``: the output rows ``oy .. oy+po-1`` hold every output that reads
+    an input row in ``y .. y+p-1``; ``po`` is the same for every item (the upper bound),
+    and ``oy`` is shifted back inside the output where the bound would overhang it.
+
+    >>> local_geometry(np.array([0, 5, 9]), 2, 3, 1, 1, 1, 10)     # 3x3 conv, pad 1
+    (array([0, 4, 6]), 4)
+    """
+    po = min((p - 1 + (k - 1) * d) // s + 1, out)
+    lo = _ceil_div(y + pad - (k - 1) * d, s)
+    return np.clip(lo, 0, out - po), po
+
+
+def union_geometry(corners: list, sizes: list, out: int):
+    """Bounding box of several patches, per item, with one size for all items (eqs 35-38)."""
+    lo = np.min(np.stack(corners), axis=0)
+    hi = np.max(np.stack([c + s for c, s in zip(corners, sizes)]), axis=0)
+    size = min(int((hi - lo).max()), out)
+    return np.minimum(lo, out - size), size

@@ -1,0 +1,249 @@
+"""The import layering: front end (kql.*) -> planner -> operators -> cuda, one way.
+
+Every .py file of the packages in pyproject's ``package-dir`` is parsed with ``ast``;
+every import counts (top level, inside functions, relative ones resolved against that
+mapping, and ``importlib.import_module("...")`` with a literal name):
+
+- ``kql.operators.*`` imports only ``kql.operators`` and ``kql.cuda`` of the project:
+  neither the planner nor the front end (``kql`` itself or any other ``kql.<module>``);
+- ``kql.planner.*`` imports neither the shell, the CLI and their progress display nor
+  the API, the executor and the bench (nor ``kql`` itself, which imports the API);
+- ``kql.cuda.*`` imports only ``kql.cuda`` of the project.
+
+``cuda/`` is never a top-level package: it would shadow NVIDIA's ``cuda``.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Importing ``kql`` itself runs kql/__init__.py, which imports the API: the same as
+# importing it. (``from kql import errors`` names the module kql.errors, not ``kql``.)
+PLANNER_MUST_NOT_IMPORT = ("kql", "kql.shell", "kql.cli", "kql.__main__", "kql.progress",
+                           "kql.api", "kql.executor", "kql.bench")
+
+
+def within(name: str, package: str) -> bool:
+    """``name`` is ``package`` or one of its submodules."""
+    return name == package or name.startswith(package + ".")
+
+
+def rule_broken(importer: str, imported: str) -> str | None:
+    """Why ``importer`` may not import ``imported``; None where it may."""
+    if not within(imported, "kql"):
+        return None                                    # torch, numpy, NVIDIA's cuda, ...
+    if within(importer, "kql.cuda"):
+        if not within(imported, "kql.cuda"):
+            return "cuda/ imports no other layer"
+    elif within(importer, "kql.operators"):
+        if not (within(imported, "kql.operators") or within(imported, "kql.cuda")):
+            return "operators/ imports neither the planner nor the front end"
+    elif within(importer, "kql.planner"):
+        if any(imported == p if p == "kql" else within(imported, p)
+               for p in PLANNER_MUST_NOT_IMPORT):
+            return "planner/ imports neither the shell, CLI, API, executor nor bench"
+    return None
+
+
+# -- reading the project ------------------------------------------------------------------------
+
+def setuptools_config(root: Path) -> dict:
+    with open(root / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["setuptools"]
+
+
+def project_modules(root: Path) -> dict[str, Path]:
+    """Module name -> file, for every .py file of every package in ``package-dir``."""
+    out = {}
+    for package, folder in setuptools_config(root)["package-dir"].items():
+        for path in sorted((root / folder).glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def resolve(package: str, level: int, module: str | None) -> str:
+    """The absolute name of ``from <level dots><module> import ...`` inside ``package``."""
+    parts = package.split(".")
+    if level - 1 >= len(parts):
+        raise ImportError(f"relative import beyond the top-level package in {package}")
+    base = ".".join(parts[:len(parts) - (level - 1)])
+    return f"{base}.{module}" if module else base
+
+
+def _literal_import_module(node: ast.AST) -> str | None:
+    """``"x"`` of ``importlib.import_module("x")``, ``import_module("x")``, ``__import__("x")``."""
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)):
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    return node.args[0].value if name in ("import_module", "__import__") else None
+
+
+def imports(source: str, module: str, is_package: bool, known=frozenset()):
+    """``(line, imported module)`` for every import in ``source``, the text of ``module``.
+
+    ``from a import b`` imports ``a.b`` where that is a module in ``known``, else ``a``.
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = resolve(package, node.level, node.module) if node.level else node.module
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                yield node.lineno, submodule if submodule in known else base
+        elif (name := _literal_import_module(node)) and not name.startswith("."):
+            yield node.lineno, name
+
+
+def violations(root: Path) -> list[str]:
+    """``file:line imports X (rule)`` for every import that breaks the layering."""
+    modules = project_modules(root)
+    known = frozenset(modules)
+    out = []
+    for module, path in modules.items():
+        where = path.relative_to(root).as_posix()
+        for line, imported in imports(path.read_text(), module, path.stem == "__init__", known):
+            if why := rule_broken(module, imported):
+                out.append((where, line, f"{where}:{line} imports {imported} ({why})"))
+    return [text for *_, text in sorted(out)]
+
+
+def top_level_cuda(conf: dict) -> list[str]:
+    """Entries of the setuptools config that would make ``cuda`` a top-level package."""
+    names = list(conf.get("package-dir", {})) + list(conf.get("packages", []))
+    bad = [n for n in names if within(n, "cuda")]
+    if not isinstance(conf.get("packages", []), list):
+        bad.append(f"packages = {conf['packages']!r} (a find directive could discover cuda/)")
+    return bad
+
+
+# -- the project's own code -------------------------------------------------------------------
+
+def test_layering_holds():
+    found = violations(ROOT)
+    assert not found, "imports against the layering:\n" + "\n".join(found)
+
+
+def test_every_layer_is_scanned():
+    packages = {m for m, path in project_modules(ROOT).items() if path.stem == "__init__"}
+    assert {"kql", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda"} <= packages
+
+
+def test_pyproject_never_maps_a_top_level_cuda():
+    conf = setuptools_config(ROOT)
+    assert not top_level_cuda(conf), top_level_cuda(conf)
+    assert conf["package-dir"].get("kql.cuda") == "cuda"
+
+
+def test_cuda_folder_is_not_importable_as_cuda(tmp_path):
+    """Outside the repository root, ``cuda`` is not our folder (NVIDIA's, or nothing)."""
+    probe = ("import importlib.util as u; s = u.find_spec('cuda'); "
+             "print(repr([s.origin, *(s.submodule_search_locations or [])] if s else []))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, text=True,
+                         capture_output=True, check=True).stdout
+    ours = (ROOT / "cuda").resolve()
+    found = [Path(p).resolve() for p in ast.literal_eval(out) if p]
+    assert not [p for p in found if p == ours or ours in p.parents], found
+
+
+# -- the checker can fail -------------------------------------------------------------------------
+
+PYPROJECT = """\
+[tool.setuptools]
+package-dir = { "kql" = "kql", "kql.planner" = "planner", "kql.planner.rules" = "planner/rules", "kql.operators" = "operators", "kql.cuda" = "cuda" }
+packages = ["kql", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda"]
+"""
+
+SYNTHETIC = {
+    "kql/__init__.py": "from .api import connect\n",
+    "kql/api.py": "from .planner import cost\nfrom .shell import run\n",   # front end: anything
+    "kql/errors.py": "",
+    "kql/shell.py": "",
+    "planner/__init__.py": "",
+    "planner/cost.py": """\
+        from ..operators import naive                 # down: fine
+        from kql import errors                        # the errors module: fine
+        from kql.errors import KqlError               # fine
+        def price():
+            from kql import api                       # line 5: up, inside a function
+            import kql                                # line 6: the package runs the API
+        """,
+    "planner/rules/__init__.py": "from .. import cost\nfrom ... import shell\n",   # line 2
+    "operators/__init__.py": "",
+    "operators/gather.py": "",
+    "operators/naive.py": """\
+        from kql.planner import cost
+        from ..planner import cost as c2
+        from . import gather
+        from ..cuda import gather as g                # down: fine
+        import torch
+        def run():
+            from ..errors import KqlError             # line 7: the front end
+            importlib.import_module("kql.planner.cost")
+        """,
+    "cuda/__init__.py": "",
+    "cuda/gather.py": "import cuda.bindings\nfrom ..operators.gather import x\n",
+}
+
+
+def make_tree(root: Path, files: dict, pyproject: str = PYPROJECT) -> Path:
+    (root / "pyproject.toml").write_text(pyproject)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(textwrap.dedent(text))
+    return root
+
+
+def test_checker_finds_every_kind_of_violation(tmp_path):
+    found = [v.split(" (")[0] for v in violations(make_tree(tmp_path, SYNTHETIC))]
+    assert found == [
+        "cuda/gather.py:2 imports kql.operators.gather",
+        "operators/naive.py:1 imports kql.planner.cost",
+        "operators/naive.py:2 imports kql.planner.cost",
+        "operators/naive.py:7 imports kql.errors",
+        "operators/naive.py:8 imports kql.planner.cost",
+        "planner/cost.py:5 imports kql.api",
+        "planner/cost.py:6 imports kql",
+        "planner/rules/__init__.py:2 imports kql.shell",
+    ]
+
+
+def test_checker_on_one_source_string():
+    """An operators module with ``from kql.planner import cost`` or ``from ..planner ...``."""
+    for source in ("from kql.planner import cost\n", "x = 1\nfrom ..planner import cost\n"):
+        found = [(line, name) for line, name in imports(source, "kql.operators.naive", False)
+                 if rule_broken("kql.operators.naive", name)]
+        assert found == [(source.count("\n"), "kql.planner")]
+
+
+def test_relative_imports_resolve_against_the_package_mapping():
+    assert resolve("kql.operators", 2, "planner") == "kql.planner"           # operators/naive.py
+    assert resolve("kql.operators", 1, None) == "kql.operators"              # operators/__init__.py
+    assert resolve("kql.planner.rules", 2, "cost") == "kql.planner.cost"
+    assert resolve("kql.planner.rules", 3, "shell") == "kql.shell"
+    with pytest.raises(ImportError):
+        resolve("kql.cuda", 3, "x")
+    assert list(imports("from . import naive\n", "kql.operators", True,
+                        {"kql.operators.naive"})) == [(1, "kql.operators.naive")]
+
+
+def test_pyproject_check_finds_a_top_level_cuda(tmp_path):
+    bad = PYPROJECT.replace('"kql.cuda" =', '"cuda" =').replace('"kql.cuda"]', '"cuda"]')
+    assert top_level_cuda(tomllib.loads(bad)["tool"]["setuptools"]) == ["cuda", "cuda"]
+    found = {"packages": {"find": {"where": ["."]}}}
+    assert top_level_cuda(found)
