@@ -33,10 +33,13 @@ class Node:
     """Base node: knows how to walk and copy itself; subclasses only declare fields."""
 
     def children(self) -> Iterator["Node"]:
+        """Fields that are nodes, and the nodes inside tuple fields (a list of images)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Node):
                 yield value
+            elif isinstance(value, tuple):
+                yield from (item for item in value if isinstance(item, Node))
 
     def walk(self) -> Iterator["Node"]:
         """Pre-order traversal of this node and its descendants."""
@@ -68,6 +71,13 @@ class ImageFile(Node):
 class SampleImage(Node):
     """``sample('<skimage.data name>')``."""
     name: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ImageGlob(Node):
+    """A quoted glob pattern (``'cats/*.png'``): every matching file, in sorted order."""
+    pattern: str
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 
 
@@ -136,8 +146,16 @@ class Region(Node):
 
 # -- statements ---------------------------------------------------------------------------
 
+class ClausePositions:
+    """For statements that keep ``clause_pos``: where each clause keyword was written."""
+
+    def pos_of(self, clause: str) -> Pos:
+        """Position of a clause keyword ('patch', 'stride', ...) or of the statement."""
+        return dict(self.clause_pos).get(clause, self.pos)
+
+
 @dataclass(frozen=True)
-class Occlude(Node):
+class Occlude(ClausePositions, Node):
     """``OCCLUDE <image> USING <model> [clauses]``; omitted clauses are None."""
     image: ImageRef
     model: ModelName
@@ -155,10 +173,6 @@ class Occlude(Node):
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
     # Positions of individual clauses (keyword token), for pointing errors at them.
     clause_pos: Tuple[Tuple[str, Pos], ...] = field(default=(), compare=False, repr=False)
-
-    def pos_of(self, clause: str) -> Pos:
-        """Position of a clause keyword ('patch', 'stride', ...) or of the statement."""
-        return dict(self.clause_pos).get(clause, self.pos)
 
 
 @dataclass(frozen=True)
@@ -212,5 +226,22 @@ class Calibrate(Node):
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 
 
+@dataclass(frozen=True)
+class CalibrateModel(ClausePositions, Node):
+    """``CALIBRATE <model> ON (<image>, ...) | '<glob>' [PATCH] [STRIDE] [COLOR]``: tune the
+    model's projective-field threshold on sample images.
+
+    ``images`` holds the images as written (a glob is one :class:`ImageGlob`); PATCH,
+    STRIDE and COLOR mean what they mean in OCCLUDE, and omitted ones are None.
+    """
+    model: ModelName
+    images: Tuple[Union[ImageName, ImageFile, SampleImage, ImageGlob], ...]
+    patch: Optional[Tuple[int, int]] = None        # (height, width)
+    stride: Optional[Tuple[int, int]] = None       # (rows, columns)
+    color: Optional[Color] = None
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    clause_pos: Tuple[Tuple[str, Pos], ...] = field(default=(), compare=False, repr=False)
+
+
 Statement = Union[Occlude, Explain, LoadModel, LoadImage, ShowModels, ShowImages, SetOption,
-                  Calibrate]
+                  Calibrate, CalibrateModel]

@@ -148,6 +148,12 @@ def _parser():
                    help="torch CPU threads (default: the calibrated fastest count)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-captum", action="store_true", help="skip Captum")
+    p.add_argument("--tau", type=float, default=None,
+                   help="approximate: the chosen plan runs with SET tau = TAU")
+    p.add_argument("--ssim", type=float, default=None,
+                   help="approximate: the chosen plan runs WITH SSIM >= SSIM (tuned by CALIBRATE)")
+    p.add_argument("--calibrate", default=None, metavar="IMAGES",
+                   help="with --ssim: first tune on these skimage samples (comma-separated)")
     p.add_argument("--crossovers", action="store_true",
                    help="also time incremental inference at every crossover the planner costs")
     return p
@@ -208,13 +214,25 @@ def _bench(args) -> int:
     stmt = parse(text)[0]
     settings = {"naive": {"strategy": "naive"},
                 PURE: {"strategy": "incremental", "crossover": "none"},
-                "chosen plan": {"strategy": "auto", "crossover": "auto"}}
+                "chosen plan": {"strategy": "auto", "crossover": "auto",
+                                "tau": args.tau if args.tau is not None else "auto"}}
+    if args.ssim is not None:
+        if args.calibrate:
+            samples = ", ".join(f"sample('{name.strip()}')" for name in args.calibrate.split(","))
+            print(con.execute(f"CALIBRATE {args.model} ON ({samples}) PATCH {args.patch} "
+                              f"STRIDE {args.stride}").message)
+        chosen_text = text + f" WITH SSIM >= {args.ssim}"
+        chosen_stmt = parse(chosen_text)[0]
+    else:
+        chosen_text, chosen_stmt = text, stmt
     plans = {}
 
     def planned(name):
+        query = (chosen_stmt, chosen_text) if name == "chosen plan" else (stmt, text)
+
         def run():
-            con.settings.update(settings[name])
-            plans[name] = executor.plan(con, stmt, text)   # planning (views, costing) is timed too
+            con.settings.update({"tau": "auto", **settings[name]})
+            plans[name] = executor.plan(con, *query)   # planning (views, costing) is timed too
             return plans[name].run()
         return run
     engines = {name: planned(name) for name in settings}
@@ -279,17 +297,28 @@ def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_c
           f"{args.stride}, {n} positions (grid rows {rows[0]}..{rows[1] - 1} of "
           f"{full.full_shape[0]}x{full.full_shape[1]}), batch {args.batch}, "
           f"{thread_count} thread(s), {args.device}, {max(1, args.repeat)} round(s)")
-    print(f"{'engine':<18} {'ms/position':>12} {'vs naive':>9} {'peak MB':>9} {'max |dp| vs naive':>18}")
+    from .planner.tuning import heatmap_ssim
+
+    print(f"{'engine':<18} {'ms/position':>12} {'vs naive':>9} {'peak MB':>9} {'max |dp| vs naive':>18}"
+          f" {'SSIM vs naive':>14}")
+    shape = chosen.query.grid.shape
     for name, ts in times.items():
         t = statistics.median(ts)
-        diff = "-"
+        diff = ssim = "-"
         if hasattr(results[name], "probabilities"):
-            diff = f"{np.abs(results[name].probabilities - results['naive'].probabilities).max():.1e}"
-        print(f"{name:<18} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}")
+            mine, ref = results[name].probabilities, results["naive"].probabilities
+            diff = f"{np.abs(mine - ref).max():.1e}"
+            ssim = f"{heatmap_ssim(ref.reshape(shape), mine.reshape(shape)):.3f}"
+        print(f"{name:<18} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}"
+              f" {ssim:>14}")
     actual = statistics.median(times["chosen plan"])
     own = "".join(f", {k} {v}" for k, v in chosen.operator.describe().items())
     print(f"chosen plan: {chosen.operator.name}{own}; predicted {chosen.predicted_seconds:.2f}s, actual {actual:.2f}s "
           f"(predicted/actual {chosen.predicted_seconds / actual:.2f})")
+    if chosen.approximation is not None:
+        a = chosen.approximation
+        bound = "unknown" if a.predicted_ssim is None else f"{a.predicted_ssim:.3f}"
+        print(f"approximation: tau {a.tau:.2f} ({a.source}), predicted SSIM >= {bound}")
     print(f"theoretical R = Q/Q_inc (eqs 16-20, patch at the centre): {chosen.ratio:.2f}")
     swept = [PURE] + [name for name in times if name.startswith("crossover ")]
     if len(swept) > 1:

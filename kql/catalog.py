@@ -4,6 +4,10 @@
 registered (file paths, architecture, labels), so a later session finds them again.
 Modules and arrays registered from Python live only as long as the connection.
 
+It also keeps the tuning records of ``CALIBRATE <model> ON ...`` (``dir/tuning.json``, or
+in memory for an in-memory catalog), each with the fingerprint of the model it was tuned
+on: a record of other weights is not returned.
+
 >>> cat = Catalog()
 >>> cat.resolve_model("nope")
 Traceback (most recent call last):
@@ -13,6 +17,8 @@ kql.errors.KqlModelError: unknown model 'nope'; SHOW MODELS lists the registered
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 from typing import Optional
@@ -25,6 +31,8 @@ from .fileio import atomic_write
 from .models import BUILTIN, ModelSpec, builtin_efficientnet_lite0, load_model_file, torchvision_builders
 
 CATALOG_FILE = "catalog.json"
+TUNING_FILE = "tuning.json"
+TUNING_VERSION = 1
 
 
 class Catalog:
@@ -34,6 +42,7 @@ class Catalog:
         self._images: dict[str, torch.Tensor] = {}
         self._image_source: dict[str, str] = {}
         self._persisted: dict = {"models": {}, "images": {}}
+        self._tunings: dict = {}        # an in-memory catalog's: {model: {key: entry}}
         if directory is not None:
             self._open(directory)
 
@@ -112,6 +121,66 @@ class Catalog:
                              "source": "built-in"})
         return rows
 
+    # -- tuning records ---------------------------------------------------------------------
+
+    def tuning(self, model_name: str, key: str) -> Optional[dict]:
+        """The record saved for ``model_name`` under ``key``, or None: none saved, or saved
+        for other weights than those of the model now registered under that name.
+
+        >>> import torch
+        >>> from kql.models import ModelSpec
+        >>> cat = Catalog()
+        >>> cat.register_model(ModelSpec("net", torch.nn.Linear(2, 2)))
+        >>> cat.save_tuning("net", "16x16/4x4", {"tau": 0.5})
+        >>> cat.tuning("net", "16x16/4x4"), cat.tuning("net", "8x8/4x4")
+        ({'tau': 0.5}, None)
+        >>> cat.register_model(ModelSpec("net", torch.nn.Linear(2, 2)))   # other weights
+        >>> cat.tuning("net", "16x16/4x4") is None
+        True
+        """
+        records = self._read_tunings().get(model_name)
+        entry = records.get(key) if isinstance(records, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("record"), dict):
+            return None
+        if entry.get("fingerprint") != self.resolve_model(model_name).fingerprint():
+            return None
+        return copy.deepcopy(entry["record"])
+
+    def save_tuning(self, model_name: str, key: str, record: dict) -> None:
+        """Keep ``record`` (JSON-able) for the model now registered as ``model_name``.
+
+        Records of that model for other weights are dropped. A persistent catalog re-reads
+        its file under a lock and merges this key in, so two sessions saving at once both
+        keep theirs.
+        """
+        entry = {"fingerprint": self.resolve_model(model_name).fingerprint(),
+                 "record": json.loads(json.dumps(record))}      # a copy, and JSON-able
+        if self.directory is None:
+            _merge_tuning(self._tunings, model_name, key, entry)
+            return
+        path = os.path.join(self.directory, TUNING_FILE)
+        with _locked(os.path.join(self.directory, ".tuning.lock")):
+            stored = self._read_tunings()
+            _merge_tuning(stored, model_name, key, entry)
+            atomic_write(path, lambda fh: json.dump(
+                {"version": TUNING_VERSION, "models": stored}, fh, indent=1, sort_keys=True),
+                prefix=".tuning-")
+
+    def _read_tunings(self) -> dict:
+        """``{model: {key: entry}}``; a persistent catalog's file is read again each time
+        (another session may have written it); an unreadable one counts as empty."""
+        if self.directory is None:
+            return self._tunings
+        try:
+            with open(os.path.join(self.directory, TUNING_FILE), encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != TUNING_VERSION:
+            return {}
+        models = data.get("models")
+        return models if isinstance(models, dict) else {}
+
     # -- images ---------------------------------------------------------------------------
 
     def register_image(self, name: str, image) -> torch.Tensor:
@@ -149,6 +218,30 @@ class Catalog:
             rows.append({"name": name, "height": int(t.shape[1]) if t is not None else None,
                          "width": int(t.shape[2]) if t is not None else None, "source": source})
         return rows
+
+
+def _merge_tuning(store: dict, model_name: str, key: str, entry: dict) -> None:
+    records = store.get(model_name)
+    records = {k: e for k, e in records.items() if isinstance(e, dict)
+               and e.get("fingerprint") == entry["fingerprint"]} if isinstance(records, dict) else {}
+    records[key] = entry
+    store[model_name] = records
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _size_text(size) -> Optional[str]:

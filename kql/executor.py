@@ -8,12 +8,14 @@ optimized and physically planned first.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 import time
 
 from . import ast
 from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
 from .planner.devices import require_cuda
-from .planner.logical import bind, fail
+from .planner.logical import at_node, bind, fail
 from .planner.physical import PlanContext, plan_query
 from .planner.rules import optimize
 from .result import Result
@@ -21,7 +23,8 @@ from .result import Result
 
 def plan(con, stmt: ast.Occlude, text: str):
     start = time.perf_counter()
-    ctx = PlanContext(settings=con.settings.copy(), directory=con.catalog.directory)
+    ctx = PlanContext(settings=con.settings.copy(), directory=con.catalog.directory,
+                      tuning_lookup=getattr(con.catalog, "tuning", None))
     logical = optimize(bind(stmt, text, con.catalog), ctx)
     physical = plan_query(logical, ctx)
     physical = dataclasses.replace(physical, planning_seconds=time.perf_counter() - start)
@@ -61,8 +64,15 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
     if not stmt.analyze:
         return Result("explain", text, plan="\n".join(physical.explain()))
     profile: dict = {}
-    run(physical, stmt.statement, progress, profile)
+    out = run(physical, stmt.statement, progress, profile)
     profile["total"] = time.perf_counter() - start
+    if physical.approximate:            # verify the promise: the exact map, side by side
+        from .planner.tuning import heatmap_ssim
+
+        exact = run(physical.exact(), stmt.statement, None)
+        shape = physical.query.grid.shape
+        profile["ssim"] = heatmap_ssim(exact.probabilities.reshape(shape),
+                                       out.probabilities.reshape(shape))
     return Result("explain", text, plan="\n".join(physical.explain(profile)))
 
 
@@ -77,6 +87,71 @@ def calibrate(con, stmt: ast.Calibrate, text: str, progress) -> Result:
     return Result("set", text, message=f"calibrated {device}: convolutions up to "
                                         f"{2 * best / 1e9:.1f} GFLOP/s, copies "
                                         f"{tp.bandwidth / 1e9:.1f} GB/s")
+
+
+# Below this many images CALIBRATE still tunes, but says its bound is loose.
+FEW_CALIBRATION_IMAGES = 5
+
+
+def calibrate_model(con, stmt: ast.CalibrateModel, text: str, progress) -> Result:
+    """``CALIBRATE <model> ON ...``: tune the projective-field threshold on the images and
+    keep the tuning record in the catalog, for the OCCLUDE queries of that geometry."""
+    queries = bind_calibration(con, stmt, text)
+    from .planner import tuning     # the tuner, only once the statement is bound
+
+    record = tuning.tune(queries, settings=con.settings, directory=con.catalog.directory,
+                         progress=progress)
+    con.catalog.save_tuning(queries[0].model.name, tuning.key(queries[0]), record.to_dict())
+    message = record.summary()
+    if len(queries) < FEW_CALIBRATION_IMAGES:
+        count = f"{len(queries)} image{'' if len(queries) == 1 else 's'}"
+        warning = f"tuned on {count}: fewer than {FEW_CALIBRATION_IMAGES}, the bound is loose"
+        message += f"; {warning}"
+    return Result("set", text, message=message)
+
+
+def bind_calibration(con, stmt: ast.CalibrateModel, text: str) -> list:
+    """One logical OCCLUDE query per image of the statement (globs expanded), bound as
+    OCCLUDE binds them: same resize, defaults, checks and error positions."""
+    try:
+        con.catalog.resolve_model(stmt.model.name)      # an unknown model before any image
+    except KqlError as exc:
+        raise at_node(exc, stmt.model)
+    queries = []
+    for image in _calibration_images(stmt.images):
+        occlude = ast.Occlude(image=image, model=stmt.model, patch=stmt.patch, stride=stmt.stride,
+                              color=stmt.color, pos=stmt.pos, clause_pos=stmt.clause_pos)
+        queries.append(bind(occlude, text, con.catalog))
+    first = queries[0]
+    for query in queries[1:]:
+        if query.image.shape != first.image.shape:
+            raise at_node(KqlPlanError(
+                f"CALIBRATE: images must have the same size after the model's resize; got "
+                f"{_size(first)} ({_label(first)}) and {_size(query)} ({_label(query)})"),
+                query.statement.image)
+    return queries
+
+
+def _calibration_images(images):
+    """The images as written, each glob replaced by the files it matches (sorted)."""
+    for image in images:
+        if not isinstance(image, ast.ImageGlob):
+            yield image
+            continue
+        paths = sorted(p for p in glob.glob(image.pattern, recursive=True) if not os.path.isdir(p))
+        if not paths:
+            raise at_node(KqlPlanError(f"no files match '{image.pattern}'"), image)
+        yield from (ast.ImageFile(path, pos=image.pos) for path in paths)
+
+
+def _size(query) -> str:
+    return f"{query.image.shape[1]}x{query.image.shape[2]}"
+
+
+def _label(query) -> str:
+    """How the image was named: 'a' for a catalog name, 'a.png', sample('cat')."""
+    ref = query.statement.image
+    return f"'{ref.name}'" if isinstance(ref, ast.ImageName) else query.image_label
 
 
 def load_model(con, stmt: ast.LoadModel, text: str, progress) -> Result:
@@ -118,6 +193,7 @@ HANDLERS = {
     ast.ShowImages: show_images,
     ast.SetOption: set_option,
     ast.Calibrate: calibrate,
+    ast.CalibrateModel: calibrate_model,
 }
 
 
@@ -137,4 +213,7 @@ def _result(physical, out, text: str) -> Result:
         probability=out.base_probability,
         plan="\n".join(physical.explain()),
         model=q.model.name, image_label=q.image_label, image=q.image,
-        patch=q.grid.patch, stride=q.grid.stride, offset=q.grid.offset)
+        patch=q.grid.patch, stride=q.grid.stride, offset=q.grid.offset,
+        tau=physical.approximation.tau if physical.approximation else 1.0,
+        predicted_ssim=physical.approximation.predicted_ssim if physical.approximation else None,
+        tuning=physical.approximation.source if physical.approximation else "")

@@ -7,6 +7,7 @@ are read with ``torch.load(..., weights_only=True)``: a pickle never runs code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
@@ -41,6 +42,7 @@ class ModelSpec:
     source: str = "session"
     arch: str = "custom"
     _composed: Optional[nn.Module] = field(default=None, repr=False)
+    _fingerprint: Optional[str] = field(default=None, repr=False, compare=False)
 
     def composed(self) -> nn.Module:
         """The module with normalisation in front: pixel-space [B,3,H,W] in, logits out."""
@@ -57,6 +59,21 @@ class ModelSpec:
     def num_classes(self) -> Optional[int]:
         return len(self.labels) if self.labels is not None else None
 
+    def fingerprint(self) -> str:
+        """What decides the model's outputs, as a hex digest: its layers (``repr``), weights
+        and buffers (:func:`weights_fingerprint`), normalisation and input size.
+
+        Computed on the first call and kept for the life of this spec (a registration):
+        hashing VGG16's weights reads 500 MB. A module changed in place after it was
+        registered keeps the old fingerprint until it is registered again.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256(weights_fingerprint(self.module).encode())
+            digest.update(repr((self.mean, self.std, self.input_size)).encode())
+            digest.update(repr(self.module).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel; traced by torch.fx as point-wise arithmetic."""
@@ -68,6 +85,31 @@ class Normalize(nn.Module):
 
     def forward(self, x):
         return (x - self.mean) / self.std
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over the state dict: each entry's name, dtype, shape and bytes, in order.
+
+    >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    >>> weights_fingerprint(a) == weights_fingerprint(a), weights_fingerprint(a) == weights_fingerprint(b)
+    (True, False)
+    """
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        if nn.parameter.is_lazy(tensor):        # a lazy module before its first call
+            digest.update(f"{name}:uninitialized;".encode())
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor):
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    try:
+        return flat.view(torch.uint8).numpy().data
+    except (RuntimeError, TypeError):    # quantized and other tensors numpy cannot view
+        return repr(flat.tolist()).encode()
 
 
 def imagenet_labels() -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from kql import ast
@@ -119,16 +119,8 @@ class _ToAst(Transformer):
     # -- statements
     def occlude(self, meta, children):
         image, model, *clauses = children
-        fields, where = {}, []
-        for clause in clauses:
-            if clause.name in dict(where):
-                keyword = _CLAUSE_KEYWORDS.get(clause.name, clause.name.upper())
-                raise KqlSyntaxError(f"duplicate {keyword} clause",
-                                     line=clause.pos.line, column=clause.pos.column)
-            fields.update(clause.fields)
-            where.append((clause.name, clause.pos))
-        return ast.Occlude(image=image, model=model, pos=_pos(meta), clause_pos=tuple(where),
-                           **fields)
+        fields, where = _gather(clauses)
+        return ast.Occlude(image=image, model=model, pos=_pos(meta), clause_pos=where, **fields)
 
     def explain(self, meta, children):
         analyze, statement = children
@@ -159,6 +151,18 @@ class _ToAst(Transformer):
     def calibrate(self, meta, children):
         device = str(children[0]).lower() if children and children[0] is not None else None
         return ast.Calibrate(device=device, pos=_pos(meta))
+
+    def calibrate_model(self, meta, children):
+        model, images, *clauses = children
+        fields, where = _gather(clauses)
+        return ast.CalibrateModel(model=model, images=images, pos=_pos(meta), clause_pos=where,
+                                  **fields)
+
+    def image_list(self, meta, children):
+        return tuple(children)
+
+    def image_glob(self, meta, children):
+        return (ast.ImageGlob(_unquote(children[0]), pos=_pos(meta)),)
 
     # -- image and model
     def image_name(self, meta, children):
@@ -233,6 +237,19 @@ class _ToAst(Transformer):
         return _Clause("into", _pos(meta), {"into": _unquote(children[0])})
 
 
+def _gather(clauses: list) -> tuple[dict, tuple]:
+    """The fields the clauses set and where each was written; a repeated clause is an error."""
+    fields, where = {}, []
+    for clause in clauses:
+        if clause.name in dict(where):
+            keyword = _CLAUSE_KEYWORDS.get(clause.name, clause.name.upper())
+            raise KqlSyntaxError(f"duplicate {keyword} clause",
+                                 line=clause.pos.line, column=clause.pos.column)
+        fields.update(clause.fields)
+        where.append((clause.name, clause.pos))
+    return fields, tuple(where)
+
+
 def _size(numbers: list, keyword: str) -> tuple[int, int]:
     height, width = numbers
     height = _whole(height, keyword)
@@ -244,6 +261,7 @@ def _size(numbers: list, keyword: str) -> tuple[int, int]:
 _CLAUSES = ("_TARGET", "_PATCH", "_STRIDE", "_COLOR", "_REGION", "_WITH", "_DRILLDOWN", "_ON",
             "_BATCH", "_INTO")
 _STATEMENTS = ("_OCCLUDE", "_EXPLAIN", "_LOAD", "_SHOW", "_SET", "_CALIBRATE")
+_CALIBRATE_CLAUSES = ("_PATCH", "_STRIDE", "_COLOR")    # what CALIBRATE <model> shares
 _IMAGE_FORMS = frozenset({"NAME", "STRING", "_SAMPLE"})
 _VALUES = frozenset({"NAME", "STRING", "NUMBER", "COLOR_NAME", "DEVICE"})
 
@@ -257,7 +275,8 @@ _WORDS = {
 }
 # A name right after these keywords is a particular kind of name.
 _NAME_AFTER = {"_USING": "a model name", "_MODEL": "a model name", "_IMAGE": "an image name",
-               "_ARCH": "an architecture name (a torchvision builder)", "_SET": "a setting name"}
+               "_ARCH": "an architecture name (a torchvision builder)", "_SET": "a setting name",
+               "_CALIBRATE": "a model name"}
 
 
 def _syntax_error(err: UnexpectedInput, text: str) -> KqlSyntaxError:
@@ -277,21 +296,21 @@ def _bad_character(err: UnexpectedCharacters, text: str) -> str:
         return "unterminated string: the closing quote is missing on this line"
     if char == "-" and text[err.pos_in_stream + 1:err.pos_in_stream + 2] in tuple("0123456789."):
         return "unexpected '-': negative numbers are not allowed"
-    expected = (err.allowed or set()) - {"<END-OF-FILE>"}
+    expected = _acceptable(err, err.allowed) - {"<END-OF-FILE>", "$END"}
     return f"unexpected character {char!r}" + (f"; expected {_describe(expected)}"
                                               if expected else "")
 
 
 def _unexpected_token(err: UnexpectedToken) -> tuple[str, Token]:
     """The message for a token the grammar does not allow here, and the token to point at."""
-    token, expected = err.token, set(err.expected)
+    token, expected = err.token, _acceptable(err, err.expected)
     stack = _value_stack(err)
-    previous = stack[-1] if stack and isinstance(stack[-1], Token) else None
-    misread = _keyword_read_as_name(stack)
+    previous = _last_token(stack[-1]) if stack else None
+    misread = _keyword_read_as_name(stack) or _calibrate_mistake(token, expected, stack)
     if misread is not None:
         return misread
     found = "end of input" if token.type == "$END" else _quoted(token)
-    if token.type == "NAME" and set(_CLAUSES) <= expected:
+    if token.type == "NAME" and (set(_CLAUSES) <= expected or set(_CALIBRATE_CLAUSES) <= expected):
         return f"unknown clause {found}; expected {_describe(expected)}", token
     if token.type == "NAME" and set(_STATEMENTS) <= expected:
         return f"unknown statement {found}; expected {_describe(expected)}", token
@@ -307,6 +326,20 @@ def _unexpected_token(err: UnexpectedToken) -> tuple[str, Token]:
     return f"expected {what}{after}, found {found}", token
 
 
+def _acceptable(err: UnexpectedInput, fallback) -> set:
+    """The terminals the parser really accepts where it failed.
+
+    LALR merges states with the same items, and with them their lookaheads: the state
+    after an image name is one state in ``OCCLUDE img`` and ``CALIBRATE m ON (img``, so
+    Lark's own expected set would offer ')' after an OCCLUDE image. Feeding each candidate
+    to a copy of the parser keeps only what can follow here.
+    """
+    parser = getattr(err, "interactive_parser", None)
+    if parser is None:
+        return set(fallback or ())
+    return set(parser.accepts())
+
+
 def _keyword_read_as_name(stack: list) -> Optional[tuple[str, Token]]:
     """``OCCLUDE USING m`` or ``... USING PATCH 8``: a keyword the lexer took for the name."""
     if len(stack) < 2 or not all(isinstance(t, Token) for t in stack[-2:]):
@@ -319,6 +352,35 @@ def _keyword_read_as_name(stack: list) -> Optional[tuple[str, Token]]:
     if before.type == "_USING" and f"_{name.upper()}" in _CLAUSES:
         return f"expected a model name after USING, found {_quoted(name)}", name
     return None
+
+
+def _calibrate_mistake(token: Token, expected: set, stack: list) -> Optional[tuple[str, Token]]:
+    """CALIBRATE's own slips: no images in ``()``, an OCCLUDE-only clause, no model."""
+    tokens = [t for t in stack if isinstance(t, Token)]
+    if not tokens or tokens[0].type != "_CALIBRATE":
+        return None
+    found = "end of input" if token.type == "$END" else _quoted(token)
+    if _IMAGE_FORMS <= expected and token.type == "_RPAR" and tokens[-1].type == "_LPAR":
+        return "CALIBRATE needs at least one image in the parentheses, found ')'", token
+    if expected == {"_LPAR", "STRING"}:
+        return (f"expected the images after ON: in parentheses, like (a, 'b.png', "
+                f"sample('cat')), or a quoted glob like 'cats/*.png'; found {found}"), token
+    if expected == {"DEVICE"} and token.type in ("_LPAR", "STRING"):
+        return (f"expected CPU, GPU or AUTO after ON, found {found}; to tune a model on "
+                f"images, name it first: CALIBRATE <model> ON (...)"), token
+    clause = "_" + str(token).upper()
+    if set(_CALIBRATE_CLAUSES) <= expected and clause in _CLAUSES and clause not in expected:
+        return (f"{_word(clause)} is not a CALIBRATE clause; expected "
+                f"{_describe(expected)}"), token
+    return None
+
+
+def _last_token(value) -> Optional[Token]:
+    """The last token of a value on the parser's stack (a token, or a rule it reduced)."""
+    if isinstance(value, Token):
+        return value
+    tokens = list(value.scan_values(lambda v: isinstance(v, Token))) if isinstance(value, Tree) else []
+    return tokens[-1] if tokens else None
 
 
 def _value_stack(err: UnexpectedToken) -> list:
@@ -337,7 +399,8 @@ def _describe(expected: set, previous: Optional[Token] = None) -> str:
     if _IMAGE_FORMS <= expected:
         expected -= _IMAGE_FORMS
         words.append((1, "an image (a name, a quoted file name or sample('<name>'))"))
-    for group, label in ((_STATEMENTS, "a statement"), (_CLAUSES, "a clause")):
+    for group, label in ((_STATEMENTS, "a statement"), (_CLAUSES, "a clause"),
+                         (_CALIBRATE_CLAUSES, "a clause")):
         if set(group) <= expected:
             expected -= set(group)
             words.append((1, f"{label} ({', '.join(_word(t) for t in group)})"))

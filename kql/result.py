@@ -34,6 +34,9 @@ class Result:
     offset: tuple = (0, 0)                        # grid index of heatmap[0, 0]
     seconds: float = 0.0
     into: Optional[str] = None
+    tau: float = 1.0                              # projective-field threshold (1: exact)
+    predicted_ssim: Optional[float] = None        # the planner's bound on SSIM vs the exact map
+    tuning: str = ""                              # where tau came from ('tuned on N images', 'user', ...)
 
     def to_arrow(self):
         """One table row: the query, model, target, map shape and the map itself."""

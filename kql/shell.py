@@ -41,6 +41,9 @@ KQL statements end with ';' and may span lines; '--' starts a comment.
   LOAD IMAGE <name> FROM '<file>'
   SHOW MODELS;  SHOW IMAGES;
   SET strategy = 'auto' | 'naive' | 'incremental';
+  CALIBRATE [ON cpu|gpu]                     measure the device for the cost model
+  CALIBRATE <model> ON (<image>, ...) | ON '<glob>' [PATCH ...] [STRIDE ...] [COLOR ...]
+                                             tune the threshold of WITH SSIM on samples
 
 Example:
   OCCLUDE sample('chelsea') USING efficientnet_lite0 PATCH 16 STRIDE 8 INTO 'out.png';

@@ -23,7 +23,7 @@ import torch.fx as fx
 from . import gather as g
 from .graph import Join, Local, Pointwise
 from .profile import ModelProfile
-from .steps import COVER, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable
+from .steps import COVER, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, scan
 
 
@@ -49,6 +49,15 @@ class IncrementalOcclusion:
         self.profile = profile
         self.steps = steps
         self.batch_size = max(1, int(batch_size))
+
+    def exact(self) -> "IncrementalOcclusion":
+        """The same operator without the projective-field threshold."""
+        if self.steps.tau >= 1.0:
+            return self
+        t = self.steps
+        first = t[self.profile.image_node]
+        steps = plan_steps(self.profile, first.y, first.x, t.patch, t.crossover, 1.0)
+        return IncrementalOcclusion(self.profile, steps, self.batch_size)
 
     def describe(self) -> dict:
         """This operator's own EXPLAIN items."""

@@ -17,6 +17,9 @@ class NaiveOcclusion:
     def __init__(self, batch_size: int = 16):
         self.batch_size = max(1, int(batch_size))
 
+    def exact(self) -> "NaiveOcclusion":
+        return self
+
     def describe(self) -> dict:
         """This operator's own EXPLAIN items (none: it is the plain loop)."""
         return {}

@@ -56,6 +56,7 @@ def _operator_line(plan, actual) -> str:
         items["predicted_s"] = _num(plan.predicted_seconds, 3)
         if plan.naive_seconds:
             items["naive_predicted_s"] = _num(plan.naive_predicted_seconds, 3)
+    items.update(_approximation_items(plan, actual))
     if plan.reason:
         items["reason"] = plan.reason
     if actual is not None:
@@ -63,6 +64,24 @@ def _operator_line(plan, actual) -> str:
         if cost is not None and actual["total"] > 0:
             items["predicted/actual"] = _num(plan.predicted_seconds / actual["total"])
     return _line(plan.operator.name, **items)
+
+
+def _approximation_items(plan, actual) -> dict:
+    """The quality target, the threshold's predicted SSIM and speedup, where it came from."""
+    choice = plan.approximation
+    if choice is None:
+        return {}
+    items = {"ssim_target": _num(plan.query.ssim) if plan.query.ssim is not None else None}
+    if choice.tau >= 1.0 and "tau" not in plan.operator.describe():
+        items["tau"] = "1.00"
+    items["predicted_ssim"] = _num(choice.predicted_ssim, 3) if choice.predicted_ssim is not None else "unknown"
+    if plan.exact_seconds and plan.cost is not None:
+        exact = plan.planning_seconds + plan.exact_seconds
+        items["predicted_speedup"] = _num(exact / plan.predicted_seconds)
+    if actual is not None and "ssim" in actual:
+        items["achieved_ssim"] = _num(actual["ssim"], 3)
+    items["tuning"] = '"' + choice.source + '"'
+    return items
 
 
 def _groups(plan) -> list:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -23,8 +23,10 @@ from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
 from . import calibrate, devices, memory
+from .approximate import choose_tau, task_of
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
 from .logical import OcclusionQuery
+from .tuning import Choice
 
 # Fraction 1: a patch that has grown to its whole feature map is handed on as a full
 # tensor. It never costs more than pure incremental inference (the seed prototype's,
@@ -60,12 +62,7 @@ class PlanContext:
     def crossover(self):
         return self.settings.get("crossover", "auto")
 
-    @property
-    def tau(self) -> float:
-        """The projective-field threshold asked for: a number, or 1 (exact) for 'auto'
-        when the query sets no quality target."""
-        value = self.settings.get("tau", "auto")
-        return 1.0 if value == "auto" else float(value)
+    tuning_lookup: Optional[Callable] = None            # (model name, key) -> record dict or None
 
     def throughput(self, device: str):
         return calibrate.throughput(device, self.directory)
@@ -86,6 +83,8 @@ class PhysicalPlan:
     crossover: Optional[float] = None         # chosen fraction, None = pure incremental (seed)
     memory_bytes: int = 0
     threads: Optional[int] = None             # CPU threads to run with (calibrated)
+    approximation: Optional[Choice] = None    # tau and where it came from; None: exact, unasked
+    exact_seconds: Optional[float] = None     # predicted run of the same plan at tau 1
 
     @property
     def batches(self) -> int:
@@ -102,12 +101,16 @@ class PhysicalPlan:
     def naive_predicted_seconds(self) -> Optional[float]:
         return None if self.naive_seconds is None else self.planning_seconds + self.naive_seconds
 
+    @property
+    def approximate(self) -> bool:
+        return self.approximation is not None and self.approximation.tau < 1.0
+
+    def exact(self) -> "PhysicalPlan":
+        """The same plan computing the exact map (EXPLAIN ANALYZE compares the two)."""
+        return dataclasses.replace(self, operator=self.operator.exact(), approximation=None)
+
     def task(self) -> OcclusionTask:
-        q = self.query
-        ys, xs = q.grid.positions()
-        return OcclusionTask(model=q.model.composed(), image=q.image,
-                             color=torch.tensor(q.color, dtype=torch.float32),
-                             patch=q.grid.patch, ys=ys, xs=xs, target=q.target, device=self.device)
+        return task_of(self.query, self.device)
 
     def run(self, progress: Progress = None, timings: Optional[dict] = None) -> OcclusionResult:
         """The heat map; with ``timings``, seconds per node where the operator has nodes."""
@@ -161,9 +164,13 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) 
                               memory_bytes=memory.naive_bytes(profile, naive_batch), threads=threads)
     if ctx.strategy == "naive":
         return dataclasses.replace(naive_plan, reason="strategy=naive")
-    best = _best_incremental(query, ctx, profile, tp, budget, device, threads)
-    best = dataclasses.replace(best, ratio=naive_plan.ratio,
-                               naive_seconds=naive_plan.predicted_seconds)
+    choice = choose_tau(query, ctx.settings, ctx.tuning_lookup)
+    tau = choice.tau if choice is not None else 1.0
+    best = _best_incremental(query, ctx, profile, tp, budget, device, threads, tau)
+    exact = best if tau >= 1.0 else _best_incremental(query, ctx, profile, tp, budget, device, threads)
+    best = dataclasses.replace(best, ratio=naive_plan.ratio, approximation=choice,
+                               naive_seconds=naive_plan.predicted_seconds,
+                               exact_seconds=exact.predicted_seconds if tau < 1.0 else None)
     if ctx.strategy == "auto" and best.predicted_seconds > NAIVE_MARGIN * naive_plan.predicted_seconds:
         return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper")
     return best
@@ -188,12 +195,11 @@ def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
     return tables
 
 
-def _best_incremental(query, ctx, profile, tp, budget, device, threads) -> PhysicalPlan:
+def _best_incremental(query, ctx, profile, tp, budget, device, threads, tau=1.0) -> PhysicalPlan:
     setting = ctx.crossover
     fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
     plans = []
-    tau = ctx.tau
     for steps in crossover_candidates(profile, query.grid.positions(), query.grid.patch,
                                       fractions, tau):
         batch = query.batch or memory.incremental_batch(profile, steps, budget, device)

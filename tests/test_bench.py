@@ -13,7 +13,8 @@ def test_bench_runs_every_engine(capsys):
     out = capsys.readouterr().out
     assert code == 0
     rows = {m.group(1): m for m in re.finditer(
-        r"^(naive|pure incremental|chosen plan|captum)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+)\s+(\S+)$", out, re.M)}
+        r"^(naive|pure incremental|chosen plan|captum)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+)\s+(\S+)\s+(\S+)$",
+        out, re.M)}
     assert set(rows) == {"naive", "pure incremental", "chosen plan", "captum"}
     assert float(rows["naive"].group(3)) == 1.0
     for name in ("pure incremental", "chosen plan"):
@@ -48,7 +49,18 @@ def test_bench_crossover_sweep(capsys):
     assert len(sweep) >= 3                                  # resnet18 has earlier crossovers
     assert nodes[1:] == sorted(set(nodes[1:]))              # each a distinct, larger set
     assert sum(1 for _, chosen, *_ in sweep if chosen) <= 1
-    rows = re.findall(r"^(?:crossover ([01]\.\d\d)|pure incremental)\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+(\S+)$",
-                      out, re.M)
+    rows = re.findall(r"^(?:crossover ([01]\.\d\d)|pure incremental)\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+(\S+)"
+                      r"\s+\S+$", out, re.M)
     assert [f for f, _ in rows] == [""] + labels[1:]
     assert all(float(diff) <= 1e-5 for _, diff in rows)      # every engine matches naive
+
+
+def test_bench_approximate_mode_reports_tau_and_ssim(capsys):
+    code = bench.main(["--model", "resnet18", "--patch", "48", "--stride", "16", "--positions", "40",
+                       "--batch", "8", "--threads", "1", "--no-captum", "--tau", "0.3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^chosen plan: IncrementalOcclusion, crossover [0-9.]+, tau 0\.30;", out, re.M)
+    assert "approximation: tau 0.30 (user)" in out
+    ssim = re.search(r"^chosen plan\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+\S+\s+([0-9.]+)$", out, re.M)
+    assert ssim and 0.0 <= float(ssim.group(1)) <= 1.0

@@ -1,8 +1,8 @@
 """Check the quality clauses: WITH SSIM >= s (0 < s <= 1) and DRILLDOWN r [SPEEDUP k].
 
-The approximate operators (projective-field thresholding, adaptive drill-down) are not
-built yet, so a query that asks for them fails with a clear error after its values are
-checked, instead of silently running exactly.
+WITH SSIM is planned by projective-field thresholding (the physical planner picks tau).
+Adaptive drill-down is not built yet, so DRILLDOWN fails with a clear error after its
+values are checked, instead of silently running exactly.
 
 >>> from types import SimpleNamespace
 >>> from kql.parser import parse
@@ -10,6 +10,8 @@ checked, instead of silently running exactly.
 ...     s = parse(text)[0]
 ...     return SimpleNamespace(statement=s, ssim=s.ssim, drilldown=s.drilldown, speedup=s.speedup)
 >>> check(plan("OCCLUDE img USING net"), None) is None        # exact: nothing to refuse
+True
+>>> check(plan("OCCLUDE img USING net WITH SSIM >= 0.9"), None) is None
 True
 >>> check(plan("OCCLUDE img USING net WITH SSIM >= 1.5"), None)
 Traceback (most recent call last):
@@ -36,9 +38,6 @@ def check(plan, ctx) -> None:
         if plan.speedup <= 1.0 or plan.speedup >= 1.0 / plan.drilldown:
             raise fail(stmt, "drilldown", f"SPEEDUP must lie in (1, {1.0 / plan.drilldown:g}) for "
                                           f"DRILLDOWN {plan.drilldown:g}, got {plan.speedup:g}")
-    if plan.ssim is not None:
-        raise fail(stmt, "ssim", "WITH SSIM (approximate heat maps) is not available yet; "
-                                 "drop the clause for the exact map", KqlNotSupportedError)
     if plan.drilldown is not None:
         raise fail(stmt, "drilldown", "DRILLDOWN (adaptive drill-down) is not available yet; "
                                       "drop the clause for the exact map", KqlNotSupportedError)

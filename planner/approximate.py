@@ -1,0 +1,67 @@
+"""Where the projective-field threshold of a query comes from, and maps to tune it on.
+
+``SET tau = t`` fixes it (``user``). With ``WITH SSIM >= s`` and tau 'auto', the
+catalog's tuning for this model, patch, stride and colour (``CALIBRATE <model> ON ...``)
+gives the fastest tau expected to keep ``s`` (:meth:`.tuning.TuningRecord.choose`).
+With no tuning the map is exact (tau 1, ``default``): nothing measured, nothing promised.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from kql.operators.incremental import IncrementalOcclusion
+from kql.operators.steps import plan_steps
+from kql.operators.task import OcclusionTask
+
+from . import memory
+from .tuning import Choice, TuningRecord, key
+
+NO_TUNING = "default: no tuning for this model, patch, stride and colour; CALIBRATE <model> ON (...) tunes it"
+
+
+def choose_tau(query, settings, lookup) -> Optional[Choice]:
+    """The threshold for ``query``, or None when the plan is exact and nobody asked.
+
+    ``lookup(model_name, key)`` returns the catalog's tuning record (a dict) or None.
+    """
+    value = settings.get("tau", "auto")
+    record = None
+    if query.ssim is not None or value != "auto":
+        stored = lookup(query.model.name, key(query)) if lookup is not None else None
+        record = TuningRecord.from_dict(stored) if stored else None
+    if value != "auto":
+        tau = float(value)
+        predicted = 1.0 if tau >= 1.0 else (record.predicted(tau) if record else None)
+        return Choice(tau, predicted, "user")
+    if query.ssim is None:
+        return None
+    if record is None:
+        return Choice(1.0, 1.0, NO_TUNING)
+    return record.choose(query.ssim)
+
+
+def task_of(query, device: str) -> OcclusionTask:
+    ys, xs = query.grid.positions()
+    return OcclusionTask(model=query.model.composed(), image=query.image,
+                         color=torch.tensor(query.color, dtype=torch.float32),
+                         patch=query.grid.patch, ys=ys, xs=xs, target=query.target, device=device)
+
+
+def exact_and_thresholded(query, device: str, taus) -> tuple:
+    """The exact probability map of ``query`` and one thresholded map per tau."""
+    from .physical import profile_model
+
+    profile = profile_model(query, device)
+    task = task_of(query, device)
+    budget = memory.budget(device)
+    maps = []
+    for tau in (1.0,) + tuple(taus):
+        steps = plan_steps(profile, task.ys, task.xs, task.patch, tau=tau)
+        batch = query.batch or memory.incremental_batch(profile, steps, budget, device)
+        maps.append(IncrementalOcclusion(profile, steps, batch).run(task).probabilities)
+    shape = query.grid.shape
+    return maps[0].reshape(shape), [np.asarray(m).reshape(shape) for m in maps[1:]]

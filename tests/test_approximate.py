@@ -1,0 +1,104 @@
+"""WITH SSIM: the planner picks tau from a tuning, explains it, and keeps its promise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kql
+from helpers import blob_image, calibrate_batchnorm, sensitive
+from kql.planner.tuning import TuningRecord, heatmap_ssim, tolerance_factor
+from models_zoo import custom_model
+
+H, W = 64, 80
+QUERY = "OCCLUDE {img} USING net PATCH 12 STRIDE 4 COLOR black"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def con():
+    c = kql.connect()
+    images = [blob_image(H, W, seed=s) for s in range(8)]
+    model = sensitive(calibrate_batchnorm(custom_model("residual_two_rf"), H, W), images[0], (12, 12))
+    c.register_model("net", model)
+    for i, image in enumerate(images):
+        c.register_image(f"i{i}", image)
+    c.execute("SET strategy = 'incremental'")
+    return c
+
+
+def operator_line(result) -> str:
+    return result.plan.splitlines()[1]
+
+
+def test_no_tuning_means_the_exact_map_and_says_so():
+    c = kql.connect()
+    model = sensitive(calibrate_batchnorm(custom_model("residual_two_rf"), H, W), blob_image(H, W), (12, 12))
+    c.register_model("net", model)
+    c.register_image("img", blob_image(H, W, seed=3))
+    exact = c.execute(QUERY.format(img="img"))
+    asked = c.execute(QUERY.format(img="img") + " WITH SSIM >= 0.9")
+    assert np.array_equal(exact.heatmap, asked.heatmap)
+    assert asked.tau == 1.0 and asked.predicted_ssim == 1.0 and asked.tuning.startswith("default")
+    line = operator_line(c.execute("EXPLAIN " + QUERY.format(img="img") + " WITH SSIM >= 0.9"))
+    assert "ssim_target=0.90" in line and "tau=1.00" in line and 'tuning="default' in line
+
+
+def test_tuned_threshold_is_chosen_explained_and_holds_on_other_images(con):
+    message = con.execute("CALIBRATE net ON (i0, i1, i2, i3, i4) PATCH 12 STRIDE 4 COLOR black").message
+    assert "tuned on 5 images" in message
+    result = con.execute(QUERY.format(img="i6") + " WITH SSIM >= 0.9")
+    assert result.tau < 1.0, result.plan                # the tuning found a cheaper tau
+    assert result.predicted_ssim >= 0.9 and result.tuning == "tuned on 5 images"
+    line = operator_line(result)
+    assert f"tau={result.tau:.2f}" in line and "predicted_ssim=" in line and "predicted_speedup=" in line
+    for held_out in ("i5", "i6", "i7"):                   # images the tuning never saw
+        exact = con.execute(QUERY.format(img=held_out))
+        approx = con.execute(QUERY.format(img=held_out) + " WITH SSIM >= 0.9")
+        assert heatmap_ssim(exact.heatmap, approx.heatmap) >= 0.9, held_out
+    analyze = operator_line(con.execute("EXPLAIN ANALYZE " + QUERY.format(img="i7") + " WITH SSIM >= 0.9"))
+    achieved = float(analyze.split("achieved_ssim=")[1].split(",")[0])
+    assert achieved >= 0.9
+    # a stricter target never picks a smaller (cheaper, coarser) tau
+    strict = con.execute(QUERY.format(img="i6") + " WITH SSIM >= 0.99")
+    assert strict.tau >= result.tau
+
+
+def test_user_tau_wins_over_the_tuning(con):
+    con.execute("SET tau = 0.5")
+    try:
+        result = con.execute(QUERY.format(img="i6") + " WITH SSIM >= 0.9")
+    finally:
+        con.execute("SET tau = 'auto'")
+    assert result.tau == 0.5 and result.tuning == "user"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("SET tau = 0", "tau must be 'auto' or a fraction in (0, 1]"),
+    ("SET tau = 1.5", "tau must be 'auto' or a fraction in (0, 1]"),
+    ("SET tau = 'fast'", "tau must be 'auto' or a fraction in (0, 1]"),
+    ("OCCLUDE i0 USING net WITH SSIM >= 1.2", "SSIM target must lie in (0, 1]"),
+])
+def test_bad_quality_settings(con, text, message):
+    with pytest.raises(kql.KqlError, match=r"line 1, column \d+: " + message.replace("(", r"\(")
+                       .replace(")", r"\)").replace("]", r"\]").replace("[", r"\[")):
+        con.execute(text)
+
+
+def test_bound_is_conservative_and_monotone():
+    record = TuningRecord((0.9, 0.7, 0.5), ((0.99,) * 6, (0.97, 0.9, 0.95, 0.96, 0.93, 0.97),
+                                            (0.9, 0.5, 0.8, 0.85, 0.7, 0.9)), 6)
+    values = np.array(record.ssims[1])
+    assert record.bound(1) <= values.min()
+    assert record.bound(1) <= values.mean() - tolerance_factor(6) * values.std(ddof=1) + 1e-12
+    assert record.choose(0.85).tau == 0.7        # 0.5's bound is far below the target
+    assert record.choose(0.995).tau == 1.0       # nothing reaches it: the exact map
+    assert TuningRecord.from_dict(record.to_dict()) == record
