@@ -5,6 +5,7 @@ import os
 import tempfile
 
 import pytest
+import torch
 
 from models_zoo import sensitive_small_cnn
 
@@ -18,3 +19,17 @@ def pytest_configure(config):
 @pytest.fixture
 def small_model():
     return sensitive_small_cnn()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run this module on one intra-op thread, then restore the setting.
+
+    The tensors here are small, so a second thread gains little; but when another
+    process holds one of two cores, OpenMP's barriers made a 2-thread forward pass
+    10-60x slower on the shared development machine (DenseNet: 0.07 s -> 4 s).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

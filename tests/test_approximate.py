@@ -15,12 +15,7 @@ H, W = 64, 80
 QUERY = "OCCLUDE {img} USING net PATCH 12 STRIDE 4 COLOR black"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

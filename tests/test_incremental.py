@@ -32,18 +32,7 @@ MIN_RANGE = 0.02
 COLORS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module on one intra-op thread, then restore the setting.
-
-    The tensors here are small, so a second thread gains little; but when another
-    process holds one of two cores, OpenMP's barriers made a 2-thread forward pass
-    10-60x slower on the shared development machine (DenseNet: 0.07 s -> 4 s).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def operator_line(result) -> str:

@@ -27,12 +27,7 @@ PATCH = (12, 12)
 COLOR = (0.0, 0.0, 0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MaskedReference(fx.Interpreter):
