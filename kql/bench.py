@@ -154,6 +154,13 @@ def _parser():
                    help="approximate: the chosen plan runs WITH SSIM >= SSIM (tuned by CALIBRATE)")
     p.add_argument("--calibrate", default=None, metavar="IMAGES",
                    help="with --ssim: first tune on these skimage samples (comma-separated)")
+    p.add_argument("--drilldown", type=float, default=None, metavar="R",
+                   help="approximate: the chosen plan runs DRILLDOWN R (stage two on R of the map)")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="with --drilldown: its SPEEDUP (sets the stage-one stride, eq 47)")
+    p.add_argument("--naive-positions", type=int, default=None, metavar="N",
+                   help="time naive on a band of about N positions only (its time per position "
+                        "is constant); maps are then compared with pure incremental (exact)")
     p.add_argument("--crossovers", action="store_true",
                    help="also time incremental inference at every crossover the planner costs")
     return p
@@ -216,19 +223,25 @@ def _bench(args) -> int:
                 PURE: {"strategy": "incremental", "crossover": "none"},
                 "chosen plan": {"strategy": "auto", "crossover": "auto",
                                 "tau": args.tau if args.tau is not None else "auto"}}
+    chosen_text = text
     if args.ssim is not None:
         if args.calibrate:
             samples = ", ".join(f"sample('{name.strip()}')" for name in args.calibrate.split(","))
             print(con.execute(f"CALIBRATE {args.model} ON ({samples}) PATCH {args.patch} "
                               f"STRIDE {args.stride}").message)
-        chosen_text = text + f" WITH SSIM >= {args.ssim}"
-        chosen_stmt = parse(chosen_text)[0]
-    else:
-        chosen_text, chosen_stmt = text, stmt
+        chosen_text += f" WITH SSIM >= {args.ssim}"
+    if args.drilldown is not None:
+        chosen_text += f" DRILLDOWN {args.drilldown}" + (f" SPEEDUP {args.speedup}" if args.speedup else "")
+    queries = {"chosen plan": (parse(chosen_text)[0], chosen_text)}
+    if args.naive_positions:
+        n0, n1 = band(*full.full_shape, args.naive_positions)
+        ny0, ny1 = n0 * args.stride, (n1 - 1) * args.stride + args.patch
+        naive_text = text.replace(f"REGION (0, {y0}, {w}, {y1 - y0})", f"REGION (0, {ny0}, {w}, {ny1 - ny0})")
+        queries["naive"] = (parse(naive_text)[0], naive_text)
     plans = {}
 
     def planned(name):
-        query = (chosen_stmt, chosen_text) if name == "chosen plan" else (stmt, text)
+        query = queries.get(name, (stmt, text))
 
         def run():
             con.settings.update({"tau": "auto", **settings[name]})
@@ -292,24 +305,29 @@ def _measure(engines: dict, args):
 def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_count):
     chosen = plans["chosen plan"]
     n = chosen.query.grid.count
-    naive_t = statistics.median(times["naive"])
+    count = {name: plans[name].query.grid.count if name in plans else n for name in times}
+    naive_rate = statistics.median(times["naive"]) / count["naive"]
+    reference = "naive" if count["naive"] == n else PURE
     print(f"kql bench: {spec.name}, image {size[0]}x{size[1]}, patch {args.patch}, stride "
           f"{args.stride}, {n} positions (grid rows {rows[0]}..{rows[1] - 1} of "
           f"{full.full_shape[0]}x{full.full_shape[1]}), batch {args.batch}, "
           f"{thread_count} thread(s), {args.device}, {max(1, args.repeat)} round(s)")
+    if reference != "naive":
+        print(f"naive timed on {count['naive']} of the positions; maps compared with {reference} (exact)")
     from .planner.tuning import heatmap_ssim
 
     print(f"{'engine':<18} {'ms/position':>12} {'vs naive':>9} {'peak MB':>9} {'max |dp| vs naive':>18}"
           f" {'SSIM vs naive':>14}")
     shape = chosen.query.grid.shape
     for name, ts in times.items():
-        t = statistics.median(ts)
+        rate = statistics.median(ts) / count[name]
         diff = ssim = "-"
-        if hasattr(results[name], "probabilities"):
-            mine, ref = results[name].probabilities, results["naive"].probabilities
+        mine = getattr(results[name], "probabilities", None)
+        if mine is not None and len(mine) == n:
+            ref = results[reference].probabilities
             diff = f"{np.abs(mine - ref).max():.1e}"
             ssim = f"{heatmap_ssim(ref.reshape(shape), mine.reshape(shape)):.3f}"
-        print(f"{name:<18} {1000 * t / n:>12.2f} {naive_t / t:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}"
+        print(f"{name:<18} {1000 * rate:>12.2f} {naive_rate / rate:>8.2f}x {peaks[name] / 2**20:>9.0f} {diff:>18}"
               f" {ssim:>14}")
     actual = statistics.median(times["chosen plan"])
     own = "".join(f", {k} {v}" for k, v in chosen.operator.describe().items())

@@ -54,10 +54,17 @@ class IncrementalOcclusion:
         """The same operator without the projective-field threshold."""
         if self.steps.tau >= 1.0:
             return self
+        first = self.steps[self.profile.image_node]
+        return self._with(first.y, first.x, 1.0)
+
+    def at(self, ys, xs) -> "IncrementalOcclusion":
+        """The same policy (crossover, threshold, batch) for patches at other corners."""
+        return self._with(ys, xs, self.steps.tau)
+
+    def _with(self, ys, xs, tau: float) -> "IncrementalOcclusion":
         t = self.steps
-        first = t[self.profile.image_node]
-        steps = plan_steps(self.profile, first.y, first.x, t.patch, t.crossover, 1.0)
-        return IncrementalOcclusion(self.profile, steps, self.batch_size)
+        return IncrementalOcclusion(self.profile, plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau),
+                                    self.batch_size)
 
     def describe(self) -> dict:
         """This operator's own EXPLAIN items."""

@@ -27,6 +27,8 @@ def render(plan, actual: Optional[dict] = None) -> list[str]:
     lines = [_line("HeatMap", target=target, shape=f"{rows}x{cols}", positions=q.grid.count,
                    into=q.into or "none")]
     lines.append("  " + _operator_line(plan, actual))
+    for label, stage in zip(("StageOne", "StageTwo"), plan.stages):     # drill-down
+        lines.append(f"    {label} " + _operator_line(stage, None))
     if plan.cost is not None:
         lines += ["    " + text for text in _node_lines(plan, actual)]
     h, w = q.image.shape[1:]
@@ -52,6 +54,7 @@ def _operator_line(plan, actual) -> str:
         if cost.gather_bytes is not None:
             items["gather_mb"] = _num(cost.gather_bytes * n / 2**20, 1)
         items["memory_mb"] = _num(plan.memory_bytes / 2**20, 0)
+    if plan.predicted_seconds is not None:
         items["planning_s"] = _num(plan.planning_seconds, 3)
         items["predicted_s"] = _num(plan.predicted_seconds, 3)
         if plan.naive_seconds:
@@ -61,7 +64,7 @@ def _operator_line(plan, actual) -> str:
         items["reason"] = plan.reason
     if actual is not None:
         items["actual_s"] = _num(actual["total"], 3)
-        if cost is not None and actual["total"] > 0:
+        if plan.predicted_seconds is not None and actual["total"] > 0:
             items["predicted/actual"] = _num(plan.predicted_seconds / actual["total"])
     return _line(plan.operator.name, **items)
 
@@ -70,12 +73,12 @@ def _approximation_items(plan, actual) -> dict:
     """The quality target, the threshold's predicted SSIM and speedup, where it came from."""
     choice = plan.approximation
     if choice is None:
-        return {}
+        return {"achieved_ssim": _num(actual["ssim"], 3)} if actual and "ssim" in actual else {}
     items = {"ssim_target": _num(plan.query.ssim) if plan.query.ssim is not None else None}
     if choice.tau >= 1.0 and "tau" not in plan.operator.describe():
         items["tau"] = "1.00"
     items["predicted_ssim"] = _num(choice.predicted_ssim, 3) if choice.predicted_ssim is not None else "unknown"
-    if plan.exact_seconds and plan.cost is not None:
+    if plan.exact_seconds and plan.predicted_seconds is not None:
         exact = plan.planning_seconds + plan.exact_seconds
         items["predicted_speedup"] = _num(exact / plan.predicted_seconds)
     if actual is not None and "ssim" in actual:

@@ -25,6 +25,7 @@ from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 from . import calibrate, devices, memory
 from .approximate import choose_tau, task_of
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
+from .drilldown import plan_drilldown
 from .logical import OcclusionQuery
 from .tuning import Choice
 
@@ -84,6 +85,8 @@ class PhysicalPlan:
     memory_bytes: int = 0
     threads: Optional[int] = None             # CPU threads to run with (calibrated)
     approximation: Optional[Choice] = None    # tau and where it came from; None: exact, unasked
+    stages: tuple = ()                        # drill-down: the stage-one and stage-two plans
+    stage_seconds: Optional[float] = None     # drill-down: their predicted run, together
     exact_seconds: Optional[float] = None     # predicted run of the same plan at tau 1
 
     @property
@@ -91,11 +94,19 @@ class PhysicalPlan:
         return -(-self.query.grid.count // self.batch)
 
     @property
-    def predicted_seconds(self) -> Optional[float]:
-        """Planning (already spent, measured) plus the predicted run."""
+    def run_seconds(self) -> Optional[float]:
+        """The predicted run after planning: set-up and every batch (or the stages')."""
+        if self.stages:
+            return self.stage_seconds
         if self.cost is None:
             return None
-        return self.planning_seconds + self.setup_seconds + self.cost.seconds * self.batches
+        return self.setup_seconds + self.cost.seconds * self.batches
+
+    @property
+    def predicted_seconds(self) -> Optional[float]:
+        """Planning (already spent, measured) plus the predicted run."""
+        run = self.run_seconds
+        return None if run is None else self.planning_seconds + run
 
     @property
     def naive_predicted_seconds(self) -> Optional[float]:
@@ -103,7 +114,8 @@ class PhysicalPlan:
 
     @property
     def approximate(self) -> bool:
-        return self.approximation is not None and self.approximation.tau < 1.0
+        """The map differs from the exact one (thresholded, or drilled down)."""
+        return self.operator.exact() is not self.operator
 
     def exact(self) -> "PhysicalPlan":
         """The same plan computing the exact map (EXPLAIN ANALYZE compares the two)."""
@@ -148,11 +160,21 @@ def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
 
 
 def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
+    profile, reason = None, ""
     try:
         profile = profile_model(query, device)
     except TraceError as exc:
+        reason = _quote(str(exc))
+    if query.drilldown is not None:
+        return plan_drilldown(query, lambda q: _single(q, ctx, device, tp, threads, profile, reason))
+    return _single(query, ctx, device, tp, threads, profile, reason)
+
+
+def _single(query, ctx, device, tp, threads, profile, reason="") -> PhysicalPlan:
+    """The cheapest plan computing every position of the query's grid."""
+    if profile is None:                        # torch.fx cannot trace it: the plain loop
         batch = query.batch or 16
-        return PhysicalPlan(query, NaiveOcclusion(batch), batch, device, reason=_quote(str(exc)),
+        return PhysicalPlan(query, NaiveOcclusion(batch), batch, device, reason=reason,
                             threads=threads)
     patch = query.grid.patch
     budget = memory.budget(device)

@@ -44,7 +44,6 @@ def error_of(con, query):
     ("OCCLUDE img USING net REGION (20, 0, 20, 10)", kql.KqlPlanError, "is not inside the image"),
     ("OCCLUDE img USING net WITH SSIM >= 1.5", kql.KqlPlanError, "SSIM target must lie in (0, 1], got 1.5"),
     ("OCCLUDE img USING net WITH SSIM >= 0", kql.KqlPlanError, "SSIM target must lie in (0, 1], got 0"),
-    ("OCCLUDE img USING net DRILLDOWN 0.25", kql.KqlNotSupportedError, "not available yet"),
     ("OCCLUDE img USING net DRILLDOWN 0.25 SPEEDUP 5", kql.KqlPlanError, "SPEEDUP must lie in (1, 4)"),
     ("OCCLUDE img USING net COLOR (2, 0, 0)", kql.KqlPlanError, "colour components must lie in [0, 1]"),
     ("OCCLUDE img USING net BATCH 0", kql.KqlPlanError, "BATCH must be at least 1"),

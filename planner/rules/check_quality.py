@@ -1,8 +1,7 @@
 """Check the quality clauses: WITH SSIM >= s (0 < s <= 1) and DRILLDOWN r [SPEEDUP k].
 
-WITH SSIM is planned by projective-field thresholding (the physical planner picks tau).
-Adaptive drill-down is not built yet, so DRILLDOWN fails with a clear error after its
-values are checked, instead of silently running exactly.
+WITH SSIM is planned by projective-field thresholding (the physical planner picks tau),
+DRILLDOWN by adaptive drill-down (``planner/drilldown.py``).
 
 >>> from types import SimpleNamespace
 >>> from kql.parser import parse
@@ -17,13 +16,12 @@ True
 Traceback (most recent call last):
 ...
 kql.errors.KqlPlanError: line 1, column 23: SSIM target must lie in (0, 1], got 1.5
->>> check(plan("OCCLUDE img USING net DRILLDOWN 0.25"), None)
+>>> check(plan("OCCLUDE img USING net DRILLDOWN 0.25 SPEEDUP 5"), None)
 Traceback (most recent call last):
 ...
-kql.errors.KqlNotSupportedError: line 1, column 23: DRILLDOWN (adaptive drill-down) is not available yet; drop the clause for the exact map
+kql.errors.KqlPlanError: line 1, column 23: SPEEDUP must lie in (1, 4) for DRILLDOWN 0.25, got 5
 """
 
-from kql.errors import KqlNotSupportedError
 from kql.planner.logical import fail
 
 
@@ -38,6 +36,3 @@ def check(plan, ctx) -> None:
         if plan.speedup <= 1.0 or plan.speedup >= 1.0 / plan.drilldown:
             raise fail(stmt, "drilldown", f"SPEEDUP must lie in (1, {1.0 / plan.drilldown:g}) for "
                                           f"DRILLDOWN {plan.drilldown:g}, got {plan.speedup:g}")
-    if plan.drilldown is not None:
-        raise fail(stmt, "drilldown", "DRILLDOWN (adaptive drill-down) is not available yet; "
-                                      "drop the clause for the exact map", KqlNotSupportedError)

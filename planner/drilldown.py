@@ -1,0 +1,50 @@
+"""Planning adaptive drill-down (seed paper 000, sections 4.3 and 4.4).
+
+``DRILLDOWN r SPEEDUP s`` asks for stage two on the fraction ``r`` of the map and a
+speedup ``s`` over the plain map; the stage-one stride follows from eq 47 (without
+SPEEDUP, ``s`` = :data:`DEFAULT_SHARE` / ``r``: 3x for the paper's default r = 0.25).
+Both stages are planned by the same planner as any query (naive, incremental or
+thresholded, whichever is cheapest): stage one on the coarse grid, stage two on the
+requested grid, priced at the fraction of it that runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kql.operators.drilldown import DrillDownOcclusion, speedup_of, stage_one_stride
+
+DEFAULT_SHARE = 0.75          # SPEEDUP = 0.75 / r when the query gives none (< 1 / r, eq 48)
+
+
+def stage_strides(query) -> tuple:
+    """The stage-one stride per dimension (eq 47)."""
+    fraction = query.drilldown
+    speedup = query.speedup or DEFAULT_SHARE / fraction
+    return tuple(stage_one_stride(s, fraction, speedup) for s in query.grid.stride)
+
+
+def plan_drilldown(query, plan_single):
+    """The drill-down plan of ``query``; ``plan_single(q)`` plans one stage's query."""
+    from .logical import fail
+
+    s1 = stage_strides(query)
+    coarse = dataclasses.replace(query.grid, stride=s1)
+    if coarse.problem() or coarse.count < 1:
+        raise fail(query.statement, "drilldown",
+                   f"DRILLDOWN: the stage-one stride {s1[0]}x{s1[1]} leaves no patch position "
+                   f"in the image or region; ask for a lower SPEEDUP")
+    one = plan_single(query.replace(grid=coarse, drilldown=None, speedup=None))
+    two = plan_single(query.replace(drilldown=None, speedup=None))
+    fraction = float(query.drilldown)
+    ys, xs = coarse.positions()
+    rows, cols = coarse.shape
+    operator = DrillDownOcclusion(one.operator, two.operator, (ys, xs, rows, cols), fraction)
+    seconds = None
+    if one.run_seconds is not None and two.run_seconds is not None:
+        seconds = one.run_seconds + fraction * (two.run_seconds - two.setup_seconds)
+    return dataclasses.replace(
+        two, operator=operator, stages=(one, two), stage_seconds=seconds, cost=None,
+        reason=f"stage-one stride {s1[0]}x{s1[1]}, positions {coarse.count} + "
+               f"{max(1, round(fraction * query.grid.count))} of {query.grid.count}, "
+               f"eq 46 speedup {speedup_of(s1, query.grid.stride, fraction):.2f}")
