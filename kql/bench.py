@@ -154,6 +154,8 @@ def _parser():
                    help="approximate: the chosen plan runs WITH SSIM >= SSIM (tuned by CALIBRATE)")
     p.add_argument("--calibrate", default=None, metavar="IMAGES",
                    help="with --ssim: first tune on these skimage samples (comma-separated)")
+    p.add_argument("--gates", default="exact", choices=("exact", "frozen"),
+                   help="approximate: the chosen plan keeps global gates at their unoccluded values")
     p.add_argument("--drilldown", type=float, default=None, metavar="R",
                    help="approximate: the chosen plan runs DRILLDOWN R (stage two on R of the map)")
     p.add_argument("--speedup", type=float, default=None,
@@ -221,7 +223,7 @@ def _bench(args) -> int:
     stmt = parse(text)[0]
     settings = {"naive": {"strategy": "naive"},
                 PURE: {"strategy": "incremental", "crossover": "none"},
-                "chosen plan": {"strategy": "auto", "crossover": "auto",
+                "chosen plan": {"strategy": "auto", "crossover": "auto", "gates": args.gates,
                                 "tau": args.tau if args.tau is not None else "auto"}}
     chosen_text = text
     if args.ssim is not None:
@@ -244,7 +246,7 @@ def _bench(args) -> int:
         query = queries.get(name, (stmt, text))
 
         def run():
-            con.settings.update({"tau": "auto", **settings[name]})
+            con.settings.update({"tau": "auto", "gates": "exact", **settings[name]})
             plans[name] = executor.plan(con, *query)   # planning (views, costing) is timed too
             return plans[name].run()
         return run

@@ -20,13 +20,15 @@ from .task import OcclusionResult, OcclusionTask, Progress
 
 
 def stage_one_stride(stride: int, fraction: float, speedup: float) -> int:
-    """S1 = sqrt(speedup / (1 - r speedup)) S2 (eq 47), rounded, at least S2 + 1.
+    """S1 = sqrt(speedup / (1 - r speedup)) S2 (eq 47), rounded to a multiple of S2 (at
+    least 2 S2): stage one's cells are then cells of the requested grid, whose values
+    stage two reuses.
 
-    >>> stage_one_stride(4, 0.25, 3.0)
-    14
+    >>> stage_one_stride(4, 0.25, 3.0)          # eq 47: 13.9
+    12
     """
     s1 = math.sqrt(speedup / (1.0 - fraction * speedup)) * stride
-    return max(stride + 1, int(round(s1)))
+    return stride * max(2, int(round(s1 / stride)))
 
 
 def speedup_of(s1: tuple, s2: tuple, fraction: float) -> float:
@@ -87,19 +89,61 @@ class DrillDownOcclusion:
     def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
         coarse_task = dataclasses.replace(task, ys=self.coarse_ys, xs=self.coarse_xs)
         first = self.stage_one.run(coarse_task, None, None)
-        cy = self.coarse_ys.reshape(self.rows, self.cols)[:, 0]
-        cx = self.coarse_xs.reshape(self.rows, self.cols)[0, :]
-        probs = interpolate(first.probabilities.reshape(self.rows, self.cols), cy, cx, task.ys, task.xs)
-        logits = interpolate(first.logits.reshape(self.rows, self.cols), cy, cx, task.ys, task.xs)
-        keep = max(1, int(math.ceil(self.fraction * task.count)))
-        chosen = np.sort(np.argsort(probs, kind="stable")[:keep])    # the largest drops
-        ys, xs = task.ys[chosen], task.xs[chosen]
-        fine_task = dataclasses.replace(task, ys=ys, xs=xs, target=first.target)
-        second = self.stage_two.at(ys, xs).run(fine_task, None, timings)
-        probs = probs.astype(np.float32)
-        logits = logits.astype(np.float32)
-        probs[chosen] = second.probabilities
-        logits[chosen] = second.logits
+        grid = (self.coarse_ys, self.coarse_xs, self.rows, self.cols)
+        probs, chosen, known = drill(first.probabilities, grid, task.ys, task.xs, self.fraction)
+        logits, _, _ = drill(first.logits, grid, task.ys, task.xs, self.fraction)
+        todo = chosen[~np.isin(chosen, known)]            # stage one's own cells are done
+        if len(todo):
+            ys, xs = task.ys[todo], task.xs[todo]
+            fine_task = dataclasses.replace(task, ys=ys, xs=xs, target=first.target)
+            second = self.stage_two.at(ys, xs).run(fine_task, None, timings)
+            probs[todo] = second.probabilities
+            logits[todo] = second.logits
         if progress is not None:
             progress(task.count, task.count)
         return OcclusionResult(probs, logits, first.target, first.base_probability, first.base_logits)
+
+
+def drill(coarse_values: np.ndarray, grid: tuple, ys: np.ndarray, xs: np.ndarray,
+          fraction: float) -> tuple:
+    """Stage one's values spread over the requested cells (at ``ys, xs``).
+
+    Returns ``(values, chosen, known)``: float32 values per cell (stage one's own where a
+    cell is one of its positions, bilinear elsewhere), the indices of the fraction of cells
+    with the lowest values (the largest drops: stage two's), and the indices of the cells
+    stage one computed.
+
+    >>> g = (np.array([0, 0, 8, 8]), np.array([0, 8, 0, 8]), 2, 2)
+    >>> ys, xs = np.repeat([0, 4, 8], 3), np.tile([0, 4, 8], 3)
+    >>> values, chosen, known = drill(np.array([1.0, 1.0, 1.0, 0.0]), g, ys, xs, 0.2)
+    >>> values.reshape(3, 3).tolist(), chosen.tolist(), known.tolist()
+    ([[1.0, 1.0, 1.0], [1.0, 0.75, 0.5], [1.0, 0.5, 0.0]], [5, 8], [0, 2, 6, 8])
+    """
+    cys, cxs, rows, cols = grid
+    cy, cx = cys.reshape(rows, cols)[:, 0], cxs.reshape(rows, cols)[0, :]
+    values = interpolate(np.asarray(coarse_values, np.float64).reshape(rows, cols), cy, cx, ys, xs)
+    key = ys.astype(np.int64) * (int(xs.max()) + 1) + xs
+    coarse_key = cys.astype(np.int64) * (int(xs.max()) + 1) + cxs
+    known = np.flatnonzero(np.isin(key, coarse_key))
+    order = np.argsort(key)
+    at = order[np.searchsorted(key, coarse_key, sorter=order).clip(0, len(key) - 1)]
+    hit = key[at] == coarse_key
+    values[at[hit]] = np.asarray(coarse_values, np.float64)[hit]
+    keep = max(1, int(math.ceil(fraction * len(ys))))
+    chosen = np.sort(np.argsort(values, kind="stable")[:keep])
+    return values.astype(np.float32), chosen, known
+
+
+def simulate(fine_values: np.ndarray, ys: np.ndarray, xs: np.ndarray, grid: tuple,
+             fraction: float) -> np.ndarray:
+    """The map drill-down would give if both stages computed ``fine_values`` (a whole map
+    over ``ys, xs``, of which stage one's cells ``grid`` are a subset): what tuning
+    measures without running drill-down."""
+    cys, cxs = grid[0], grid[1]
+    width = int(xs.max()) + 1
+    key = ys.astype(np.int64) * width + xs
+    order = np.argsort(key)
+    at = order[np.searchsorted(key, cys.astype(np.int64) * width + cxs, sorter=order)]
+    values, chosen, _ = drill(np.asarray(fine_values)[at], grid, ys, xs, fraction)
+    values[chosen] = np.asarray(fine_values)[chosen]
+    return values

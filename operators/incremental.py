@@ -23,7 +23,7 @@ import torch.fx as fx
 from . import gather as g
 from .graph import Join, Local, Pointwise
 from .profile import ModelProfile
-from .steps import COVER, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
+from .steps import COVER, FROZEN, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, scan
 
 
@@ -51,26 +51,28 @@ class IncrementalOcclusion:
         self.batch_size = max(1, int(batch_size))
 
     def exact(self) -> "IncrementalOcclusion":
-        """The same operator without the projective-field threshold."""
-        if self.steps.tau >= 1.0:
+        """The same operator without approximations (threshold, frozen gates)."""
+        if self.steps.tau >= 1.0 and self.steps.gates == "exact":
             return self
         first = self.steps[self.profile.image_node]
-        return self._with(first.y, first.x, 1.0)
+        return self._with(first.y, first.x, 1.0, "exact")
 
     def at(self, ys, xs) -> "IncrementalOcclusion":
-        """The same policy (crossover, threshold, batch) for patches at other corners."""
-        return self._with(ys, xs, self.steps.tau)
+        """The same policy (crossover, threshold, gates, batch) for patches at other corners."""
+        return self._with(ys, xs, self.steps.tau, self.steps.gates)
 
-    def _with(self, ys, xs, tau: float) -> "IncrementalOcclusion":
+    def _with(self, ys, xs, tau: float, gates: str) -> "IncrementalOcclusion":
         t = self.steps
-        return IncrementalOcclusion(self.profile, plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau),
-                                    self.batch_size)
+        steps = plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau, gates)
+        return IncrementalOcclusion(self.profile, steps, self.batch_size)
 
     def describe(self) -> dict:
         """This operator's own EXPLAIN items."""
         items = {"crossover": self.steps.crossover.label}
         if self.steps.tau < 1.0:
             items["tau"] = f"{self.steps.tau:.2f}"
+        if self.steps.gates == "frozen":
+            items["frozen_gates"] = self.steps.count(FROZEN)
         return items
 
     @torch.inference_mode()
@@ -95,7 +97,8 @@ class _Batch(fx.Interpreter):
         self.views = profile.views
         self.items = slice(0, 0)
         self.b = 0
-        self._do = {INPUT: self._input, VIEW: self._view, SHAPE: self._shape, PATCH: self._patch,
+        self._do = {INPUT: self._input, VIEW: self._view, FROZEN: self._view, SHAPE: self._shape,
+                    PATCH: self._patch,
                     COVER: self._cover, PROJECT: self._full, FULL: self._full, OUTPUT: self._output}
 
     def run(self, items: slice) -> torch.Tensor:

@@ -30,6 +30,7 @@ class ModelProfile:
         self.dynamic = frozenset(self._dynamic_nodes())
         self.ops = {n: classify(n, self.gm, self.views.get, self._arg_reader(n))
                     for n in self.nodes if n in self.dynamic and n.op.startswith("call")}
+        self.gates = frozenset(self._gates())
         self._padded: dict = {}
 
     @torch.inference_mode()
@@ -51,6 +52,25 @@ class ModelProfile:
             if n.op == "placeholder" or any(a in dynamic for a in n.all_input_nodes):
                 dynamic.add(n)
         return dynamic
+
+    def _gates(self) -> list:
+        """Global nodes that pool a feature map to 1x1 whose value rescales a feature map
+        again (squeeze-excitation): not the classifier head, which only reaches the output."""
+        def spatial(n):
+            v = self.views.get(n)
+            return isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[2] * v.shape[3] > 1
+
+        feeds_map: dict = {}
+        for n in reversed(self.nodes):
+            feeds_map[n] = any(spatial(u) or feeds_map.get(u, False) for u in n.users)
+        gates = []
+        for n in self.nodes:
+            v = self.views.get(n)
+            if (n in self.dynamic and n.op.startswith("call") and self.ops.get(n) is None
+                    and isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[2] == v.shape[3] == 1
+                    and any(spatial(a) for a in n.all_input_nodes) and feeds_map[n]):
+                gates.append(n)
+        return gates
 
     def _arg_reader(self, node: fx.Node):
         def arg(i, name, default):

@@ -29,6 +29,7 @@ COVER = "cover"        # computed on the changed region, which is the whole map:
 PROJECT = "project"    # run in full on inputs whose patches are projected into copies of their views
 FULL = "full"          # run in full on full inputs
 SHAPE = "shape"        # reads only the shape of its input (x.size(), x.shape)
+FROZEN = "frozen"      # a global gate kept at its unoccluded value (approximate): its view
 OUTPUT = "output"
 
 _LOCAL_NAMES = {"conv": "IncrementalConv", "maxpool": "IncrementalPool",
@@ -111,6 +112,7 @@ class StepTable:
     crossover: Crossover
     patch: tuple
     tau: float = 1.0                    # projective-field threshold; 1: exact
+    gates: str = "exact"                # 'frozen': global gates keep their unoccluded values
 
     def __getitem__(self, node: fx.Node) -> Step:
         return self.steps[node]
@@ -128,13 +130,18 @@ class StepTable:
 
 
 def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover(),
-               tau: float = 1.0) -> StepTable:
+               tau: float = 1.0, gates: str = "exact") -> StepTable:
     """The step of every node of ``profile`` for patches ``patch`` at corners ``ys, xs``.
 
     ``tau`` < 1 thresholds the projective field (seed paper 000, section 4.2): no node's
     changed region grows past ``round(tau x its map)`` per dimension; a larger one is cut
     to its centre, and the nodes that read it see the unoccluded values outside it (an
     approximation). ``tau`` = 1 is exact.
+
+    ``gates`` 'frozen' keeps every global gate (:attr:`ModelProfile.gates`: the global
+    pooling of a squeeze-excitation block, whose 1x1 output rescales a feature map again)
+    at its unoccluded value, so the changed region stays a patch through the block instead
+    of making every later layer full (an approximation; 'exact' computes them).
 
     >>> import torch
     >>> from torch import nn
@@ -151,19 +158,23 @@ def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover()
     ys = np.asarray(ys, np.int64)
     xs = np.asarray(xs, np.int64)
     steps: dict = {}
+    frozen = profile.gates if gates == "frozen" else frozenset()
     for n in profile.nodes:
-        steps[n] = _step(profile, n, steps, ys, xs, patch, crossover, tau)
-    return StepTable(steps, crossover, tuple(patch), tau)
+        steps[n] = _step(profile, n, steps, ys, xs, patch, crossover, tau, frozen)
+    return StepTable(steps, crossover, tuple(patch), tau, gates)
 
 
-def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover, tau: float) -> Step:
+def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover, tau: float,
+          frozen: frozenset) -> Step:
     if n.op == "placeholder":
         return Step(n, INPUT, size=tuple(patch), y=ys, x=xs)
     if n.op == "output":
         return Step(n, OUTPUT)
-    if n not in profile.dynamic:
+    inputs = [steps[a] for a in n.all_input_nodes if steps[a].mode not in (VIEW, FROZEN)]
+    if not inputs:                     # nothing it reads changes (or only frozen gates)
         return Step(n, VIEW)
-    inputs = [steps[a] for a in n.all_input_nodes if a in profile.dynamic]
+    if n in frozen:
+        return Step(n, FROZEN)
     patched = [s for s in inputs if s.hands_on_patch]
     if is_metadata(n) and steps[n.args[0]].hands_on_patch:
         return Step(n, SHAPE)

@@ -2,7 +2,9 @@
 
 ``SET tau = t`` fixes it (``user``). With ``WITH SSIM >= s`` and tau 'auto', the
 catalog's tuning for this model, patch, stride and colour (``CALIBRATE <model> ON ...``)
-gives the fastest tau expected to keep ``s`` (:meth:`.tuning.TuningRecord.choose`).
+gives the fastest tau expected to keep ``s`` (:meth:`.tuning.TuningRecord.choose`), and,
+with no DRILLDOWN clause, the drill-down settings expected to keep it too
+(:meth:`.tuning.TuningRecord.candidates`): the planner prices each and runs the cheapest.
 With no tuning the map is exact (tau 1, ``default``): nothing measured, nothing promised.
 """
 
@@ -42,6 +44,16 @@ def choose_tau(query, settings, lookup) -> Optional[Choice]:
     if record is None:
         return Choice(1.0, 1.0, NO_TUNING)
     return record.choose(query.ssim)
+
+
+def tuned_candidates(query, settings, lookup) -> list:
+    """The tuned ways to meet the query's SSIM target (plain map at a tau, or drill-down
+    at a tau), when the planner may choose among them: WITH SSIM, no DRILLDOWN clause, tau
+    'auto', a tuning in the catalog. Empty otherwise."""
+    if query.ssim is None or query.drilldown is not None or settings.get("tau", "auto") != "auto":
+        return []
+    stored = lookup(query.model.name, key(query)) if lookup is not None else None
+    return TuningRecord.from_dict(stored).candidates(query.ssim) if stored else []
 
 
 def task_of(query, device: str) -> OcclusionTask:

@@ -45,6 +45,7 @@ def plan_drilldown(query, plan_single):
         seconds = one.run_seconds + fraction * (two.run_seconds - two.setup_seconds)
     return dataclasses.replace(
         two, operator=operator, stages=(one, two), stage_seconds=seconds, cost=None,
+        exact_seconds=two.exact_seconds or two.run_seconds,
         reason=f"stage-one stride {s1[0]}x{s1[1]}, positions {coarse.count} + "
                f"{max(1, round(fraction * query.grid.count))} of {query.grid.count}, "
                f"eq 46 speedup {speedup_of(s1, query.grid.stride, fraction):.2f}")

@@ -75,8 +75,8 @@ def _approximation_items(plan, actual) -> dict:
     if choice is None:
         return {"achieved_ssim": _num(actual["ssim"], 3)} if actual and "ssim" in actual else {}
     items = {"ssim_target": _num(plan.query.ssim) if plan.query.ssim is not None else None}
-    if choice.tau >= 1.0 and "tau" not in plan.operator.describe():
-        items["tau"] = "1.00"
+    if "tau" not in plan.operator.describe():
+        items["tau"] = _num(choice.tau)
     items["predicted_ssim"] = _num(choice.predicted_ssim, 3) if choice.predicted_ssim is not None else "unknown"
     if plan.exact_seconds and plan.predicted_seconds is not None:
         exact = plan.planning_seconds + plan.exact_seconds

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from kql.errors import KqlModelError
+from kql.errors import KqlModelError, KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.naive import NaiveOcclusion
@@ -23,7 +23,7 @@ from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
 from . import calibrate, devices, memory
-from .approximate import choose_tau, task_of
+from .approximate import choose_tau, task_of, tuned_candidates
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
 from .drilldown import plan_drilldown
 from .logical import OcclusionQuery
@@ -165,13 +165,32 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) 
         profile = profile_model(query, device)
     except TraceError as exc:
         reason = _quote(str(exc))
+    candidates = tuned_candidates(query, ctx.settings, ctx.tuning_lookup) if profile else []
+    if candidates:                             # WITH SSIM: price every tuned way to meet it
+        plans = []
+        for choice in candidates:
+            try:
+                plans.append(_plan_choice(query, ctx, device, tp, threads, profile, choice))
+            except KqlPlanError:               # drill-down has no stage one on this grid
+                continue
+        return min(plans, key=lambda p: p.predicted_seconds)
     if query.drilldown is not None:
         return plan_drilldown(query, lambda q: _single(q, ctx, device, tp, threads, profile, reason))
     return _single(query, ctx, device, tp, threads, profile, reason)
 
 
-def _single(query, ctx, device, tp, threads, profile, reason="") -> PhysicalPlan:
-    """The cheapest plan computing every position of the query's grid."""
+def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPlan:
+    if choice.drilldown is None:
+        return _single(query, ctx, device, tp, threads, profile, choice=choice)
+    fraction, speedup = choice.drilldown
+    drilled = query.replace(drilldown=fraction, speedup=speedup)
+    plan = plan_drilldown(drilled, lambda q: _single(q, ctx, device, tp, threads, profile, choice=choice))
+    return dataclasses.replace(plan, query=query)
+
+
+def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
+    """The cheapest plan computing every position of the query's grid (at the
+    threshold of ``choice``; by default the one the settings and the tuning give)."""
     if profile is None:                        # torch.fx cannot trace it: the plain loop
         batch = query.batch or 16
         return PhysicalPlan(query, NaiveOcclusion(batch), batch, device, reason=reason,
@@ -186,26 +205,28 @@ def _single(query, ctx, device, tp, threads, profile, reason="") -> PhysicalPlan
                               memory_bytes=memory.naive_bytes(profile, naive_batch), threads=threads)
     if ctx.strategy == "naive":
         return dataclasses.replace(naive_plan, reason="strategy=naive")
-    choice = choose_tau(query, ctx.settings, ctx.tuning_lookup)
+    choice = choice or choose_tau(query, ctx.settings, ctx.tuning_lookup)
     tau = choice.tau if choice is not None else 1.0
-    best = _best_incremental(query, ctx, profile, tp, budget, device, threads, tau)
-    exact = best if tau >= 1.0 else _best_incremental(query, ctx, profile, tp, budget, device, threads)
+    gates = ctx.settings.get("gates", "exact")
+    best = _best_incremental(query, ctx, profile, tp, budget, device, threads, tau, gates)
+    approximate = tau < 1.0 or gates != "exact"
+    exact = _best_incremental(query, ctx, profile, tp, budget, device, threads) if approximate else best
     best = dataclasses.replace(best, ratio=naive_plan.ratio, approximation=choice,
                                naive_seconds=naive_plan.predicted_seconds,
-                               exact_seconds=exact.predicted_seconds if tau < 1.0 else None)
+                               exact_seconds=exact.predicted_seconds if approximate else None)
     if ctx.strategy == "auto" and best.predicted_seconds > NAIVE_MARGIN * naive_plan.predicted_seconds:
         return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper")
     return best
 
 
 def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
-                         tau: float = 1.0) -> list:
+                         tau: float = 1.0, gates: str = "exact") -> list:
     """``[StepTable, ...]``: the step table for patches at ``positions`` (ys, xs) under
     each crossover fraction, one per distinct policy (several fractions often cut the
     network at the same nodes); fraction None is pure incremental inference. ``tau``:
     the projective-field threshold of every table."""
     ys, xs = positions
-    natural = plan_steps(profile, ys, xs, patch, Crossover(), tau)
+    natural = plan_steps(profile, ys, xs, patch, Crossover(), tau, gates)
     tables, seen = [], set()
     for fraction in fractions:
         cross = crossover_at(profile, natural, fraction)
@@ -213,17 +234,18 @@ def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
             seen.add(cross)
             same = cross == natural.crossover          # no node cut: the natural steps
             tables.append(dataclasses.replace(natural, crossover=cross) if same
-                          else plan_steps(profile, ys, xs, patch, cross, tau))
+                          else plan_steps(profile, ys, xs, patch, cross, tau, gates))
     return tables
 
 
-def _best_incremental(query, ctx, profile, tp, budget, device, threads, tau=1.0) -> PhysicalPlan:
+def _best_incremental(query, ctx, profile, tp, budget, device, threads, tau=1.0,
+                      gates="exact") -> PhysicalPlan:
     setting = ctx.crossover
     fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
     plans = []
     for steps in crossover_candidates(profile, query.grid.positions(), query.grid.patch,
-                                      fractions, tau):
+                                      fractions, tau, gates):
         batch = query.batch or memory.incremental_batch(profile, steps, budget, device)
         # The views were materialized while planning: no set-up left to predict.
         plans.append(PhysicalPlan(query, IncrementalOcclusion(profile, steps, batch), batch, device,

@@ -6,7 +6,7 @@ A new setting is one more row of :data:`SETTINGS`.
 
 >>> s = Settings()
 >>> dict(s)
-{'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto'}
+{'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto', 'gates': 'exact'}
 >>> s.set("crossover", 0.5)
 >>> s["crossover"], s.get("strategy")
 (0.5, 'auto')
@@ -46,6 +46,12 @@ def _check_tau(value) -> Optional[str]:
     return f"tau must be 'auto' or a fraction in (0, 1], got {value!r}"
 
 
+def _check_gates(value) -> Optional[str]:
+    if value in ("exact", "frozen"):
+        return None
+    return f"gates must be 'exact' or 'frozen', got {value!r}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One session setting: its default, why a value is invalid (None: it is valid)."""
@@ -66,6 +72,9 @@ SETTINGS = {s.name: s for s in (
     Setting("tau", "auto", _check_tau,
             "projective-field threshold: no layer's changed region grows past this fraction "
             "of its map (approximate; 1 is exact); 'auto': chosen from WITH SSIM, else 1"),
+    Setting("gates", "exact", _check_gates,
+            "global gates (squeeze-excitation): 'exact' computes them per occlusion, 'frozen' "
+            "keeps their unoccluded values so incremental inference runs through them (approximate)"),
 )}
 
 
@@ -75,7 +84,7 @@ def problem(name: str, value) -> Optional[str]:
     >>> problem("strategy", "naive") is None
     True
     >>> problem("colour", 1)
-    "unknown setting 'colour'; settings: strategy, crossover, tau"
+    "unknown setting 'colour'; settings: strategy, crossover, tau, gates"
     """
     setting = SETTINGS.get(name)
     if setting is None:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 TAUS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+# Drill-down settings (fraction r, SPEEDUP) tuned besides plain maps, at tau 1 and every tau.
+DRILLDOWNS = ((0.25, 3.0), (0.1, 6.0))
 COVERAGE = 0.9
 CONFIDENCE = 0.9
 ONE_IMAGE_MARGIN = 0.05
@@ -75,6 +77,7 @@ class Choice:
     tau: float
     predicted_ssim: float       # the conservative bound at tau (1.0 for the exact map)
     source: str                 # 'tuned on N images', 'user', 'default (...)'
+    drilldown: Optional[tuple] = None    # (fraction, SPEEDUP) when drill-down was tuned in
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,11 @@ class TuningRecord:
     ssims: tuple                # [len(taus)][images]
     images: int
     seconds: float = 0.0
+    drills: tuple = ()          # ((fraction, speedup, ssims[1 + len(taus)][images]), ...): tau 1, taus
 
     def bound(self, i: int) -> float:
         """The conservative SSIM bound at ``taus[i]``."""
-        values = np.asarray(self.ssims[i], np.float64)
-        if len(values) == 1:
-            return float(values[0] - ONE_IMAGE_MARGIN)
-        k = tolerance_factor(len(values))
-        return float(min(values.min(), values.mean() - k * values.std(ddof=1)))
+        return conservative(self.ssims[i])
 
     def choose(self, target: float) -> Choice:
         """The smallest tau whose bound, and every larger tau's, reaches ``target``;
@@ -102,13 +102,19 @@ class TuningRecord:
         >>> r.choose(0.8).tau, r.choose(0.99).tau
         (0.9, 1.0)
         """
-        best = Choice(1.0, 1.0, self.source)
-        for i in sorted(range(len(self.taus)), key=lambda j: -self.taus[j]):
-            bound = self.bound(i)
-            if bound < target:
-                break
-            best = Choice(float(self.taus[i]), bound, self.source)
-        return best
+        return _smallest(self.taus, self.ssims, target, Choice(1.0, 1.0, self.source),
+                         lambda tau, bound: Choice(tau, bound, self.source))
+
+    def candidates(self, target: float) -> list:
+        """Every way to meet ``target`` the tuning measured: the plain map at its
+        :meth:`choose` tau, and each drill-down setting at its smallest tau (if any)."""
+        found = [self.choose(target)]
+        for fraction, speedup, ssims in self.drills:
+            pick = _smallest((1.0,) + tuple(self.taus), ssims, target, None,
+                             lambda tau, bound: Choice(tau, bound, self.source, (fraction, speedup)))
+            if pick is not None:
+                found.append(pick)
+        return found
 
     def predicted(self, tau: float) -> Optional[float]:
         """The bound at a tau of the grid (None off the grid)."""
@@ -123,21 +129,46 @@ class TuningRecord:
 
     def summary(self) -> str:
         parts = [f"tau {t:.1f}: SSIM >= {self.bound(i):.3f}" for i, t in enumerate(self.taus)]
+        for r, sp, ssims in self.drills:
+            parts.append(f"DRILLDOWN {r:g} SPEEDUP {sp:g} exact: SSIM >= {conservative(ssims[0]):.3f}")
         return f"{self.source} in {self.seconds:.1f}s; " + ", ".join(parts)
 
     def to_dict(self) -> dict:
         return {"taus": list(self.taus), "ssims": [list(s) for s in self.ssims],
-                "images": self.images, "seconds": self.seconds}
+                "images": self.images, "seconds": self.seconds,
+                "drills": [[r, sp, [list(v) for v in ssims]] for r, sp, ssims in self.drills]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningRecord":
-        return cls(tuple(float(t) for t in d["taus"]),
-                   tuple(tuple(float(v) for v in s) for s in d["ssims"]),
-                   int(d["images"]), float(d.get("seconds", 0.0)))
+        table = lambda rows: tuple(tuple(float(v) for v in row) for row in rows)
+        drills = tuple((float(r), float(sp), table(ssims)) for r, sp, ssims in d.get("drills", ()))
+        return cls(tuple(float(t) for t in d["taus"]), table(d["ssims"]), int(d["images"]),
+                   float(d.get("seconds", 0.0)), drills)
+
+
+def conservative(values) -> float:
+    """The one-sided tolerance bound of a sample of SSIMs (see the module docstring)."""
+    values = np.asarray(values, np.float64)
+    if len(values) == 1:
+        return float(values[0] - ONE_IMAGE_MARGIN)
+    k = tolerance_factor(len(values))
+    return float(min(values.min(), values.mean() - k * values.std(ddof=1)))
+
+
+def _smallest(taus, ssims, target, fallback, make):
+    """Walk the taus down from the largest; the last whose bound (and every larger tau's)
+    reaches ``target``, or ``fallback``."""
+    best = fallback
+    for i in sorted(range(len(taus)), key=lambda j: -taus[j]):
+        bound = conservative(ssims[i])
+        if bound < target:
+            break
+        best = make(float(taus[i]), bound)
+    return best
 
 
 def tune(queries: list, settings=None, directory=None, progress=None,
-         taus: tuple = TAUS) -> TuningRecord:
+         taus: tuple = TAUS, drilldowns: tuple = DRILLDOWNS) -> TuningRecord:
     """Exact and thresholded maps of every query (one per sample image); their SSIMs."""
     from kql.errors import KqlPlanError
     from kql.operators.graph import TraceError
@@ -149,6 +180,7 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     device = "cuda" if devices.cuda_available() else "cpu"
     threads = calibrate.throughput(device, directory).threads if device == "cpu" else None
     ssims = [[] for _ in taus]
+    drilled = [[[] for _ in (1.0,) + tuple(taus)] for _ in drilldowns]
     for done, query in enumerate(queries):
         try:
             with calibrate.threads(threads or torch.get_num_threads()):
@@ -158,7 +190,28 @@ def tune(queries: list, settings=None, directory=None, progress=None,
                                f"incrementally, so thresholding does not apply ({exc})") from None
         for i, a in enumerate(approx):
             ssims[i].append(heatmap_ssim(exact, a))
+        for d, (fraction, speedup) in enumerate(drilldowns):
+            for i, a in enumerate([exact] + list(approx)):
+                drilled[d][i].append(heatmap_ssim(exact, drilled_map(query, a, fraction, speedup)))
         if progress is not None:
             progress(done + 1, len(queries))
+    drills = tuple((r, sp, tuple(tuple(v) for v in table))
+                   for (r, sp), table in zip(drilldowns, drilled))
     return TuningRecord(tuple(taus), tuple(tuple(s) for s in ssims), len(queries),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, drills)
+
+
+def drilled_map(query, fine: np.ndarray, fraction: float, speedup: float) -> np.ndarray:
+    """What ``DRILLDOWN fraction SPEEDUP speedup`` gives when both stages compute ``fine``."""
+    import dataclasses
+
+    from kql.operators.drilldown import simulate, stage_one_stride
+
+    s1 = tuple(stage_one_stride(s, fraction, speedup) for s in query.grid.stride)
+    coarse = dataclasses.replace(query.grid, stride=s1)
+    if coarse.problem() or coarse.count < 1:
+        return np.zeros_like(fine)           # no stage one here: never a candidate
+    ys, xs = query.grid.positions()
+    cys, cxs = coarse.positions()
+    values = simulate(fine.ravel(), ys, xs, (cys, cxs, *coarse.shape), fraction)
+    return values.reshape(fine.shape)

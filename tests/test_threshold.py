@@ -1,4 +1,5 @@
-"""Projective-field thresholding (seed paper 000, section 4.2) against a slow reference.
+"""Projective-field thresholding (seed paper 000, section 4.2) and frozen global gates
+against a slow reference.
 
 The reference here runs every node on full tensors with torch.fx's own interpreter and,
 where the step table computes a node on a changed region, keeps the full result only
@@ -19,7 +20,7 @@ import kql
 from helpers import blob_image, calibrate_batchnorm, sensitive
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.profile import ModelProfile
-from kql.operators.steps import Crossover, plan_steps, threshold
+from kql.operators.steps import FROZEN, Crossover, plan_steps, threshold
 from kql.operators.task import OcclusionTask
 from models_zoo import CUSTOM, custom_model
 
@@ -38,8 +39,10 @@ class MaskedReference(fx.Interpreter):
         self.profile, self.table, self.item = profile, table, item
 
     def run_node(self, n):
-        out = super().run_node(n)
         step = self.table[n]
+        if step.mode == FROZEN:                      # a frozen gate: its unoccluded value
+            return self.profile.views[n]
+        out = super().run_node(n)
         if step.incremental:
             view = self.profile.views[n]
             y, x = int(step.y[self.item]), int(step.x[self.item])
@@ -132,3 +135,42 @@ def test_tau_one_is_the_exact_engine_bit_for_bit():
     approx = con.execute(query)
     assert "tau=0.20" in approx.plan.splitlines()[1]
     assert not np.array_equal(exact.logits, approx.logits)
+
+
+@pytest.mark.parametrize("name", ["squeeze_excite", "residual_two_rf", "mul_branches"])
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_frozen_gates_match_the_masked_reference(name, tau):
+    h, w = 64, 80
+    image = blob_image(h, w, seed=1)
+    model = sensitive(calibrate_batchnorm(custom_model(name), h, w), image, PATCH)
+    profile = ModelProfile(model, image)
+    ys, xs = positions(h, w)
+    table = plan_steps(profile, ys, xs, PATCH, Crossover(), tau, gates="frozen")
+    target = int(profile.base_logits.argmax())
+    got = engine_logits(profile, table, model, image, ys, xs)
+    want = reference_logits(profile, table, image, ys, xs)[:, target].numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max())), (name, tau)
+    if name == "squeeze_excite":
+        assert table.count(FROZEN) >= 1                      # the gate is frozen ...
+        exact = plan_steps(profile, ys, xs, PATCH, Crossover(), tau)
+        assert table.count("patch") > exact.count("patch")    # ... and patches run past it
+    else:
+        assert not profile.gates                               # a classifier head is no gate
+
+
+def test_frozen_gates_are_a_setting_and_show_in_explain():
+    h, w = 64, 80
+    image = blob_image(h, w, seed=1)
+    con = kql.connect()
+    con.register_model("net", sensitive(calibrate_batchnorm(custom_model("squeeze_excite"), h, w),
+                                        image, PATCH))
+    con.register_image("img", image)
+    con.execute("SET strategy = 'incremental'")
+    query = "OCCLUDE img USING net PATCH 12 STRIDE 8 COLOR black"
+    exact = con.execute(query)
+    con.execute("SET gates = 'frozen'")
+    frozen = con.execute("EXPLAIN ANALYZE " + query)
+    assert "frozen_gates=1" in frozen.plan.splitlines()[1] and "achieved_ssim=" in frozen.plan
+    assert not np.array_equal(con.execute(query).logits, exact.logits)
+    with pytest.raises(kql.KqlError, match="gates must be 'exact' or 'frozen'"):
+        con.execute("SET gates = 'maybe'")
