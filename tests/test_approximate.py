@@ -121,3 +121,21 @@ def _bound(con, image):
 
     stmt, text = parse_with_text(QUERY.format(img=image))[0]
     return bind(stmt, text, con.catalog)
+
+
+@pytest.mark.slow
+def test_promise_holds_on_the_real_model_for_photos_it_was_not_tuned_on():
+    """EfficientNet-Lite0 with its ImageNet weights: tuned on three skimage photos, the
+    chosen plan keeps its SSIM target on two others (coarse grid: 13x13 maps)."""
+    c = kql.connect()
+    geometry = "PATCH 32 STRIDE 16"
+    c.execute(f"CALIBRATE efficientnet_lite0 ON (sample('astronaut'), sample('coffee'), "
+              f"sample('rocket')) {geometry}")
+    for name in ("chelsea", "retina"):
+        query = f"OCCLUDE sample('{name}') USING efficientnet_lite0 {geometry}"
+        exact = c.execute(query)
+        assert float(exact.heatmap.max() - exact.heatmap.min()) > 0.05      # a real map
+        for target in (0.8, 0.9):
+            approx = c.execute(query + f" WITH SSIM >= {target}")
+            assert approx.tuning == "tuned on 3 images" and approx.predicted_ssim >= target
+            assert heatmap_ssim(exact.heatmap, approx.heatmap) >= target, (name, target)
