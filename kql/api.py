@@ -19,6 +19,7 @@ from .catalog import Catalog
 from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .models import ModelSpec
 from .parser import parse_with_text
+from .planner.cache import PlanCache
 from .planner.settings import Settings
 from .result import Result
 
@@ -29,6 +30,7 @@ class Connection:
     def __init__(self, directory: Optional[str] = None):
         self.catalog = Catalog(directory)
         self.settings = Settings()
+        self.plan_cache = PlanCache()        # model profiles of recent queries
 
     # -- registration -----------------------------------------------------------------
 
@@ -50,6 +52,7 @@ class Connection:
                          tuple(map(float, std)) if std is not None else None, input_size,
                          list(labels) if labels is not None else None)
         self.catalog.register_model(spec)
+        self.plan_cache.forget(name)
 
     def register_image(self, name: str, image) -> None:
         """Register a torch float ``[3, H, W]`` in [0, 1] or a numpy uint8 ``HxWx3`` image."""

@@ -24,7 +24,8 @@ from .result import Result
 def plan(con, stmt: ast.Occlude, text: str):
     start = time.perf_counter()
     ctx = PlanContext(settings=con.settings.copy(), directory=con.catalog.directory,
-                      tuning_lookup=getattr(con.catalog, "tuning", None))
+                      tuning_lookup=getattr(con.catalog, "tuning", None),
+                      cache=getattr(con, "plan_cache", None))
     logical = optimize(bind(stmt, text, con.catalog), ctx)
     physical = plan_query(logical, ctx)
     physical = dataclasses.replace(physical, planning_seconds=time.perf_counter() - start)
@@ -156,6 +157,7 @@ def _label(query) -> str:
 
 def load_model(con, stmt: ast.LoadModel, text: str, progress) -> Result:
     spec = con.catalog.load_model(stmt.name, stmt.path, stmt.arch, stmt.labels)
+    con.plan_cache.forget(stmt.name)
     return Result("load", text, message=f"model '{stmt.name}' loaded ({spec.arch}, "
                                         f"{spec.num_classes} classes)")
 

@@ -157,7 +157,7 @@ class _Batch(fx.Interpreter):
     def _full(self, n, step):
         args, kwargs = self._full_args(n)
         if n.op == "call_module":
-            return self.profile.gm.get_submodule(n.target)(*args, **kwargs)
+            return self.profile.module(n)(*args, **kwargs)
         if n.op == "call_function":
             return n.target(*args, **kwargs)
         if n.op == "call_method":

@@ -32,6 +32,8 @@ class ModelProfile:
                     for n in self.nodes if n in self.dynamic and n.op.startswith("call")}
         self.gates = frozenset(self._gates())
         self._padded: dict = {}
+        self._modules = dict(self.gm.named_modules())
+        self.memo: dict = {}          # for the planner: costs that depend only on the profile
 
     @torch.inference_mode()
     def _materialize(self, x: torch.Tensor) -> dict:
@@ -89,7 +91,7 @@ class ModelProfile:
         return tuple(self.views[n].shape[2:])
 
     def module(self, n: fx.Node) -> Optional[torch.nn.Module]:
-        return self.gm.get_submodule(n.target) if n.op == "call_module" else None
+        return self._modules.get(n.target) if n.op == "call_module" else None
 
     def view_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.views.values()

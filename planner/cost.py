@@ -109,7 +109,15 @@ def _pool_seconds(tp, op: Local, outputs: int) -> float:
 
 
 def full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
-    """(macs, seconds) of running node ``n`` on full tensors for a batch."""
+    """(macs, seconds) of running node ``n`` on full tensors for a batch (kept with the
+    profile: every candidate plan prices its full nodes alike)."""
+    key = ("full", n, id(tp), batch)
+    if key not in profile.memo:
+        profile.memo[key] = (_full_node_cost(profile, n, tp, batch), tp)   # tp: keeps its id
+    return profile.memo[key][0]
+
+
+def _full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
     out = profile.views.get(n)
     op = profile.ops.get(n)
     if isinstance(op, Local) and op.kind == "conv":
@@ -146,7 +154,7 @@ TRANSCENDENTAL_METHODS = {"sigmoid", "tanh", "exp"}
 def transcendental(profile, n: fx.Node) -> bool:
     """An activation that evaluates exp/erf per element: several times slower than ReLU."""
     if n.op == "call_module":
-        return isinstance(profile.gm.get_submodule(n.target), TRANSCENDENTAL_MODULES)
+        return isinstance(profile.module(n), TRANSCENDENTAL_MODULES)
     if n.op == "call_function":
         return n.target in TRANSCENDENTAL_FUNCTIONS
     return n.op == "call_method" and n.target in TRANSCENDENTAL_METHODS
@@ -168,7 +176,7 @@ def _linear_shape(profile, n: fx.Node) -> Optional[tuple]:
         return None
     rows = out[0].numel() // out.shape[-1] if out.dim() > 1 else 1
     if n.op == "call_module":
-        mod = profile.gm.get_submodule(n.target)
+        mod = profile.module(n)
         if isinstance(mod, nn.Linear):
             return rows, mod.in_features, mod.out_features
     if n.op == "call_function" and n.target in (F.linear, torch.matmul, torch.addmm):

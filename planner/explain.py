@@ -54,6 +54,8 @@ def _operator_line(plan, actual) -> str:
         if cost.gather_bytes is not None:
             items["gather_mb"] = _num(cost.gather_bytes * n / 2**20, 1)
         items["memory_mb"] = _num(plan.memory_bytes / 2**20, 0)
+    if plan.cached:
+        items["cache"] = "+".join(plan.cached)
     if plan.predicted_seconds is not None:
         items["planning_s"] = _num(plan.planning_seconds, 3)
         items["predicted_s"] = _num(plan.predicted_seconds, 3)

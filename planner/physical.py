@@ -24,6 +24,7 @@ from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
 from . import calibrate, devices, memory
 from .approximate import choose_tau, task_of, tuned_candidates
+from .cache import PlanCache
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
 from .drilldown import plan_drilldown
 from .logical import OcclusionQuery
@@ -64,6 +65,14 @@ class PlanContext:
         return self.settings.get("crossover", "auto")
 
     tuning_lookup: Optional[Callable] = None            # (model name, key) -> record dict or None
+    cache: Optional[PlanCache] = None                   # the connection's plan cache
+
+    def profile(self, query, device: str) -> tuple:
+        """``(profile, from the cache?)`` of the query's model on its image."""
+        build = lambda: profile_model(query, device)
+        if self.cache is None:
+            return build(), False
+        return self.cache.profile(query.model, query.model.name, query.image, device, build)
 
     def throughput(self, device: str):
         return calibrate.throughput(device, self.directory)
@@ -87,6 +96,7 @@ class PhysicalPlan:
     approximation: Optional[Choice] = None    # tau and where it came from; None: exact, unasked
     stages: tuple = ()                        # drill-down: the stage-one and stage-two plans
     stage_seconds: Optional[float] = None     # drill-down: their predicted run, together
+    cached: tuple = ()                        # what planning took from the plan cache
     exact_seconds: Optional[float] = None     # predicted run of the same plan at tau 1
 
     @property
@@ -160,11 +170,16 @@ def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
 
 
 def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
-    profile, reason = None, ""
+    profile, reason, hit = None, "", False
     try:
-        profile = profile_model(query, device)
+        profile, hit = ctx.profile(query, device)
     except TraceError as exc:
         reason = _quote(str(exc))
+    plan = _plan_with(query, ctx, device, tp, threads, profile, reason)
+    return dataclasses.replace(plan, cached=("profile",) if hit else ())
+
+
+def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:
     candidates = tuned_candidates(query, ctx.settings, ctx.tuning_lookup) if profile else []
     if candidates:                             # WITH SSIM: price every tuned way to meet it
         plans = []
@@ -240,6 +255,16 @@ def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
 
 def _best_incremental(query, ctx, profile, tp, budget, device, threads, tau=1.0,
                       gates="exact") -> PhysicalPlan:
+    """The cheapest crossover's plan. Kept with the profile per query shape: another
+    target or colour on the same grid is the same plan for another query."""
+    key = ("best", query.grid, tau, gates, ctx.crossover, query.batch, id(tp), device, threads)
+    if key not in profile.memo:
+        profile.memo[key] = (_cheapest_crossover(query, ctx, profile, tp, budget, device, threads,
+                                                 tau, gates), tp)
+    return dataclasses.replace(profile.memo[key][0], query=query)
+
+
+def _cheapest_crossover(query, ctx, profile, tp, budget, device, threads, tau, gates) -> PhysicalPlan:
     setting = ctx.crossover
     fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))

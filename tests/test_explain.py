@@ -47,8 +47,9 @@ def masked(text: str) -> str:
     return TIMED.sub(lambda m: f"{m.group(1)}=*", text)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def con():
+    """A fresh connection per case: a case's plan never comes from another's cache."""
     c = kql.connect()
     c.register_model("small", sensitive_small_cnn())
     c.register_model("branchy", Branchy().eval())

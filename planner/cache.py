@@ -1,0 +1,63 @@
+"""The plan cache of one connection: model profiles per (model, image, device).
+
+A profile (trace, materialized views, node kinds) is most of what planning costs, and it
+depends only on the model, the image the model sees and the device: another target,
+colour, stride, patch or region on the same image reuses it. Entries are keyed by the
+registered model object (a re-registered or re-loaded model is another object, and
+:meth:`PlanCache.forget` drops its entries at once) and by a digest of the resized image
+(an image re-registered with other pixels is another key). The least recently used
+entries go first: profiles hold every layer's output.
+
+>>> import torch
+>>> cache = PlanCache(size=1)
+>>> made = []
+>>> build = lambda: made.append(1) or object()
+>>> spec, image = object(), torch.zeros(3, 4, 4)
+>>> a, hit_a = cache.profile(spec, "net", image, "cpu", build)
+>>> b, hit_b = cache.profile(spec, "net", image.clone(), "cpu", build)
+>>> a is b, hit_a, hit_b, len(made)
+(True, False, True, 1)
+>>> cache.forget("net"); cache.profile(spec, "net", image, "cpu", build)[1]
+False
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+PROFILES = 4          # profiles kept per connection
+
+
+def image_digest(image) -> str:
+    data = np.ascontiguousarray(image.detach().cpu().numpy())
+    return hashlib.blake2b(data.tobytes() + str(data.shape).encode(), digest_size=16).hexdigest()
+
+
+class PlanCache:
+    def __init__(self, size: int = PROFILES):
+        self.size = size
+        self._profiles: OrderedDict = OrderedDict()    # key -> (spec, name, profile)
+
+    def profile(self, spec, name: str, image, device: str, build) -> tuple:
+        """``(profile, hit)``: the cached profile, or ``build()`` kept for next time."""
+        key = (id(spec), image_digest(image), device)
+        entry = self._profiles.get(key)
+        if entry is not None and entry[0] is spec:
+            self._profiles.move_to_end(key)
+            return entry[2], True
+        profile = build()
+        self._profiles[key] = (spec, name, profile)
+        while len(self._profiles) > self.size:
+            self._profiles.popitem(last=False)
+        return profile, False
+
+    def forget(self, name: str) -> None:
+        """Drop every profile of the model registered as ``name``."""
+        for key in [k for k, (_, n, _) in self._profiles.items() if n == name]:
+            del self._profiles[key]
+
+    def clear(self) -> None:
+        self._profiles.clear()
