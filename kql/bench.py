@@ -128,8 +128,12 @@ def captum_runner(model, image, patch, stride, color, target, batch, y0, y1):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    from .planner import calibrate
+
     try:
-        return _bench(args)
+        # every engine, the planner and its calibration on one thread count, then restored
+        with calibrate.threads(args.threads or torch.get_num_threads()):
+            return _bench(args)
     except KqlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -145,7 +149,7 @@ def _parser():
     p.add_argument("--batch", type=int, default=16, help="batch size of every engine")
     p.add_argument("--repeat", type=int, default=1, help="rounds of the engines; medians reported")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the calibrated fastest count)")
+                   help="torch CPU threads of every engine (default: torch's own, as a user's loop)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-captum", action="store_true", help="skip Captum")
     p.add_argument("--tau", type=float, default=None,
@@ -204,10 +208,7 @@ def _bench(args) -> int:
     _check(args)
 
     con = _connection(args)
-    tp = calibrate.throughput(args.device)
-    thread_count = args.threads or (tp.threads if args.device == "cpu" else torch.get_num_threads())
-    if args.threads:
-        tp.threads = args.threads
+    thread_count = args.threads or torch.get_num_threads()
     spec = con.catalog.resolve_model(args.model)
     h, w = spec.input_size
     from .planner.grid import OcclusionGrid

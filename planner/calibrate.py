@@ -7,6 +7,11 @@ output's spatial area (corrected by a factor for the number of output channels),
 depthwise convolutions, max and average pooling, matrix products, memory bandwidth, the
 gather that builds read-in contexts and the fixed cost of one operator call. The cost
 model turns MACs, window elements and bytes into seconds with it.
+
+Plans run on torch's current thread count, the one a user's plain PyTorch loop uses; a
+table is measured at that count and kept under it (:func:`device_key`). No thread
+decision is ever taken from a measurement and kept: one taken on a busy machine once held
+every later query on one core.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyo
 C_OUT = 128                            # output channels of the dense table
 COUTS = (16, 32, 64, 128, 256, 512)    # output channels of the correction row
 BATCH = 16
-VERSION = 4                            # of the table's layout; other versions re-measure
+VERSION = 5                            # of the table's layout; other versions re-measure
 FILE = "calibration.json"
 _cache: dict = {}
 
@@ -41,7 +46,7 @@ class Throughput:
     matmul: float          # MAC/s of a [B, 4096] x [4096, 4096] product (weights streamed)
     bandwidth: float       # bytes/s (read + written) of an element-wise op
     overhead: float        # seconds per operator call (dispatch, Python)
-    threads: int = 1       # CPU threads that ran fastest (more is not always faster)
+    threads: int = 1       # torch CPU threads the table was measured at (part of its key)
     node_overhead: float = 25e-6   # incremental engine bookkeeping per node and batch
     batch: int = BATCH     # the batch the convolution tables were measured at
     gather_rate: float = 1e9   # context bytes/s produced by the batched gather (with paste)
@@ -116,30 +121,13 @@ def threads(count: int):
         torch.set_num_threads(before)
 
 
-def best_threads() -> int:
-    """1 or all cores, whichever runs a mid-size convolution faster (shared or virtual
-    CPUs can make more threads slower)."""
-    available = torch.get_num_threads()
-    if available <= 1:
-        return 1
-    x, w = torch.randn(BATCH, 64, 30, 30), torch.randn(64, 64, 3, 3)
-    timings = {}
-    for count in (1, available):
-        with threads(count):
-            timings[count] = _timed(lambda: F.conv2d(x, w), "cpu")
-    return available if timings[available] < 0.9 * timings[1] else 1
-
-
 @torch.inference_mode()
 def measure(device: str = "cpu") -> Throughput:
-    """Run the micro-benchmarks (a few seconds on a 2-core CPU)."""
-    if device == "cpu":
-        count = best_threads()
-        with threads(count):
-            result = _measure("cpu")
-        result.threads = count
-        return result
-    return _measure(device)
+    """Run the micro-benchmarks (a few seconds on a 2-core CPU) at torch's current thread
+    count, the one plans then run with."""
+    result = _measure(device)
+    result.threads = torch.get_num_threads()
+    return result
 
 
 def _measure(device: str) -> Throughput:

@@ -92,7 +92,7 @@ class PhysicalPlan:
     ratio: Optional[float] = None             # R, eqs 16-20
     crossover: Optional[float] = None         # chosen fraction, None = pure incremental (seed)
     memory_bytes: int = 0
-    threads: Optional[int] = None             # CPU threads to run with (calibrated)
+    threads: Optional[int] = None             # CPU threads to run with (torch's at planning)
     approximation: Optional[Choice] = None    # tau and where it came from; None: exact, unasked
     stages: tuple = ()                        # drill-down: the stage-one and stage-two plans
     stage_seconds: Optional[float] = None     # drill-down: their predicted run, together
@@ -151,9 +151,8 @@ def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
     plans = []
     for device in candidates:
         tp = ctx.throughput(device)
-        threads = tp.threads if device == "cpu" else None
-        with calibrate.threads(threads or torch.get_num_threads()):
-            plans.append(_plan_on(query, ctx, device, tp, threads))
+        threads = torch.get_num_threads() if device == "cpu" else None   # torch's, as a plain loop
+        plans.append(_plan_on(query, ctx, device, tp, threads))
     return min(plans, key=lambda p: p.predicted_seconds if p.predicted_seconds is not None else 0.0)
 
 

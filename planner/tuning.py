@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 
 TAUS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 # Drill-down settings (fraction r, SPEEDUP) tuned besides plain maps, at tau 1 and every tau.
@@ -173,18 +172,16 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     from kql.errors import KqlPlanError
     from kql.operators.graph import TraceError
 
-    from . import calibrate, devices
+    from . import devices
     from .approximate import exact_and_thresholded
 
     start = time.perf_counter()
     device = "cuda" if devices.cuda_available() else "cpu"
-    threads = calibrate.throughput(device, directory).threads if device == "cpu" else None
     ssims = [[] for _ in taus]
     drilled = [[[] for _ in (1.0,) + tuple(taus)] for _ in drilldowns]
     for done, query in enumerate(queries):
         try:
-            with calibrate.threads(threads or torch.get_num_threads()):
-                exact, approx = exact_and_thresholded(query, device, taus)
+            exact, approx = exact_and_thresholded(query, device, taus)
         except TraceError as exc:
             raise KqlPlanError(f"CALIBRATE: model '{query.model.name}' cannot run "
                                f"incrementally, so thresholding does not apply ({exc})") from None

@@ -85,3 +85,20 @@ def test_calibrate_on_gpu_without_one():
         pytest.skip("this machine has a GPU")  # CI machines have none
     with pytest.raises(kql.KqlPlanError, match="line 1, column 1: CALIBRATE ON GPU: no CUDA GPU"):
         kql.connect().execute("CALIBRATE ON GPU")
+
+
+def test_plans_run_on_torch_s_thread_count_not_a_stored_decision(monkeypatch):
+    """A thread count measured once (say on a busy machine) must never hold later queries:
+    plans run on torch's current count, what a user's plain loop would use."""
+    from helpers import smooth_noise_image
+    from models_zoo import sensitive_small_cnn
+
+    con = kql.connect()
+    con.register_model("net", sensitive_small_cnn())
+    con.register_image("img", smooth_noise_image(24, 30))
+    tp = calibrate.throughput("cpu")
+    monkeypatch.setattr(tp, "threads", 1)                   # a stored 1-thread table
+    for count in (2, 1):
+        with calibrate.threads(count):
+            line = con.execute("EXPLAIN OCCLUDE img USING net PATCH 8 STRIDE 4").plan.splitlines()[1]
+        assert f"threads={count}," in line, line
