@@ -31,7 +31,7 @@ KQL statements end with ';' and may span lines; '--' starts a comment.
         STRIDE <h> [x <w>]                        step between positions (default 4)
         COLOR black|gray|white|mean|(r, g, b)     patch colour
         REGION (x, y, w, h)                       occlude only inside this box
-        WITH SSIM >= <t>                          approximate: skip near-identical work
+        WITH SSIM >= <t>                          approximate, tuned to keep SSIM >= t
         DRILLDOWN <fraction> [SPEEDUP <s>]        coarse pass, then refine the hot part
         ON cpu|gpu|auto                           device
         BATCH <n>                                 positions per forward pass
@@ -40,7 +40,8 @@ KQL statements end with ';' and may span lines; '--' starts a comment.
   LOAD MODEL <name> FROM '<weights.pt>' [ARCH <torchvision arch>] [LABELS '<file>']
   LOAD IMAGE <name> FROM '<file>'
   SHOW MODELS;  SHOW IMAGES;
-  SET strategy = 'auto' | 'naive' | 'incremental';
+  SET strategy = 'auto' | 'naive' | 'incremental';   SET crossover = 'auto' | 'none' | <f>;
+  SET tau = 'auto' | <f>;   SET gates = 'exact' | 'frozen';   (approximations)
   CALIBRATE [ON cpu|gpu]                     measure the device for the cost model
   CALIBRATE <model> ON (<image>, ...) | ON '<glob>' [PATCH ...] [STRIDE ...] [COLOR ...]
                                              tune the threshold of WITH SSIM on samples
