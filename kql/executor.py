@@ -24,8 +24,7 @@ from .result import Result
 def plan(con, stmt: ast.Occlude, text: str):
     start = time.perf_counter()
     ctx = PlanContext(settings=con.settings.copy(), directory=con.catalog.directory,
-                      tuning_lookup=getattr(con.catalog, "tuning", None),
-                      cache=getattr(con, "plan_cache", None))
+                      tuning_lookup=con.catalog.tuning, cache=con.plan_cache)
     logical = optimize(bind(stmt, text, con.catalog), ctx)
     physical = plan_query(logical, ctx)
     physical = dataclasses.replace(physical, planning_seconds=time.perf_counter() - start)
@@ -67,10 +66,11 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
     profile: dict = {}
     out = run(physical, stmt.statement, progress, profile)
     profile["total"] = time.perf_counter() - start
-    if physical.approximate:            # verify the promise: the exact map, side by side
+    exact_plan = physical.exact()
+    if exact_plan.operator is not physical.operator:   # approximate: verify against the exact map
         from .planner.tuning import heatmap_ssim
 
-        exact = run(physical.exact(), stmt.statement, None)
+        exact = run(exact_plan, stmt.statement, None)
         shape = physical.query.grid.shape
         profile["ssim"] = heatmap_ssim(exact.probabilities.reshape(shape),
                                        out.probabilities.reshape(shape))

@@ -90,8 +90,9 @@ class DrillDownOcclusion:
         coarse_task = dataclasses.replace(task, ys=self.coarse_ys, xs=self.coarse_xs)
         first = self.stage_one.run(coarse_task, None, None)
         grid = (self.coarse_ys, self.coarse_xs, self.rows, self.cols)
-        probs, chosen, known = drill(first.probabilities, grid, task.ys, task.xs, self.fraction)
-        logits, _, _ = drill(first.logits, grid, task.ys, task.xs, self.fraction)
+        probs, known = spread(first.probabilities, grid, task.ys, task.xs)
+        logits, _ = spread(first.logits, grid, task.ys, task.xs)
+        chosen = largest_drops(probs, self.fraction)
         todo = chosen[~np.isin(chosen, known)]            # stage one's own cells are done
         if len(todo):
             ys, xs = task.ys[todo], task.xs[todo]
@@ -104,34 +105,41 @@ class DrillDownOcclusion:
         return OcclusionResult(probs, logits, first.target, first.base_probability, first.base_logits)
 
 
-def drill(coarse_values: np.ndarray, grid: tuple, ys: np.ndarray, xs: np.ndarray,
-          fraction: float) -> tuple:
-    """Stage one's values spread over the requested cells (at ``ys, xs``).
-
-    Returns ``(values, chosen, known)``: float32 values per cell (stage one's own where a
-    cell is one of its positions, bilinear elsewhere), the indices of the fraction of cells
-    with the lowest values (the largest drops: stage two's), and the indices of the cells
-    stage one computed.
+def spread(coarse_values: np.ndarray, grid: tuple, ys: np.ndarray, xs: np.ndarray) -> tuple:
+    """Stage one's values over the requested cells (at ``ys, xs``): its own where a cell
+    is one of its positions, bilinear elsewhere. Returns ``(float32 values, indices of the
+    cells stage one computed)``.
 
     >>> g = (np.array([0, 0, 8, 8]), np.array([0, 8, 0, 8]), 2, 2)
     >>> ys, xs = np.repeat([0, 4, 8], 3), np.tile([0, 4, 8], 3)
-    >>> values, chosen, known = drill(np.array([1.0, 1.0, 1.0, 0.0]), g, ys, xs, 0.2)
-    >>> values.reshape(3, 3).tolist(), chosen.tolist(), known.tolist()
-    ([[1.0, 1.0, 1.0], [1.0, 0.75, 0.5], [1.0, 0.5, 0.0]], [5, 8], [0, 2, 6, 8])
+    >>> values, known = spread(np.array([1.0, 1.0, 1.0, 0.0]), g, ys, xs)
+    >>> values.reshape(3, 3).tolist(), known.tolist(), largest_drops(values, 0.2).tolist()
+    ([[1.0, 1.0, 1.0], [1.0, 0.75, 0.5], [1.0, 0.5, 0.0]], [0, 2, 6, 8], [5, 8])
     """
     cys, cxs, rows, cols = grid
     cy, cx = cys.reshape(rows, cols)[:, 0], cxs.reshape(rows, cols)[0, :]
-    values = interpolate(np.asarray(coarse_values, np.float64).reshape(rows, cols), cy, cx, ys, xs)
-    key = ys.astype(np.int64) * (int(xs.max()) + 1) + xs
-    coarse_key = cys.astype(np.int64) * (int(xs.max()) + 1) + cxs
-    known = np.flatnonzero(np.isin(key, coarse_key))
+    coarse_values = np.asarray(coarse_values, np.float64)
+    values = interpolate(coarse_values.reshape(rows, cols), cy, cx, ys, xs)
+    at, hit = _cells_of(ys, xs, cys, cxs)
+    values[at[hit]] = coarse_values[hit]
+    return values.astype(np.float32), np.sort(at[hit])
+
+
+def largest_drops(values: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices (sorted) of the fraction of cells with the lowest values: stage two's."""
+    keep = max(1, int(math.ceil(fraction * len(values))))
+    return np.sort(np.argsort(values, kind="stable")[:keep])
+
+
+def _cells_of(ys, xs, cys, cxs) -> tuple:
+    """For each coarse position, its index among the positions ``ys, xs`` and whether it
+    is one of them."""
+    width = int(max(xs.max(), cxs.max())) + 1
+    key = ys.astype(np.int64) * width + xs
+    coarse_key = cys.astype(np.int64) * width + cxs
     order = np.argsort(key)
     at = order[np.searchsorted(key, coarse_key, sorter=order).clip(0, len(key) - 1)]
-    hit = key[at] == coarse_key
-    values[at[hit]] = np.asarray(coarse_values, np.float64)[hit]
-    keep = max(1, int(math.ceil(fraction * len(ys))))
-    chosen = np.sort(np.argsort(values, kind="stable")[:keep])
-    return values.astype(np.float32), chosen, known
+    return at, key[at] == coarse_key
 
 
 def simulate(fine_values: np.ndarray, ys: np.ndarray, xs: np.ndarray, grid: tuple,
@@ -139,11 +147,9 @@ def simulate(fine_values: np.ndarray, ys: np.ndarray, xs: np.ndarray, grid: tupl
     """The map drill-down would give if both stages computed ``fine_values`` (a whole map
     over ``ys, xs``, of which stage one's cells ``grid`` are a subset): what tuning
     measures without running drill-down."""
-    cys, cxs = grid[0], grid[1]
-    width = int(xs.max()) + 1
-    key = ys.astype(np.int64) * width + xs
-    order = np.argsort(key)
-    at = order[np.searchsorted(key, cys.astype(np.int64) * width + cxs, sorter=order)]
-    values, chosen, _ = drill(np.asarray(fine_values)[at], grid, ys, xs, fraction)
-    values[chosen] = np.asarray(fine_values)[chosen]
+    fine_values = np.asarray(fine_values)
+    at, _ = _cells_of(ys, xs, grid[0], grid[1])
+    values, _ = spread(fine_values[at], grid, ys, xs)
+    chosen = largest_drops(values, fraction)
+    values[chosen] = fine_values[chosen]
     return values

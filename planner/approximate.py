@@ -31,10 +31,7 @@ def choose_tau(query, settings, lookup) -> Optional[Choice]:
     ``lookup(model_name, key)`` returns the catalog's tuning record (a dict) or None.
     """
     value = settings.get("tau", "auto")
-    record = None
-    if query.ssim is not None or value != "auto":
-        stored = lookup(query.model.name, key(query)) if lookup is not None else None
-        record = TuningRecord.from_dict(stored) if stored else None
+    record = _record(query, lookup) if query.ssim is not None or value != "auto" else None
     if value != "auto":
         tau = float(value)
         predicted = 1.0 if tau >= 1.0 else (record.predicted(tau) if record else None)
@@ -52,8 +49,14 @@ def tuned_candidates(query, settings, lookup) -> list:
     'auto', a tuning in the catalog. Empty otherwise."""
     if query.ssim is None or query.drilldown is not None or settings.get("tau", "auto") != "auto":
         return []
+    record = _record(query, lookup)
+    return record.candidates(query.ssim) if record else []
+
+
+def _record(query, lookup) -> Optional[TuningRecord]:
+    """The catalog's tuning for the query's model and geometry, if any."""
     stored = lookup(query.model.name, key(query)) if lookup is not None else None
-    return TuningRecord.from_dict(stored).candidates(query.ssim) if stored else []
+    return TuningRecord.from_dict(stored) if stored else None
 
 
 def task_of(query, device: str) -> OcclusionTask:

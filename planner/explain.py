@@ -73,19 +73,19 @@ def _operator_line(plan, actual) -> str:
 
 def _approximation_items(plan, actual) -> dict:
     """The quality target, the threshold's predicted SSIM and speedup, where it came from."""
-    choice = plan.approximation
-    if choice is None:
-        return {"achieved_ssim": _num(actual["ssim"], 3)} if actual and "ssim" in actual else {}
-    items = {"ssim_target": _num(plan.query.ssim) if plan.query.ssim is not None else None}
-    if "tau" not in plan.operator.describe():
-        items["tau"] = _num(choice.tau)
-    items["predicted_ssim"] = _num(choice.predicted_ssim, 3) if choice.predicted_ssim is not None else "unknown"
-    if plan.exact_seconds and plan.predicted_seconds is not None:
-        exact = plan.planning_seconds + plan.exact_seconds
-        items["predicted_speedup"] = _num(exact / plan.predicted_seconds)
+    choice, items = plan.approximation, {}
+    if choice is not None:
+        items["ssim_target"] = _num(plan.query.ssim) if plan.query.ssim is not None else None
+        if "tau" not in plan.operator.describe():
+            items["tau"] = _num(choice.tau)
+        items["predicted_ssim"] = _num(choice.predicted_ssim, 3) if choice.predicted_ssim is not None else "unknown"
+        if plan.exact_seconds and plan.predicted_seconds is not None:
+            exact = plan.planning_seconds + plan.exact_seconds
+            items["predicted_speedup"] = _num(exact / plan.predicted_seconds)
     if actual is not None and "ssim" in actual:
         items["achieved_ssim"] = _num(actual["ssim"], 3)
-    items["tuning"] = '"' + choice.source + '"'
+    if choice is not None:
+        items["tuning"] = '"' + choice.source + '"'
     return items
 
 

@@ -52,6 +52,8 @@ class PlanContext:
 
     settings: Mapping = field(default_factory=dict)     # a planner.settings.Settings
     directory: Optional[str] = None
+    tuning_lookup: Optional[Callable] = None            # (model name, key) -> record dict or None
+    cache: Optional[PlanCache] = None                   # the connection's plan cache
 
     def cuda_available(self) -> bool:
         return devices.cuda_available()
@@ -63,9 +65,6 @@ class PlanContext:
     @property
     def crossover(self):
         return self.settings.get("crossover", "auto")
-
-    tuning_lookup: Optional[Callable] = None            # (model name, key) -> record dict or None
-    cache: Optional[PlanCache] = None                   # the connection's plan cache
 
     def profile(self, query, device: str) -> tuple:
         """``(profile, from the cache?)`` of the query's model on its image."""
@@ -122,11 +121,6 @@ class PhysicalPlan:
     def naive_predicted_seconds(self) -> Optional[float]:
         return None if self.naive_seconds is None else self.planning_seconds + self.naive_seconds
 
-    @property
-    def approximate(self) -> bool:
-        """The map differs from the exact one (thresholded, or drilled down)."""
-        return self.operator.exact() is not self.operator
-
     def exact(self) -> "PhysicalPlan":
         """The same plan computing the exact map (EXPLAIN ANALYZE compares the two)."""
         return dataclasses.replace(self, operator=self.operator.exact(), approximation=None)
@@ -160,9 +154,7 @@ def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
     """The model's profile on the query's image; TraceError when torch.fx cannot trace it."""
     try:
         return ModelProfile(query.model.composed(), query.image, device)
-    except TraceError:
-        raise
-    except (RuntimeError, ValueError, TypeError) as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:       # TraceError passes through
         detail = " ".join(str(exc).split())[:300]
         raise KqlModelError(f"model '{query.model.name}' failed on the "
                             f"{tuple(query.image.shape[1:])} image: {detail}") from None
