@@ -10,7 +10,7 @@ else
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test fuzz bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# 10,000 random queries (tests/test_fuzz.py), every raw exception and hang counted;
+# prints "fuzz: <cases> cases in <s> s ...; raw exceptions <n>, hangs <n>".
+fuzz: install
+	KQL_FUZZ_EXAMPLES=10000 KQL_FUZZ_KEEP_GOING=1 $(PY) -m pytest -q tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,10 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import os
+import sys
+import warnings
+from typing import Callable, Iterator, Optional
 
 from .catalog import Catalog
 from .errors import KqlError, KqlExecutionError, KqlPlanError
@@ -24,13 +27,44 @@ from .planner.settings import Settings
 from .result import Result
 
 
+class KqlWarning(UserWarning):
+    """A statement that runs, but that its caller should hear about: e.g. one predicted to
+    run longer than ``SET confirm_seconds``. ``warnings.simplefilter("error", KqlWarning)``
+    turns it into a refusal."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _first_caller_outside_kql() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that names
+    the first frame outside KQL's own files (the user's ``execute`` line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_long_run(message: str) -> None:
+    """The API's answer to a long predicted run: a :class:`KqlWarning`, and it runs."""
+    warnings.warn(KqlWarning(f"{message}; running it (SET confirm_seconds = none: no warning)"),
+                  stacklevel=_first_caller_outside_kql())
+
+
 class Connection:
-    """A catalog of models and images plus session settings; runs KQL text."""
+    """A catalog of models and images plus session settings; runs KQL text.
+
+    ``on_long_run(message)`` is called before a run predicted longer than ``SET
+    confirm_seconds``: it returns to let it run (by default after a :class:`KqlWarning`)
+    or raises a :class:`~kql.errors.KqlError` to stop it (the shell asks, see
+    :class:`kql.shell.Runner`).
+    """
 
     def __init__(self, directory: Optional[str] = None):
         self.catalog = Catalog(directory)
         self.settings = Settings()
         self.plan_cache = PlanCache()        # model profiles of recent queries
+        self.on_long_run: Callable[[str], None] = warn_long_run
 
     # -- registration -----------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The catalog: named models and images, in memory or persisted in a directory.
 
 ``kql.connect("dir")`` keeps ``dir/catalog.json``: what ``LOAD MODEL`` and ``LOAD IMAGE``
-registered (file paths, architecture, labels), so a later session finds them again.
-Modules and arrays registered from Python live only as long as the connection.
+registered (file paths, architecture, labels), so a later session finds them again, and
+a session running at the same time sees them too (:mod:`kql.catalog_store`: every change
+is merged into the file under a lock). Modules and arrays registered from Python live
+only as long as the connection, and come first when a name is resolved.
 
 It also keeps the tuning records of ``CALIBRATE <model> ON ...`` (``dir/tuning.json``, or
 in memory for an in-memory catalog), each with the fingerprint of the model it was tuned
@@ -26,73 +28,45 @@ from typing import Optional
 import torch
 
 from . import images as img
+from .catalog_store import CATALOG_FILE, TUNING_FILE, CatalogFile
 from .errors import KqlError, KqlImageError, KqlModelError
-from .fileio import atomic_write
 from .models import BUILTIN, ModelSpec, builtin_efficientnet_lite0, load_model_file, torchvision_builders
 
-CATALOG_FILE = "catalog.json"
-TUNING_FILE = "tuning.json"
-TUNING_VERSION = 1
+__all__ = ["Catalog", "CATALOG_FILE", "TUNING_FILE"]
 
 
 class Catalog:
     def __init__(self, directory: Optional[str] = None):
         self.directory = directory
-        self._models: dict[str, ModelSpec] = {}
+        self._models: dict[str, ModelSpec] = {}       # registered from Python: this connection's
         self._images: dict[str, torch.Tensor] = {}
-        self._image_source: dict[str, str] = {}
-        self._persisted: dict = {"models": {}, "images": {}}
+        self._loaded_models: dict[str, tuple] = {}    # {name: (entry, spec)} read from files
+        self._loaded_images: dict[str, tuple] = {}    # {name: (entry, tensor)}
         self._tunings: dict = {}        # an in-memory catalog's: {model: {key: entry}}
-        if directory is not None:
-            self._open(directory)
-
-    # -- persistence ---------------------------------------------------------------------
-
-    def _open(self, directory: str) -> None:
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            raise KqlError(f"cannot use catalog directory '{directory}': {exc}") from None
-        path = os.path.join(directory, CATALOG_FILE)
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    data = json.load(fh)
-                self._persisted = {"models": dict(data.get("models", {})),
-                                   "images": dict(data.get("images", {}))}
-            except (OSError, ValueError, AttributeError) as exc:
-                raise KqlError(f"catalog file '{path}' is unreadable: {exc}") from None
-
-    def _save(self) -> None:
-        if self.directory is None:
-            return
-        atomic_write(os.path.join(self.directory, CATALOG_FILE),
-                     lambda fh: json.dump(self._persisted, fh, indent=2, sort_keys=True),
-                     prefix=".catalog-")
+        self._store = CatalogFile(directory) if directory is not None else None
 
     # -- models ---------------------------------------------------------------------------
 
     def register_model(self, spec: ModelSpec) -> None:
         self._models[spec.name] = spec
-        if self._persisted["models"].pop(spec.name, None) is not None:
-            self._save()
+        self._loaded_models.pop(spec.name, None)
+        self._forget("models", spec.name)
 
     def load_model(self, name: str, path: str, arch: Optional[str], labels: Optional[str]) -> ModelSpec:
         spec = load_model_file(name, path, arch, labels)
-        self._models[name] = spec
-        self._persisted["models"][name] = {
-            "path": os.path.abspath(path), "arch": spec.arch,
-            "labels": os.path.abspath(labels) if labels else None}
-        self._save()
+        entry = {"path": os.path.abspath(path), "arch": spec.arch,
+                 "labels": os.path.abspath(labels) if labels else None}
+        self._keep("models", name, entry)
+        self._models.pop(name, None)
+        self._loaded_models[name] = (entry, spec)
         return spec
 
     def resolve_model(self, name: str) -> ModelSpec:
         if name in self._models:
             return self._models[name]
-        if name in self._persisted["models"]:
-            entry = self._persisted["models"][name]
-            spec = load_model_file(name, entry["path"], entry.get("arch"), entry.get("labels"))
-            self._models[name] = spec
+        spec = self._from_file("models", name, self._loaded_models, lambda entry: load_model_file(
+            name, entry["path"], entry.get("arch"), entry.get("labels")))
+        if spec is not None:
             return spec
         if name == BUILTIN:
             spec = builtin_efficientnet_lite0()
@@ -105,17 +79,17 @@ class Catalog:
         raise KqlModelError(f"unknown model '{name}'; SHOW MODELS lists the registered ones")
 
     def model_rows(self) -> list[dict]:
+        entries, damaged = self._entries("models"), self._damaged("models")
         rows = []
-        names = sorted(set(self._models) | set(self._persisted["models"]) | {BUILTIN})
-        for name in names:
-            spec = self._models.get(name)
-            entry = self._persisted["models"].get(name)
+        for name in sorted(set(self._models) | set(entries) | set(damaged)
+                           | set(self._loaded_models) | {BUILTIN}):
+            spec = self._models.get(name) or _current(self._loaded_models, name, entries, damaged)
             if spec is not None:
                 rows.append({"name": name, "arch": spec.arch, "classes": spec.num_classes,
                              "input": _size_text(spec.input_size), "source": spec.source})
-            elif entry is not None:
-                rows.append({"name": name, "arch": entry.get("arch"), "classes": None,
-                             "input": None, "source": entry["path"]})
+            elif name in entries or name in damaged:
+                rows.append({"name": name, "arch": entries.get(name, {}).get("arch"), "classes": None,
+                             "input": None, "source": _source(entries, damaged, name)})
             else:
                 rows.append({"name": name, "arch": BUILTIN, "classes": 1000, "input": "224x224",
                              "source": "built-in"})
@@ -155,69 +129,108 @@ class Catalog:
         """
         entry = {"fingerprint": self.resolve_model(model_name).fingerprint(),
                  "record": json.loads(json.dumps(record))}      # a copy, and JSON-able
-        if self.directory is None:
+        if self._store is None:
             _merge_tuning(self._tunings, model_name, key, entry)
-            return
-        path = os.path.join(self.directory, TUNING_FILE)
-        with _locked(os.path.join(self.directory, ".tuning.lock")):
-            stored = self._read_tunings()
-            _merge_tuning(stored, model_name, key, entry)
-            atomic_write(path, lambda fh: json.dump(
-                {"version": TUNING_VERSION, "models": stored}, fh, indent=1, sort_keys=True),
-                prefix=".tuning-")
+        else:
+            self._store.change_tunings(lambda stored: _merge_tuning(stored, model_name, key, entry))
 
     def _read_tunings(self) -> dict:
         """``{model: {key: entry}}``; a persistent catalog's file is read again each time
         (another session may have written it); an unreadable one counts as empty."""
-        if self.directory is None:
-            return self._tunings
-        try:
-            with open(os.path.join(self.directory, TUNING_FILE), encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict) or data.get("version") != TUNING_VERSION:
-            return {}
-        models = data.get("models")
-        return models if isinstance(models, dict) else {}
+        return self._tunings if self._store is None else self._store.tunings()
 
     # -- images ---------------------------------------------------------------------------
 
     def register_image(self, name: str, image) -> torch.Tensor:
         tensor = img.to_tensor(image)
         self._images[name] = tensor
-        self._image_source[name] = "session"
-        if self._persisted["images"].pop(name, None) is not None:
-            self._save()
+        self._loaded_images.pop(name, None)
+        self._forget("images", name)
         return tensor
 
-    def load_image(self, name: str, path: str) -> torch.Tensor:
-        tensor = img.load_file(path)
-        self._images[name] = tensor
-        self._image_source[name] = os.path.abspath(path)
-        self._persisted["images"][name] = {"path": os.path.abspath(path)}
-        self._save()
+    def load_image(self, name: str, path: str, max_pixels: int = img.MAX_PIXELS) -> torch.Tensor:
+        tensor = img.load_file(path, max_pixels=max_pixels)
+        entry = {"path": os.path.abspath(path)}
+        self._keep("images", name, entry)
+        self._images.pop(name, None)
+        self._loaded_images[name] = (entry, tensor)
         return tensor
 
-    def resolve_image(self, name: str) -> torch.Tensor:
+    def resolve_image(self, name: str, max_pixels: int = img.MAX_PIXELS) -> torch.Tensor:
         if name in self._images:
             return self._images[name]
-        if name in self._persisted["images"]:
-            path = self._persisted["images"][name]["path"]
-            tensor = img.load_file(path)
-            self._images[name] = tensor
-            self._image_source[name] = path
-            return tensor
-        raise KqlImageError(f"unknown image '{name}'; LOAD IMAGE {name} FROM '<file>' registers one")
+        tensor = self._from_file("images", name, self._loaded_images,
+                                 lambda entry: img.load_file(entry["path"], max_pixels=max_pixels))
+        if tensor is None:
+            raise KqlImageError(f"unknown image '{name}'; LOAD IMAGE {name} FROM '<file>' registers one")
+        return tensor
 
     def image_rows(self) -> list[dict]:
+        entries, damaged = self._entries("images"), self._damaged("images")
         rows = []
-        for name in sorted(set(self._images) | set(self._persisted["images"])):
+        for name in sorted(set(self._images) | set(entries) | set(damaged) | set(self._loaded_images)):
             t = self._images.get(name)
-            source = self._image_source.get(name) or self._persisted["images"][name]["path"]
+            t = t if t is not None else _current(self._loaded_images, name, entries, damaged)
+            if name in self._images:
+                source = "session"
+            elif name in entries or name in damaged:
+                source = _source(entries, damaged, name)
+            else:
+                source = self._loaded_images[name][0]["path"]
             rows.append({"name": name, "height": int(t.shape[1]) if t is not None else None,
                          "width": int(t.shape[2]) if t is not None else None, "source": source})
         return rows
+
+    # -- the catalog file ---------------------------------------------------------------------
+
+    def _entries(self, section: str) -> dict:
+        return {} if self._store is None else self._store.entries(section)
+
+    def _damaged(self, section: str) -> dict:
+        return {} if self._store is None else self._store.damaged(section)
+
+    def _keep(self, section: str, name: str, entry: dict) -> None:
+        if self._store is not None:
+            self._store.put(section, name, entry)
+
+    def _forget(self, section: str, name: str) -> None:
+        """Drop a file entry a Python registration now shadows, so that a later session does
+        not find the old one; a catalog that cannot be written keeps it (this session's
+        registration comes first anyway)."""
+        if self._store is not None:
+            with contextlib.suppress(KqlError):
+                self._store.remove(section, name)
+
+    def _from_file(self, section: str, name: str, cache: dict, load):
+        """What the file entry ``name`` names, read once per entry (another session may
+        replace it); this connection's own LOAD if the file has none; else None."""
+        entries = self._entries(section)
+        if name in entries:
+            entry = entries[name]
+            if name not in cache or cache[name][0] != entry:
+                cache[name] = (entry, load(entry))
+            return cache[name][1]
+        problem = self._damaged(section).get(name)
+        if problem is not None:
+            kind, error = (("MODEL", KqlModelError) if section == "models" else ("IMAGE", KqlImageError))
+            raise error(f"{kind.lower()} '{name}' in catalog file '{self._store.path}' is damaged "
+                        f"({problem}); LOAD {kind} {name} FROM '<file>' replaces it")
+        return cache[name][1] if name in cache else None
+
+
+def _current(cache: dict, name: str, entries: dict, damaged: dict):
+    """The value read for ``name`` if it is still what the file names (or the file has no
+    entry for it), else None."""
+    if name not in cache or name in damaged:
+        return None
+    entry, value = cache[name]
+    return value if name not in entries or entries[name] == entry else None
+
+
+def _source(entries: dict, damaged: dict, name: str) -> str:
+    if name in entries:
+        return entries[name]["path"]
+    return f"damaged catalog entry ({damaged[name]})"
 
 
 def _merge_tuning(store: dict, model_name: str, key: str, entry: dict) -> None:
@@ -226,22 +239,6 @@ def _merge_tuning(store: dict, model_name: str, key: str, entry: dict) -> None:
                and e.get("fingerprint") == entry["fingerprint"]} if isinstance(records, dict) else {}
     records[key] = entry
     store[model_name] = records
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive advisory lock on ``path`` (POSIX ``flock``; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _size_text(size) -> Optional[str]:

@@ -10,17 +10,15 @@ strategy = naive
 
 from __future__ import annotations
 
-import argparse
-import importlib
+# Little at the top: kql/__main__.py exits quietly on a Ctrl-C until main() takes it
+# over; the rest is imported inside main(), torch only once a statement needs it.
 import os
+import signal
 import sys
-from typing import Optional, Sequence
 
-from .errors import KqlError
-from .shell import (EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Runner, report_error,
-                    report_internal, run_shell)
-
-EXIT_USAGE, EXIT_BROKEN_PIPE = 2, 141
+# The shell's statuses, and two of the command's own; 130 is also shell.EXIT_INTERRUPTED,
+# written here so that a Ctrl-C before the shell module is imported needs no import.
+EXIT_USAGE, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED = 2, 141, 130
 
 _EPILOG = """\
 examples:
@@ -36,24 +34,56 @@ history file (default ~/.kql_history); KQL_CACHE_DIR keeps the device calibratio
 --catalog is given (default ~/.cache/kql; empty: not kept); KQL_DEBUG=1 shows tracebacks."""
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``kql`` console script and of ``python -m kql``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def main(argv: list[str] | None = None) -> int:
+    """The ``kql`` command (started by kql/__main__.py: ``kql`` or ``python -m kql``).
+
+    Ctrl-C anywhere in it, torch's import included, ends the command quietly: one line
+    and status 130 (the shell alone uses it to cancel a statement and go on).
+    """
+    try:
+        _take_over_interrupts()
+        return _guarded(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        return _interrupted()
+
+
+def _guarded(argv: list) -> int:
+    """The command, every error it can end in reported on one line."""
+    from . import shell
+    from .errors import KqlError
+
     try:
         if argv[:1] == ["bench"]:
             return _bench(argv[1:])
         return _main(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except KqlError as exc:
-        report_error(exc, sys.stderr)
-        return EXIT_FAILED
+        shell.report_error(exc, sys.stderr)
+        return shell.EXIT_FAILED
     except BrokenPipeError:
         return _broken_pipe()
     except Exception as exc:            # a bug: one line, the traceback only with KQL_DEBUG=1
-        report_internal(exc, sys.stderr)
-        return EXIT_INTERNAL
+        shell.report_internal(exc, sys.stderr)
+        return shell.EXIT_INTERNAL
+
+
+def _take_over_interrupts() -> None:
+    """From here on Ctrl-C raises KeyboardInterrupt, in place of the quiet exit that
+    kql/__main__.py set up for the start (any other handler is left alone)."""
+    if getattr(signal.getsignal(signal.SIGINT), "kql_start", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    from .fileio import raise_on_sigterm
+
+    raise_on_sigterm()      # SIGTERM -> SystemExit(143): a write in progress removes its temp file
+
+
+def _interrupted() -> int:
+    """Say so once; a second Ctrl-C while the interpreter shuts down is ignored."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:                  # not the main thread: nothing to ignore with
+        pass
+    print("interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _main(argv: list) -> int:
@@ -63,21 +93,25 @@ def _main(argv: list) -> int:
     files = _read_files(args.files)
     if isinstance(files, int):
         return files
+    from . import shell
     from .api import connect
 
-    runner = Runner(connect(args.catalog), progress=_progress_wanted(args.progress))
+    runner = shell.Runner(connect(args.catalog), progress=_progress_wanted(args.progress))
     if args.command is not None:
         return runner.run(args.command)
     for path, text in files:
         status = runner.run(text, where=path)
-        if status != EXIT_OK:
+        if status != shell.EXIT_OK:
             return status
     if not files:
-        return run_shell(runner)
-    return EXIT_OK
+        return shell.run_shell(runner)
+    return shell.EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser():
+    """The command's ``argparse.ArgumentParser``."""
+    import argparse
+
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -125,7 +159,7 @@ def _read_files(paths: list):
     return files
 
 
-def _progress_wanted(flag: Optional[bool]) -> bool:
+def _progress_wanted(flag: bool | None) -> bool:
     """--progress / --no-progress, else KQL_PROGRESS=1|0, else whether stderr is a terminal."""
     if flag is not None:
         return flag
@@ -138,6 +172,8 @@ def _progress_wanted(flag: Optional[bool]) -> bool:
 
 
 def _bench(argv: list) -> int:
+    import importlib
+
     try:
         bench = importlib.import_module("kql.bench")
     except ModuleNotFoundError as exc:
@@ -159,7 +195,7 @@ def _exit_code(exc: SystemExit) -> int:
     if exc.code is None or isinstance(exc.code, int):
         return exc.code or 0
     print(exc.code, file=sys.stderr)
-    return EXIT_FAILED
+    return 1                            # shell.EXIT_FAILED: a statement (here, a bench run) failed
 
 
 def _broken_pipe() -> int:

@@ -2,7 +2,9 @@
 
 :data:`HANDLERS` maps each AST statement class to ``handler(con, stmt, text, progress)``;
 ``Connection`` looks a statement's handler up there. OCCLUDE and EXPLAIN are bound,
-optimized and physically planned first.
+optimized and physically planned first; a run predicted longer than ``SET
+confirm_seconds`` is put to the connection's ``on_long_run`` before it starts
+(:func:`confirm_run`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from . import ast
 from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
 from .planner.devices import require_cuda
 from .planner.logical import at_node, bind, fail
+from .planner.memory import is_out_of_memory, size_text
 from .planner.physical import PlanContext, plan_query
 from .planner.rules import optimize
 from .result import Result
@@ -25,7 +28,7 @@ def plan(con, stmt: ast.Occlude, text: str):
     start = time.perf_counter()
     ctx = PlanContext(settings=con.settings.copy(), directory=con.catalog.directory,
                       tuning_lookup=con.catalog.tuning, cache=con.plan_cache)
-    logical = optimize(bind(stmt, text, con.catalog), ctx)
+    logical = optimize(bind(stmt, text, con.catalog, con.settings["max_image_pixels"]), ctx)
     physical = plan_query(logical, ctx)
     physical = dataclasses.replace(physical, planning_seconds=time.perf_counter() - start)
     return physical
@@ -38,17 +41,55 @@ def run(physical, stmt: ast.Occlude, progress, profile=None):
         raise
     except IndexError as exc:       # target out of range, found only once the model ran
         raise fail(stmt, "target", str(exc)) from None
-    except (RuntimeError, ValueError, TypeError) as exc:
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        if is_out_of_memory(exc):   # torch's allocators raise RuntimeErrors
+            raise KqlExecutionError(_out_of_memory(physical)) from None
         detail = " ".join(str(exc).split())[:300]
         raise KqlModelError(f"model '{physical.query.model.name}' failed on the "
                             f"{tuple(physical.query.image.shape[1:])} image: {detail}") from None
-    except MemoryError:
-        raise KqlExecutionError("out of memory; lower BATCH") from None
+
+
+def _out_of_memory(physical) -> str:
+    predicted = size_text(physical.memory_bytes)
+    return (f"out of memory running model '{physical.query.model.name}' at batch "
+            f"{physical.batch} (predicted {predicted}); lower BATCH, or SET memory_limit "
+            f"below {predicted} for a smaller batch")
+
+
+def duration(seconds: float) -> str:
+    """A predicted run for a person.
+
+    >>> duration(42), duration(1500), duration(5 * 3600), duration(475_000)
+    ('42 s', '25 min', '5.0 hours', '5.5 days')
+    """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:.1f} days"
+
+
+def confirm_run(con, physical, stmt) -> None:
+    """Before a run predicted longer than ``SET confirm_seconds``: the connection's
+    ``on_long_run(message)``, which returns to run it (the API warns) or raises a
+    KqlError (the shell's answer no, or KQL text with no one to ask)."""
+    limit = con.settings.get("confirm_seconds", "none")
+    seconds = physical.run_seconds
+    if limit == "none" or seconds is None or seconds <= limit:
+        return
+    message = f"OCCLUDE is predicted to run {duration(seconds)} (over confirm_seconds = {limit})"
+    try:
+        con.on_long_run(message)
+    except KqlError as exc:
+        raise exc.at(stmt.pos.line or None, stmt.pos.column or None)
 
 
 def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
     start = time.perf_counter()
     physical = plan(con, stmt, text)
+    confirm_run(con, physical, stmt)
     out = run(physical, stmt, progress)
     result = _result(physical, out, text)
     result.seconds = time.perf_counter() - start
@@ -63,6 +104,7 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
     physical = plan(con, stmt.statement, text)
     if not stmt.analyze:
         return Result("explain", text, plan="\n".join(physical.explain()))
+    confirm_run(con, physical, stmt)
     profile: dict = {}
     out = run(physical, stmt.statement, progress, profile)
     profile["total"] = time.perf_counter() - start
@@ -122,7 +164,7 @@ def bind_calibration(con, stmt: ast.CalibrateModel, text: str) -> list:
     for image in _calibration_images(stmt.images):
         occlude = ast.Occlude(image=image, model=stmt.model, patch=stmt.patch, stride=stmt.stride,
                               color=stmt.color, pos=stmt.pos, clause_pos=stmt.clause_pos)
-        queries.append(bind(occlude, text, con.catalog))
+        queries.append(bind(occlude, text, con.catalog, con.settings["max_image_pixels"]))
     first = queries[0]
     for query in queries[1:]:
         if query.image.shape != first.image.shape:
@@ -156,14 +198,20 @@ def _label(query) -> str:
 
 
 def load_model(con, stmt: ast.LoadModel, text: str, progress) -> Result:
-    spec = con.catalog.load_model(stmt.name, stmt.path, stmt.arch, stmt.labels)
+    try:
+        spec = con.catalog.load_model(stmt.name, stmt.path, stmt.arch, stmt.labels)
+    except KqlError as exc:
+        raise at_node(exc, stmt)
     con.plan_cache.forget(stmt.name)
     return Result("load", text, message=f"model '{stmt.name}' loaded ({spec.arch}, "
                                         f"{spec.num_classes} classes)")
 
 
 def load_image(con, stmt: ast.LoadImage, text: str, progress) -> Result:
-    t = con.catalog.load_image(stmt.name, stmt.path)
+    try:
+        t = con.catalog.load_image(stmt.name, stmt.path, con.settings["max_image_pixels"])
+    except KqlError as exc:
+        raise at_node(exc, stmt)
     return Result("load", text, message=f"image '{stmt.name}' loaded "
                                         f"({t.shape[1]}x{t.shape[2]})")
 

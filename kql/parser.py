@@ -3,26 +3,36 @@
 The grammar shapes the tree; this module only turns each rule into its dataclass from
 :mod:`kql.ast` (with the 1-based position of the rule's first token); every Lark error
 becomes a one-line :class:`~kql.errors.KqlSyntaxError` (:mod:`kql.parse_errors`). Defaults are not filled in
-here: an omitted clause stays ``None`` and values are not range-checked.
+here: an omitted clause stays ``None`` and values are not range-checked, except what no
+later stage could hold: a whole number above :data:`MAX_WHOLE`, a number that is not finite
+as a float, and a file name the operating system cannot take (a NUL, a lone surrogate) are
+refused here, at their own line and column.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
 from kql import ast
 from kql.ast import Pos, Statement
-from kql.errors import KqlSyntaxError
+from kql.errors import KqlSyntaxError, shorten
 from kql.parse_errors import syntax_error
 
-__all__ = ["parse", "parse_with_text"]
+__all__ = ["parse", "parse_with_text", "path_problem", "MAX_WHOLE"]
+
+# The largest whole number a query may write (2**31 - 1): anything larger is a typo for
+# every clause, and what is below it fits every C int that torch and numpy hand it to.
+MAX_WHOLE = 2**31 - 1
 
 
 def parse(text: str) -> list[Statement]:
@@ -83,15 +93,61 @@ def _unquote(token: Token) -> str:
     return token[1:-1].replace(quote * 2, quote)
 
 
-def _number(token: Token) -> Union[int, float]:
-    return int(token) if token.isdigit() else float(token)
+def _number(token: Token, keyword: str) -> Union[int, float]:
+    return _bounded(token, keyword) if token.isdigit() else _real(token, keyword)
 
 
 def _whole(token: Token, keyword: str) -> int:
     if not token.isdigit():
-        raise KqlSyntaxError(f"{keyword} takes whole numbers, found '{token}'",
+        raise KqlSyntaxError(f"{keyword} takes whole numbers, found '{shorten(token, 20)}'",
                              line=token.line, column=token.column)
-    return int(token)
+    return _bounded(token, keyword)
+
+
+def _bounded(token: Token, keyword: str) -> int:
+    """A string of digits as an int, refused above :data:`MAX_WHOLE` (before ``int()``,
+    which refuses 4,300 digits with an error of its own)."""
+    digits = token.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_WHOLE)) or int(digits) > MAX_WHOLE:
+        raise KqlSyntaxError(f"{keyword} takes numbers up to {MAX_WHOLE}, found "
+                             f"{shorten(token, 20)}", line=token.line, column=token.column)
+    return int(digits)
+
+
+def _real(token: Token, keyword: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise KqlSyntaxError(f"{keyword}: the number {shorten(token, 20)} is too large",
+                             line=token.line, column=token.column)
+    return value
+
+
+def path_problem(path: str) -> Optional[str]:
+    """Why the operating system cannot take ``path`` as a file name, or None.
+
+    >>> path_problem("maps/cat.png") is None
+    True
+    >>> path_problem("cat\\x00.png"), path_problem("\\udd45.npy")[:33]
+    ('a file name cannot contain a NUL character', 'the file name cannot be encoded i')
+    """
+    if "\x00" in path:
+        return "a file name cannot contain a NUL character"
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        encoding = sys.getfilesystemencoding()
+        return f"the file name cannot be encoded in the file system's encoding ({encoding})"
+    return None
+
+
+def _path(token: Token, keyword: str) -> str:
+    """A quoted file name, refused where no file could have it."""
+    path = _unquote(token)
+    problem = path_problem(path)
+    if problem is not None:
+        raise KqlSyntaxError(f"{keyword} '{shorten(path)}': {problem}",
+                             line=token.line, column=token.column)
+    return path
 
 
 def _count(meta, numbers: list, expected: int, keyword: str, what: str) -> None:
@@ -129,13 +185,14 @@ class _ToAst(Transformer):
 
     def load_model(self, meta, children):
         name, path, arch, labels = children
-        return ast.LoadModel(name=str(name), path=_unquote(path),
+        return ast.LoadModel(name=str(name), path=_path(path, "LOAD MODEL FROM"),
                              arch=None if arch is None else str(arch),
-                             labels=None if labels is None else _unquote(labels), pos=_pos(meta))
+                             labels=None if labels is None else _path(labels, "LABELS"),
+                             pos=_pos(meta))
 
     def load_image(self, meta, children):
         name, path = children
-        return ast.LoadImage(name=str(name), path=_unquote(path), pos=_pos(meta))
+        return ast.LoadImage(name=str(name), path=_path(path, "LOAD IMAGE FROM"), pos=_pos(meta))
 
     def show_models(self, meta, children):
         return ast.ShowModels(pos=_pos(meta))
@@ -146,7 +203,7 @@ class _ToAst(Transformer):
     def set_option(self, meta, children):
         name, token = children
         value = (_unquote(token) if token.type == "STRING" else
-                 _number(token) if token.type == "NUMBER" else str(token))
+                 _number(token, f"SET {name}") if token.type == "NUMBER" else str(token))
         return ast.SetOption(name=str(name), value=value, pos=_pos(meta))
 
     def calibrate(self, meta, children):
@@ -163,14 +220,14 @@ class _ToAst(Transformer):
         return tuple(children)
 
     def image_glob(self, meta, children):
-        return (ast.ImageGlob(_unquote(children[0]), pos=_pos(meta)),)
+        return (ast.ImageGlob(_path(children[0], "image files"), pos=_pos(meta)),)
 
     # -- image and model
     def image_name(self, meta, children):
         return ast.ImageName(str(children[0]), pos=_pos(meta))
 
     def image_file(self, meta, children):
-        return ast.ImageFile(_unquote(children[0]), pos=_pos(meta))
+        return ast.ImageFile(_path(children[0], "image file"), pos=_pos(meta))
 
     def sample_image(self, meta, children):
         return ast.SampleImage(_unquote(children[0]), pos=_pos(meta))
@@ -209,7 +266,7 @@ class _ToAst(Transformer):
 
     def color_rgb(self, meta, children):
         _count(meta, children, 3, "COLOR", "three numbers (r, g, b)")
-        r, g, b = (float(n) for n in children)
+        r, g, b = (_real(n, "COLOR") for n in children)
         return ast.ColorRGB(r, g, b, pos=_pos(meta))
 
     def region_clause(self, meta, children):
@@ -221,12 +278,13 @@ class _ToAst(Transformer):
         return ast.Region(x, y, w, h, pos=_pos(meta))
 
     def ssim_clause(self, meta, children):
-        return _Clause("ssim", _pos(meta), {"ssim": float(children[0])})
+        return _Clause("ssim", _pos(meta), {"ssim": _real(children[0], "WITH SSIM")})
 
     def drilldown_clause(self, meta, children):
         fraction, speedup = children
         return _Clause("drilldown", _pos(meta), {
-            "drilldown": float(fraction), "speedup": None if speedup is None else float(speedup)})
+            "drilldown": _real(fraction, "DRILLDOWN"),
+            "speedup": None if speedup is None else _real(speedup, "SPEEDUP")})
 
     def device_clause(self, meta, children):
         return _Clause("device", _pos(meta), {"device": children[0].lower()})
@@ -235,7 +293,7 @@ class _ToAst(Transformer):
         return _Clause("batch", _pos(meta), {"batch": _whole(children[0], "BATCH")})
 
     def into_clause(self, meta, children):
-        return _Clause("into", _pos(meta), {"into": _unquote(children[0])})
+        return _Clause("into", _pos(meta), {"into": _path(children[0], "INTO")})
 
 
 def _gather(clauses: list) -> tuple[dict, tuple]:

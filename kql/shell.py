@@ -15,9 +15,9 @@ import re
 import sys
 import time
 import traceback
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
 
-from .errors import KqlError
+from .errors import KqlError, KqlExecutionError
 from .progress import ProgressBar
 
 HELP = """\
@@ -42,6 +42,8 @@ KQL statements end with ';' and may span lines; '--' starts a comment.
   SHOW MODELS;  SHOW IMAGES;
   SET strategy = 'auto' | 'naive' | 'incremental';   SET crossover = 'auto' | 'none' | <f>;
   SET tau = 'auto' | <f>;   SET gates = 'exact' | 'frozen';   (approximations)
+  SET memory_limit = 'auto' | '<n> MB' | '<n> GB';   a larger BATCH is lowered to fit
+  SET confirm_seconds = <s> | none;          ask before a run predicted longer (default 600)
   CALIBRATE [ON cpu|gpu]                     measure the device for the cost model
   CALIBRATE <model> ON (<image>, ...) | ON '<glob>' [PATCH ...] [STRIDE ...] [COLOR ...]
                                              tune the threshold of WITH SSIM on samples
@@ -122,15 +124,36 @@ def report_internal(exc: BaseException, err: TextIO) -> None:
 
 
 class Runner:
-    """Runs KQL text on a connection, printing results on ``out`` and errors on ``err``."""
+    """Runs KQL text on a connection, printing results on ``out`` and errors on ``err``.
+
+    It answers the connection's question before a run predicted longer than ``SET
+    confirm_seconds`` (:meth:`confirm_long_run`): with ``ask`` (the interactive shell's
+    prompt) it asks y/N; without (``kql -c``, files, piped input) it refuses, saying how
+    to go on.
+    """
 
     def __init__(self, con, progress: bool = False, out: Optional[TextIO] = None,
-                 err: Optional[TextIO] = None):
+                 err: Optional[TextIO] = None, ask: Optional[Callable[[str], str]] = None):
         self.con = con
         self.progress = progress
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.timing = False
+        self.ask = ask                      # (question) -> the answer typed; None: no one to ask
+        con.on_long_run = self.confirm_long_run
+
+    def confirm_long_run(self, message: str) -> None:
+        """Return to run a long statement; raise a KqlExecutionError not to."""
+        if self.ask is None:
+            raise KqlExecutionError(f"not run: {message}, and there is no one to confirm it "
+                                    f"here; to run it, SET confirm_seconds = none first")
+        try:
+            answer = self.ask(f"{message}. Run it? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise KqlExecutionError(f"not run (answered no): {message}; SET confirm_seconds = "
+                                    f"none to skip the question")
 
     def run(self, text: str, where: Optional[str] = None) -> int:
         """Run every statement of ``text``, stopping at the first error.
@@ -275,6 +298,7 @@ def interactive(shell: Shell, input=None, output=None) -> int:
     """The prompt_toolkit loop; ``input``/``output`` are for tests (pipe input, dummy output)."""
     from prompt_toolkit import PromptSession
 
+    shell.runner.ask = PromptSession(input=input, output=output).prompt   # y/N before long runs
     session = PromptSession(history=make_history(shell.runner.err), multiline=True,
                             key_bindings=_key_bindings(), input=input, output=output,
                             prompt_continuation=lambda width, line, soft: "   ...> ")

@@ -70,29 +70,34 @@ def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits
     slice of positions in the batch); collect the map.
 
     The target defaults to the arg-max of ``base_logits`` (the unoccluded image). Per-batch
-    scores stay on the device until the end: no synchronisation per batch.
+    scores are copied into one ``[2, N]`` tensor on the device, kept until the end: no
+    synchronisation per batch, and no batch's ``[B, classes]`` logits kept alive.
     """
     target = int(base_logits.argmax()) if task.target is None else int(task.target)
     if not 0 <= target < base_logits.numel():
         raise IndexError(f"target class {target} is out of range: the model has "
                          f"{base_logits.numel()} classes (0..{base_logits.numel() - 1})")
-    probs, logits = [], []
+    scores = torch.empty(2, task.count, device=base_logits.device)   # probability, logit
     for start in range(0, task.count, batch_size):
         stop = min(start + batch_size, task.count)
-        p, lg = target_scores(logits_of(slice(start, stop)), target)
-        probs.append(p)
-        logits.append(lg)
+        scores[:, start:stop] = target_scores(logits_of(slice(start, stop)), target)
         if progress is not None:
             progress(stop, task.count)
     base_p = float(torch.softmax(base_logits, 0)[target])
-    return OcclusionResult(torch.cat(probs).cpu().numpy(), torch.cat(logits).cpu().numpy(),
-                           target, base_p, base_logits.cpu().numpy())
+    probs, logits = scores.cpu().numpy()
+    return OcclusionResult(probs, logits, target, base_p, base_logits.cpu().numpy())
 
 
-def target_scores(logits: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probability, logit) of ``target`` for each row of ``logits`` [B, classes]."""
+def target_scores(logits: torch.Tensor, target: int) -> torch.Tensor:
+    """``[2, B]``: the probability and the logit of ``target`` for each row of ``logits``
+    ``[B, classes]``; its own storage, not a view of the batch's.
+
+    >>> target_scores(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), 1)
+    tensor([[0.5000, 0.1192],
+            [0.0000, 0.0000]])
+    """
     logits = logits.float()
-    return torch.softmax(logits, dim=1)[:, target], logits[:, target]
+    return torch.stack((torch.softmax(logits, dim=1)[:, target], logits[:, target]))
 
 
 def check_logits(out, what: str = "the model") -> torch.Tensor:

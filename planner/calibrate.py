@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from kql.fileio import atomic_write
+from kql.fileio import atomic_write, locked, read_json
 
 DEPTHS = (27, 144, 576, 2304, 4608)    # c_in/groups * kh * kw (27: an RGB stem)
 SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
@@ -225,44 +225,67 @@ def cache_dir():
 
 def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Throughput:
     """Cached calibration: in this process, and in ``calibration.json`` of the catalog
-    ``directory`` or, for an in-memory catalog, of the user's :func:`cache_dir`."""
+    ``directory`` or, for an in-memory catalog, of the user's :func:`cache_dir`.
+
+    A file that cannot be read or holds no sound table is measured again; one that cannot
+    be written (a read-only folder, a full disk) only keeps the table in this process."""
     key = device_key(device)
     if not refresh and key in _cache:
         return _cache[key]
-    user_cache = not directory
-    folder = cache_dir() if user_cache else directory
+    folder = directory or cache_dir()
     path = os.path.join(folder, FILE) if folder else None
-    stored = {}
-    if path and os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                stored = json.load(fh)
-        except (OSError, ValueError):
-            stored = {}
-    if not isinstance(stored, dict):
-        stored = {}
-    entry = stored.get(key)
-    if not refresh and isinstance(entry, dict) and entry.get("version") == VERSION:
-        try:
-            _cache[key] = Throughput(**entry)
-            return _cache[key]
-        except TypeError:
-            pass
+    stored = _read_table(path, key) if path and not refresh else None
+    if stored is not None:
+        _cache[key] = stored
+        return stored
     result = measure(device)
     _cache[key] = result
     if path:
-        stored[key] = asdict(result)
-        try:
-            _write_json(path, stored)
-        except OSError:
-            if not user_cache:          # the catalog's own directory must be writable
-                raise
+        with contextlib.suppress(OSError):
+            _store(path, key, asdict(result))
     return result
 
 
-def _write_json(path: str, data: dict) -> None:
-    """Write through a temporary file in the same folder and rename: readers (another
-    process included) see the old file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda fh: json.dump(data, fh, indent=1), prefix=".calibration-",
-                 suffix=".tmp")
+def _read_tables(path: str) -> dict:
+    """``{device key: table}`` of ``path``; empty when it is missing or unreadable."""
+    try:
+        stored = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _read_table(path: str, key: str):
+    """The sound table of ``key`` in ``path``, or None."""
+    entry = _read_tables(path).get(key)
+    if not isinstance(entry, dict) or entry.get("version") != VERSION:
+        return None
+    try:
+        table = Throughput(**entry)
+        return table if _sound(table) else None
+    except (TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError, AttributeError):
+        return None
+
+
+def _sound(table: Throughput) -> bool:
+    """Whether every estimate of ``table`` is a finite, non-negative number of seconds
+    (raises on a table whose lists have the wrong shape or type)."""
+    seconds = (table.conv_seconds(1e6, 27, 16), table.conv_seconds(1e6, 27, 16, True),
+               table.matmul_seconds(1e6), table.bytes_seconds(1e6), table.bytes_seconds(1e6, True),
+               table.gather_seconds(1e6), table.pool_seconds(1e6, "maxpool"),
+               table.pool_seconds(1e6, "avgpool"), table.overhead, table.node_overhead)
+    numbers = all(isinstance(s, (int, float)) and math.isfinite(s) and s >= 0 for s in seconds)
+    return numbers and isinstance(table.threads, int)
+
+
+def _store(path: str, key: str, table: dict) -> None:
+    """Merge ``table`` into ``path`` under a lock, through a temporary file renamed into
+    place: readers (another process included) see the old file or the new one, and a
+    table another process wrote meanwhile stays. Raises ``OSError``."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    with locked(folder):
+        stored = _read_tables(path)
+        stored[key] = table
+        atomic_write(path, lambda fh: json.dump(stored, fh, indent=1), prefix=".calibration-",
+                     suffix=".tmp")

@@ -3,6 +3,8 @@
 Predicted GFLOPs (2 x multiply-adds), gathered megabytes and milliseconds are totals over
 the whole query. Point-wise nodes are folded into the line of the node that feeds them,
 and runs of nodes computed at full size after the crossover share one ``Full`` line.
+A BATCH lowered to fit ``memory_limit`` shows the one asked for:
+``batch=12 (BATCH 100000 lowered to fit memory_limit 5.8 GB)``.
 With ``actual`` (EXPLAIN ANALYZE), each line also shows the measured time and the
 predicted/actual ratio.
 """
@@ -43,8 +45,9 @@ def render(plan, actual: Optional[dict] = None) -> list[str]:
 
 def _operator_line(plan, actual) -> str:
     q = plan.query
+    batch = f"{plan.batch} ({plan.batch_note})" if plan.batch_note else plan.batch
     items = {"model": q.model.name, "device": plan.device, "threads": plan.threads,
-             "batch": plan.batch}
+             "batch": batch}
     items.update(plan.operator.describe())
     cost = plan.cost
     if cost is not None:

@@ -60,13 +60,13 @@ def at_node(error: KqlError, node) -> KqlError:
     return error.at(pos.line, pos.column) if pos is not None and pos.line else error
 
 
-def bind(stmt: ast.Occlude, text: str, catalog) -> OcclusionQuery:
+def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIXELS) -> OcclusionQuery:
     """Resolve names and fill defaults; raises KqlError pointing at the clause at fault."""
     try:
         spec = catalog.resolve_model(stmt.model.name)
     except KqlError as exc:
         raise at_node(exc, stmt.model)
-    raw, label = _image(stmt.image, catalog)
+    raw, label = _image(stmt.image, catalog, max_pixels)
     image = images.resize(raw, images.target_size(raw.shape[1], raw.shape[2], spec.input_size))
     patch = stmt.patch or (DEFAULT_PATCH, DEFAULT_PATCH)
     stride = stmt.stride or (DEFAULT_STRIDE, DEFAULT_STRIDE)
@@ -87,13 +87,13 @@ def bind(stmt: ast.Occlude, text: str, catalog) -> OcclusionQuery:
         drilldown=stmt.drilldown, speedup=stmt.speedup)
 
 
-def _image(ref, catalog) -> tuple[torch.Tensor, str]:
+def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str]:
     try:
         if isinstance(ref, ast.SampleImage):
             return images.load_sample(ref.name), f"sample('{ref.name}')"
         if isinstance(ref, ast.ImageFile):
-            return images.load_file(ref.path), f"'{ref.path}'"
-        return catalog.resolve_image(ref.name), ref.name
+            return images.load_file(ref.path, max_pixels=max_pixels), f"'{ref.path}'"
+        return catalog.resolve_image(ref.name, max_pixels), ref.name
     except KqlError as exc:
         raise at_node(exc, ref)
 

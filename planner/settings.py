@@ -5,8 +5,9 @@
 A new setting is one more row of :data:`SETTINGS`.
 
 >>> s = Settings()
->>> dict(s)
-{'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto', 'gates': 'exact'}
+>>> dict(s)  # doctest: +NORMALIZE_WHITESPACE
+{'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto', 'gates': 'exact',
+ 'memory_limit': 'auto', 'confirm_seconds': 600, 'max_image_pixels': 64000000}
 >>> s.set("crossover", 0.5)
 >>> s["crossover"], s.get("strategy")
 (0.5, 'auto')
@@ -18,6 +19,8 @@ kql.errors.KqlPlanError: strategy must be 'auto', 'naive' or 'incremental', got 
 
 from __future__ import annotations
 
+import re
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -52,6 +55,51 @@ def _check_gates(value) -> Optional[str]:
     return f"gates must be 'exact' or 'frozen', got {value!r}"
 
 
+UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(kb|mb|gb|tb)\s*", re.I)
+
+
+def byte_count(value) -> Optional[int]:
+    """The bytes of a ``memory_limit`` value: ``'<n> KB|MB|GB|TB'`` (binary units, any
+    case) or a number of bytes; None for 'auto' and for anything else.
+
+    >>> byte_count("1.5 GB"), byte_count("512mb"), byte_count(10**9), byte_count("auto")
+    (1610612736, 536870912, 1000000000, None)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value) if value >= 1 else None
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    size = float(match.group(1)) * UNITS[match.group(2).lower()]
+    if not math.isfinite(size):          # 5,000 nines
+        return None
+    return int(size) if size >= 1 else None
+
+
+def _check_memory_limit(value) -> Optional[str]:
+    if value == "auto" or byte_count(value) is not None:
+        return None
+    return f"memory_limit must be 'auto', '<n> MB', '<n> GB' or a number of bytes, got {value!r}"
+
+
+def _check_confirm_seconds(value) -> Optional[str]:
+    if value == "none" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                           and value >= 0):
+        return None
+    return f"confirm_seconds must be 'none' or a number of seconds (at least 0), got {value!r}"
+
+
+PILLOW_MAX_PIXELS = 178_956_970      # Pillow refuses images past twice its bomb limit itself
+
+
+def _check_max_image_pixels(value) -> Optional[str]:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= PILLOW_MAX_PIXELS:
+        return None
+    return (f"max_image_pixels must be a whole number of pixels from 1 to {PILLOW_MAX_PIXELS:,} "
+            f"(Pillow's own limit), got {value!r}")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One session setting: its default, why a value is invalid (None: it is valid)."""
@@ -75,6 +123,15 @@ SETTINGS = {s.name: s for s in (
     Setting("gates", "exact", _check_gates,
             "global gates (squeeze-excitation): 'exact' computes them per occlusion, 'frozen' "
             "keeps their unoccluded values so incremental inference runs through them (approximate)"),
+    Setting("memory_limit", "auto", _check_memory_limit,
+            "memory a plan may use: 'auto' (a quarter of the memory available on the device "
+            "when planning), '<n> MB', '<n> GB' or bytes; a BATCH over it is lowered to fit"),
+    Setting("confirm_seconds", 600, _check_confirm_seconds,
+            "a run predicted longer than this many seconds is confirmed first (the shell asks, "
+            "KQL text with no one to ask is refused, the Python API warns); 'none': never"),
+    Setting("max_image_pixels", 64_000_000, _check_max_image_pixels,
+            "the largest image file read, in pixels (height x width): a larger one is refused "
+            "from its header, before it is decoded"),
 )}
 
 
@@ -84,7 +141,7 @@ def problem(name: str, value) -> Optional[str]:
     >>> problem("strategy", "naive") is None
     True
     >>> problem("colour", 1)
-    "unknown setting 'colour'; settings: strategy, crossover, tau, gates"
+    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels"
     """
     setting = SETTINGS.get(name)
     if setting is None:

@@ -1,0 +1,232 @@
+"""Hypothesis strategies for the fuzz suite (tests/test_fuzz.py): KQL text that follows
+grammar/kql.lark, then mutated.
+
+:data:`STATEMENTS` draw the tokens of one statement of every form (OCCLUDE with any
+clauses in any order, EXPLAIN [ANALYZE], SET, LOAD MODEL / IMAGE, SHOW, CALIBRATE [ON],
+CALIBRATE <model> ON ...), each value sometimes of the wrong kind for its place (a string
+for PATCH, a name for COLOR, a number for INTO). :func:`queries` joins one to three of them
+with odd spacing, comments and keyword case, then mutates the tokens (truncated, deleted,
+swapped, doubled, replaced by huge or negative numbers) and the characters (NUL, lone
+surrogates, ANSI escapes, any code point, cut anywhere), and sometimes blows one token up
+to 100 KB.
+
+>>> from hypothesis import find
+>>> text = find(queries(), lambda t: t.startswith("OCCLUDE") and "PATCH" in t)
+>>> text.split()[0]
+'OCCLUDE'
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+# -- values ------------------------------------------------------------------------------------
+
+def _weighted(*choices):
+    """One of the strategies, each ``(weight, strategy)`` drawn ``weight`` times in the sum."""
+    pool = [strategy for weight, strategy in choices for _ in range(weight)]
+    return st.integers(0, len(pool) - 1).flatmap(lambda i: pool[i])
+
+
+ODD_CHARS = ["\x00", "\udd45", "\udc80", "\ud800", "\u2028", "\x1b[31m", "\t", "\r", "\x7f",
+             "\u200b", "\ufeff", "é", "猫", "\U0001F431", "\x85", "'", '"', "''", "\\", "--"]
+_CHAR = st.one_of(st.sampled_from(list("abcxyzXYZ09 _-./*?")), st.sampled_from(ODD_CHARS),
+                  st.integers(0, 0x10FFFF).map(chr))
+TEXT = st.lists(_CHAR, max_size=10).map("".join)
+
+SMALL = st.integers(0, 40).map(str)
+HUGE = st.one_of(st.sampled_from(["2147483647", "2147483648", "9223372036854775808",
+                                  "18446744073709551616", "1" + "0" * 5000, "0" * 5000 + "7"]),
+                 st.integers(11, 400).map(lambda n: "9" * n))
+FLOAT = st.sampled_from(["0.5", ".25", "1.", "0.9", "1e999", "1e-400", "2.5e3", "1E+2",
+                         "1" * 400 + ".0", "0.0", "1.0", "3e38", "1e308"])
+NUMBER = _weighted((6, SMALL), (1, FLOAT), (1, HUGE), (1, SMALL.map(lambda n: "-" + n)))
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+FILES = ["'map.png'", "'map.npy'", "'map.parquet'", "'sub/map.png'", "'map.jpg'", "'map'",
+         "'/no/such/dir/x.png'", "'.'", "''", "'missing.png'", "'m.pt'", "'*.png'",
+         "'**/*.png'", "'labels.txt'"]
+STRING = st.one_of(st.sampled_from(FILES), TEXT.map(_quote), TEXT.map(lambda t: '"' + t + '"'))
+NAME = st.one_of(st.sampled_from(["img", "net", "nope", "x", "batch", "strategy", "crossover",
+                                  "tau", "gates", "memory_limit", "confirm_seconds", "patch",
+                                  "on", "resnet18", "efficientnet_lite0", "_", "a1", "sample"]),
+                 st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True))
+PUNCT = st.sampled_from(["(", ")", ",", ";", "=", ">=", "x", "-", ".", "*", "'", '"'])
+# A value of any kind: what a clause gets when it is given the wrong type.
+ANY = st.one_of(NUMBER, STRING, NAME, PUNCT, st.sampled_from(["black", "gpu", "PREDICTED"]))
+
+
+def _sometimes_wrong(right):
+    """Mostly ``right`` (a strategy of token lists), sometimes one value of any kind."""
+    return _weighted((5, right), (1, ANY.map(lambda v: [v])))
+
+
+def _number_list(low: int, high: int):
+    return st.lists(NUMBER, min_size=low, max_size=high).map(
+        lambda ns: ["(", *sum(([n, ","] for n in ns), [])[:-1], ")"])
+
+
+# -- images, models, clauses ------------------------------------------------------------------
+
+IMAGE = _weighted((6, st.just(["img"])), (1, st.just(["sample", "(", "'chelsea'", ")"])),
+                  (1, st.just(["nope"])), (1, STRING.map(lambda s: [s])),
+                  (1, STRING.map(lambda s: ["sample", "(", s, ")"])))
+LIGHT_MODEL = _weighted((6, st.just(["net"])), (1, st.just(["nope"])), (1, NAME.map(lambda n: [n])))
+# The built-in model and a torchvision name (no weights here) cost seconds to load once.
+MODEL = _weighted((8, LIGHT_MODEL), (1, st.just(["efficientnet_lite0"])), (1, st.just(["resnet18"])))
+SIZE = st.one_of(NUMBER.map(lambda n: [n]), st.tuples(NUMBER, NUMBER).map(lambda t: [t[0], "x", t[1]]))
+COLOR = st.one_of(st.sampled_from([["black"], ["gray"], ["grey"], ["white"], ["mean"]]),
+                  _number_list(1, 5))
+TARGET = st.one_of(NUMBER.map(lambda n: [n]), STRING.map(lambda s: [s]),
+                   st.sampled_from([["PREDICTED"], ["'a'"], ["'e'"]]))
+DEVICE = st.sampled_from(["cpu", "gpu", "auto", "CPU", "Auto"])
+
+OCCLUSION_CLAUSES = [
+    _sometimes_wrong(SIZE).map(lambda v: ["PATCH", *v]),
+    _sometimes_wrong(SIZE).map(lambda v: ["STRIDE", *v]),
+    _sometimes_wrong(COLOR).map(lambda v: ["COLOR", *v]),
+]
+CLAUSES = OCCLUSION_CLAUSES + [
+    _sometimes_wrong(TARGET).map(lambda v: ["TARGET", *v]),
+    _sometimes_wrong(_number_list(3, 5)).map(lambda v: ["REGION", *v]),
+    _sometimes_wrong(NUMBER.map(lambda n: [n])).map(lambda v: ["WITH", "SSIM", ">=", *v]),
+    st.tuples(NUMBER, st.none() | NUMBER).map(
+        lambda t: ["DRILLDOWN", t[0]] + ([] if t[1] is None else ["SPEEDUP", t[1]])),
+    _sometimes_wrong(DEVICE.map(lambda d: [d])).map(lambda v: ["ON", *v]),
+    _sometimes_wrong(NUMBER.map(lambda n: [n])).map(lambda v: ["BATCH", *v]),
+    _sometimes_wrong(STRING.map(lambda s: [s])).map(lambda v: ["INTO", *v]),
+]
+
+
+@st.composite
+def _clauses(draw, choices, most: int = 5) -> list:
+    """Up to ``most`` different clauses in any order (a repeated one is a token mutation)."""
+    picked = draw(st.lists(st.integers(0, len(choices) - 1), unique=True, max_size=most))
+    return sum((draw(choices[i]) for i in picked), [])
+
+
+# -- statements ----------------------------------------------------------------------------------
+
+def _occlude(model):
+    return st.tuples(IMAGE, model, _clauses(CLAUSES)).map(
+        lambda t: ["OCCLUDE", *t[0], "USING", *t[1], *t[2]])
+
+
+SETTING_VALUES = st.one_of(st.sampled_from(["'naive'", "'incremental'", "'auto'", "'none'",
+                                            "'frozen'", "'exact'", "'4gb'", "'0.5 mb'", "'x'",
+                                            "0.5", "1", "0", "600", "naive"]), NUMBER, STRING, NAME,
+                           st.tuples(st.one_of(SMALL, HUGE, FLOAT), st.sampled_from(["kb", " GB", "tb"]))
+                           .map(lambda t: f"'{t[0]}{t[1]}'"))
+IMAGES = st.one_of(STRING.map(lambda s: [s]), st.lists(IMAGE, min_size=0, max_size=3).map(
+    lambda ims: ["(", *sum(([*im, ","] for im in ims), [])[:-1], ")"]))
+
+
+def _optional(tokens):
+    return st.one_of(st.just([]), tokens)
+
+
+def _statement(model):
+    occlude = _occlude(model)
+    return _weighted((3, occlude), (1, st.one_of(
+        st.tuples(st.booleans(), occlude).map(
+            lambda t: ["EXPLAIN", *(["ANALYZE"] if t[0] else []), *t[1]]),
+        st.tuples(NAME, SETTING_VALUES).map(lambda t: ["SET", t[0], "=", t[1]]),
+        st.tuples(NAME, STRING, _optional(NAME.map(lambda n: ["ARCH", n])),
+                  _optional(STRING.map(lambda s: ["LABELS", s]))).map(
+            lambda t: ["LOAD", "MODEL", t[0], "FROM", t[1], *t[2], *t[3]]),
+        st.tuples(NAME, STRING).map(lambda t: ["LOAD", "IMAGE", t[0], "FROM", t[1]]),
+        st.sampled_from([["SHOW", "MODELS"], ["SHOW", "IMAGES"]]),
+        _optional(DEVICE.map(lambda d: ["ON", d])).map(lambda on: ["CALIBRATE", *on]),
+        st.tuples(model, IMAGES, _clauses(OCCLUSION_CLAUSES, 3)).map(
+            lambda t: ["CALIBRATE", *t[0], "ON", *t[1], *t[2]]),
+    )))
+
+
+# By ``heavy_models`` (see :func:`queries`).
+STATEMENTS = {True: _statement(MODEL), False: _statement(LIGHT_MODEL)}
+
+KEYWORDS = frozenset("""OCCLUDE USING TARGET PREDICTED PATCH STRIDE COLOR REGION WITH SSIM
+    DRILLDOWN SPEEDUP ON BATCH INTO EXPLAIN ANALYZE LOAD MODEL IMAGE FROM ARCH LABELS SHOW MODELS
+    IMAGES SET CALIBRATE SAMPLE""".split())
+KEYWORD_CASE = st.sampled_from([str.upper, str.lower, str.title, str])
+SEPARATOR = st.sampled_from([" "] * 12 + ["  ", "\n", "\t", " -- note\n", "\r\n", ""])
+
+
+# -- mutations ------------------------------------------------------------------------------------
+
+@st.composite
+def _mutate_tokens(draw, tokens: list) -> list:
+    tokens = list(tokens)
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 1, 2, 3]))):
+        if not tokens:
+            break
+        i, j = draw(st.integers(0, len(tokens) - 1)), draw(st.integers(0, len(tokens) - 1))
+        kind = draw(st.sampled_from(["truncate", "delete", "swap", "double", "insert", "replace",
+                                     "huge", "negative"]))
+        if kind == "truncate":
+            tokens = tokens[:i]
+        elif kind == "delete":
+            del tokens[i]
+        elif kind == "swap":
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+        elif kind == "double":
+            tokens.insert(i, tokens[i])
+        elif kind == "insert":
+            tokens.insert(i, draw(ANY))
+        elif kind == "replace":
+            tokens[i] = draw(ANY)
+        elif kind == "huge":
+            tokens[i] = draw(HUGE)
+        else:
+            tokens[i] = "-" + tokens[i]
+    return tokens
+
+
+@st.composite
+def _mutate_text(draw, text: str) -> str:
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+        at = draw(st.integers(0, len(text)))
+        kind = draw(st.sampled_from(["insert", "insert", "cut", "drop"]))
+        if kind == "insert":
+            text = text[:at] + draw(st.one_of(st.sampled_from(ODD_CHARS), _CHAR)) + text[at:]
+        elif kind == "cut":
+            text = text[:at]
+        else:
+            text = text[:at] + text[at + 1:]
+    return text
+
+
+def _blow_up(token: str, size: int) -> str:
+    """``token`` grown to about ``size`` characters: a longer string, name or number, or
+    a keyword or punctuation said over and over."""
+    if token[:1] in "'\"" and len(token) >= 2:
+        return token[0] + (token[1:-1] or "a") * (size // max(1, len(token) - 2)) + token[-1]
+    if token.upper() in KEYWORDS or not (token.isalnum() or "_" in token):
+        token += " "
+    return token * (size // max(1, len(token)))
+
+
+@st.composite
+def queries(draw, heavy_models: bool = True) -> str:
+    """KQL text: one to three statements from the grammar, mutated (see the module doc);
+    a third of them are left as the grammar made them, to reach the planner's checks.
+    The models are ``net``, unknown names and, with ``heavy_models``, ``efficientnet_lite0``
+    and ``resnet18``."""
+    statements = draw(st.lists(STATEMENTS[heavy_models], min_size=1, max_size=3))
+    tokens = sum((s + [";"] for s in statements), [])[:-1 if draw(st.booleans()) else None]
+    mutated = draw(st.integers(0, 2)) > 0
+    if mutated:
+        tokens = draw(_mutate_tokens(tokens))
+    if mutated and tokens and draw(st.integers(0, 9)) == 9:            # 1 KB .. 100 KB
+        i = draw(st.integers(0, len(tokens) - 1))
+        tokens[i] = _blow_up(tokens[i], draw(st.sampled_from([1_000, 10_000, 100_000])))
+    case = draw(KEYWORD_CASE)
+    text = ""
+    for token in tokens:
+        word = case(token) if token.upper() in KEYWORDS else token
+        text += word + draw(SEPARATOR)
+    return draw(_mutate_text(text)) if mutated else text

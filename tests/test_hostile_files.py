@@ -1,0 +1,503 @@
+"""Image, model and labels files as users have them on disk: each works or is refused in
+one line (KqlImageError / KqlModelError), never a raw exception, a hang, a memory blow-up
+or code run from a pickle. Every hostile file is made here, in ``tmp_path``.
+"""
+
+import contextlib
+import errno
+import io
+import os
+import pickle
+import signal
+import socket
+import struct
+import tempfile
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import kql
+from kql import images, models
+from models_zoo import small_cnn
+
+
+@pytest.fixture
+def con():
+    c = kql.connect()
+    c.register_model("net", small_cnn())
+    return c
+
+
+def error_of(con, query, cls=kql.KqlError):
+    with pytest.raises(kql.KqlError) as info:
+        con.execute(query)
+    message = str(info.value)
+    assert isinstance(info.value, cls), message
+    assert "\n" not in message and "\x1b" not in message and "Traceback" not in message
+    return message
+
+
+@contextlib.contextmanager
+def deadline(seconds=10):
+    """Fail instead of hanging: a blocking open() is interrupted by the alarm."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -- making files ------------------------------------------------------------------------------
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of its header alone (no pixel data): what a decompression bomb starts with."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IEND", b"")
+
+
+def npy_header(shape, descr="|u1") -> bytes:
+    """A .npy file of its header alone, claiming ``shape``."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def gradient(height=12, width=16) -> np.ndarray:
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([ys * 255 // max(1, height - 1), xs * 255 // max(1, width - 1),
+                     np.full_like(ys, 128)], -1).astype(np.uint8)
+
+
+def state_dict_of(arch: str, **kwargs) -> dict:
+    """Zero weights in ``arch``'s shapes: built on the meta device, nothing initialised."""
+    with torch.device("meta"):
+        module = torchvision.models.get_model(arch, weights=None, **kwargs)
+    return {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in module.state_dict().items()}
+
+
+class Boom:
+    """Unpickling it would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+# -- 1. images that would exhaust memory ---------------------------------------------------------
+
+def test_a_50000x50000_header_is_refused_without_pillow_noise(con, tmp_path, capfd):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(50000, 50000))
+    message = error_of(con, f"LOAD IMAGE b FROM '{bomb}'", kql.KqlImageError)
+    assert message.endswith("has 2,500,000,000 pixels, more than max_image_pixels (64,000,000)")
+    assert "Decompression" not in capfd.readouterr().err
+
+
+def test_an_image_over_the_limit_is_refused_from_its_header(con, tmp_path, capfd):
+    # Below Pillow's own error limit, above KQL's: decoding it would take 3.5 GB (10000x10000).
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header(10000, 10000))        # no pixel data: a decoder would fail
+    message = error_of(con, f"LOAD IMAGE b FROM '{big}'", kql.KqlImageError)
+    assert message.endswith("has 10000x10000 = 100,000,000 pixels, more than max_image_pixels "
+                            "(64,000,000)")
+    assert capfd.readouterr().err == ""
+
+
+def test_max_pixels_is_a_keyword_of_load_file(tmp_path):
+    path = tmp_path / "small.png"
+    path.write_bytes(encoded(Image.fromarray(gradient(12, 16)), "PNG"))
+    assert images.load_file(str(path), max_pixels=192).shape == (3, 12, 16)
+    with pytest.raises(kql.KqlImageError, match=r"12x16 = 192 pixels, more than max_image_pixels \(191\)"):
+        images.load_file(str(path), max_pixels=191)
+
+
+def test_a_huge_npy_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "huge.npy"
+    path.write_bytes(npy_header((100000, 100000, 3)))     # 30 GB claimed, none there
+    with pytest.raises(kql.KqlImageError, match="100000x100000 = 10,000,000,000 pixels"):
+        images.load_file(str(path))
+
+
+# -- 2. files that block open() or are no files -------------------------------------------------
+
+def test_a_fifo_never_blocks(con, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with deadline():
+        for query, cls in [(f"LOAD IMAGE i FROM '{fifo}'", kql.KqlImageError),
+                           (f"LOAD MODEL m FROM '{fifo}' ARCH squeezenet1_1", kql.KqlModelError),
+                           (f"OCCLUDE '{fifo}' USING net", kql.KqlImageError)]:
+            assert "is a FIFO (named pipe), not a regular file" in error_of(con, query, cls)
+
+
+def test_a_fifo_as_labels_never_blocks(tmp_path):
+    fifo = tmp_path / "labels"
+    os.mkfifo(fifo)
+    with deadline(), pytest.raises(kql.KqlModelError, match="is a FIFO"):
+        models.read_labels(str(fifo), 3)
+
+
+def test_directories_devices_and_sockets(con, tmp_path):
+    folder = tmp_path / "folder.pt"
+    folder.mkdir()
+    assert "is a directory, not a model file" in error_of(
+        con, f"LOAD MODEL m FROM '{folder}' ARCH squeezenet1_1", kql.KqlModelError)
+    assert "is a directory, not an image file" in error_of(con, f"LOAD IMAGE i FROM '{folder}'")
+    with pytest.raises(kql.KqlModelError, match="is a directory, not a labels file"):
+        models.read_labels(str(folder))
+    assert "is a character device" in error_of(con, "LOAD IMAGE i FROM '/dev/zero'")
+    with tempfile.TemporaryDirectory() as short:        # a socket path must be short
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(os.path.join(short, "s"))
+        try:
+            assert "is a socket" in error_of(con, f"LOAD IMAGE i FROM '{short}/s'")
+        finally:
+            sock.close()
+
+
+def test_empty_files(con, tmp_path):
+    for name, query, cls in [("e.png", "LOAD IMAGE i FROM '{}'", kql.KqlImageError),
+                             ("e.pt", "LOAD MODEL m FROM '{}' ARCH squeezenet1_1", kql.KqlModelError)]:
+        (tmp_path / name).write_bytes(b"")
+        assert error_of(con, query.format(tmp_path / name), cls).endswith("is empty (0 bytes)")
+
+
+# -- 3. weights that load but cannot work -------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(con, tmp_path, bad):
+    weights = state_dict_of("squeezenet1_1", num_classes=3)
+    weights["features.3.expand1x1.weight"][0, 0, 0, 0] = bad
+    torch.save(weights, tmp_path / "bad.pt")
+    message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'bad.pt'}' ARCH squeezenet1_1",
+                       kql.KqlModelError)
+    assert message.endswith("has NaN or infinite weights in 'features.3.expand1x1.weight'")
+
+
+def test_large_finite_weights_are_not_mistaken_for_infinite(tmp_path):
+    weights = state_dict_of("squeezenet1_1", num_classes=3)
+    weights["features.0.weight"].fill_(3e38)              # their sum overflows to inf
+    torch.save(weights, tmp_path / "big.pt")
+    assert models.load_model_file("m", str(tmp_path / "big.pt"), "squeezenet1_1").num_classes == 3
+
+
+@pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("squeezenet1_1", "classifier.1")])
+def test_a_state_dict_of_zero_classes_is_refused_at_load(con, tmp_path, arch, head):
+    weights = state_dict_of(arch)
+    weights[f"{head}.weight"] = weights[f"{head}.weight"][:0]
+    weights[f"{head}.bias"] = weights[f"{head}.bias"][:0]
+    torch.save(weights, tmp_path / "zero.pt")
+    message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'zero.pt'}' ARCH {arch}", kql.KqlModelError)
+    assert message.endswith(f"has 0 classes: its last layer '{head}.weight' has no outputs")
+
+
+# -- 4. permissions, symlinks, ANSI, a slow mismatch ---------------------------------------------
+
+def test_permission_denied_is_said(con, tmp_path, monkeypatch):
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(encoded(Image.fromarray(gradient()), "PNG"))
+    locked.chmod(0)
+    if os.geteuid() == 0:                       # root reads it anyway: make open() refuse
+        def refuse(path, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        monkeypatch.setattr(images, "open", refuse, raising=False)
+    assert error_of(con, f"LOAD IMAGE i FROM '{locked}'").endswith(": permission denied")
+    assert error_of(con, f"LOAD MODEL m FROM '{locked}' ARCH resnet18").endswith(": permission denied")
+
+
+def test_symlink_loops_and_broken_links(con, tmp_path):
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    assert error_of(con, f"LOAD IMAGE i FROM '{tmp_path / 'a.png'}'").endswith("is a symlink loop")
+    assert error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'a.png'}' ARCH resnet18").endswith(
+        "is a symlink loop")
+    assert error_of(con, f"LOAD IMAGE i FROM '{tmp_path / 'dangling.png'}'").endswith(
+        "is a broken symlink")
+
+
+def test_torch_ansi_codes_never_reach_the_message(con, tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")    # torch's refusal is in bold
+    message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'whole.pt'}' ARCH resnet18")
+    assert "(torch.nn.modules.linear.Linear), which are never run" in message
+
+
+def test_a_mismatched_vgg16_is_refused_without_building_it(con, tmp_path, monkeypatch):
+    """VGG16 was built twice on the CPU (8-10 s) to say the file does not fit; now once,
+    on the meta device: no weight is initialised."""
+    initialised = []
+    real = torch.nn.init.kaiming_normal_
+
+    def spy(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return real(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", spy)
+    torch.save(state_dict_of("squeezenet1_1"), tmp_path / "sq.pt")
+    message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'sq.pt'}' ARCH vgg16", kql.KqlModelError)
+    assert "does not fit vgg16: missing 30 keys" in message
+    assert initialised and set(initialised) == {"meta"}
+
+
+# -- 5. hostile model files --------------------------------------------------------------------
+
+def _evil_files(tmp_path, marker):
+    raw = tmp_path / "raw.pt"                        # a bare pickle: GLOBAL posix.system
+    with open(raw, "wb") as fh:
+        pickle.dump({"w": Boom(marker)}, fh, protocol=2)
+    framed = tmp_path / "framed.pt"                  # protocol 4: opcodes torch refuses
+    with open(framed, "wb") as fh:
+        pickle.dump({"w": Boom(marker)}, fh, protocol=4)
+    zipped = tmp_path / "zipped.pt"                  # torch.save's zip format
+    torch.save({"w": Boom(marker)}, zipped)
+    return raw, framed, zipped
+
+
+def test_a_malicious_pickle_never_runs(con, tmp_path):
+    marker = tmp_path / "PWNED"
+    for path in _evil_files(tmp_path, marker):
+        message = error_of(con, f"LOAD MODEL m FROM '{path}' ARCH resnet18", kql.KqlModelError)
+        assert "cannot read model file" in message and "never run" in message
+        assert "weights_only" not in message         # no advice to turn the protection off
+        assert not marker.exists()
+    assert "(posix.system)" in error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'raw.pt'}' ARCH resnet18")
+
+
+def test_wrong_architecture_and_class_counts(con, tmp_path):
+    torch.save(state_dict_of("squeezenet1_1"), tmp_path / "sq.pt")
+    assert "does not fit resnet18: missing" in error_of(
+        con, f"LOAD MODEL m FROM '{tmp_path / 'sq.pt'}' ARCH resnet18", kql.KqlModelError)
+    odd = state_dict_of("resnet18", num_classes=7)
+    odd["fc.bias"] = torch.zeros(5)                         # 7 class weights, 5 biases
+    torch.save(odd, tmp_path / "odd.pt")
+    assert "does not fit resnet18: Error(s) in loading state_dict for ResNet: size mismatch for " \
+           "fc.bias" in error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'odd.pt'}' ARCH resnet18")
+    torch.save(state_dict_of("squeezenet1_1", num_classes=3), tmp_path / "three.pt")
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    assert "has 2 labels but the model has 3 classes" in error_of(
+        con, f"LOAD MODEL m FROM '{tmp_path / 'three.pt'}' ARCH squeezenet1_1 "
+             f"LABELS '{tmp_path / 'two.txt'}'")
+
+
+def test_other_non_state_dicts(con, tmp_path):
+    torch.save({1: torch.zeros(2)}, tmp_path / "ints.pt")
+    assert "does not hold a state dict" in error_of(
+        con, f"LOAD MODEL m FROM '{tmp_path / 'ints.pt'}' ARCH resnet18", kql.KqlModelError)
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(300))
+    assert "cannot read model file" in error_of(
+        con, f"LOAD MODEL m FROM '{tmp_path / 'garbage.pt'}' ARCH resnet18", kql.KqlModelError)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(kql.KqlModelError, match="is not UTF-8 text"):
+        models.read_labels(str(tmp_path / "latin1.txt"))
+
+
+def test_a_loaded_model_is_the_one_saved(tmp_path):
+    """Built on the meta device and given the file's tensors: the same outputs as the saved
+    module; MNASNet's per-module versions (torch.save's ``_metadata``) survive; half
+    precision weights make a float32 model."""
+    torch.manual_seed(0)
+    saved = torchvision.models.mnasnet0_5(weights=None, num_classes=4).eval()
+    torch.save(saved.state_dict(), tmp_path / "mnas.pt")
+    spec = models.load_model_file("m", str(tmp_path / "mnas.pt"), "mnasnet0_5")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(spec.module(x), saved(x))
+    assert all(not t.is_meta for t in spec.module.state_dict().values())
+    half = {k: v.half() if v.is_floating_point() else v
+            for k, v in state_dict_of("squeezenet1_1", num_classes=2).items()}
+    torch.save(half, tmp_path / "half.pt")
+    module = models.load_model_file("m", str(tmp_path / "half.pt"), "squeezenet1_1").module
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+
+
+def test_an_architecture_that_cannot_be_built_on_meta(tmp_path):
+    """RegNet computes with its tensors while built: it is built on the CPU instead."""
+    torch.save(torchvision.models.regnet_x_400mf(weights=None, num_classes=2).state_dict(),
+               tmp_path / "regnet.pt")
+    assert models.load_model_file("m", str(tmp_path / "regnet.pt"), "regnet_x_400mf").num_classes == 2
+
+
+# -- 5. hostile image files ----------------------------------------------------------------------
+
+def _frames() -> bytes:
+    frames = [Image.new("RGB", (8, 6), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+PICTURE = gradient()
+GOOD = {
+    "rgb.png": (lambda: encoded(Image.fromarray(PICTURE), "PNG"), (12, 16)),
+    "grey.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]), "PNG"), (12, 16)),
+    "rgba.png": (lambda: encoded(Image.fromarray(np.dstack([PICTURE, PICTURE[:, :, :1]])), "PNG"), (12, 16)),
+    "la.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]).convert("LA"), "PNG"), (12, 16)),
+    "palette.png": (lambda: encoded(Image.fromarray(PICTURE).convert("P"), "PNG"), (12, 16)),
+    "bilevel.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]).convert("1"), "PNG"), (12, 16)),
+    "sixteen.png": (lambda: encoded(Image.fromarray(np.full((5, 7), 32768, np.uint16)), "PNG"), (5, 7)),
+    "cmyk.jpg": (lambda: encoded(Image.fromarray(PICTURE).convert("CMYK"), "JPEG"), (12, 16)),
+    "rgb.jpg": (lambda: encoded(Image.fromarray(PICTURE), "JPEG"), (12, 16)),
+    "animated.gif": (_frames, (6, 8)),
+    "one.png": (lambda: encoded(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), (1, 1)),
+    "float.tif": (lambda: encoded(Image.fromarray(np.linspace(-5, 5, 20, dtype=np.float32).reshape(4, 5)),
+                                  "TIFF"), (4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_image_kinds_that_work(con, tmp_path, name):
+    make, size = GOOD[name]
+    (tmp_path / name).write_bytes(make())
+    con.execute(f"LOAD IMAGE i FROM '{tmp_path / name}'")
+    image = con.catalog.resolve_image("i")
+    assert image.shape == (3, *size) and image.dtype == torch.float32 and image.is_contiguous()
+    assert 0 <= float(image.min()) <= float(image.max()) <= 1
+
+
+def test_pixel_values(tmp_path):
+    (tmp_path / "rgb.png").write_bytes(encoded(Image.fromarray(PICTURE), "PNG"))
+    expected = torch.from_numpy(PICTURE).permute(2, 0, 1).float() / 255
+    assert torch.equal(images.load_file(str(tmp_path / "rgb.png")), expected)
+    (tmp_path / "sixteen.png").write_bytes(GOOD["sixteen.png"][0]())      # scaled, not stretched
+    sixteen = images.load_file(str(tmp_path / "sixteen.png"))
+    assert sixteen[:, 0, 0].tolist() == pytest.approx([32768 / 65535] * 3)
+    (tmp_path / "animated.gif").write_bytes(_frames())                     # the first frame
+    assert images.load_file(str(tmp_path / "animated.gif"))[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+def _truncated_png() -> bytes:
+    data = GOOD["rgb.png"][0]()
+    return data[: len(data) // 2]
+
+
+def _corrupt_png() -> bytes:
+    data = bytearray(GOOD["rgb.png"][0]())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 20] = bytes(20)               # deflate data and CRC no longer agree
+    return bytes(data)
+
+
+def _nan_tiff() -> bytes:
+    return encoded(Image.fromarray(np.full((4, 5), np.nan, np.float32)), "TIFF")
+
+
+BAD = {
+    "truncated.png": (_truncated_png, "corrupt or truncated"),
+    "corrupt.png": (_corrupt_png, "corrupt or truncated"),
+    "truncated.jpg": (lambda: GOOD["rgb.jpg"][0]()[:200], "corrupt or truncated"),
+    "notes.png": (lambda: b"just some text\n", "not an image format Pillow knows"),
+    "header-only.png": (lambda: png_header(4, 4), "corrupt or truncated"),
+    "nan.tif": (_nan_tiff, "holds NaN or infinite pixel values"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_image_files_that_are_refused_in_one_line(con, tmp_path, name):
+    make, expected = BAD[name]
+    (tmp_path / name).write_bytes(make())
+    assert expected in error_of(con, f"LOAD IMAGE i FROM '{tmp_path / name}'", kql.KqlImageError)
+
+
+def test_an_image_smaller_than_the_patch_is_a_plan_error(con, tmp_path):
+    (tmp_path / "one.png").write_bytes(GOOD["one.png"][0]())
+    message = error_of(con, f"OCCLUDE '{tmp_path / 'one.png'}' USING net PATCH 8", kql.KqlPlanError)
+    assert "patch 8x8 is larger than the image (1x1" in message
+
+
+def test_unicode_and_spaces_in_paths(con, tmp_path):
+    folder = tmp_path / "dossier été" / "图 片"
+    folder.mkdir(parents=True)
+    (folder / "chat noir.png").write_bytes(GOOD["rgb.png"][0]())
+    torch.save(state_dict_of("squeezenet1_1", num_classes=2), folder / "modèle 1.pt")
+    (folder / "étiquettes.txt").write_text("chat\nchien\n", encoding="utf-8")
+    con.execute(f"LOAD IMAGE i FROM '{folder / 'chat noir.png'}'; "
+                f"LOAD MODEL m FROM '{folder / 'modèle 1.pt'}' ARCH squeezenet1_1 "
+                f"LABELS '{folder / 'étiquettes.txt'}'")
+    assert con.catalog.resolve_image("i").shape == (3, 12, 16)
+    assert con.catalog.resolve_model("m").labels == ["chat", "chien"]
+
+
+# -- .npy images ----------------------------------------------------------------------------------
+
+def test_npy_images(tmp_path):
+    np.save(tmp_path / "rgb.npy", PICTURE)
+    assert torch.equal(images.load_file(str(tmp_path / "rgb.npy")), images.to_tensor(PICTURE))
+    np.save(tmp_path / "grey.npy", np.linspace(0, 1, 12, dtype=np.float64).reshape(3, 4))
+    assert images.load_file(str(tmp_path / "grey.npy")).shape == (3, 3, 4)
+
+
+def test_an_object_npy_is_never_unpickled(tmp_path):
+    marker = tmp_path / "PWNED"
+    np.save(tmp_path / "objects.npy", np.array([Boom(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(kql.KqlImageError, match=r"holds Python objects \(dtype object\), which are "
+                                                "never unpickled"):
+        images.load_file(str(tmp_path / "objects.npy"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shape,dtype,expected", [
+    ((4, 5, 6, 3), np.uint8, "must be HxW, HxWx3 or HxWx4, got shape (4, 5, 6, 3)"),
+    ((7,), np.uint8, "got shape (7,)"),
+    ((4, 5, 2), np.uint8, "got shape (4, 5, 2)"),
+    ((4, 5), np.int64, "has an unsupported dtype int64"),
+    ((0, 5), np.uint8, "is empty (0x5 pixels)"),
+])
+def test_npy_of_the_wrong_shape_or_dtype(tmp_path, shape, dtype, expected):
+    np.save(tmp_path / "a.npy", np.zeros(shape, dtype))
+    with pytest.raises(kql.KqlImageError) as info:
+        images.load_file(str(tmp_path / "a.npy"))
+    assert expected in str(info.value)
+
+
+def test_a_truncated_npy(tmp_path):
+    np.save(tmp_path / "a.npy", PICTURE)
+    data = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(data[:-10])
+    with pytest.raises(kql.KqlImageError, match="corrupt or truncated"):
+        images.load_file(str(tmp_path / "a.npy"))
+    (tmp_path / "b.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    with pytest.raises(kql.KqlImageError, match="not a valid .npy header"):
+        images.load_file(str(tmp_path / "b.npy"))
+
+
+def test_no_warning_reaches_the_user(tmp_path):
+    (tmp_path / "rgb.png").write_bytes(GOOD["rgb.png"][0]())
+    (tmp_path / "big.png").write_bytes(png_header(10000, 10000))     # over Pillow's warning limit
+    readonly = PICTURE.copy()
+    readonly.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images.load_file(str(tmp_path / "rgb.png"))
+        images.to_tensor(readonly)
+        with pytest.raises(kql.KqlImageError, match="max_image_pixels"):
+            images.load_file(str(tmp_path / "big.png"))
+
+
+def test_the_session_sets_the_pixel_limit(con, tmp_path):
+    path = tmp_path / "forty.png"
+    Image.fromarray(gradient(40, 40)).save(path)
+    con.execute(f"LOAD IMAGE ok FROM '{path}'")                 # 1,600 pixels: within the default
+    con.execute("SET max_image_pixels = 1000")
+    for query in (f"LOAD IMAGE small FROM '{path}'",
+                  f"EXPLAIN OCCLUDE '{path}' USING net PATCH 8 STRIDE 8"):
+        message = str(error_of(con, query, kql.KqlImageError))
+        assert "1,600 pixels" in message and "max_image_pixels (1,000)" in message, message
+    assert "max_image_pixels must be" in str(error_of(con, "SET max_image_pixels = 0", kql.KqlPlanError))
