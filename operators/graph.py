@@ -89,28 +89,23 @@ _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
 
 
 def trace(model: nn.Module, device=None) -> fx.GraphModule:
-    """Trace a private copy of ``model`` on ``device`` with in-place ops made out-of-place.
+    """Trace ``model`` into a graph module of its own with in-place ops made out-of-place.
 
-    In-place ops would overwrite the materialized views other nodes read. The copy shares
-    the parameters and buffers already on ``device`` (copying VGG16's would move 0.5 GB);
-    nothing here writes to them.
+    In-place ops would overwrite the materialized views other nodes read. The graph
+    module shares the parameters, buffers and modules of ``model`` (copying VGG16's would
+    move 0.5 GB), except that a module computing in place is replaced by an out-of-place
+    copy; nothing here writes to the model. A model in training mode or with tensors on
+    another device is copied first (in eval mode, on ``device``). The graph's Python code
+    is generated lazily: the engines interpret the graph and never need it.
     """
-    memo: dict = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        moved = t.to(device) if device is not None else t     # ``t`` itself when already there
-        if moved is not t and isinstance(t, nn.Parameter):
-            moved = nn.Parameter(moved, requires_grad=t.requires_grad)
-        memo[id(t)] = moved
-    model = copy.deepcopy(model, memo).eval()
-    for sub in model.modules():
-        if getattr(sub, "inplace", False) is True:
-            sub.inplace = False
+    if _needs_copy(model, device):
+        model = _eval_copy(model, device)
     try:
-        gm = fx.symbolic_trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError...)
         first = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise TraceError(f"torch.fx cannot trace the model: {first}") from None
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_function" and node.target in _INPLACE:
             node.target = _INPLACE[node.target]
         elif node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__") \
@@ -118,8 +113,49 @@ def trace(model: nn.Module, device=None) -> fx.GraphModule:
             node.target = node.target[:-1]
         if "inplace" in node.kwargs and node.kwargs["inplace"] is True:
             node.kwargs = {**node.kwargs, "inplace": False}
-    gm.recompile()
-    return gm
+    attrs = {n.target: _out_of_place(_attr(model, n.target)) for n in graph.nodes
+             if n.op in ("call_module", "get_attr")}
+    return _GraphModule(attrs, graph, model.__class__.__name__)
+
+
+def _needs_copy(model: nn.Module, device) -> bool:
+    if any(m.training for m in model.modules()):
+        return True
+    if device is None:
+        return False
+    device = torch.device(device)
+    return any(t.device != device for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _eval_copy(model: nn.Module, device) -> nn.Module:
+    """A copy in eval mode whose tensors already on ``device`` stay shared."""
+    memo: dict = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        moved = t.to(device) if device is not None else t     # ``t`` itself when already there
+        if moved is not t and isinstance(t, nn.Parameter):
+            moved = nn.Parameter(moved, requires_grad=t.requires_grad)
+        memo[id(t)] = moved
+    return copy.deepcopy(model, memo).eval()
+
+
+def _attr(root: nn.Module, target: str):
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _out_of_place(obj):
+    if isinstance(obj, nn.Module) and getattr(obj, "inplace", False) is True:
+        obj = copy.copy(obj)          # a parameterless activation: its own attribute dict
+        obj.inplace = False
+    return obj
+
+
+try:                                  # torch >= 2.3: code generated on first call only
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:                   # pragma: no cover
+    _GraphModule = fx.GraphModule
 
 
 def is_metadata(node: fx.Node) -> bool:

@@ -6,6 +6,8 @@ against (seed paper 000, section 3.1, equations 1-6).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, occlude, scan
@@ -14,8 +16,9 @@ from .task import OcclusionResult, OcclusionTask, Progress, check_logits, occlud
 class NaiveOcclusion:
     name = "NaiveOcclusion"
 
-    def __init__(self, batch_size: int = 16):
+    def __init__(self, batch_size: int = 16, base_logits: Optional[torch.Tensor] = None):
         self.batch_size = max(1, int(batch_size))
+        self.base_logits = base_logits     # the unoccluded logits, when planning ran the model
 
     def exact(self) -> "NaiveOcclusion":
         return self
@@ -33,7 +36,10 @@ class NaiveOcclusion:
         model = task.model.to(device).eval()
         image = task.image.to(device)
         color = task.color.to(device, image.dtype)
-        base_logits = check_logits(model(image.unsqueeze(0)))[0].float()
+        if self.base_logits is not None:
+            base_logits = self.base_logits.to(device)
+        else:
+            base_logits = check_logits(model(image.unsqueeze(0)))[0].float()
 
         def logits_of(items):
             return check_logits(model(occlude(image, color, task.ys[items], task.xs[items], task.patch)))

@@ -41,9 +41,11 @@ class PlanCache:
         self.size = size
         self._profiles: OrderedDict = OrderedDict()    # key -> (spec, name, profile)
 
-    def profile(self, spec, name: str, image, device: str, build) -> tuple:
-        """``(profile, hit)``: the cached profile, or ``build()`` kept for next time."""
-        key = (id(spec), image_digest(image), device)
+    def profile(self, spec, name: str, image, device: str, build, kind: str = "profile") -> tuple:
+        """``(profile, hit)``: the cached profile, or ``build()`` kept for next time.
+        ``kind`` tells apart what is kept per (model, image, device): the profile, or the
+        shape summary of a forward pass (:mod:`kql.operators.shapes`)."""
+        key = (id(spec), image_digest(image), device, kind)
         entry = self._profiles.get(key)
         if entry is not None and entry[0] is spec:
             self._profiles.move_to_end(key)

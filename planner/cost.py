@@ -95,12 +95,32 @@ def _numel(t) -> int:
 
 
 def _conv_seconds(tp, op: Local, macs_item: float, area: int, batch: int) -> float:
-    """The table's time at its own batch, minus the call overhead, scaled to ``batch``."""
-    depth = op.macs_per_output()
     depthwise = op.groups > 1 and op.groups == op.in_channels
-    at_table = tp.conv_seconds(tp.batch * macs_item, depth, area, depthwise, op.out_channels)
+    return conv_call_seconds(tp, macs_item, op.macs_per_output(), area, depthwise,
+                             op.out_channels, batch)
+
+
+def conv_call_seconds(tp, macs_item: float, depth: int, area: int, depthwise: bool,
+                      c_out: int, batch: int) -> float:
+    """One convolution call: the table's time at its own batch, minus the call overhead,
+    scaled to ``batch``."""
+    at_table = tp.conv_seconds(tp.batch * macs_item, depth, area, depthwise, c_out)
     over = tp.overhead
     return over + max(at_table - over, 0.0) * batch / tp.batch
+
+
+def shape_naive_cost(summary, tp, batch: int, image_shape) -> PlanCost:
+    """The naive operator's cost per batch from a forward pass's shapes
+    (:class:`~kql.operators.shapes.ShapeSummary`): its convolutions as the calibration
+    prices them, its linear layers, and every activation written once and read once."""
+    plan = PlanCost(macs=batch * summary.macs)
+    plan.seconds = tp.bytes_seconds(2 * batch * 3 * image_shape[-2] * image_shape[-1] * FLOAT)
+    for conv in summary.convs:
+        plan.seconds += conv_call_seconds(tp, conv.macs, conv.depth, conv.area, conv.depthwise,
+                                          conv.out_channels, batch)
+    plan.seconds += tp.overhead + tp.matmul_seconds(batch * summary.linear_macs)
+    plan.seconds += tp.bytes_seconds(2 * batch * summary.activation_bytes)
+    return plan
 
 
 def _pool_seconds(tp, op: Local, outputs: int) -> float:

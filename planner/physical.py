@@ -14,18 +14,19 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from kql.errors import KqlModelError, KqlPlanError
+from kql.errors import KqlExecutionError, KqlModelError, KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.profile import ModelProfile
+from kql.operators.shapes import ShapeSummary, may_have_gate, summarize
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
 from . import calibrate, devices, memory
 from .approximate import choose_tau, task_of, tuned_candidates
 from .cache import PlanCache
-from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
+from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio, shape_naive_cost
 from .drilldown import plan_drilldown
 from .logical import OcclusionQuery
 from .tuning import Choice
@@ -73,6 +74,14 @@ class PlanContext:
             return build(), False
         return self.cache.profile(query.model, query.model.name, query.image, device, build)
 
+    def shapes(self, query, device: str) -> tuple:
+        """``(shape summary, from the cache?)`` of one forward pass of the query's model."""
+        build = lambda: summarize_model(query, device)
+        if self.cache is None:
+            return build(), False
+        return self.cache.profile(query.model, query.model.name, query.image, device, build,
+                                  kind="shapes")
+
     def throughput(self, device: str):
         return calibrate.throughput(device, self.directory)
 
@@ -91,6 +100,7 @@ class PhysicalPlan:
     ratio: Optional[float] = None             # R, eqs 16-20
     crossover: Optional[float] = None         # chosen fraction, None = pure incremental (seed)
     memory_bytes: int = 0
+    batch_note: str = ""                      # why the BATCH asked for was lowered (memory)
     threads: Optional[int] = None             # CPU threads to run with (torch's at planning)
     approximation: Optional[Choice] = None    # tau and where it came from; None: exact, unasked
     stages: tuple = ()                        # drill-down: the stage-one and stage-two plans
@@ -154,13 +164,58 @@ def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
     """The model's profile on the query's image; TraceError when torch.fx cannot trace it."""
     try:
         return ModelProfile(query.model.composed(), query.image, device)
-    except (RuntimeError, ValueError, TypeError) as exc:       # TraceError passes through
-        detail = " ".join(str(exc).split())[:300]
-        raise KqlModelError(f"model '{query.model.name}' failed on the "
-                            f"{tuple(query.image.shape[1:])} image: {detail}") from None
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:   # TraceError passes through
+        raise _model_failure(query, exc) from None
+
+
+def _model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
+    if memory.is_out_of_memory(exc):
+        return KqlExecutionError(f"out of memory running model '{query.model.name}' once on "
+                                 f"the {tuple(query.image.shape[1:])} image (planning); "
+                                 f"occlude a smaller image")
+    detail = " ".join(str(exc).split())[:300]
+    return KqlModelError(f"model '{query.model.name}' failed on the "
+                         f"{tuple(query.image.shape[1:])} image: {detail}")
+
+
+def _gated_naive(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
+    """Cheap decisions first: the plain loop, planned from one forward pass's shapes
+    without a trace or views, when a global gate early in the network caps what exact
+    incremental inference could save below what it must save to be chosen
+    (:data:`NAIVE_MARGIN`). None when that is not certain, or when the query asks for
+    more than the exact plan of the default strategy."""
+    exact = ctx.settings.get("tau", "auto") in ("auto", 1, 1.0) and query.ssim is None
+    if (ctx.strategy != "auto" or ctx.settings.get("gates", "exact") != "exact" or not exact
+            or query.drilldown is not None or not may_have_gate(query.model.composed())):
+        return None
+    summary, hit = ctx.shapes(query, device)
+    if summary.ratio_bound * NAIVE_MARGIN >= 1.0:
+        return None
+    cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
+    per_item = 3 * summary.peak_bytes + memory.occluded_bytes(query.image.shape)
+    fit = memory.fit(0, per_item, cap, device, query.batch, query.grid.count, "the naive plan")
+    image = query.image.shape
+    reason = (f"global gate {summary.gate} caps incremental at {summary.ratio_bound:.2f}x "
+              f"(planned without tracing)")
+    return PhysicalPlan(query, NaiveOcclusion(fit.batch, summary.logits), fit.batch, device,
+                        reason=reason, cost=shape_naive_cost(summary, tp, fit.batch, image),
+                        setup_seconds=0.0, batch_note=fit.note, threads=threads,
+                        memory_bytes=fit.batch * per_item,
+                        cached=("shapes",) if hit else ())
+
+
+def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
+    """One forward pass's shapes (the model's errors reported as :func:`profile_model` does)."""
+    try:
+        return summarize(query.model.composed().to(device).eval(), query.image, device)
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        raise _model_failure(query, exc) from None
 
 
 def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
+    gated = _gated_naive(query, ctx, device, tp, threads)
+    if gated is not None:
+        return gated
     profile, reason, hit = None, "", False
     try:
         profile, hit = ctx.profile(query, device)
@@ -173,12 +228,14 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) 
 def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:
     candidates = tuned_candidates(query, ctx.settings, ctx.tuning_lookup) if profile else []
     if candidates:                             # WITH SSIM: price every tuned way to meet it
-        plans = []
+        plans, refused = [], None
         for choice in candidates:
             try:
                 plans.append(_plan_choice(query, ctx, device, tp, threads, profile, choice))
-            except KqlPlanError:               # drill-down has no stage one on this grid
-                continue
+            except KqlPlanError as exc:        # no stage one on this grid, or over memory_limit
+                refused = exc
+        if not plans:
+            raise refused
         return min(plans, key=lambda p: p.predicted_seconds)
     if query.drilldown is not None:
         return plan_drilldown(query, lambda q: _single(q, ctx, device, tp, threads, profile, reason))
@@ -196,33 +253,71 @@ def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPl
 
 def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
     """The cheapest plan computing every position of the query's grid (at the
-    threshold of ``choice``; by default the one the settings and the tuning give)."""
+    threshold of ``choice``; by default the one the settings and the tuning give) within
+    the memory limit; :class:`~.memory.MemoryLimitError` when no plan fits it."""
+    cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
     if profile is None:                        # torch.fx cannot trace it: the plain loop
-        batch = query.batch or 16
-        return PhysicalPlan(query, NaiveOcclusion(batch), batch, device, reason=reason,
-                            threads=threads)
-    patch = query.grid.patch
-    budget = memory.budget(device)
-    naive_batch = query.batch or memory.naive_batch(profile, budget, device)
-    naive_plan = PhysicalPlan(query, NaiveOcclusion(naive_batch), naive_batch, device,
-                              cost=naive_cost(profile, tp, naive_batch),
-                              setup_seconds=naive_cost(profile, tp, 1).seconds,   # the base logits
-                              ratio=redundancy_ratio(profile, patch),
-                              memory_bytes=memory.naive_bytes(profile, naive_batch), threads=threads)
+        return _untraced(query, device, threads, reason, cap)
+    try:
+        naive_plan, too_big = _naive(query, profile, tp, device, threads, cap), None
+    except memory.MemoryLimitError as exc:
+        naive_plan, too_big = None, exc
     if ctx.strategy == "naive":
+        if too_big is not None:
+            raise too_big
         return dataclasses.replace(naive_plan, reason="strategy=naive")
+    try:
+        best = _incremental(query, ctx, profile, tp, cap, device, threads, naive_plan, choice)
+    except memory.MemoryLimitError as exc:
+        if ctx.strategy == "incremental":
+            raise
+        if naive_plan is None:                 # neither fits: say what the smaller one needs
+            raise min(exc, too_big, key=lambda e: e.needed) from None
+        needed, allowed = memory.size_text(exc.needed), memory.size_text(cap)
+        return dataclasses.replace(naive_plan,
+                                   reason=f"incremental needs {needed} > memory_limit {allowed}")
+    if naive_plan is not None and ctx.strategy == "auto" and (
+            best.predicted_seconds > NAIVE_MARGIN * naive_plan.predicted_seconds):
+        return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper")
+    return best
+
+
+def _untraced(query, device, threads, reason, cap) -> PhysicalPlan:
+    """The plain loop for a model torch.fx cannot trace: no activations to price, only the
+    occluded batch is held to the limit."""
+    per_item = memory.occluded_bytes(query.image.shape)
+    fit = memory.fit(0, per_item, cap, device, query.batch or 16, query.grid.count)
+    return PhysicalPlan(query, NaiveOcclusion(fit.batch), fit.batch, device, reason=reason,
+                        threads=threads, batch_note=fit.note if query.batch else "",
+                        memory_bytes=fit.batch * per_item)
+
+
+def _naive(query, profile, tp, device, threads, cap) -> PhysicalPlan:
+    fit = memory.naive_fit(profile, cap, device, query.batch, query.grid.count)
+    return PhysicalPlan(query, NaiveOcclusion(fit.batch, profile.base_logits), fit.batch, device,
+                        cost=naive_cost(profile, tp, fit.batch), batch_note=fit.note,
+                        ratio=redundancy_ratio(profile, query.grid.patch),
+                        memory_bytes=memory.naive_bytes(profile, fit.batch), threads=threads)
+
+
+def _incremental(query, ctx, profile, tp, cap, device, threads, naive_plan, choice) -> PhysicalPlan:
+    """The cheapest incremental plan at the chosen threshold, with what EXPLAIN compares
+    it to (the naive plan, the exact plan of an approximate one)."""
     choice = choice or choose_tau(query, ctx.settings, ctx.tuning_lookup)
     tau = choice.tau if choice is not None else 1.0
     gates = ctx.settings.get("gates", "exact")
-    best = _best_incremental(query, ctx, profile, tp, budget, device, threads, tau, gates)
-    approximate = tau < 1.0 or gates != "exact"
-    exact = _best_incremental(query, ctx, profile, tp, budget, device, threads) if approximate else best
-    best = dataclasses.replace(best, ratio=naive_plan.ratio, approximation=choice,
-                               naive_seconds=naive_plan.predicted_seconds,
-                               exact_seconds=exact.predicted_seconds if approximate else None)
-    if ctx.strategy == "auto" and best.predicted_seconds > NAIVE_MARGIN * naive_plan.predicted_seconds:
-        return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper")
-    return best
+    best = _best_incremental(query, ctx, profile, tp, cap, device, threads, tau, gates)
+    exact_seconds = None
+    if tau < 1.0 or gates != "exact":
+        try:
+            exact_seconds = _best_incremental(query, ctx, profile, tp, cap, device,
+                                              threads).predicted_seconds
+        except memory.MemoryLimitError:
+            pass                               # the exact plan does not fit: no speedup to show
+    return dataclasses.replace(
+        best, ratio=redundancy_ratio(profile, query.grid.patch), approximation=choice,
+        naive_seconds=naive_plan.predicted_seconds if naive_plan is not None else None,
+        exact_seconds=exact_seconds)
 
 
 def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
@@ -244,31 +339,39 @@ def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
     return tables
 
 
-def _best_incremental(query, ctx, profile, tp, budget, device, threads, tau=1.0,
+def _best_incremental(query, ctx, profile, tp, cap, device, threads, tau=1.0,
                       gates="exact") -> PhysicalPlan:
     """The cheapest crossover's plan. Kept with the profile per query shape: another
-    target or colour on the same grid is the same plan for another query."""
-    key = ("best", query.grid, tau, gates, ctx.crossover, query.batch, id(tp), device, threads)
+    target or colour on the same grid is the same plan for another query. (The key has
+    the memory_limit setting, not its bytes: 'auto' reads the free memory anew each time.)"""
+    key = ("best", query.grid, tau, gates, ctx.crossover, query.batch, id(tp), device, threads,
+           ctx.settings.get("memory_limit", "auto"))
     if key not in profile.memo:
-        profile.memo[key] = (_cheapest_crossover(query, ctx, profile, tp, budget, device, threads,
+        profile.memo[key] = (_cheapest_crossover(query, ctx, profile, tp, cap, device, threads,
                                                  tau, gates), tp)
     return dataclasses.replace(profile.memo[key][0], query=query)
 
 
-def _cheapest_crossover(query, ctx, profile, tp, budget, device, threads, tau, gates) -> PhysicalPlan:
+def _cheapest_crossover(query, ctx, profile, tp, cap, device, threads, tau, gates) -> PhysicalPlan:
     setting = ctx.crossover
     fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
-    plans = []
+    plans, too_big = [], []
     for steps in crossover_candidates(profile, query.grid.positions(), query.grid.patch,
                                       fractions, tau, gates):
-        batch = query.batch or memory.incremental_batch(profile, steps, budget, device)
+        try:
+            fit = memory.incremental_fit(profile, steps, cap, device, query.batch, query.grid.count)
+        except memory.MemoryLimitError as exc:
+            too_big.append(exc)
+            continue
         # The views were materialized while planning: no set-up left to predict.
-        plans.append(PhysicalPlan(query, IncrementalOcclusion(profile, steps, batch), batch, device,
-                                  cost=incremental_cost(profile, steps, tp, batch),
-                                  crossover=steps.crossover.fraction,
-                                  memory_bytes=memory.incremental_bytes(profile, steps, batch),
+        plans.append(PhysicalPlan(query, IncrementalOcclusion(profile, steps, fit.batch), fit.batch,
+                                  device, cost=incremental_cost(profile, steps, tp, fit.batch),
+                                  crossover=steps.crossover.fraction, batch_note=fit.note,
+                                  memory_bytes=memory.incremental_bytes(profile, steps, fit.batch),
                                   threads=threads))
+    if not plans:
+        raise min(too_big, key=lambda e: e.needed)
     best = plans[0]                          # the reference: the first fraction asked for
     for plan in plans[1:]:
         bar = MARGIN if best is plans[0] else 1.0
