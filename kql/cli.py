@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     """The ``kql`` command (started by kql/__main__.py: ``kql`` or ``python -m kql``).
 
     Ctrl-C anywhere in it, torch's import included, ends the command quietly: one line
-    and status 130 (the shell alone uses it to cancel a statement and go on).
+    and status 130 (the shell alone uses it to cancel a statement and go on). Until
+    torch is imported, kql/__main__.py's quiet exit answers it.
     """
     try:
-        _take_over_interrupts()
         return _guarded(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:
         return _interrupted()
@@ -68,7 +68,11 @@ def _guarded(argv: list) -> int:
 
 def _take_over_interrupts() -> None:
     """From here on Ctrl-C raises KeyboardInterrupt, in place of the quiet exit that
-    kql/__main__.py set up for the start (any other handler is left alone)."""
+    kql/__main__.py set up for the start (any other handler is left alone). Called once
+    torch is imported: a KeyboardInterrupt raised inside an extension's import can be
+    swallowed ("Exception ignored in ..."), and the command would then go on."""
+    import torch  # noqa: F401  (under the quiet exit: see above)
+
     if getattr(signal.getsignal(signal.SIGINT), "kql_start", False):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     from .fileio import raise_on_sigterm
@@ -96,6 +100,7 @@ def _main(argv: list) -> int:
     from . import shell
     from .api import connect
 
+    _take_over_interrupts()
     runner = shell.Runner(connect(args.catalog), progress=_progress_wanted(args.progress))
     if args.command is not None:
         return runner.run(args.command)
@@ -180,6 +185,7 @@ def _bench(argv: list) -> int:
         if exc.name != "kql.bench":
             raise
         return _usage_error("'kql bench' is not available: this build has no kql.bench module")
+    _take_over_interrupts()
     try:
         return int(bench.main(argv) or 0)
     except SystemExit as exc:

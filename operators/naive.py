@@ -10,15 +10,18 @@ from typing import Optional
 
 import torch
 
+from .layout import CONTIGUOUS, in_layout
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, occlude, scan
 
 
 class NaiveOcclusion:
     name = "NaiveOcclusion"
 
-    def __init__(self, batch_size: int = 16, base_logits: Optional[torch.Tensor] = None):
+    def __init__(self, batch_size: int = 16, base_logits: Optional[torch.Tensor] = None,
+                 layout: str = CONTIGUOUS):
         self.batch_size = max(1, int(batch_size))
         self.base_logits = base_logits     # the unoccluded logits, when planning ran the model
+        self.layout = layout               # memory layout of the occluded batches
 
     def exact(self) -> "NaiveOcclusion":
         return self
@@ -26,9 +29,12 @@ class NaiveOcclusion:
     def at(self, ys, xs) -> "NaiveOcclusion":
         return self                        # positions come with the task
 
+    def in_layout(self, layout: str) -> "NaiveOcclusion":
+        return NaiveOcclusion(self.batch_size, self.base_logits, layout)
+
     def describe(self) -> dict:
-        """This operator's own EXPLAIN items (none: it is the plain loop)."""
-        return {}
+        """This operator's own EXPLAIN items: only a layout other than torch's default."""
+        return {"layout": self.layout} if self.layout != CONTIGUOUS else {}
 
     @torch.inference_mode()
     def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
@@ -42,6 +48,7 @@ class NaiveOcclusion:
             base_logits = check_logits(model(image.unsqueeze(0)))[0].float()
 
         def logits_of(items):
-            return check_logits(model(occlude(image, color, task.ys[items], task.xs[items], task.patch)))
+            batch = occlude(image, color, task.ys[items], task.xs[items], task.patch)
+            return check_logits(model(in_layout(batch, self.layout)))
         return scan(task, base_logits, self.batch_size, logits_of, progress)
 

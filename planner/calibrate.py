@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from kql.fileio import atomic_write, locked, read_json
+from kql.operators.layout import CHANNELS_LAST, CONTIGUOUS, in_layout
 
 DEPTHS = (27, 144, 576, 2304, 4608)    # c_in/groups * kh * kw (27: an RGB stem)
 SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
 C_OUT = 128                            # output channels of the dense table
 COUTS = (16, 32, 64, 128, 256, 512)    # output channels of the correction row
 BATCH = 16
-VERSION = 5                            # of the table's layout; other versions re-measure
+VERSION = 6                            # of the table's layout; other versions re-measure
 FILE = "calibration.json"
 _cache: dict = {}
 
@@ -131,22 +132,26 @@ def measure(device: str = "cpu") -> Throughput:
 
 
 def _measure(device: str) -> Throughput:
+    """Convolutions and pools are timed in the layout the planner runs full-size batches in
+    on ``device`` (:mod:`kql.operators.layout`: channels-last on CPU)."""
     dev = torch.device(device)
     batch = BATCH if device == "cpu" else 4 * BATCH       # GPUs need bigger batches to fill
-    dense = [[_conv_rate(dev, batch, depth, C_OUT, side) for side in SIDES] for depth in DEPTHS]
-    rates = [_conv_rate(dev, batch, 576, c, 8) for c in COUTS]
+    layout = CHANNELS_LAST if device == "cpu" else CONTIGUOUS
+    dense = [[_conv_rate(dev, batch, depth, C_OUT, side, layout) for side in SIDES]
+             for depth in DEPTHS]
+    rates = [_conv_rate(dev, batch, 576, c, 8, layout) for c in COUTS]
     cout = [r / rates[COUTS.index(C_OUT)] for r in rates]
     depthwise = []
     for side in SIDES:
         w = torch.randn(64, 1, 3, 3, device=dev)
-        x = torch.randn(batch, 64, side + 2, side + 2, device=dev)
+        x = in_layout(torch.randn(batch, 64, side + 2, side + 2, device=dev), layout)
         depthwise.append(batch * 9 * 64 * side * side / _timed(lambda: F.conv2d(x, w, groups=64), device))
     a, m = torch.randn(BATCH, 4096, device=dev), torch.randn(4096, 4096, device=dev)
     matmul = BATCH * 4096 * 4096 / _timed(lambda: a @ m, device)
     big = torch.randn(batch, 64, 56, 56, device=dev)
     bandwidth = 2 * big.numel() * 4 / _timed(lambda: torch.relu(big), device, repeat=5)
     activation = 2 * big.numel() * 4 / _timed(lambda: F.silu(big), device, repeat=5)
-    pooled = torch.randn(batch, 64, 18, 18, device=dev)
+    pooled = in_layout(torch.randn(batch, 64, 18, 18, device=dev), layout)
     windows = batch * 64 * 16 * 16 * 9
     maxpool = windows / _timed(lambda: F.max_pool2d(pooled, 3, 1), device, repeat=5)
     avgpool = windows / _timed(lambda: F.avg_pool2d(pooled, 3, 1), device, repeat=5)
@@ -159,11 +164,11 @@ def _measure(device: str) -> Throughput:
                       activation=activation)
 
 
-def _conv_rate(dev, batch: int, depth: int, c_out: int, side: int) -> float:
+def _conv_rate(dev, batch: int, depth: int, c_out: int, side: int, layout: str) -> float:
     """MAC/s of a 3x3 convolution with reduction depth ``depth``."""
     c_in, k = depth // 9, 3
     w = torch.randn(c_out, c_in, k, k, device=dev)
-    x = torch.randn(batch, c_in, side + k - 1, side + k - 1, device=dev)
+    x = in_layout(torch.randn(batch, c_in, side + k - 1, side + k - 1, device=dev), layout)
     return batch * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), str(dev.type))
 
 

@@ -17,6 +17,7 @@ import torch
 from kql.errors import KqlExecutionError, KqlModelError, KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
+from kql.operators.layout import CHANNELS_LAST, CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.profile import ModelProfile
 from kql.operators.shapes import ShapeSummary, may_have_gate, summarize
@@ -197,11 +198,12 @@ def _gated_naive(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
     image = query.image.shape
     reason = (f"global gate {summary.gate} caps incremental at {summary.ratio_bound:.2f}x "
               f"(planned without tracing)")
-    return PhysicalPlan(query, NaiveOcclusion(fit.batch, summary.logits), fit.batch, device,
+    plan = PhysicalPlan(query, NaiveOcclusion(fit.batch, summary.logits), fit.batch, device,
                         reason=reason, cost=shape_naive_cost(summary, tp, fit.batch, image),
                         setup_seconds=0.0, batch_note=fit.note, threads=threads,
                         memory_bytes=fit.batch * per_item,
                         cached=("shapes",) if hit else ())
+    return _in_layout(plan, ctx, device)
 
 
 def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
@@ -252,6 +254,19 @@ def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPl
 
 
 def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
+    plan = _single_plan(query, ctx, device, tp, threads, profile, reason, choice)
+    return _in_layout(plan, ctx, device)
+
+
+def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPlan:
+    """The plan with its full-size batches in the session's layout (:mod:`~kql.operators.layout`)."""
+    layout = ctx.settings.get("layout", "auto")
+    if layout == "auto":
+        layout = CHANNELS_LAST if device == "cpu" else CONTIGUOUS
+    return dataclasses.replace(plan, operator=plan.operator.in_layout(layout))
+
+
+def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
     """The cheapest plan computing every position of the query's grid (at the
     threshold of ``choice``; by default the one the settings and the tuning give) within
     the memory limit; :class:`~.memory.MemoryLimitError` when no plan fits it."""

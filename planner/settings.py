@@ -7,7 +7,8 @@ A new setting is one more row of :data:`SETTINGS`.
 >>> s = Settings()
 >>> dict(s)  # doctest: +NORMALIZE_WHITESPACE
 {'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto', 'gates': 'exact',
- 'memory_limit': 'auto', 'confirm_seconds': 600, 'max_image_pixels': 64000000}
+ 'memory_limit': 'auto', 'confirm_seconds': 600, 'max_image_pixels': 64000000,
+ 'layout': 'auto'}
 >>> s.set("crossover", 0.5)
 >>> s["crossover"], s.get("strategy")
 (0.5, 'auto')
@@ -100,6 +101,12 @@ def _check_max_image_pixels(value) -> Optional[str]:
             f"(Pillow's own limit), got {value!r}")
 
 
+def _check_layout(value) -> Optional[str]:
+    if value in ("auto", "channels_last", "contiguous"):
+        return None
+    return f"layout must be 'auto', 'channels_last' or 'contiguous', got {value!r}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One session setting: its default, why a value is invalid (None: it is valid)."""
@@ -132,6 +139,9 @@ SETTINGS = {s.name: s for s in (
     Setting("max_image_pixels", 64_000_000, _check_max_image_pixels,
             "the largest image file read, in pixels (height x width): a larger one is refused "
             "from its header, before it is decoded"),
+    Setting("layout", "auto", _check_layout,
+            "memory layout of full-size batches: 'auto' (channels_last on CPU, where oneDNN "
+            "runs convolutions faster in it; contiguous on GPU), 'channels_last' or 'contiguous'"),
 )}
 
 
@@ -141,7 +151,7 @@ def problem(name: str, value) -> Optional[str]:
     >>> problem("strategy", "naive") is None
     True
     >>> problem("colour", 1)
-    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels"
+    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels, layout"
     """
     setting = SETTINGS.get(name)
     if setting is None:

@@ -6,6 +6,9 @@ import pytest
 
 from kql import bench
 
+# ms/position, planning s, vs plain, full map, vs naive, peak MB
+COLUMNS = r"\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+x\s+[0-9.]+x\s+[0-9.]+x\s+\d+"
+
 
 def test_bench_runs_every_engine(capsys):
     code = bench.main(["--model", "squeezenet1_1", "--patch", "64", "--stride", "40",
@@ -13,12 +16,13 @@ def test_bench_runs_every_engine(capsys):
     out = capsys.readouterr().out
     assert code == 0
     rows = {m.group(1): m for m in re.finditer(
-        r"^(naive|pure incremental|chosen plan|captum)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+)\s+(\S+)\s+(\S+)$",
-        out, re.M)}
-    assert set(rows) == {"naive", "pure incremental", "chosen plan", "captum"}
-    assert float(rows["naive"].group(3)) == 1.0
-    for name in ("pure incremental", "chosen plan"):
-        assert float(rows[name].group(5)) <= 1e-5          # same map as naive
+        r"^(plain loop|naive|pure incremental|chosen plan|captum)\s+([0-9.]+)\s+([0-9.]+)"
+        r"\s+([0-9.]+)x\s+([0-9.]+)x\s+([0-9.]+)x\s+(\d+)\s+(\S+)\s+(\S+)$", out, re.M)}
+    assert set(rows) == {"plain loop", "naive", "pure incremental", "chosen plan", "captum"}
+    assert float(rows["naive"].group(6)) == 1.0 and float(rows["plain loop"].group(4)) == 1.0
+    assert float(rows["plain loop"].group(3)) == 0.0 and float(rows["chosen plan"].group(3)) > 0.0
+    for name in ("plain loop", "pure incremental", "chosen plan"):
+        assert float(rows[name].group(8)) <= 1e-5          # same map as naive
     assert re.search(r"^chosen plan: (Naive|Incremental)Occlusion.*predicted/actual [0-9.]+\)$", out, re.M)
     assert re.search(r"theoretical R = Q/Q_inc .*: [0-9.]+$", out, re.M)
     assert "5 positions (grid rows 2..2 of 5x5)" in out      # the middle row of the grid
@@ -49,8 +53,8 @@ def test_bench_crossover_sweep(capsys):
     assert len(sweep) >= 3                                  # resnet18 has earlier crossovers
     assert nodes[1:] == sorted(set(nodes[1:]))              # each a distinct, larger set
     assert sum(1 for _, chosen, *_ in sweep if chosen) <= 1
-    rows = re.findall(r"^(?:crossover ([01]\.\d\d)|pure incremental)\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+(\S+)"
-                      r"\s+\S+$", out, re.M)
+    rows = re.findall(r"^(?:crossover ([01]\.\d\d)|pure incremental)%s\s+(\S+)"
+                      r"\s+\S+$" % COLUMNS, out, re.M)
     assert [f for f, _ in rows] == [""] + labels[1:]
     assert all(float(diff) <= 1e-5 for _, diff in rows)      # every engine matches naive
 
@@ -60,7 +64,7 @@ def test_bench_approximate_mode_reports_tau_and_ssim(capsys):
                        "--batch", "8", "--threads", "1", "--no-captum", "--tau", "0.3"])
     out = capsys.readouterr().out
     assert code == 0
-    assert re.search(r"^chosen plan: IncrementalOcclusion, crossover [0-9.]+, tau 0\.30;", out, re.M)
+    assert re.search(r"^chosen plan: IncrementalOcclusion, crossover [0-9.]+, tau 0\.30[,;]", out, re.M)
     assert "approximation: tau 0.30 (user)" in out
-    ssim = re.search(r"^chosen plan\s+[0-9.]+\s+[0-9.]+x\s+\d+\s+\S+\s+([0-9.]+)$", out, re.M)
+    ssim = re.search(r"^chosen plan%s\s+\S+\s+([0-9.]+)$" % COLUMNS, out, re.M)
     assert ssim and 0.0 <= float(ssim.group(1)) <= 1.0
