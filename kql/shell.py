@@ -44,6 +44,8 @@ KQL statements end with ';' and may span lines; '--' starts a comment.
   SET tau = 'auto' | <f>;   SET gates = 'exact' | 'frozen';   (approximations)
   SET memory_limit = 'auto' | '<n> MB' | '<n> GB';   a larger BATCH is lowered to fit
   SET confirm_seconds = <s> | none;          ask before a run predicted longer (default 600)
+  SET max_image_pixels = <n>;                refuse larger image files (default 64000000)
+  SET layout = 'auto' | 'channels_last' | 'contiguous';   memory layout of CPU batches
   CALIBRATE [ON cpu|gpu]                     measure the device for the cost model
   CALIBRATE <model> ON (<image>, ...) | ON '<glob>' [PATCH ...] [STRIDE ...] [COLOR ...]
                                              tune the threshold of WITH SSIM on samples

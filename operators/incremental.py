@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from . import gather as g
 from .graph import Join, Local, Pointwise
-from .layout import CONTIGUOUS, in_layout
+from .layout import CHANNELS_LAST, CONTIGUOUS, in_layout
 from .profile import ModelProfile
 from .steps import COVER, FROZEN, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, scan
@@ -70,6 +70,8 @@ class IncrementalOcclusion:
         return IncrementalOcclusion(self.profile, steps, self.batch_size, self.layout)
 
     def in_layout(self, layout: str) -> "IncrementalOcclusion":
+        """``layout`` ('auto': channels-last, for its pooling windows)."""
+        layout = CHANNELS_LAST if layout == "auto" else layout
         return IncrementalOcclusion(self.profile, self.steps, self.batch_size, layout)
 
     def describe(self) -> dict:

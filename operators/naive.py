@@ -6,11 +6,12 @@ against (seed paper 000, section 3.1, equations 1-6).
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
 
-from .layout import CONTIGUOUS, in_layout
+from .layout import ADAPTIVE, CONTIGUOUS, LayoutTrial, in_layout
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, occlude, scan
 
 
@@ -30,7 +31,8 @@ class NaiveOcclusion:
         return self                        # positions come with the task
 
     def in_layout(self, layout: str) -> "NaiveOcclusion":
-        return NaiveOcclusion(self.batch_size, self.base_logits, layout)
+        """``layout``, or for 'auto' the faster one on the first batches (:class:`LayoutTrial`)."""
+        return NaiveOcclusion(self.batch_size, self.base_logits, ADAPTIVE if layout == "auto" else layout)
 
     def describe(self) -> dict:
         """This operator's own EXPLAIN items: only a layout other than torch's default."""
@@ -47,8 +49,16 @@ class NaiveOcclusion:
         else:
             base_logits = check_logits(model(image.unsqueeze(0)))[0].float()
 
+        trial = LayoutTrial(-(-task.count // self.batch_size)) if self.layout == ADAPTIVE else None
+
         def logits_of(items):
             batch = occlude(image, color, task.ys[items], task.xs[items], task.patch)
-            return check_logits(model(in_layout(batch, self.layout)))
+            if trial is None:
+                return check_logits(model(in_layout(batch, self.layout)))
+            index = items.start // self.batch_size
+            start = time.perf_counter()
+            out = check_logits(model(in_layout(batch, trial.layout(index))))
+            trial.record(index, time.perf_counter() - start)     # CPU only: calls are synchronous
+            return out
         return scan(task, base_logits, self.batch_size, logits_of, progress)
 

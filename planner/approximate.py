@@ -76,7 +76,8 @@ def exact_and_thresholded(query, device: str, taus) -> tuple:
     maps = []
     for tau in (1.0,) + tuple(taus):
         steps = plan_steps(profile, task.ys, task.xs, task.patch, tau=tau)
-        batch = query.batch or memory.incremental_batch(profile, steps, budget, device)
+        batch = memory.incremental_fit(profile, steps, budget, device, query.batch,
+                                       task.count).batch      # a BATCH asked for, held to it
         maps.append(IncrementalOcclusion(profile, steps, batch).run(task).probabilities)
     shape = query.grid.shape
     return maps[0].reshape(shape), [np.asarray(m).reshape(shape) for m in maps[1:]]

@@ -17,7 +17,7 @@ import torch
 from kql.errors import KqlExecutionError, KqlModelError, KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
-from kql.operators.layout import CHANNELS_LAST, CONTIGUOUS
+from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.profile import ModelProfile
 from kql.operators.shapes import ShapeSummary, may_have_gate, summarize
@@ -259,10 +259,11 @@ def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) ->
 
 
 def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPlan:
-    """The plan with its full-size batches in the session's layout (:mod:`~kql.operators.layout`)."""
+    """The plan in the session's layout (:mod:`~kql.operators.layout`); 'auto' on CPU
+    leaves the choice to the operator."""
     layout = ctx.settings.get("layout", "auto")
-    if layout == "auto":
-        layout = CHANNELS_LAST if device == "cpu" else CONTIGUOUS
+    if layout == "auto" and device != "cpu":
+        layout = CONTIGUOUS                     # measured on CPU only
     return dataclasses.replace(plan, operator=plan.operator.in_layout(layout))
 
 
