@@ -179,25 +179,42 @@ def _model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
                          f"{tuple(query.image.shape[1:])} image: {detail}")
 
 
-def _gated_naive(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
+LARGE_IMAGE = 1 << 20      # pixels; above it the views are sized before they are built
+
+
+def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
     """Cheap decisions first: the plain loop, planned from one forward pass's shapes
-    without a trace or views, when a global gate early in the network caps what exact
+    without a trace or views, (a) when a global gate early in the network caps what exact
     incremental inference could save below what it must save to be chosen
-    (:data:`NAIVE_MARGIN`). None when that is not certain, or when the query asks for
-    more than the exact plan of the default strategy."""
-    exact = ctx.settings.get("tau", "auto") in ("auto", 1, 1.0) and query.ssim is None
-    if (ctx.strategy != "auto" or ctx.settings.get("gates", "exact") != "exact" or not exact
-            or query.drilldown is not None or not may_have_gate(query.model.composed())):
+    (:data:`NAIVE_MARGIN`), for the exact plan of the default strategy; (b) when the image
+    is large and its materialized views would not fit the memory limit (building them
+    could exhaust the machine), for any exact query (SET strategy = 'incremental' is then
+    refused). None when neither is certain."""
+    plain = query.ssim is None and query.drilldown is None
+    exact = plain and ctx.settings.get("tau", "auto") in ("auto", 1, 1.0)
+    gated = (exact and ctx.strategy == "auto" and ctx.settings.get("gates", "exact") == "exact"
+             and may_have_gate(query.model.composed()))
+    large = plain and query.image.shape[1] * query.image.shape[2] > LARGE_IMAGE
+    if not (gated or large):
         return None
     summary, hit = ctx.shapes(query, device)
-    if summary.ratio_bound * NAIVE_MARGIN >= 1.0:
-        return None
     cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
+    views = 2 * summary.activation_bytes                  # the views and their padded copies
+    if large and views > cap:
+        if ctx.strategy == "incremental":
+            raise memory.MemoryLimitError(
+                f"the incremental plan needs its materialized views, {memory.size_text(views)}, "
+                f"but memory_limit is {memory.size_text(cap)}; occlude a smaller image", views)
+        reason = (f"materialized views would need {memory.size_text(views)} > memory_limit "
+                  f"{memory.size_text(cap)} (planned without tracing)")
+    elif gated and summary.ratio_bound * NAIVE_MARGIN < 1.0:
+        reason = (f"global gate {summary.gate} caps incremental at {summary.ratio_bound:.2f}x "
+                  f"(planned without tracing)")
+    else:
+        return None
     per_item = 3 * summary.peak_bytes + memory.occluded_bytes(query.image.shape)
     fit = memory.fit(0, per_item, cap, device, query.batch, query.grid.count, "the naive plan")
     image = query.image.shape
-    reason = (f"global gate {summary.gate} caps incremental at {summary.ratio_bound:.2f}x "
-              f"(planned without tracing)")
     plan = PhysicalPlan(query, NaiveOcclusion(fit.batch, summary.logits), fit.batch, device,
                         reason=reason, cost=shape_naive_cost(summary, tp, fit.batch, image),
                         setup_seconds=0.0, batch_note=fit.note, threads=threads,
@@ -215,9 +232,9 @@ def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
 
 
 def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
-    gated = _gated_naive(query, ctx, device, tp, threads)
-    if gated is not None:
-        return gated
+    shortcut = _shape_first(query, ctx, device, tp, threads)
+    if shortcut is not None:
+        return shortcut
     profile, reason, hit = None, "", False
     try:
         profile, hit = ctx.profile(query, device)

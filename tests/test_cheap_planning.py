@@ -99,3 +99,27 @@ def test_a_late_gate_leaves_the_decision_to_the_cost_model():
     gated = shapes.summarize(EarlyGate().eval(), torch.rand(3, 16, 16))
     assert gated.gate == "pool" and 1.0 < gated.ratio_bound < 1.2
     assert gated.macs_before_gate == 16 * 16 * 8 * 27                       # the stem only
+
+
+def wide_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+
+
+def test_views_of_a_large_image_that_would_not_fit_are_never_built(no_trace):
+    con = kql.connect()
+    con.register_model("net", wide_cnn(), input_size=(1100, 1000))
+    con.register_image("big", torch.rand(3, 1100, 1000))                # 1.1 megapixels
+    con.execute("SET memory_limit = '256 MB'")                          # views ~200 MB x 2
+    query = "OCCLUDE big USING net PATCH 400 STRIDE 600"
+    line = operator(con, query)
+    assert line.startswith("  NaiveOcclusion:") and "materialized views would need" in line, line
+    result = con.execute(query + " COLOR black")
+    expected, _ = plain_heatmap(wide_cnn(), con.catalog.resolve_image("big"), (400, 400),
+                                (600, 600), (0.0, 0.0, 0.0))
+    assert result.heatmap.shape == expected.shape == (2, 2)
+    np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
+    con.execute("SET strategy = 'incremental'")
+    with pytest.raises(kql.KqlPlanError, match="materialized views.*memory_limit is 256.0 MB"):
+        con.execute("EXPLAIN " + query)
