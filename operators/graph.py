@@ -30,6 +30,9 @@ class TraceError(Exception):
     """torch.fx could not trace the model."""
 
 
+POOLS = ("maxpool", "avgpool")      # the pooling kinds of :class:`Local`
+
+
 @dataclass
 class Local:
     """A window op (seed paper 000, eqs 7-15), generalised to dilation and asymmetric pads."""

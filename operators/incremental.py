@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from . import gather as g
-from .graph import Join, Local, Pointwise
+from .graph import POOLS, Join, Local, Pointwise
 from .layout import CHANNELS_LAST, CONTIGUOUS, in_layout
 from .profile import ModelProfile
 from .steps import COVER, FROZEN, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
@@ -203,7 +203,7 @@ class _Batch(fx.Interpreter):
         padded = self.profile.padded_view(src, op)
         # Eqs 25-28: the read-in window starts at o*S - P, i.e. at o*S in padded coordinates.
         ctx = g.gather(padded, p.data, p.y + top, p.x + left, oy * sh, ox * sw, size)
-        if op.kind in ("maxpool", "avgpool"):
+        if op.kind in POOLS:
             ctx = in_layout(ctx, self.layout)    # oneDNN pools channels-last 5-6x faster
         out = op.apply(ctx)
         if op.divisor is not None:

@@ -5,9 +5,10 @@ torch's default contiguous (NCHW) ones (measured on 13 torchvision CNNs, batch 1
 threads: ResNet18 1.22x, InceptionV3 1.68x, VGG16 1.38x): an NHWC input makes every
 convolution after it, and the element-wise ops between them, stay NHWC. The numbers are
 the same up to float rounding. The gain comes from large maps (and max pooling, 5-6x
-faster channels-last): the naive operator runs its batches channels-last; the incremental
-one only its pooling windows, as its convolutions on patch contexts and on the small maps
-past the crossover measured no faster, or slower, channels-last. The planner picks the
+faster channels-last), and on small inputs the faster layout depends on the model: the
+naive operator measures it on its own first batches (:class:`LayoutTrial`); the
+incremental one runs only its pooling windows channels-last, as its convolutions on
+patch contexts and on the small maps past the crossover measured no faster, or slower. The planner picks the
 layout; the engines only apply it.
 
 >>> import torch
@@ -60,9 +61,8 @@ class LayoutTrial:
     TRIED = (CHANNELS_LAST, CONTIGUOUS) * 2
 
     def __init__(self, batches: int):
-        self.explore = batches >= self.MIN_BATCHES
         self.seconds = {CONTIGUOUS: 0.0, CHANNELS_LAST: 0.0}
-        self.chosen = None if self.explore else CHANNELS_LAST
+        self.chosen = None if batches >= self.MIN_BATCHES else CHANNELS_LAST
 
     def layout(self, index: int) -> str:
         if self.chosen is None and index < len(self.TRIED):

@@ -18,11 +18,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from kql.operators.graph import Local, Pointwise, is_metadata
+from kql.operators.graph import POOLS, Local, Pointwise, is_metadata
 from kql.operators.steps import COVER, PATCH, PROJECT, SHAPE, Step, StepTable, plan_steps
 
 FLOAT = 4
-POOLS = ("maxpool", "avgpool")
 # Calls that return a view (or a tuple of views) of their input: no bytes move.
 VIEW_METHODS = {"view", "flatten", "transpose", "permute", "chunk", "split", "unsqueeze",
                 "squeeze", "expand", "narrow", "unbind", "t", "size", "dim"}

@@ -70,18 +70,16 @@ class PlanContext:
 
     def profile(self, query, device: str) -> tuple:
         """``(profile, from the cache?)`` of the query's model on its image."""
-        build = lambda: profile_model(query, device)
-        if self.cache is None:
-            return build(), False
-        return self.cache.profile(query.model, query.model.name, query.image, device, build)
+        return self._kept(query, device, "profile", lambda: profile_model(query, device))
 
     def shapes(self, query, device: str) -> tuple:
         """``(shape summary, from the cache?)`` of one forward pass of the query's model."""
-        build = lambda: summarize_model(query, device)
+        return self._kept(query, device, "shapes", lambda: summarize_model(query, device))
+
+    def _kept(self, query, device: str, kind: str, build) -> tuple:
         if self.cache is None:
             return build(), False
-        return self.cache.profile(query.model, query.model.name, query.image, device, build,
-                                  kind="shapes")
+        return self.cache.profile(query.model, query.model.name, query.image, device, build, kind)
 
     def throughput(self, device: str):
         return calibrate.throughput(device, self.directory)

@@ -20,13 +20,14 @@ kql.errors.KqlPlanError: strategy must be 'auto', 'naive' or 'incremental', got 
 
 from __future__ import annotations
 
-import re
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from kql.errors import KqlPlanError
+from kql.operators.layout import LAYOUTS
 
 STRATEGIES = ("auto", "naive", "incremental")
 
@@ -102,7 +103,7 @@ def _check_max_image_pixels(value) -> Optional[str]:
 
 
 def _check_layout(value) -> Optional[str]:
-    if value in ("auto", "channels_last", "contiguous"):
+    if value == "auto" or value in LAYOUTS:
         return None
     return f"layout must be 'auto', 'channels_last' or 'contiguous', got {value!r}"
 
