@@ -47,6 +47,15 @@ def shorten(text: str, limit: int = NAME_LIMIT) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (colours, cursor moves, titles).
+
+    >>> strip_ansi("\\x1b[1mbad\\x1b[0m")
+    'bad'
+    """
+    return _ANSI.sub("", text)
+
+
 def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
     """A message fit for one terminal line: no ANSI escapes, line breaks made spaces, other
     control characters and lone surrogates written as escapes, each word of more than
@@ -61,7 +70,7 @@ def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
     >>> len(one_line("unknown image " + "i" * 10**6))
     175
     """
-    text = _BREAKS.sub(" ", _ANSI.sub("", str(text)))
+    text = _BREAKS.sub(" ", strip_ansi(str(text)))
     text = _LONG_WORD.sub(_shorten_word, text)[:2 * limit]     # bounded before the slow part
     text = "".join(ch if ch.isprintable() or ch == " " else _escape(ch) for ch in text)
     text = _LONG_WORD.sub(_shorten_word, text)                  # escapes lengthen words

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import KqlImageError
+from .errors import KqlImageError, strip_ansi
 
 # The largest image file read, in pixels (height x width). 64 megapixels holds every
 # phone's and camera's full-resolution photo up to 61 MP (a 50 MP phone: 8160x6120; a
@@ -188,14 +188,6 @@ def exception_text(exc: BaseException, limit: int = 160, whole: bool = False) ->
     lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
     text = " ".join(lines) if whole else (lines[0] if lines else "")
     return text[:limit] or type(exc).__name__
-
-
-def strip_ansi(text: str) -> str:
-    """``text`` without ANSI escape sequences (colours, bold)."""
-    return _ANSI.sub("", text)
-
-
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 def check_pixels(path: str, height: int, width: int, max_pixels: int = MAX_PIXELS) -> None:

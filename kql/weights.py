@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from .errors import KqlModelError
-from .images import exception_text, open_regular_file, strip_ansi
+from .errors import KqlModelError, strip_ansi
+from .images import exception_text, open_regular_file
 
 
 def read_state_dict(path: str) -> dict:
