@@ -309,7 +309,10 @@ def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=Non
                                    reason=f"incremental needs {needed} > memory_limit {allowed}")
     if naive_plan is not None and ctx.strategy == "auto" and (
             best.predicted_seconds > NAIVE_MARGIN * naive_plan.predicted_seconds):
-        return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper")
+        # The naive map is exact: a quality asked for is met at tau 1, from the same tuning.
+        exact = Choice(1.0, 1.0, best.approximation.source) if best.approximation else None
+        return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper",
+                                   approximation=exact)
     return best
 
 
