@@ -112,7 +112,21 @@ class TargetLabel(Node):
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 
 
-Target = Union[TargetPredicted, TargetIndex, TargetLabel]
+@dataclass(frozen=True)
+class TargetList(Node):
+    """``TARGET (3, 'tabby', PREDICTED)``: one map per class, from one scan."""
+    targets: Tuple[Union[TargetPredicted, TargetIndex, TargetLabel], ...]
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TargetTop(Node):
+    """``TARGET TOP k``: the k classes most likely on the unoccluded image."""
+    k: int
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+Target = Union[TargetPredicted, TargetIndex, TargetLabel, TargetList, TargetTop]
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,8 @@ class Occlude(ClausePositions, Node):
     device: Optional[str] = None                   # 'cpu' | 'gpu' | 'auto'
     batch: Optional[int] = None
     into: Optional[str] = None
+    resize: Optional[str] = None                   # 'squash' | 'crop' | 'pad'
+    output: Optional[str] = None                   # 'softmax' | 'sigmoid' | 'logits' | 'probability'
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
     # Positions of individual clauses (keyword token), for pointing errors at them.
     clause_pos: Tuple[Tuple[str, Pos], ...] = field(default=(), compare=False, repr=False)
@@ -185,7 +201,12 @@ class Explain(Node):
 
 @dataclass(frozen=True)
 class LoadModel(Node):
-    """``LOAD MODEL <name> FROM '<file>' [ARCH <builder>] [LABELS '<file>']``."""
+    """``LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>']``.
+
+    ``arch`` as written: a torchvision builder (``resnet18``), ``timm:<name>``, or the
+    quoted factory of the user's own code (``package.module:factory``); None: the file
+    says what it is (ONNX, TorchScript) or the model's name is the builder.
+    """
     name: str
     path: str
     arch: Optional[str] = None

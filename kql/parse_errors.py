@@ -11,7 +11,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from kql.errors import KqlSyntaxError
 
 _CLAUSES = ("_TARGET", "_PATCH", "_STRIDE", "_COLOR", "_REGION", "_WITH", "_DRILLDOWN", "_ON",
-            "_BATCH", "_INTO")
+            "_BATCH", "_INTO", "_RESIZE", "_OUTPUT")
 _STATEMENTS = ("_OCCLUDE", "_EXPLAIN", "_LOAD", "_SHOW", "_SET", "_CALIBRATE")
 _CALIBRATE_CLAUSES = ("_PATCH", "_STRIDE", "_COLOR")    # what CALIBRATE <model> shares
 _IMAGE_FORMS = frozenset({"NAME", "STRING", "_SAMPLE"})
@@ -21,13 +21,14 @@ _VALUES = frozenset({"NAME", "STRING", "NUMBER", "COLOR_NAME", "DEVICE"})
 _WORDS = {
     "NAME": "a name", "STRING": "a quoted string", "NUMBER": "a number",
     "COLOR_NAME": "a colour (black, gray, white, mean or (r, g, b))",
-    "DEVICE": "CPU, GPU or AUTO", "_X": "'x'", "_SEMI": "';'", "_LPAR": "'('",
+    "DEVICE": "CPU, GPU or AUTO", "RESIZE_MODE": "SQUASH, CROP or PAD",
+    "OUTPUT_MODE": "SOFTMAX, SIGMOID, LOGITS or PROBABILITY", "_COLON": "':'", "_X": "'x'", "_SEMI": "';'", "_LPAR": "'('",
     "_RPAR": "')'", "_COMMA": "','", "_EQ": "'='", "_GE": "'>='", "$END": "end of input",
     "_WITH": "WITH SSIM",
 }
 # A name right after these keywords is a particular kind of name.
 _NAME_AFTER = {"_USING": "a model name", "_MODEL": "a model name", "_IMAGE": "an image name",
-               "_ARCH": "an architecture name (a torchvision builder)", "_SET": "a setting name",
+               "_ARCH": "an architecture (resnet18, timm:resnet18 or 'module:factory')", "_SET": "a setting name",
                "_CALIBRATE": "a model name"}
 
 

@@ -185,8 +185,7 @@ class _ToAst(Transformer):
 
     def load_model(self, meta, children):
         name, path, arch, labels = children
-        return ast.LoadModel(name=str(name), path=_path(path, "LOAD MODEL FROM"),
-                             arch=None if arch is None else str(arch),
+        return ast.LoadModel(name=str(name), path=_path(path, "LOAD MODEL FROM"), arch=arch,
                              labels=None if labels is None else _path(labels, "LABELS"),
                              pos=_pos(meta))
 
@@ -215,6 +214,20 @@ class _ToAst(Transformer):
         fields, where = _gather(clauses)
         return ast.CalibrateModel(model=model, images=images, pos=_pos(meta), clause_pos=where,
                                   **fields)
+
+    def arch_name(self, meta, children):
+        return str(children[0])
+
+    def arch_qualified(self, meta, children):
+        return f"{children[0]}:{children[1]}"
+
+    def arch_string(self, meta, children):
+        text = _unquote(children[0])
+        if not text.strip() or len(text) > 500 or not text.isprintable():
+            raise KqlSyntaxError("ARCH needs an architecture such as resnet18, timm:resnet18 "
+                                 "or 'package.module:factory'",
+                                 line=children[0].line, column=children[0].column)
+        return text
 
     def image_list(self, meta, children):
         return tuple(children)
@@ -247,6 +260,22 @@ class _ToAst(Transformer):
 
     def target_predicted(self, meta, children):
         return ast.TargetPredicted(pos=_pos(meta))
+
+    def target_list(self, meta, children):
+        return ast.TargetList(tuple(children), pos=_pos(meta))
+
+    def target_top(self, meta, children):
+        k = _whole(children[0], "TARGET TOP")
+        if k < 1:
+            raise KqlSyntaxError("TARGET TOP needs at least 1 class", line=children[0].line,
+                                 column=children[0].column)
+        return ast.TargetTop(k, pos=_pos(meta))
+
+    def resize_clause(self, meta, children):
+        return _Clause("resize", _pos(meta), {"resize": children[0].lower()})
+
+    def output_clause(self, meta, children):
+        return _Clause("output", _pos(meta), {"output": children[0].lower()})
 
     def size(self, meta, children):
         return children  # [height, width or None], checked by the clause that owns it
