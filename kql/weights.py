@@ -1,9 +1,11 @@
-"""Weight files: the name -> tensor dict in a ``torch.save`` file, read without running code.
+"""Weight files: the name -> tensor dict in a ``torch.save`` or safetensors file, read
+without running code.
 
 ``torch.load(..., weights_only=True)`` refuses anything but tensors and plain containers, so a
-pickle that would run code never does; its refusal, and every other failure, is one
-:class:`~kql.errors.KqlModelError` line. The tensors are checked before any module is built:
-finite, and a last layer with at least one output.
+pickle that would run code never does (a whole pickled ``nn.Module`` included: the message
+says how to save its state dict instead); safetensors files hold only tensors. A refusal,
+and every other failure, is one :class:`~kql.errors.KqlModelError` line. The tensors are
+checked before any module is built: finite, and a last layer with at least one output.
 """
 
 from __future__ import annotations
@@ -24,6 +26,34 @@ def read_state_dict(path: str) -> dict:
     """The name -> tensor dict in a weight file (unwrapped from a training checkpoint)."""
     with open_regular_file(path, "model file", KqlModelError) as fh:
         obj = _torch_load(fh, path)
+    return checked_state_dict(obj, path)
+
+
+def read_safetensors(path: str) -> dict:
+    """The name -> tensor dict in a safetensors file (``safetensors.torch.load_file``)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise KqlModelError("LOAD MODEL of a safetensors file needs the package safetensors "
+                            "(pip install safetensors)") from None
+    open_regular_file(path, "model file", KqlModelError).close()    # no FIFO, device, folder
+    try:
+        obj = load_file(path, device="cpu")
+    except Exception as exc:        # SafetensorError for a damaged header, OSError, ...
+        raise KqlModelError(f"cannot read model file '{path}' as safetensors: "
+                            f"{exception_text(exc)}") from None
+    return checked_state_dict(obj, path)
+
+
+def checked_state_dict(obj, path: str) -> dict:
+    """``obj`` as a state dict: unwrapped from a training checkpoint (``state_dict``,
+    ``model_state_dict``, ``model``) and from DataParallel's ``module.`` prefix, every value
+    a finite tensor.
+
+    >>> import torch
+    >>> list(checked_state_dict({"state_dict": {"module.fc.weight": torch.ones(2, 2)}}, "x.pt"))
+    ['fc.weight']
+    """
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -31,7 +61,7 @@ def read_state_dict(path: str) -> dict:
                                             for k, v in obj.items()):
         raise KqlModelError(f"model file '{path}' does not hold a state dict (name -> tensor)")
     state_dict = with_metadata(obj, {_unwrapped(k): v for k, v in obj.items()})
-    _check_finite(state_dict, path)
+    check_finite(state_dict, path)
     return state_dict
 
 
@@ -66,8 +96,8 @@ def _torch_load(fh, path: str):
         code, found = _GLOBAL.search(text), _UNPICKLER.search(text)
         if code:
             raise KqlModelError(f"cannot read model file '{path}': it holds Python code or objects "
-                                f"({code.group(1)}), which are never run; save "
-                                "model.state_dict() instead") from None
+                                f"({code.group(1)}), which are never run; save a state dict "
+                                "instead: torch.save(model.state_dict(), path)") from None
         detail = found.group(1).strip() if found else "it holds objects other than tensors"
     except Exception as exc:
         detail = exception_text(exc)
@@ -75,7 +105,7 @@ def _torch_load(fh, path: str):
                         f"torch.save, or it holds code, which is never run ({detail[:160]})")
 
 
-def _check_finite(state_dict: dict, path: str) -> None:
+def check_finite(state_dict: dict, path: str) -> None:
     """Refuse NaN or infinite weights, naming the first tensor holding one.
 
     A sum is the fast test (VGG16's largest tensor: 0.05 s; ``isfinite(t).all()``: 1.7 s);

@@ -1,0 +1,397 @@
+"""Model files as users have them: ONNX, TorchScript, safetensors, timm and factory state
+dicts; each file made here (nothing downloaded), each kind told from its content.
+
+Where maps are compared, two engines are compared on the same model elementwise, and the
+map must move (a broken engine on a flat map would pass).
+"""
+
+import os
+import pickle
+import shutil
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kql
+from helpers import plain_heatmap, smooth_noise_image
+from models_zoo import sensitive_small_cnn
+
+SIZE = (24, 30)                     # the image sensitive_small_cnn is made sensitive on
+BLACK = (0.0, 0.0, 0.0)
+
+
+def error_of(con, query: str) -> str:
+    with pytest.raises(kql.KqlModelError) as info:
+        con.execute(query)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def export_onnx(model: nn.Module, path, size=SIZE, dynamic=(0,), **options) -> str:
+    """``model`` as an ONNX file (the TorchScript-based exporter: no onnxscript needed);
+    ``dynamic``: the input's dynamic dimensions (0: the batch)."""
+    axes = {"x": {d: f"d{d}" for d in dynamic}, "y": {0: "d0"} if 0 in dynamic else {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.rand(1, 3, *size),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes=axes, **options)
+    return str(path)
+
+
+def onnxruntime_logits(path: str, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.numpy()})[0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sensitive_small_cnn()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(model, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "net.onnx", opset_version=17)
+
+
+def connection(directory=None, image=None):
+    con = kql.connect(directory)
+    con.register_image("img", smooth_noise_image(*SIZE) if image is None else image)
+    return con
+
+
+def moving(heatmap) -> bool:
+    return float(heatmap.max() - heatmap.min()) > 1e-6
+
+
+# -- ONNX ------------------------------------------------------------------------------------
+
+def test_onnx_equals_onnxruntime_and_runs_incrementally(model, onnx_file):
+    con = connection()
+    assert con.execute(f"LOAD MODEL net FROM '{onnx_file}'").message == "model 'net' loaded (onnx, 5 classes)"
+    spec = con.catalog.resolve_model("net")
+    assert isinstance(spec.module, torch.fx.GraphModule)
+    assert (spec.arch, spec.mean, spec.std, spec.input_size, spec.channels) == ("onnx", None, None, SIZE, 3)
+    x = torch.rand(4, 3, *SIZE)
+    with torch.no_grad():
+        ours = spec.module(x).numpy()
+    np.testing.assert_allclose(ours, onnxruntime_logits(onnx_file, x), atol=1e-4)
+    con.execute("SET strategy = 'incremental'")
+    query = "OCCLUDE img USING net PATCH 6 STRIDE 3 COLOR (0, 0, 0)"
+    assert "IncrementalOcclusion" in con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
+    fast = con.execute(query).heatmap
+    con.execute("SET strategy = 'naive'")
+    slow = con.execute(query).heatmap
+    assert moving(slow)
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    ref, _ = plain_heatmap(model, smooth_noise_image(*SIZE), (6, 6), (3, 3), BLACK)
+    np.testing.assert_allclose(slow, ref, atol=1e-4)
+
+
+def test_onnx_is_told_by_its_content_not_its_name(onnx_file, tmp_path):
+    shutil.copy(onnx_file, tmp_path / "model.bin")
+    con = connection()
+    assert "(onnx, 5 classes)" in con.execute(f"LOAD MODEL m FROM '{tmp_path / 'model.bin'}'").message
+    assert "(onnx, 5 classes)" in con.execute(f"LOAD MODEL m FROM '{onnx_file}' ARCH onnx").message
+
+
+def test_onnx_of_any_image_size_keeps_the_images_size(model, tmp_path):
+    path = export_onnx(model, tmp_path / "any.onnx", dynamic=(0, 2, 3), opset_version=17)
+    image = smooth_noise_image(20, 28)
+    con = connection(image=image)
+    con.execute(f"LOAD MODEL m FROM '{path}'")
+    spec = con.catalog.resolve_model("m")
+    assert (spec.input_size, spec.num_classes) == (None, 5)
+    ref, _ = plain_heatmap(model, image, (8, 8), (4, 4), BLACK)
+    np.testing.assert_allclose(con.execute("OCCLUDE img USING m PATCH 8 STRIDE 4 COLOR (0, 0, 0)").heatmap,
+                               ref, atol=1e-4)
+
+
+def test_missing_optional_packages_are_named(tmp_path, monkeypatch):
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "w.pt")
+    (tmp_path / "w.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    monkeypatch.setitem(sys.modules, "timm", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    con = connection()
+    assert error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'w.pt'}' ARCH timm:resnet18").endswith(
+        "ARCH timm:resnet18 needs the package timm (pip install timm)")
+    assert error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'w.safetensors'}' ARCH resnet18").endswith(
+        "LOAD MODEL of a safetensors file needs the package safetensors (pip install safetensors)")
+
+
+class Reshaping(nn.Module):
+    """``x.reshape(x.shape[0], -1)``: exported with Shape/Gather/Constant nodes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, stride=2), nn.Linear(4 * 11 * 14, 6)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).reshape(x.shape[0], -1))
+
+
+def test_a_newer_opset_is_converted_down_for_onnx2torch(tmp_path):
+    """onnx2torch 1.5 lacks Constant 19: the model is converted to opset 18 first."""
+    path = export_onnx(Reshaping(), tmp_path / "new.onnx", opset_version=20)
+    spec = kql.models.load_model_file("m", path)
+    x = torch.rand(3, 3, *SIZE)
+    with torch.no_grad():
+        np.testing.assert_allclose(spec.module(x).numpy(), onnxruntime_logits(path, x), atol=1e-4)
+    assert spec.num_classes == 6
+
+
+def test_onnx_files_that_cannot_be_used(tmp_path, onnx_file, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    con = connection()
+    data = open(onnx_file, "rb").read()
+    (tmp_path / "cut.onnx").write_bytes(data[:len(data) // 2])
+    assert f"cannot read model file '{tmp_path / 'cut.onnx'}' as ONNX: " in error_of(
+        con, f"LOAD MODEL m FROM '{tmp_path / 'cut.onnx'}'")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "hard.onnx")
+    assert error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'hard.onnx'}'").endswith(
+        "uses operator Hardmax (version 13), which onnx2torch cannot convert to PyTorch")
+    fixed = export_onnx(Reshaping(), tmp_path / "fixed.onnx", dynamic=(), opset_version=17)
+    assert "runs on one image at a time only (its graph fixes the batch size at 1)" in error_of(
+        con, f"LOAD MODEL m FROM '{fixed}'")
+    assert "is an ONNX model, which says its own architecture" in error_of(
+        con, f"LOAD MODEL m FROM '{onnx_file}' ARCH resnet18")
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)           # not installed
+    assert error_of(con, f"LOAD MODEL m FROM '{onnx_file}'") == (
+        "line 1, column 1: LOAD MODEL of an ONNX file needs the package onnx2torch (pip install onnx2torch)")
+
+
+# -- TorchScript -------------------------------------------------------------------------------
+
+def test_torchscript_runs_naive_and_equals_the_plain_loop(model, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model.eval(), torch.rand(1, 3, *SIZE)).save(str(tmp_path / "net.pt"))
+    con = connection()
+    message = con.execute(f"LOAD MODEL ts FROM '{tmp_path / 'net.pt'}'").message
+    assert message == "model 'ts' loaded (torchscript, 5 classes)"
+    spec = con.catalog.resolve_model("ts")
+    assert (spec.mean, spec.input_size, spec.channels) == (None, None, 3)
+    query = "OCCLUDE img USING ts PATCH 8 STRIDE 8 COLOR (0, 0, 0)"
+    plan = con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
+    assert "NaiveOcclusion" in plan and 'reason="TorchScript module: torch.fx cannot trace it"' in plan
+    con.execute("SET strategy = 'incremental'")        # still the plain loop, still the reason
+    result = con.execute(query)
+    ref, target = plain_heatmap(model, smooth_noise_image(*SIZE), (8, 8), (8, 8), BLACK)
+    assert moving(ref) and result.target == target
+    np.testing.assert_allclose(result.heatmap, ref, atol=1e-5)
+
+
+def test_a_damaged_torchscript_archive(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # torch.jit.script is deprecated, still written
+        scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1),
+                                                  nn.Flatten()))
+    scripted.save(str(tmp_path / "good.pt"))
+    with zipfile.ZipFile(tmp_path / "good.pt") as src, zipfile.ZipFile(tmp_path / "bad.pt", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, b"def forward(self x):" if "/code/" in item.filename
+                         and item.filename.endswith(".py") else data)
+    assert f"cannot read model file '{tmp_path / 'bad.pt'}' as TorchScript: " in error_of(
+        connection(), f"LOAD MODEL m FROM '{tmp_path / 'bad.pt'}'")
+
+
+# -- safetensors, timm, the user's factory ----------------------------------------------------------
+
+def test_safetensors_state_dict(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    saved = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).eval()
+    save_file(saved.state_dict(), str(tmp_path / "weights.safetensors"))
+    con = connection()
+    path = tmp_path / "weights.safetensors"
+    message = con.execute(f"LOAD MODEL m FROM '{path}' ARCH mobilenet_v3_small").message
+    assert message == "model 'm' loaded (mobilenet_v3_small, 10 classes)"
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(con.catalog.resolve_model("m").module(x), saved(x))
+    shutil.copy(path, tmp_path / "mobilenet.pt")        # no ARCH: the model's name is the builder
+    con.execute(f"LOAD MODEL mobilenet_v3_small FROM '{tmp_path / 'mobilenet.pt'}'")
+    assert con.catalog.resolve_model("mobilenet_v3_small").arch == "mobilenet_v3_small"
+    damaged = tmp_path / "bad.safetensors"               # a header cut short
+    damaged.write_bytes((40).to_bytes(8, "little") + b'{"w": {"dtype": "F32", ' + b" " * 40)
+    assert f"cannot read model file '{damaged}' as safetensors: " in error_of(
+        con, f"LOAD MODEL m FROM '{damaged}' ARCH resnet18")
+
+
+def test_timm_state_dict_runs_incrementally(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    saved = timm.create_model("test_resnet", pretrained=False, num_classes=7).eval()
+    with torch.no_grad():
+        saved.fc.weight.mul_(20.0)                      # a map that moves
+    torch.save(saved.state_dict(), tmp_path / "t.pt")
+    con = connection(image=smooth_noise_image(64, 64))
+    message = con.execute(f"LOAD MODEL t FROM '{tmp_path / 't.pt'}' ARCH timm:test_resnet").message
+    assert message == "model 't' loaded (timm:test_resnet, 7 classes)"
+    spec = con.catalog.resolve_model("t")
+    assert (spec.mean, spec.input_size) == ((0.5, 0.5, 0.5), (160, 160))     # timm's config
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(spec.module(x), saved(x))
+    con.execute("SET strategy = 'incremental'")
+    query = "OCCLUDE img USING t PATCH 40 STRIDE 40 COLOR (0, 0, 0)"
+    assert "IncrementalOcclusion" in con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
+    fast = con.execute(query).heatmap
+    con.execute("SET strategy = 'naive'")
+    slow = con.execute(query).heatmap
+    assert moving(slow)
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    assert error_of(con, f"LOAD MODEL t FROM '{tmp_path / 't.pt'}' ARCH timm:test_resnt").endswith(
+        "unknown timm model 'test_resnt'; did you mean 'timm:test_resnet'?")
+
+
+FACTORIES = '''
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+def boom():
+    raise RuntimeError("no GPU here")
+
+def not_a_module():
+    return 42
+
+count = 3
+'''
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "kql_test_factories.py").write_text(FACTORIES)
+    (tmp_path / "kql_test_broken.py").write_text("import kql_test_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "kql_test_factories"
+    for name in ("kql_test_factories", "kql_test_broken"):
+        sys.modules.pop(name, None)
+
+
+def test_the_users_factory(tmp_path, factory_module):
+    import kql_test_factories
+
+    saved = kql_test_factories.make()
+    with torch.no_grad():
+        saved[-1].weight.mul_(3.0)
+    torch.save(saved.state_dict(), tmp_path / "mine.pt")
+    con = connection()
+    path = tmp_path / "mine.pt"
+    assert con.execute(f"LOAD MODEL mine FROM '{path}' ARCH 'kql_test_factories:make'").message == (
+        "model 'mine' loaded (kql_test_factories:make, 3 classes)")
+    spec = con.catalog.resolve_model("mine")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(spec.module(x), saved(x))
+    assert (spec.mean, spec.input_size) == (None, None)
+    assert con.execute("OCCLUDE img USING mine PATCH 8 STRIDE 8").heatmap.shape == (3, 3)
+    for arch, expected in [
+            ("kql_test_missing:make", "ARCH 'kql_test_missing:make': no module named 'kql_test_missing' "
+                                      "(is its folder on PYTHONPATH?)"),
+            ("kql_test_broken:make", "ARCH 'kql_test_broken:make': importing 'kql_test_broken' failed: "
+                                     "ModuleNotFoundError: No module named 'kql_test_not_installed'"),
+            ("kql_test_factories:nothing", "ARCH 'kql_test_factories:nothing': module "
+                                           "'kql_test_factories' has no attribute 'nothing'"),
+            ("kql_test_factories:count", "ARCH 'kql_test_factories:count': 'count' is an int, not a "
+                                         "factory function or class"),
+            ("kql_test_factories:boom", "ARCH 'kql_test_factories:boom': the factory failed: "
+                                        "RuntimeError: no GPU here"),
+            ("kql_test_factories:not_a_module", "ARCH 'kql_test_factories:not_a_module': the factory "
+                                                "returned an int, not a torch.nn.Module")]:
+        assert error_of(con, f"LOAD MODEL m FROM '{path}' ARCH '{arch}'") == f"line 1, column 1: {expected}"
+
+
+# -- files that must never run code -----------------------------------------------------------------
+
+class Boom:
+    """Unpickling it would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_a_whole_pickled_module_is_refused_with_how_to_save_it(tmp_path):
+    torch.save(nn.Linear(2, 2), tmp_path / "whole.onnx")           # the name says nothing
+    message = error_of(connection(), f"LOAD MODEL m FROM '{tmp_path / 'whole.onnx'}' ARCH resnet18")
+    assert "(torch.nn.modules.linear.Linear), which are never run" in message
+    assert message.endswith("save a state dict instead: torch.save(model.state_dict(), path)")
+
+
+def test_malicious_files_never_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = pickle.dumps({"w": Boom(marker)}, protocol=2)
+    (tmp_path / "evil.onnx").write_bytes(evil)                      # a pickle named .onnx
+    torch.save({"w": Boom(marker)}, tmp_path / "evil.pt")
+    with zipfile.ZipFile(tmp_path / "evil.pt") as src, zipfile.ZipFile(tmp_path / "script.pt", "w") as dst:
+        for item in src.infolist():                                 # dressed as TorchScript
+            dst.writestr(item, src.read(item))
+        prefix = src.namelist()[0].split("/")[0]
+        dst.writestr(f"{prefix}/constants.pkl", evil)
+        dst.writestr(f"{prefix}/code/__torch__.py", b"")
+    con = connection()
+    for name in ("evil.onnx", "evil.pt", "script.pt"):
+        message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / name}' ARCH resnet18"
+                           if name != "script.pt" else f"LOAD MODEL m FROM '{tmp_path / name}'")
+        assert "cannot read model file" in message
+        assert not marker.exists()
+
+
+# -- channels, persistence -------------------------------------------------------------------
+
+def test_a_one_channel_model_with_its_own_normalisation():
+    torch.manual_seed(0)
+    grey = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    con = connection()
+    con.register_model("grey", grey, mean=(0.5,), std=(0.25,))
+    spec = con.catalog.resolve_model("grey")
+    assert (spec.mean, spec.std, spec.channels) == ((0.5,), (0.25,), 1)
+    assert con.execute("OCCLUDE img USING grey PATCH 8 STRIDE 8").heatmap.shape == (3, 3)
+    with pytest.raises(kql.KqlPlanError, match="mean has 3 values but the model's first convolution "
+                                               "takes 1 channel$"):
+        con.register_model("grey", grey, mean=(0.5, 0.5, 0.5))
+    with pytest.raises(kql.KqlPlanError, match="mean has 1 values but std has 2"):
+        con.register_model("flat", nn.Linear(2, 2), mean=(0.5,), std=(1.0, 1.0))
+
+
+def test_loaded_files_are_found_again_by_a_later_session(onnx_file, tmp_path, model):
+    scripted = tmp_path / "ts.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model.eval(), torch.rand(1, 3, *SIZE)).save(str(scripted))
+    first = connection(str(tmp_path / "catalog"))
+    first.execute(f"LOAD MODEL net FROM '{onnx_file}'; LOAD MODEL ts FROM '{scripted}'")
+    first_map = first.execute("OCCLUDE img USING net PATCH 8 STRIDE 8").heatmap
+    later = connection(str(tmp_path / "catalog"))
+    rows = {row["name"]: row["arch"] for row in later.models()}
+    assert rows["net"] == "onnx" and rows["ts"] == "torchscript"
+    np.testing.assert_allclose(later.execute("OCCLUDE img USING net PATCH 8 STRIDE 8").heatmap,
+                               first_map, atol=1e-6)
+    np.testing.assert_allclose(later.execute("OCCLUDE img USING ts PATCH 8 STRIDE 8").heatmap,
+                               first_map, atol=1e-5)
+    assert later.catalog.resolve_model("net").input_size == SIZE
