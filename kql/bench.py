@@ -263,7 +263,13 @@ def _bench(args) -> int:
     r0, r1 = band(*full.full_shape, args.positions)
     y0, y1 = r0 * args.stride, (r1 - 1) * args.stride + args.patch     # pixel rows of the band
     device = "GPU" if args.device == "cuda" else "CPU"
-    text = (f"OCCLUDE sample('{args.image}') USING {args.model} PATCH {args.patch} "
+    # The sample at the model's input size: the band's REGION, in the image's own pixels,
+    # is then in the model's pixels too.
+    from . import images
+
+    photo = images.match_channels(images.load_sample(args.image), spec.channels)[0]
+    con.register_image("bench_image", images.resize(photo, (h, w)))
+    text = (f"OCCLUDE bench_image USING {args.model} PATCH {args.patch} "
             f"STRIDE {args.stride} REGION (0, {y0}, {w}, {y1 - y0}) BATCH {args.batch} ON {device}")
     stmt = parse(text)[0]
     settings = {"naive": {"strategy": "naive"},

@@ -254,16 +254,21 @@ def _result(physical, out, text: str) -> Result:
     if labels is not None and len(labels) != len(out.base_logits):
         raise KqlPlanError(f"model '{q.model.name}' has {len(labels)} labels but returns "
                            f"{len(out.base_logits)} classes")
+    names = [labels[t] if labels is not None else f"class {t}" for t in out.targets]
+    maps = out.scores.reshape(len(out.targets), rows, cols)
     return Result(
         "occlude", text,
-        heatmap=out.probabilities.reshape(rows, cols),
+        heatmap=maps[0],
         logits=out.logits.reshape(rows, cols),
         target=out.target,
-        label=labels[out.target] if labels is not None else f"class {out.target}",
+        label=names[0],
         probability=out.base_probability,
         plan="\n".join(physical.explain()),
         model=q.model.name, image_label=q.image_label, image=q.image,
         patch=q.grid.patch, stride=q.grid.stride, offset=q.grid.offset,
         tau=physical.approximation.tau if physical.approximation else 1.0,
         predicted_ssim=physical.approximation.predicted_ssim if physical.approximation else None,
-        tuning=physical.approximation.source if physical.approximation else "")
+        tuning=physical.approximation.source if physical.approximation else "",
+        heatmaps=maps, targets=[int(t) for t in out.targets], labels=names,
+        base_scores=[float(v) for v in out.base_scores], output=out.output,
+        output_note=q.output_note, frame=q.frame, original=q.original)

@@ -1,17 +1,25 @@
 """Images: reading files, skimage samples and user arrays into one form, and resizing.
 
-Every image becomes a float32 tensor ``[3, H, W]`` in pixel space, values in [0, 1].
-Greyscale is repeated to three channels; an alpha channel is dropped. :func:`resize`
-brings it to the size a model expects (still pixel space, before normalisation).
+Every image becomes a float32 tensor ``[C, H, W]`` in pixel space, values in [0, 1], that
+keeps its own channels: grey (and grey with alpha) is ``C = 1``, colour ``C = 3``; alpha is
+dropped, palette, CMYK, YCbCr and LAB become RGB. The planner gives a model the channels
+its first layer takes (:func:`match_channels`) and :func:`resize` the size it expects
+(still pixel space, before normalisation). Integer pixels are divided by their largest
+value (255, 65535 for 16 bits), whatever the image holds; DICOM scans are rescaled and
+windowed. :func:`read_image` knows a file's kind from its content and hands it to a
+decoder: Pillow's kinds and .npy in :mod:`kql.image_formats`, DICOM in :mod:`kql.dicom`.
 
 Files are checked before they are read: a regular file (a FIFO would block ``open()``
-forever), its size from the header (Pillow opens lazily; a .npy header is read alone)
-against ``max_pixels``, and a .npy never unpickles (``allow_pickle=False``).
+forever), its size from the header (Pillow opens lazily; a .npy header is read alone;
+a DICOM header is read without its pixel data) against ``max_pixels``, and a .npy never
+unpickles (``allow_pickle=False``).
 
 >>> import numpy as np
 >>> to_tensor(np.zeros((4, 5, 3), dtype=np.uint8)).shape
 torch.Size([3, 4, 5])
->>> to_tensor(np.full((2, 2), 255, dtype=np.uint8))[:, 0, 0].tolist()
+>>> to_tensor(np.full((2, 2), 255, dtype=np.uint8)).shape
+torch.Size([1, 2, 2])
+>>> to_tensor(np.full((2, 2, 4), 65535, dtype=np.uint16))[:, 0, 0].tolist()   # alpha dropped
 [1.0, 1.0, 1.0]
 """
 
@@ -19,9 +27,9 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +52,13 @@ SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "ret
 
 
 def to_tensor(image) -> torch.Tensor:
-    """Convert a user image (torch float [3,H,W] in [0,1], or numpy HxW[xC]) to [3,H,W]."""
+    """A user image as ``[C, H, W]``: a torch float tensor in [0, 1] (``[H, W]``, ``[1, H, W]``,
+    ``[3, H, W]``, or ``[4, H, W]`` whose alpha is dropped) or a numpy HxW, HxWx1, HxWx3 or
+    HxWx4 array (uint8, uint16, bool or float in [0, 1]).
+
+    >>> to_tensor(torch.rand(2, 3)).shape, to_tensor(torch.rand(4, 2, 3)).shape
+    (torch.Size([1, 2, 3]), torch.Size([3, 2, 3]))
+    """
     if isinstance(image, torch.Tensor):
         return _from_tensor(image)
     if isinstance(image, np.ndarray):
@@ -56,12 +70,13 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2:
         t = t.unsqueeze(0)
     if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
-        raise KqlImageError(f"an image tensor must have shape [3, H, W], got {list(t.shape)}")
+        raise KqlImageError("an image tensor must have shape [3, H, W] (colour), [1, H, W] or "
+                            f"[H, W] (grey), got {list(t.shape)}")
     if not t.is_floating_point():
         raise KqlImageError("an image tensor must be float with values in [0, 1] "
                             f"(got {t.dtype}); pass uint8 images as numpy HxWx3 arrays")
     t = t.detach().to("cpu", torch.float32)
-    t = t[:3] if t.shape[0] == 4 else t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    t = t[:3] if t.shape[0] == 4 else t
     if not torch.isfinite(t).all():
         raise KqlImageError("the image tensor contains NaN or infinite values")
     if t.numel() and (t.min() < 0 or t.max() > 1):
@@ -72,7 +87,7 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _from_array(a: np.ndarray) -> torch.Tensor:
-    problem = _array_problem(a.shape, a.dtype)
+    problem = array_problem(a.shape, a.dtype)
     if problem:
         raise KqlImageError(f"an image array {problem}")
     a = a[:, :, None] if a.ndim == 2 else a
@@ -80,13 +95,12 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
     if a.dtype == np.uint8:
         t = _from_uint8(a)
     else:
-        t = torch.from_numpy(np.ascontiguousarray(_as_float(a))).permute(2, 0, 1)
-        t = (t.expand(3, -1, -1) if t.shape[0] == 1 else t).contiguous()
+        t = torch.from_numpy(np.ascontiguousarray(_as_float(a))).permute(2, 0, 1).contiguous()
     _check_size(t)
     return t
 
 
-def _array_problem(shape, dtype) -> str | None:
+def array_problem(shape, dtype) -> str | None:
     """Why an array of this shape and dtype is no image (None: it is one)."""
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
         return f"must be HxW, HxWx3 or HxWx4, got shape {tuple(shape)}"
@@ -97,12 +111,11 @@ def _array_problem(shape, dtype) -> str | None:
 
 
 def _from_uint8(a: np.ndarray) -> torch.Tensor:
-    """``[3, H, W]`` float from uint8 HxWxC: channels first while still one byte a pixel,
+    """``[C, H, W]`` float from uint8 HxWxC: channels first while still one byte a pixel,
     then one float copy (a PNG read peaks at 16 bytes a pixel, was 29)."""
     with warnings.catch_warnings():     # read-only arrays: .float() always copies
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         t = torch.from_numpy(a).permute(2, 0, 1)
-    t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
     return t.contiguous().float().div_(255.0)
 
 
@@ -205,92 +218,44 @@ def check_pixels(path: str, height: int, width: int, max_pixels: int = MAX_PIXEL
                             f"more than max_image_pixels ({max_pixels:,})")
 
 
-def load_file(path: str, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Read an image file into ``[3, H, W]``: PNG, JPEG, TIFF, BMP, GIF (its first frame), ...
-    via Pillow, or a .npy array (HxW[xC], never unpickled). Its size is read from the
+class LoadedImage(NamedTuple):
+    """An image file's pixels ``[C, H, W]`` and what its header says: always ``format``; for
+    Pillow's kinds ``mode`` and ``bits``; for DICOM also ``pixel_spacing`` (mm, row and
+    column), ``window`` (center, width: None when min-max was used), ``rescale``, ..."""
+
+    tensor: torch.Tensor
+    info: dict
+
+
+def read_image(path: str, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Read an image file, its kind known from its content, not its name: PNG, JPEG, TIFF
+    (its first page), BMP, GIF (its first frame), ... via Pillow; DICOM (its first frame)
+    via pydicom; or a .npy array (HxW[xC], never unpickled). Its size is read from the
     header first: more than ``max_pixels`` pixels is refused before anything is decoded.
     Pillow's own limit stays above it: it refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS``
     (179 MP) itself, whatever ``max_pixels`` says.
+
+    >>> import tempfile, PIL.Image
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     PIL.Image.fromarray(np.full((2, 3), 65535, np.uint16)).save(f"{folder}/a.png")
+    ...     image = read_image(f"{folder}/a.png")
+    >>> image.tensor.shape, float(image.tensor.max()), image.info
+    (torch.Size([1, 2, 3]), 1.0, {'format': 'PNG', 'mode': 'I;16', 'bits': 16})
     """
     with open_regular_file(path, "image file", KqlImageError) as fh:
-        numpy_file = fh.read(6) == b"\x93NUMPY"
+        head = fh.read(132)
         fh.seek(0)
-        arr = _read_npy(fh, path, max_pixels) if numpy_file else _decode(fh, path, max_pixels)
-    return _from_array(arr)
+        from . import dicom, image_formats as formats
+
+        read = (formats.read_npy if head.startswith(b"\x93NUMPY") else
+                dicom.read_dicom if dicom.is_dicom(head) else formats.decode)
+        arr, info = read(fh, path, max_pixels)
+    return LoadedImage(_from_array(arr), info)
 
 
-def _decode(fh, path: str, max_pixels: int) -> np.ndarray:
-    """Pillow's decoded pixels; every failure one :class:`KqlImageError` line."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():     # our limit is checked instead of Pillow's warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fh) as im:      # lazy: the header only
-                check_pixels(path, im.height, im.width, max_pixels)
-                im.load()
-                return _pixels(im, path)
-    except KqlImageError:
-        raise
-    except UnidentifiedImageError:
-        raise KqlImageError(f"cannot read image file '{path}': not an image format Pillow knows") from None
-    except Image.DecompressionBombError as exc:    # over twice Pillow's limit, refused at open
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        count = f"{int(found.group(1)):,}" if found else f"over {2 * (Image.MAX_IMAGE_PIXELS or 0):,}"
-        raise KqlImageError(f"image file '{path}' has {count} pixels, more than max_image_pixels "
-                            f"({max_pixels:,})") from None
-    except MemoryError:
-        raise KqlImageError(f"image file '{path}' is too large to decode in memory") from None
-    except Exception as exc:    # Pillow's plugins raise assorted errors on damaged files
-        raise KqlImageError(f"cannot read image file '{path}': corrupt or truncated "
-                            f"({exception_text(exc)})") from None
-
-
-def _pixels(im, path: str) -> np.ndarray:
-    """uint8 HxW[xC] (RGB, RGBA or greyscale), uint16 for 16-bit, 32-bit ones stretched to [0, 1]."""
-    if im.mode.startswith("I;16"):
-        return np.asarray(im).astype(np.uint16, copy=False)
-    if im.mode in ("I", "F"):
-        return _stretched(np.asarray(im, dtype=np.float32), path)
-    if im.mode not in ("RGB", "L", "RGBA"):
-        try:
-            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-        except ValueError:
-            raise KqlImageError(f"image file '{path}' has pixel mode {im.mode}, which Pillow "
-                                "cannot convert to RGB") from None
-    return np.asarray(im)
-
-
-def _stretched(arr: np.ndarray, path: str) -> np.ndarray:
-    if not np.isfinite(arr).all():
-        raise KqlImageError(f"image file '{path}' holds NaN or infinite pixel values")
-    span = float(arr.max() - arr.min()) or 1.0
-    return (arr - arr.min()) / span
-
-
-def _read_npy(fh, path: str, max_pixels: int) -> np.ndarray:
-    """A .npy image: its header's shape, dtype and pixels checked before the data is read."""
-    fmt = np.lib.format
-    try:
-        version = fmt.read_magic(fh)
-        header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, _, dtype = header(fh)
-    except (ValueError, OSError, SyntaxError) as exc:
-        raise KqlImageError(f"cannot read image file '{path}': not a valid .npy header "
-                            f"({exception_text(exc)})") from None
-    if dtype.hasobject:
-        raise KqlImageError(f"image file '{path}' holds Python objects (dtype {dtype}), "
-                            "which are never unpickled")
-    problem = _array_problem(shape, dtype)
-    if problem:
-        raise KqlImageError(f"the array in image file '{path}' {problem}")
-    check_pixels(path, shape[0], shape[1], max_pixels)
-    fh.seek(0)
-    try:
-        return np.load(fh, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise KqlImageError(f"cannot read image file '{path}': corrupt or truncated "
-                            f"({exception_text(exc)})") from None
+def load_file(path: str, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """The ``[C, H, W]`` pixels of an image file (see :func:`read_image`)."""
+    return read_image(path, max_pixels=max_pixels).tensor
 
 
 def load_sample(name: str) -> torch.Tensor:
@@ -327,8 +292,35 @@ def target_size(height: int, width: int, input_size) -> tuple[int, int]:
     return int(input_size[0]), int(input_size[1])
 
 
+# ITU-R BT.601 luma, what Pillow's convert("L") uses.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def match_channels(image: torch.Tensor, channels: int) -> tuple[torch.Tensor, str | None]:
+    """``image`` [C, H, W] with the ``channels`` the model's first layer takes, and what was
+    done to it (None: nothing): grey repeated to RGB, RGB to grey by its luma; any other
+    pair is left as it is.
+
+    >>> t, note = match_channels(torch.ones(1, 2, 2), 3)
+    >>> tuple(t.shape), note
+    ((3, 2, 2), 'grey image repeated to 3 channels')
+    >>> t, note = match_channels(torch.ones(3, 2, 2), 1)
+    >>> tuple(t.shape), round(float(t.max()), 6), note
+    ((1, 2, 2), 1.0, 'RGB image converted to grey (luma)')
+    """
+    have = int(image.shape[0])
+    if have == 1 and channels == 3:
+        return image.expand(3, -1, -1).contiguous(), "grey image repeated to 3 channels"
+    if have == 3 and channels == 1:
+        luma = torch.tensor(LUMA, dtype=image.dtype).view(3, 1, 1)
+        return (image * luma).sum(0, keepdim=True).clamp_(0.0, 1.0), "RGB image converted to grey (luma)"
+    # Equal, or a count no photo has: the model's own first layer says whether it fits
+    # (the first convolution found among its modules need not be the first one run).
+    return image, None
+
+
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bilinear resize of a ``[3, H, W]`` image in [0, 1]."""
+    """Antialiased bilinear resize of a ``[C, H, W]`` image in [0, 1]."""
     if tuple(image.shape[1:]) == tuple(size):
         return image
     out = F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", align_corners=False,

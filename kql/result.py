@@ -13,7 +13,10 @@ class Result:
     """What one statement returned.
 
     ``kind`` is ``occlude``, ``explain``, ``load``, ``show`` or ``set``. For ``occlude``,
-    ``heatmap[i, j]`` is the probability of ``target`` with the patch at map cell (i, j).
+    ``heatmap[i, j]`` is the score of ``target`` (its probability, unless OUTPUT logits)
+    with the patch at map cell (i, j), and :attr:`drop` how far it fell there. With
+    several targets, ``heatmaps[k]`` is the map of ``targets[k]`` (``heatmap`` the first).
+    :meth:`box` gives a cell's patch in the original image's pixels.
     """
 
     kind: str
@@ -37,24 +40,64 @@ class Result:
     tau: float = 1.0                              # projective-field threshold (1: exact)
     predicted_ssim: Optional[float] = None        # the planner's bound on SSIM vs the exact map
     tuning: str = ""                              # where tau came from ('tuned on N images', 'user', ...)
+    heatmaps: Optional[np.ndarray] = None         # float32 [targets, rows, cols]
+    targets: list = field(default_factory=list)   # class of each map
+    labels: list = field(default_factory=list)
+    base_scores: list = field(default_factory=list)     # each target's unoccluded score
+    output: str = "softmax"                       # how outputs became scores (OUTPUT)
+    output_note: str = ""                         # why it was detected, when it was
+    frame: object = None                          # kql.planner.frame.Frame: original <-> model pixels
+    original: object = None                       # torch [C, H, W] as the user gave it
+
+    @property
+    def drop(self) -> Optional[np.ndarray]:
+        """``[rows, cols]``: the unoccluded score minus the occluded one (large: important)."""
+        return None if self.heatmap is None else self.probability - self.heatmap
+
+    @property
+    def drops(self) -> Optional[np.ndarray]:
+        """``[targets, rows, cols]``: :attr:`drop` of every target."""
+        if self.heatmaps is None:
+            return None
+        return np.asarray(self.base_scores, np.float32)[:, None, None] - self.heatmaps
+
+    def box(self, row: int, col: int) -> tuple:
+        """``(x, y, w, h)`` of map cell (row, col)'s patch in the original image's pixels
+        (floats: the model's pixels scaled back)."""
+        (ph, pw), (sy, sx), (r0, c0) = self.patch, self.stride, self.offset
+        y, x = (r0 + row) * sy, (c0 + col) * sx
+        if self.frame is None:
+            return float(x), float(y), float(pw), float(ph)
+        top, left = self.frame.to_original(y, x)
+        bottom, right = self.frame.to_original(y + ph, x + pw)
+        return left, top, right - left, bottom - top
 
     def to_arrow(self):
-        """One table row: the query, model, target, map shape and the map itself."""
+        """One table row per target: the query, model, target, map geometry (the first
+        cell's patch in the original image's pixels too) and the map itself."""
         import pyarrow as pa
 
         if self.kind != "occlude":
             return pa.Table.from_pylist(self.rows) if self.rows else pa.table({"message": [self.message]})
-        rows, cols = self.heatmap.shape
+        maps = self.heatmaps if self.heatmaps is not None else self.heatmap[None]
+        targets = self.targets or [self.target]
+        labels = self.labels or [self.label]
+        scores = self.base_scores or [self.probability]
+        count, (rows, cols) = len(maps), maps.shape[1:]
+        x, y, w, h = self.box(0, 0)
+        each = lambda value, kind=None: pa.array([value] * count, kind)
         return pa.table({
-            "query": [self.query], "model": [self.model], "image": [self.image_label],
-            "target": pa.array([self.target], pa.int32()), "label": [self.label],
-            "probability": pa.array([self.probability], pa.float32()),
-            "rows": pa.array([rows], pa.int32()), "cols": pa.array([cols], pa.int32()),
-            "patch_h": pa.array([self.patch[0]], pa.int32()), "patch_w": pa.array([self.patch[1]], pa.int32()),
-            "stride_y": pa.array([self.stride[0]], pa.int32()), "stride_x": pa.array([self.stride[1]], pa.int32()),
-            "row_offset": pa.array([self.offset[0]], pa.int32()),
-            "col_offset": pa.array([self.offset[1]], pa.int32()),
-            "heatmap": pa.array([self.heatmap.tolist()], pa.list_(pa.list_(pa.float32()))),
+            "query": each(self.query), "model": each(self.model), "image": each(self.image_label),
+            "target": pa.array(targets, pa.int32()), "label": pa.array(labels),
+            "probability": pa.array(scores, pa.float32()), "output": each(self.output),
+            "rows": each(rows, pa.int32()), "cols": each(cols, pa.int32()),
+            "patch_h": each(self.patch[0], pa.int32()), "patch_w": each(self.patch[1], pa.int32()),
+            "stride_y": each(self.stride[0], pa.int32()), "stride_x": each(self.stride[1], pa.int32()),
+            "row_offset": each(self.offset[0], pa.int32()),
+            "col_offset": each(self.offset[1], pa.int32()),
+            "first_patch_x": each(x, pa.float32()), "first_patch_y": each(y, pa.float32()),
+            "first_patch_w": each(w, pa.float32()), "first_patch_h": each(h, pa.float32()),
+            "heatmap": pa.array([m.tolist() for m in maps], pa.list_(pa.list_(pa.float32()))),
         })
 
     def save(self, path: str) -> str:
@@ -74,10 +117,22 @@ class Result:
             return _table(self.rows) if self.rows else "(none)"
         if self.kind == "occlude":
             rows, cols = self.heatmap.shape
-            lo, hi = float(self.heatmap.min()), float(self.heatmap.max())
-            text = (f"heat map {rows}x{cols} for class {self.target} '{self.label}' "
-                    f"(p={self.probability:.4f} unoccluded; map {lo:.4f} .. {hi:.4f}) "
-                    f"in {self.seconds:.2f}s")
+            maps = self.heatmaps if self.heatmaps is not None else self.heatmap[None]
+            targets = self.targets or [self.target]
+            labels = self.labels or [self.label]
+            scores = self.base_scores or [self.probability]
+            what = "p" if self.output != "logits" else "logit"
+            lines = [f"{'heat map' if len(maps) == 1 else f'{len(maps)} heat maps'} {rows}x{cols} "
+                     f"in {self.seconds:.2f}s"]
+            for target, label, score, values in zip(targets, labels, scores, maps):
+                lines.append(f"  class {target} '{label}': {what}={score:.4f} unoccluded; "
+                             f"map {float(values.min()):.4f} .. {float(values.max()):.4f}")
+            if len(maps) == 1:
+                lines = [f"heat map {rows}x{cols} for class {self.target} '{self.label}' "
+                         f"({what}={self.probability:.4f} unoccluded; map "
+                         f"{float(self.heatmap.min()):.4f} .. {float(self.heatmap.max()):.4f}) "
+                         f"in {self.seconds:.2f}s"]
+            text = "\n".join(lines)
             return text + (f"\nwritten to {self.into}" if self.into else "")
         return self.message
 

@@ -27,17 +27,22 @@ KQL statements end with ';' and may span lines; '--' starts a comment.
       <image>   a catalog name, a 'file.png', or sample('chelsea')
       clauses, in any order:
         TARGET <index> | '<label>' | PREDICTED    class to explain (default PREDICTED)
+        TARGET (<t>, <t>, ...) | TARGET TOP <k>   several classes: one map each, one scan
+        OUTPUT softmax|sigmoid|logits|probability score of the outputs (default detected)
+        RESIZE squash|crop|pad                    fit a photo to the model (default squash)
         PATCH <h> [x <w>]                         patch size in pixels (default 16)
         STRIDE <h> [x <w>]                        step between positions (default 4)
         COLOR black|gray|white|mean|(r, g, b)     patch colour
-        REGION (x, y, w, h)                       occlude only inside this box
+        REGION (x, y, w, h)                       occlude only inside this box (image pixels)
         WITH SSIM >= <t>                          approximate, tuned to keep SSIM >= t
         DRILLDOWN <fraction> [SPEEDUP <s>]        coarse pass, then refine the hot part
         ON cpu|gpu|auto                           device
         BATCH <n>                                 positions per forward pass
         INTO '<file>'                             write .png, .npy or .parquet
   EXPLAIN [ANALYZE] OCCLUDE ...              the plan (ANALYZE also runs it)
-  LOAD MODEL <name> FROM '<weights.pt>' [ARCH <torchvision arch>] [LABELS '<file>']
+  LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>']
+      <file>    ONNX, TorchScript, or a state dict (.pt / safetensors) of ARCH
+      <arch>    resnet18 (torchvision) | timm:<name> | 'package.module:factory' (your code)
   LOAD IMAGE <name> FROM '<file>'
   SHOW MODELS;  SHOW IMAGES;
   SET strategy = 'auto' | 'naive' | 'incremental';   SET crossover = 'auto' | 'none' | <f>;

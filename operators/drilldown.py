@@ -90,19 +90,24 @@ class DrillDownOcclusion:
         coarse_task = dataclasses.replace(task, ys=self.coarse_ys, xs=self.coarse_xs)
         first = self.stage_one.run(coarse_task, None, None)
         grid = (self.coarse_ys, self.coarse_xs, self.rows, self.cols)
-        probs, known = spread(first.probabilities, grid, task.ys, task.xs)
-        logits, _ = spread(first.logits, grid, task.ys, task.xs)
-        chosen = largest_drops(probs, self.fraction)
+        spread_rows = [spread(row, grid, task.ys, task.xs) for row in first.scores]
+        scores = np.stack([values for values, _ in spread_rows])
+        known = spread_rows[0][1]
+        logits = np.stack([spread(row, grid, task.ys, task.xs)[0] for row in first.all_logits])
+        # Where any target's map drops most below its unoccluded score (one target: eq 48's).
+        drops = (scores - first.base_scores[:, None]).min(axis=0)
+        chosen = largest_drops(drops, self.fraction)
         todo = chosen[~np.isin(chosen, known)]            # stage one's own cells are done
         if len(todo):
             ys, xs = task.ys[todo], task.xs[todo]
-            fine_task = dataclasses.replace(task, ys=ys, xs=xs, target=first.target)
+            fine_task = dataclasses.replace(task, ys=ys, xs=xs, targets=first.targets,
+                                            output=first.output)
             second = self.stage_two.at(ys, xs).run(fine_task, None, timings)
-            probs[todo] = second.probabilities
-            logits[todo] = second.logits
+            scores[:, todo] = second.scores
+            logits[:, todo] = second.all_logits
         if progress is not None:
             progress(task.count, task.count)
-        return OcclusionResult(probs, logits, first.target, first.base_probability, first.base_logits)
+        return dataclasses.replace(first, scores=scores, all_logits=logits)
 
 
 def spread(coarse_values: np.ndarray, grid: tuple, ys: np.ndarray, xs: np.ndarray) -> tuple:

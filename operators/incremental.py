@@ -92,7 +92,7 @@ class IncrementalOcclusion:
         ``timings[node.name]``. The task's positions must be the step table's."""
         ph, pw = task.patch
         device = self.profile.device
-        patch = task.color.to(device, torch.float32).view(3, 1, 1).expand(3, ph, pw)
+        patch = task.color.to(device, torch.float32).view(-1, 1, 1).expand(-1, ph, pw)
         batch = _Batch(self.profile, self.steps, patch, timings, self.layout)
         return scan(task, self.profile.base_logits, self.batch_size, batch.run, progress)
 

@@ -12,14 +12,23 @@ from torch import nn
 Progress = Optional[Callable[[int, int], None]]
 
 
+# How a model's outputs become the map's score. softmax: the model returns logits over
+# exclusive classes; sigmoid: independent logits (one unit: a binary classifier); logits:
+# the raw output; probability: the model already ends in a softmax (taken as it is).
+OUTPUTS = ("softmax", "sigmoid", "logits", "probability")
+
+
 @dataclass
 class OcclusionTask:
-    """One heat map to compute.
+    """One occlusion scan: one or more heat maps of the same positions.
 
-    ``model`` takes pixel-space images ``[B, 3, H, W]`` (normalisation inside) and returns
-    logits ``[B, classes]``. ``image`` is ``[3, H, W]`` after the model's resize; ``color``
-    is ``[3]``; ``ys``/``xs`` are the top-left corners of the patches in heat-map order.
-    ``target`` None means the arg-max class of the unoccluded image.
+    ``model`` takes pixel-space images ``[B, C, H, W]`` (normalisation inside) and returns
+    outputs ``[B, classes]``. ``image`` is ``[C, H, W]`` after the model's resize; ``color``
+    is ``[C]``; ``ys``/``xs`` are the top-left corners of the patches in heat-map order.
+    ``targets``: the classes to map (a None among them is the arg-max class of the
+    unoccluded image; empty: that class alone); ``target`` is the one-class spelling.
+    ``output``: one of :data:`OUTPUTS`, or None to detect it from the unoccluded output
+    (:func:`detect_output`).
     """
 
     model: nn.Module
@@ -30,6 +39,8 @@ class OcclusionTask:
     xs: np.ndarray
     target: Optional[int] = None
     device: str = "cpu"
+    targets: tuple = ()
+    output: Optional[str] = None
 
     @property
     def count(self) -> int:
@@ -38,11 +49,96 @@ class OcclusionTask:
 
 @dataclass
 class OcclusionResult:
-    probabilities: np.ndarray   # float32 [N]: softmax probability of the target per position
-    logits: np.ndarray          # float32 [N]: target logit per position
-    target: int
-    base_probability: float     # probability of the target on the unoccluded image
+    """The maps of one scan, one row per target (the first row is the primary map)."""
+
+    scores: np.ndarray          # float32 [T, N]: the output score of each target per position
+    all_logits: np.ndarray      # float32 [T, N]: each target's raw output per position
+    targets: tuple              # T class indices
+    base_scores: np.ndarray     # float32 [T]: each target's score on the unoccluded image
     base_logits: np.ndarray     # float32 [classes]
+    output: str = "softmax"     # how the scores were made (:data:`OUTPUTS`)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """The primary target's map (its score: a probability unless output is logits)."""
+        return self.scores[0]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.all_logits[0]
+
+    @property
+    def target(self) -> int:
+        return int(self.targets[0])
+
+    @property
+    def base_probability(self) -> float:
+        return float(self.base_scores[0])
+
+
+def detect_output(requested: Optional[str], base: torch.Tensor) -> tuple[str, str]:
+    """How to score a model's outputs ``base`` [classes] on the unoccluded image, and why
+    (empty when nothing was detected): as asked; else sigmoid for one output unit, the
+    outputs as they are when they already sum to one (a model ending in softmax), softmax
+    otherwise.
+
+    >>> detect_output(None, torch.tensor([2.0]))
+    ('sigmoid', 'one output unit')
+    >>> detect_output(None, torch.tensor([0.25, 0.75]))
+    ('probability', 'outputs already sum to 1')
+    >>> detect_output(None, torch.tensor([0.25, 3.0])), detect_output('logits', torch.tensor([0.5, 0.5]))
+    (('softmax', ''), ('logits', ''))
+    """
+    if requested is not None:
+        return requested, ""
+    base = base.detach().float().reshape(-1)
+    if base.numel() == 1:
+        return "sigmoid", "one output unit"
+    if bool(((base >= 0) & (base <= 1)).all()) and abs(float(base.sum()) - 1.0) < 1e-3:
+        return "probability", "outputs already sum to 1"
+    return "softmax", ""
+
+
+def score(outputs: torch.Tensor, targets: torch.Tensor, output: str) -> torch.Tensor:
+    """``[T, B]``: the score of each class in ``targets`` for each row of ``outputs``.
+
+    >>> out = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    >>> score(out, torch.tensor([1]), "softmax"), score(out, torch.tensor([0]), "logits")
+    (tensor([[0.5000, 0.1192]]), tensor([[0., 2.]]))
+    """
+    outputs = outputs.float()
+    if output == "softmax":
+        outputs = torch.softmax(outputs, dim=1)
+    elif output == "sigmoid":
+        outputs = torch.sigmoid(outputs)
+    return outputs[:, targets].t()
+
+
+def resolve_targets(targets: tuple, base: torch.Tensor, output: str) -> tuple:
+    """The class indices ``targets`` names (None: the unoccluded image's arg-max); an
+    IndexError names the first out of range.
+
+    >>> resolve_targets((None, 0), torch.tensor([0.1, 0.7, 0.2]), "softmax")
+    (1, 0)
+    """
+    classes = base.numel()
+    best = int(score(base.view(1, -1), torch.arange(classes), output).argmax())
+    chosen = tuple(best if t is None else int(t) for t in (targets or (None,)))
+    for t in chosen:
+        if not 0 <= t < classes:
+            raise IndexError(f"target class {t} is out of range: the model has "
+                             f"{classes} classes (0..{classes - 1})")
+    return chosen
+
+
+def top_classes(base: torch.Tensor, k: int, output: str) -> tuple:
+    """The ``k`` classes with the highest score on the unoccluded image, best first.
+
+    >>> top_classes(torch.tensor([0.1, 0.7, 0.2]), 2, "softmax")
+    (1, 2)
+    """
+    values = score(base.view(1, -1).float(), torch.arange(base.numel()), output)[:, 0]
+    return tuple(int(i) for i in torch.argsort(values, descending=True, stable=True)[:k])
 
 
 def occlude(image: torch.Tensor, color: torch.Tensor, ys, xs, patch) -> torch.Tensor:
@@ -67,37 +163,26 @@ def occlude(image: torch.Tensor, color: torch.Tensor, ys, xs, patch) -> torch.Te
 def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits_of,
          progress: Progress = None) -> OcclusionResult:
     """Run ``logits_of(items)`` over the task's positions batch by batch (``items``: the
-    slice of positions in the batch); collect the map.
+    slice of positions in the batch); collect one map per target.
 
-    The target defaults to the arg-max of ``base_logits`` (the unoccluded image). Per-batch
-    scores are copied into one ``[2, N]`` tensor on the device, kept until the end: no
-    synchronisation per batch, and no batch's ``[B, classes]`` logits kept alive.
+    Per-batch scores are copied into one ``[2, T, N]`` tensor on the device, kept until
+    the end: no synchronisation per batch, and no batch's ``[B, classes]`` outputs kept
+    alive. Every target costs only its columns of the batch's outputs.
     """
-    target = int(base_logits.argmax()) if task.target is None else int(task.target)
-    if not 0 <= target < base_logits.numel():
-        raise IndexError(f"target class {target} is out of range: the model has "
-                         f"{base_logits.numel()} classes (0..{base_logits.numel() - 1})")
-    scores = torch.empty(2, task.count, device=base_logits.device)   # probability, logit
+    output = detect_output(task.output, base_logits)[0]
+    targets = resolve_targets(task.targets or (task.target,), base_logits, output)
+    columns = torch.tensor(targets, device=base_logits.device)
+    scores = torch.empty(2, len(targets), task.count, device=base_logits.device)
     for start in range(0, task.count, batch_size):
         stop = min(start + batch_size, task.count)
-        scores[:, start:stop] = target_scores(logits_of(slice(start, stop)), target)
+        outputs = logits_of(slice(start, stop))
+        scores[0, :, start:stop] = score(outputs, columns, output)
+        scores[1, :, start:stop] = outputs.float()[:, columns].t()
         if progress is not None:
             progress(stop, task.count)
-    base_p = float(torch.softmax(base_logits, 0)[target])
-    probs, logits = scores.cpu().numpy()
-    return OcclusionResult(probs, logits, target, base_p, base_logits.cpu().numpy())
-
-
-def target_scores(logits: torch.Tensor, target: int) -> torch.Tensor:
-    """``[2, B]``: the probability and the logit of ``target`` for each row of ``logits``
-    ``[B, classes]``; its own storage, not a view of the batch's.
-
-    >>> target_scores(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), 1)
-    tensor([[0.5000, 0.1192],
-            [0.0000, 0.0000]])
-    """
-    logits = logits.float()
-    return torch.stack((torch.softmax(logits, dim=1)[:, target], logits[:, target]))
+    base = score(base_logits.view(1, -1), columns, output)[:, 0]
+    values, raw = scores.cpu().numpy()
+    return OcclusionResult(values, raw, targets, base.cpu().numpy(), base_logits.cpu().numpy(), output)
 
 
 def check_logits(out, what: str = "the model") -> torch.Tensor:

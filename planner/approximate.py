@@ -63,7 +63,8 @@ def task_of(query, device: str) -> OcclusionTask:
     ys, xs = query.grid.positions()
     return OcclusionTask(model=query.model.composed(), image=query.image,
                          color=torch.tensor(query.color, dtype=torch.float32),
-                         patch=query.grid.patch, ys=ys, xs=xs, target=query.target, device=device)
+                         patch=query.grid.patch, ys=ys, xs=xs, target=query.target, device=device,
+                         targets=query.resolved or query.targets, output=query.output)
 
 
 def exact_and_thresholded(query, device: str, taus) -> tuple:

@@ -56,6 +56,11 @@ class PlanCache:
             self._profiles.popitem(last=False)
         return profile, False
 
+    def peek(self, spec, image, device: str, kind: str):
+        """What is kept for (model, image, device, kind), or None; builds nothing."""
+        entry = self._profiles.get((id(spec), image_digest(image), device, kind))
+        return entry[2] if entry is not None and entry[0] is spec else None
+
     def forget(self, name: str) -> None:
         """Drop every profile of the model registered as ``name``."""
         for key in [k for k, (_, n, _) in self._profiles.items() if n == name]:

@@ -25,9 +25,8 @@ def _num(value: float, digits: int = 2) -> str:
 def render(plan, actual: Optional[dict] = None) -> list[str]:
     q = plan.query
     rows, cols = q.grid.shape
-    target = "predicted" if q.target is None else str(q.target)
-    lines = [_line("HeatMap", target=target, shape=f"{rows}x{cols}", positions=q.grid.count,
-                   into=q.into or "none")]
+    lines = [_line("HeatMap", target=_targets(q), shape=f"{rows}x{cols}", positions=q.grid.count,
+                   into=q.into or "none", output=_output(q))]
     lines.append("  " + _operator_line(plan, actual))
     for label, stage in zip(("StageOne", "StageTwo"), plan.stages):     # drill-down
         lines.append(f"    {label} " + _operator_line(stage, None))
@@ -39,8 +38,34 @@ def render(plan, actual: Optional[dict] = None) -> list[str]:
                                  stride="{}x{}".format(*q.grid.stride),
                                  region=("({}, {}, {}, {})".format(*q.grid.region)
                                          if q.grid.region else "none"),
-                                 color=q.color_label))
+                                 color=q.color_label, resize=_resize(q),
+                                 channels="; ".join(q.notes) or None))
     return lines
+
+
+def _targets(q) -> str:
+    """As written, with the classes it came to when the planner settled them:
+    ``predicted``, ``3``, ``(3, predicted=285)``, ``top 3 (285, 281, 282)``."""
+    if q.top is not None:
+        chosen = " ({})".format(", ".join(map(str, q.resolved))) if q.resolved else ""
+        return f"top {q.top}{chosen}"
+    if len(q.targets) <= 1:
+        return "predicted" if q.target is None else str(q.target)
+    written = [str(t) if t is not None else "predicted" for t in q.targets]
+    if q.resolved:
+        written = [w if w != "predicted" else f"predicted={r}" for w, r in zip(written, q.resolved)]
+    return "(" + ", ".join(written) + ")"
+
+
+def _output(q) -> Optional[str]:
+    """The output scoring when it is not the plain softmax of a classifier's logits."""
+    if q.output in (None, "softmax") and not q.output_note:
+        return None
+    return f"{q.output} ({q.output_note})" if q.output_note else q.output
+
+
+def _resize(q) -> Optional[str]:
+    return q.frame.describe() if q.frame is not None else None
 
 
 def _operator_line(plan, actual) -> str:

@@ -16,6 +16,7 @@ import torch
 from kql import ast, images
 from kql.errors import KqlError, KqlPlanError
 
+from .frame import DEFAULT_RESIZE, Frame, fit
 from .grid import OcclusionGrid
 
 DEFAULT_PATCH = 16
@@ -43,6 +44,14 @@ class OcclusionQuery:
     drilldown: Optional[float] = None
     speedup: Optional[float] = None
     notes: Tuple[str, ...] = field(default=())
+    targets: Tuple[Optional[int], ...] = ()   # every class to map (target is the first)
+    top: Optional[int] = None           # TARGET TOP k: the k likeliest classes
+    output: Optional[str] = None        # OUTPUT as written; None: detected from the model
+    frame: Optional[Frame] = None       # how the original image became ``image``
+    original: Optional[torch.Tensor] = None   # [C, H, W] before the resize, the user's pixels
+    # Settled by the physical planner from the unoccluded output (physical.scored):
+    resolved: Tuple[int, ...] = ()      # the class of every map, in order
+    output_note: str = ""               # why the output scoring was detected ('' : as asked)
 
     def replace(self, **changes) -> "OcclusionQuery":
         import dataclasses
@@ -67,10 +76,13 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
     except KqlError as exc:
         raise at_node(exc, stmt.model)
     raw, label = _image(stmt.image, catalog, max_pixels)
-    image = images.resize(raw, images.target_size(raw.shape[1], raw.shape[2], spec.input_size))
+    raw, channel_note = _channels(stmt, raw, spec)
+    size = images.target_size(raw.shape[1], raw.shape[2], spec.input_size)
+    frame = Frame.fitting(tuple(raw.shape[1:]), size, stmt.resize or DEFAULT_RESIZE)
+    image = fit(raw, frame, spec.mean)
     patch = stmt.patch or (DEFAULT_PATCH, DEFAULT_PATCH)
     stride = stmt.stride or (DEFAULT_STRIDE, DEFAULT_STRIDE)
-    region = (stmt.region.x, stmt.region.y, stmt.region.w, stmt.region.h) if stmt.region else None
+    region = _region(stmt, frame)
     grid = OcclusionGrid(int(image.shape[1]), int(image.shape[2]), patch, stride, region)
     problem = grid.problem()
     if problem:
@@ -80,11 +92,36 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
     color, color_label = _color(stmt, image)
     if stmt.batch is not None and stmt.batch < 1:
         raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
+    targets, top = _targets(stmt, spec)
     return OcclusionQuery(
         statement=stmt, text=text, image_label=label, image=image, model=spec,
-        target=_target(stmt, spec), grid=grid, color=color, color_label=color_label,
+        target=targets[0] if targets else None, grid=grid, color=color, color_label=color_label,
         device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, ssim=stmt.ssim,
-        drilldown=stmt.drilldown, speedup=stmt.speedup)
+        drilldown=stmt.drilldown, speedup=stmt.speedup,
+        notes=(channel_note,) if channel_note else (), targets=targets, top=top,
+        output=stmt.output, frame=frame, original=raw)
+
+
+def _region(stmt: ast.Occlude, frame: Frame) -> Optional[tuple]:
+    """REGION (in the original image's pixels) in the model's pixels."""
+    if stmt.region is None:
+        return None
+    r = stmt.region
+    region = (r.x, r.y, r.w, r.h)
+    (h, w) = frame.original
+    if r.w < 1 or r.h < 1:
+        raise fail(stmt, "region", f"region size must be at least 1 (got {r.w}x{r.h})")
+    if r.x + r.w > w or r.y + r.h > h:
+        raise fail(stmt, "region", f"region ({r.x}, {r.y}, {r.w}, {r.h}) is not inside the "
+                                   f"image ({w} wide, {h} high)")
+    return region if frame.identity else frame.region_in_model(region)
+
+
+def _channels(stmt: ast.Occlude, raw: torch.Tensor, spec) -> tuple[torch.Tensor, Optional[str]]:
+    try:
+        return images.match_channels(raw, spec.channels)
+    except KqlError as exc:
+        raise at_node(exc, stmt.image)
 
 
 def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str]:
@@ -99,23 +136,46 @@ def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str]:
 
 
 def _color(stmt: ast.Occlude, image: torch.Tensor) -> tuple[tuple, str]:
-    c = stmt.color
+    """The occlusion colour, one value per channel of ``image``, and its name."""
+    c, channels = stmt.color, int(image.shape[0])
     if c is None:
-        return NAMED_COLORS["gray"], "gray"
+        return NAMED_COLORS["gray"][:1] * channels, "gray"
     if isinstance(c, ast.ColorNamed):
         if c.name == "mean":
             m = image.mean(dim=(1, 2))
             return tuple(float(v) for v in m), "mean"
-        return NAMED_COLORS[c.name], c.name
+        return NAMED_COLORS[c.name][:1] * channels, c.name
     rgb = (float(c.r), float(c.g), float(c.b))
     if not all(0.0 <= v <= 1.0 for v in rgb):
         raise fail(stmt, "color", f"colour components must lie in [0, 1] (pixel space), got "
                                   f"({c.r:g}, {c.g:g}, {c.b:g}); e.g. COLOR (0.5, 0.5, 0.5)")
-    return rgb, "({:g}, {:g}, {:g})".format(*rgb)
+    label = "({:g}, {:g}, {:g})".format(*rgb)
+    if channels == 3:
+        return rgb, label
+    if channels == 1:                   # a grey image: the colour's luma
+        return (sum(w * v for w, v in zip(images.LUMA, rgb)),), label
+    if len(set(rgb)) == 1:
+        return rgb[:1] * channels, label
+    raise fail(stmt, "color", f"an (r, g, b) colour needs a 3-channel image; the model takes "
+                              f"{channels} channels: use a named colour or equal components")
 
 
-def _target(stmt: ast.Occlude, spec) -> Optional[int]:
+def _targets(stmt: ast.Occlude, spec) -> tuple[tuple, Optional[int]]:
+    """The classes to map (None: the predicted one) and TOP k's k."""
     t = stmt.target
+    if isinstance(t, ast.TargetTop):
+        if spec.labels is not None and t.k > len(spec.labels):
+            raise fail(stmt, "target", f"TARGET TOP {t.k}: model '{spec.name}' has only "
+                                       f"{len(spec.labels)} classes")
+        return (), t.k
+    singles = t.targets if isinstance(t, ast.TargetList) else (t,)
+    chosen = tuple(_target(stmt, spec, one) for one in singles)
+    if len(set(chosen)) != len(chosen):
+        raise fail(stmt, "target", "TARGET names the same class twice")
+    return chosen, None
+
+
+def _target(stmt: ast.Occlude, spec, t) -> Optional[int]:
     if t is None or isinstance(t, ast.TargetPredicted):
         return None
     labels = spec.labels

@@ -22,14 +22,15 @@ from kql.operators.naive import NaiveOcclusion
 from kql.operators.profile import ModelProfile
 from kql.operators.shapes import ShapeSummary, may_have_gate, summarize
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
-from kql.operators.task import OcclusionResult, OcclusionTask, Progress
+from kql.operators.task import (OcclusionResult, OcclusionTask, Progress, check_logits,
+                                detect_output, resolve_targets, top_classes)
 
 from . import calibrate, devices, memory
 from .approximate import choose_tau, task_of, tuned_candidates
 from .cache import PlanCache
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio, shape_naive_cost
 from .drilldown import plan_drilldown
-from .logical import OcclusionQuery
+from .logical import OcclusionQuery, fail
 from .tuning import Choice
 
 # Fraction 1: a patch that has grown to its whole feature map is handed on as a full
@@ -75,6 +76,15 @@ class PlanContext:
     def shapes(self, query, device: str) -> tuple:
         """``(shape summary, from the cache?)`` of one forward pass of the query's model."""
         return self._kept(query, device, "shapes", lambda: summarize_model(query, device))
+
+    def base_logits(self, query, device: str) -> torch.Tensor:
+        """The model's output on the unoccluded image: planning's, else one forward pass."""
+        if self.cache is not None:
+            for kind, field_name in (("profile", "base_logits"), ("shapes", "logits")):
+                found = self.cache.peek(query.model, query.image, device, kind)
+                if found is not None:
+                    return getattr(found, field_name)
+        return self._kept(query, device, "logits", lambda: unoccluded_logits(query, device))[0]
 
     def _kept(self, query, device: str, kind: str, build) -> tuple:
         if self.cache is None:
@@ -156,11 +166,16 @@ def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
         tp = ctx.throughput(device)
         threads = torch.get_num_threads() if device == "cpu" else None   # torch's, as a plain loop
         plans.append(_plan_on(query, ctx, device, tp, threads))
-    return min(plans, key=lambda p: p.predicted_seconds if p.predicted_seconds is not None else 0.0)
+    best = min(plans, key=lambda p: p.predicted_seconds if p.predicted_seconds is not None else 0.0)
+    return dataclasses.replace(best, query=scored(best.query, ctx.base_logits(best.query, best.device)))
 
 
 def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
-    """The model's profile on the query's image; TraceError when torch.fx cannot trace it."""
+    """The model's profile on the query's image; TraceError when torch.fx cannot trace it
+    (or the model says it cannot be: a TorchScript module's ``naive_reason``)."""
+    untraceable = getattr(query.model, "naive_reason", None)
+    if untraceable:
+        raise TraceError(untraceable)
     try:
         return ModelProfile(query.model.composed(), query.image, device)
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:   # TraceError passes through
@@ -221,6 +236,16 @@ def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
     return _in_layout(plan, ctx, device)
 
 
+@torch.inference_mode()
+def unoccluded_logits(query: OcclusionQuery, device: str) -> torch.Tensor:
+    """``[classes]``: the model's output on the query's image (no trace)."""
+    try:
+        model = query.model.composed().to(device).eval()
+        return check_logits(model(query.image.to(device).unsqueeze(0)))[0].float()
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        raise _model_failure(query, exc) from None
+
+
 def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
     """One forward pass's shapes (the model's errors reported as :func:`profile_model` does)."""
     try:
@@ -230,7 +255,9 @@ def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
 
 
 def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
-    shortcut = _shape_first(query, ctx, device, tp, threads)
+    # A model that cannot be traced cannot be hooked either (TorchScript): no shapes first.
+    untraceable = getattr(query.model, "naive_reason", None)
+    shortcut = None if untraceable else _shape_first(query, ctx, device, tp, threads)
     if shortcut is not None:
         return shortcut
     profile, reason, hit = None, "", False
@@ -240,6 +267,23 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) 
         reason = _quote(str(exc))
     plan = _plan_with(query, ctx, device, tp, threads, profile, reason)
     return dataclasses.replace(plan, cached=("profile",) if hit else ())
+
+
+def scored(query: OcclusionQuery, base_logits: torch.Tensor) -> OcclusionQuery:
+    """The query with its output scoring and its classes settled from the unoccluded
+    output (OUTPUT detected, TARGET TOP k and PREDICTED resolved), and why."""
+    output, why = detect_output(query.output, base_logits)
+    if query.top is not None:
+        if query.top > base_logits.numel():
+            raise fail(query.statement, "target", f"TARGET TOP {query.top}: model "
+                       f"'{query.model.name}' has only {base_logits.numel()} classes")
+        targets = top_classes(base_logits, query.top, output)
+    else:
+        try:
+            targets = resolve_targets(query.targets, base_logits, output)
+        except IndexError as exc:
+            raise fail(query.statement, "target", str(exc)) from None
+    return query.replace(output=output, output_note=why, resolved=targets)
 
 
 def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:

@@ -81,8 +81,11 @@ MODEL = _weighted((8, LIGHT_MODEL), (1, st.just(["efficientnet_lite0"])), (1, st
 SIZE = st.one_of(NUMBER.map(lambda n: [n]), st.tuples(NUMBER, NUMBER).map(lambda t: [t[0], "x", t[1]]))
 COLOR = st.one_of(st.sampled_from([["black"], ["gray"], ["grey"], ["white"], ["mean"]]),
                   _number_list(1, 5))
-TARGET = st.one_of(NUMBER.map(lambda n: [n]), STRING.map(lambda s: [s]),
-                   st.sampled_from([["PREDICTED"], ["'a'"], ["'e'"]]))
+ONE_TARGET = st.one_of(NUMBER.map(lambda n: [n]), STRING.map(lambda s: [s]),
+                       st.sampled_from([["PREDICTED"], ["'a'"], ["'e'"]]))
+TARGET = st.one_of(ONE_TARGET, NUMBER.map(lambda n: ["TOP", n]),
+                   st.lists(ONE_TARGET, min_size=0, max_size=4).map(
+                       lambda ts: ["(", *sum(([*t, ","] for t in ts), [])[:-1], ")"]))
 DEVICE = st.sampled_from(["cpu", "gpu", "auto", "CPU", "Auto"])
 
 OCCLUSION_CLAUSES = [
@@ -99,6 +102,9 @@ CLAUSES = OCCLUSION_CLAUSES + [
     _sometimes_wrong(DEVICE.map(lambda d: [d])).map(lambda v: ["ON", *v]),
     _sometimes_wrong(NUMBER.map(lambda n: [n])).map(lambda v: ["BATCH", *v]),
     _sometimes_wrong(STRING.map(lambda s: [s])).map(lambda v: ["INTO", *v]),
+    _sometimes_wrong(st.sampled_from([["squash"], ["crop"], ["pad"]])).map(lambda v: ["RESIZE", *v]),
+    _sometimes_wrong(st.sampled_from([["softmax"], ["sigmoid"], ["logits"], ["probability"]])).map(
+        lambda v: ["OUTPUT", *v]),
 ]
 
 
@@ -135,7 +141,12 @@ def _statement(model):
         st.tuples(st.booleans(), occlude).map(
             lambda t: ["EXPLAIN", *(["ANALYZE"] if t[0] else []), *t[1]]),
         st.tuples(NAME, SETTING_VALUES).map(lambda t: ["SET", t[0], "=", t[1]]),
-        st.tuples(NAME, STRING, _optional(NAME.map(lambda n: ["ARCH", n])),
+        st.tuples(NAME, STRING, _optional(st.one_of(NAME.map(lambda n: ["ARCH", n]),
+                                                NAME.map(lambda n: ["ARCH", "timm", ":", n]),
+                                                # never a real module: a factory runs code
+                                                st.sampled_from([["ARCH", "'kql_no_such_mod:make'"],
+                                                                 ["ARCH", "'no_colon'"],
+                                                                 ["ARCH", "''"]]))),
                   _optional(STRING.map(lambda s: ["LABELS", s]))).map(
             lambda t: ["LOAD", "MODEL", t[0], "FROM", t[1], *t[2], *t[3]]),
         st.tuples(NAME, STRING).map(lambda t: ["LOAD", "IMAGE", t[0], "FROM", t[1]]),
@@ -151,7 +162,7 @@ STATEMENTS = {True: _statement(MODEL), False: _statement(LIGHT_MODEL)}
 
 KEYWORDS = frozenset("""OCCLUDE USING TARGET PREDICTED PATCH STRIDE COLOR REGION WITH SSIM
     DRILLDOWN SPEEDUP ON BATCH INTO EXPLAIN ANALYZE LOAD MODEL IMAGE FROM ARCH LABELS SHOW MODELS
-    IMAGES SET CALIBRATE SAMPLE""".split())
+    IMAGES SET CALIBRATE SAMPLE TOP RESIZE OUTPUT""".split())
 KEYWORD_CASE = st.sampled_from([str.upper, str.lower, str.title, str])
 SEPARATOR = st.sampled_from([" "] * 12 + ["  ", "\n", "\t", " -- note\n", "\r\n", ""])
 

@@ -345,20 +345,21 @@ def _frames() -> bytes:
 
 
 PICTURE = gradient()
-GOOD = {
-    "rgb.png": (lambda: encoded(Image.fromarray(PICTURE), "PNG"), (12, 16)),
-    "grey.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]), "PNG"), (12, 16)),
-    "rgba.png": (lambda: encoded(Image.fromarray(np.dstack([PICTURE, PICTURE[:, :, :1]])), "PNG"), (12, 16)),
-    "la.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]).convert("LA"), "PNG"), (12, 16)),
-    "palette.png": (lambda: encoded(Image.fromarray(PICTURE).convert("P"), "PNG"), (12, 16)),
-    "bilevel.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]).convert("1"), "PNG"), (12, 16)),
-    "sixteen.png": (lambda: encoded(Image.fromarray(np.full((5, 7), 32768, np.uint16)), "PNG"), (5, 7)),
-    "cmyk.jpg": (lambda: encoded(Image.fromarray(PICTURE).convert("CMYK"), "JPEG"), (12, 16)),
-    "rgb.jpg": (lambda: encoded(Image.fromarray(PICTURE), "JPEG"), (12, 16)),
-    "animated.gif": (_frames, (6, 8)),
-    "one.png": (lambda: encoded(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), (1, 1)),
+GOOD = {    # name: (file bytes, (channels, height, width)): grey stays one channel
+    "rgb.png": (lambda: encoded(Image.fromarray(PICTURE), "PNG"), (3, 12, 16)),
+    "grey.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]), "PNG"), (1, 12, 16)),
+    "rgba.png": (lambda: encoded(Image.fromarray(np.dstack([PICTURE, PICTURE[:, :, :1]])), "PNG"),
+                 (3, 12, 16)),
+    "la.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]).convert("LA"), "PNG"), (1, 12, 16)),
+    "palette.png": (lambda: encoded(Image.fromarray(PICTURE).convert("P"), "PNG"), (3, 12, 16)),
+    "bilevel.png": (lambda: encoded(Image.fromarray(PICTURE[:, :, 0]).convert("1"), "PNG"), (1, 12, 16)),
+    "sixteen.png": (lambda: encoded(Image.fromarray(np.full((5, 7), 32768, np.uint16)), "PNG"), (1, 5, 7)),
+    "cmyk.jpg": (lambda: encoded(Image.fromarray(PICTURE).convert("CMYK"), "JPEG"), (3, 12, 16)),
+    "rgb.jpg": (lambda: encoded(Image.fromarray(PICTURE), "JPEG"), (3, 12, 16)),
+    "animated.gif": (_frames, (3, 6, 8)),
+    "one.png": (lambda: encoded(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), (3, 1, 1)),
     "float.tif": (lambda: encoded(Image.fromarray(np.linspace(-5, 5, 20, dtype=np.float32).reshape(4, 5)),
-                                  "TIFF"), (4, 5)),
+                                  "TIFF"), (1, 4, 5)),
 }
 
 
@@ -368,7 +369,7 @@ def test_image_kinds_that_work(con, tmp_path, name):
     (tmp_path / name).write_bytes(make())
     con.execute(f"LOAD IMAGE i FROM '{tmp_path / name}'")
     image = con.catalog.resolve_image("i")
-    assert image.shape == (3, *size) and image.dtype == torch.float32 and image.is_contiguous()
+    assert image.shape == size and image.dtype == torch.float32 and image.is_contiguous()
     assert 0 <= float(image.min()) <= float(image.max()) <= 1
 
 
@@ -378,7 +379,7 @@ def test_pixel_values(tmp_path):
     assert torch.equal(images.load_file(str(tmp_path / "rgb.png")), expected)
     (tmp_path / "sixteen.png").write_bytes(GOOD["sixteen.png"][0]())      # scaled, not stretched
     sixteen = images.load_file(str(tmp_path / "sixteen.png"))
-    assert sixteen[:, 0, 0].tolist() == pytest.approx([32768 / 65535] * 3)
+    assert sixteen[:, 0, 0].tolist() == pytest.approx([32768 / 65535])
     (tmp_path / "animated.gif").write_bytes(_frames())                     # the first frame
     assert images.load_file(str(tmp_path / "animated.gif"))[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
 
@@ -441,7 +442,7 @@ def test_npy_images(tmp_path):
     np.save(tmp_path / "rgb.npy", PICTURE)
     assert torch.equal(images.load_file(str(tmp_path / "rgb.npy")), images.to_tensor(PICTURE))
     np.save(tmp_path / "grey.npy", np.linspace(0, 1, 12, dtype=np.float64).reshape(3, 4))
-    assert images.load_file(str(tmp_path / "grey.npy")).shape == (3, 3, 4)
+    assert images.load_file(str(tmp_path / "grey.npy")).shape == (1, 3, 4)
 
 
 def test_an_object_npy_is_never_unpickled(tmp_path):

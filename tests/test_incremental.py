@@ -280,6 +280,6 @@ def test_builtin_efficientnet_lite0():
     con = kql.connect()
     con.register_image("cat", skimage.data.chelsea())          # uint8 HxWx3, 300x451
     query = ("OCCLUDE cat USING efficientnet_lite0 PATCH 32 STRIDE 48 COLOR black "
-             "REGION (16, 0, 192, 224) BATCH 8")
+             "REGION (33, 0, 386, 300) BATCH 8")         # the 451x300 photo's pixels
     ref, _ = differential(con, query)          # real weights: logits judged by their own size
-    assert ref.heatmap.shape == (5, 3)         # columns 48, 96, 144 fit in x = 16..208
+    assert ref.heatmap.shape == (5, 3)         # model columns 48, 96, 144 fit in x = 16..209
