@@ -271,4 +271,4 @@ def _result(physical, out, text: str) -> Result:
         tuning=physical.approximation.source if physical.approximation else "",
         heatmaps=maps, targets=[int(t) for t in out.targets], labels=names,
         base_scores=[float(v) for v in out.base_scores], output=out.output,
-        output_note=q.output_note, frame=q.frame, original=q.original)
+        output_note=q.output_note, frame=q.frame, original=q.original, image_info=q.image_info)

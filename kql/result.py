@@ -48,6 +48,7 @@ class Result:
     output_note: str = ""                         # why it was detected, when it was
     frame: object = None                          # kql.planner.frame.Frame: original <-> model pixels
     original: object = None                       # torch [C, H, W] as the user gave it
+    image_info: dict = field(default_factory=dict)  # an image file's header (DICOM: pixel_spacing, window, ...)
 
     @property
     def drop(self) -> Optional[np.ndarray]:

@@ -49,6 +49,7 @@ class OcclusionQuery:
     output: Optional[str] = None        # OUTPUT as written; None: detected from the model
     frame: Optional[Frame] = None       # how the original image became ``image``
     original: Optional[torch.Tensor] = None   # [C, H, W] before the resize, the user's pixels
+    image_info: dict = field(default_factory=dict)   # the file's header: format, pixel spacing, ...
     # Settled by the physical planner from the unoccluded output (physical.scored):
     resolved: Tuple[int, ...] = ()      # the class of every map, in order
     output_note: str = ""               # why the output scoring was detected ('' : as asked)
@@ -75,7 +76,7 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
         spec = catalog.resolve_model(stmt.model.name)
     except KqlError as exc:
         raise at_node(exc, stmt.model)
-    raw, label = _image(stmt.image, catalog, max_pixels)
+    raw, label, info = _image(stmt.image, catalog, max_pixels)
     raw, channel_note = _channels(stmt, raw, spec)
     size = images.target_size(raw.shape[1], raw.shape[2], spec.input_size)
     frame = Frame.fitting(tuple(raw.shape[1:]), size, stmt.resize or DEFAULT_RESIZE)
@@ -99,7 +100,7 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
         device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, ssim=stmt.ssim,
         drilldown=stmt.drilldown, speedup=stmt.speedup,
         notes=(channel_note,) if channel_note else (), targets=targets, top=top,
-        output=stmt.output, frame=frame, original=raw)
+        output=stmt.output, frame=frame, original=raw, image_info=info)
 
 
 def _region(stmt: ast.Occlude, frame: Frame) -> Optional[tuple]:
@@ -124,13 +125,15 @@ def _channels(stmt: ast.Occlude, raw: torch.Tensor, spec) -> tuple[torch.Tensor,
         raise at_node(exc, stmt.image)
 
 
-def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str]:
+def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str, dict]:
+    """The image's pixels, its label, and what its file's header says (a quoted file)."""
     try:
         if isinstance(ref, ast.SampleImage):
-            return images.load_sample(ref.name), f"sample('{ref.name}')"
+            return images.load_sample(ref.name), f"sample('{ref.name}')", {}
         if isinstance(ref, ast.ImageFile):
-            return images.load_file(ref.path, max_pixels=max_pixels), f"'{ref.path}'"
-        return catalog.resolve_image(ref.name, max_pixels), ref.name
+            loaded = images.read_image(ref.path, max_pixels=max_pixels)
+            return loaded.tensor, f"'{ref.path}'", dict(loaded.info)
+        return catalog.resolve_image(ref.name, max_pixels), ref.name, {}
     except KqlError as exc:
         raise at_node(exc, ref)
 

@@ -335,6 +335,8 @@ def test_a_dicom_through_a_grey_model(tmp_path, scan_path):
     r = con.execute(f"OCCLUDE '{scan_path}' USING g PATCH 4 STRIDE 4")
     assert r.heatmap.shape == ((24 - 4) // 4 + 1, (28 - 4) // 4 + 1)
     assert r.heatmap.max() - r.heatmap.min() > 1e-6
+    assert r.image_info["format"] == "DICOM"
+    assert tuple(r.image_info["pixel_spacing"]) == pytest.approx((0.5, 0.75))
     con.execute(f"LOAD IMAGE s FROM '{scan_path}'")
     again = con.execute("OCCLUDE s USING g PATCH 4 STRIDE 4")
     np.testing.assert_allclose(again.heatmap, r.heatmap, atol=1e-6)
