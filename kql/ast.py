@@ -186,6 +186,10 @@ class Occlude(ClausePositions, Node):
     into: Optional[str] = None
     resize: Optional[str] = None                   # 'squash' | 'crop' | 'pad'
     output: Optional[str] = None                   # 'softmax' | 'sigmoid' | 'logits' | 'probability'
+    ray: bool = False                              # ON RAY: run as a Ray Data pipeline
+    where: Optional[Tuple[str, str, float]] = None  # WHERE column op value (many images)
+    order: Optional[Tuple[str, bool]] = None       # ORDER BY column, descending?
+    limit: Optional[int] = None                    # LIMIT n
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
     # Positions of individual clauses (keyword token), for pointing errors at them.
     clause_pos: Tuple[Tuple[str, Pos], ...] = field(default=(), compare=False, repr=False)
@@ -219,6 +223,19 @@ class LoadImage(Node):
     """``LOAD IMAGE <name> FROM '<file>'``."""
     name: str
     path: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LoadImages(Node):
+    """``LOAD IMAGES <name> FROM '<glob>'``: an image table, one row per matching file."""
+    name: str
+    pattern: str
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ShowSettings(Node):
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 
 
@@ -264,5 +281,5 @@ class CalibrateModel(ClausePositions, Node):
     clause_pos: Tuple[Tuple[str, Pos], ...] = field(default=(), compare=False, repr=False)
 
 
-Statement = Union[Occlude, Explain, LoadModel, LoadImage, ShowModels, ShowImages, SetOption,
-                  Calibrate, CalibrateModel]
+Statement = Union[Occlude, Explain, LoadModel, LoadImage, LoadImages, ShowModels, ShowImages,
+                  ShowSettings, SetOption, Calibrate, CalibrateModel]

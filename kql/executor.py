@@ -220,6 +220,10 @@ def show_models(con, stmt: ast.ShowModels, text: str, progress) -> Result:
     return Result("show", text, rows=con.catalog.model_rows())
 
 
+def show_settings(con, stmt: ast.ShowSettings, text: str, progress) -> Result:
+    return Result("show", text, rows=con.settings.rows())
+
+
 def show_images(con, stmt: ast.ShowImages, text: str, progress) -> Result:
     return Result("show", text, rows=con.catalog.image_rows())
 
@@ -241,6 +245,7 @@ HANDLERS = {
     ast.LoadImage: load_image,
     ast.ShowModels: show_models,
     ast.ShowImages: show_images,
+    ast.ShowSettings: show_settings,
     ast.SetOption: set_option,
     ast.Calibrate: calibrate,
     ast.CalibrateModel: calibrate_model,

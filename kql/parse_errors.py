@@ -11,7 +11,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from kql.errors import KqlSyntaxError
 
 _CLAUSES = ("_TARGET", "_PATCH", "_STRIDE", "_COLOR", "_REGION", "_WITH", "_DRILLDOWN", "_ON",
-            "_BATCH", "_INTO", "_RESIZE", "_OUTPUT")
+            "_BATCH", "_INTO", "_RESIZE", "_OUTPUT", "_WHERE", "_ORDER", "_LIMIT")
 _STATEMENTS = ("_OCCLUDE", "_EXPLAIN", "_LOAD", "_SHOW", "_SET", "_CALIBRATE")
 _CALIBRATE_CLAUSES = ("_PATCH", "_STRIDE", "_COLOR")    # what CALIBRATE <model> shares
 _IMAGE_FORMS = frozenset({"NAME", "STRING", "_SAMPLE"})
@@ -22,7 +22,9 @@ _WORDS = {
     "NAME": "a name", "STRING": "a quoted string", "NUMBER": "a number",
     "COLOR_NAME": "a colour (black, gray, white, mean or (r, g, b))",
     "DEVICE": "CPU, GPU or AUTO", "RESIZE_MODE": "SQUASH, CROP or PAD",
-    "OUTPUT_MODE": "SOFTMAX, SIGMOID, LOGITS or PROBABILITY", "_COLON": "':'", "_X": "'x'", "_SEMI": "';'", "_LPAR": "'('",
+    "OUTPUT_MODE": "SOFTMAX, SIGMOID, LOGITS or PROBABILITY", "_COLON": "':'",
+    "COMPARISON": "a comparison (>=, <=, > or <)", "DIRECTION": "ASC or DESC",
+    "_ORDER": "ORDER BY", "_X": "'x'", "_SEMI": "';'", "_LPAR": "'('",
     "_RPAR": "')'", "_COMMA": "','", "_EQ": "'='", "_GE": "'>='", "$END": "end of input",
     "_WITH": "WITH SSIM",
 }

@@ -46,7 +46,7 @@ def parse(text: str) -> list[Statement]:
     >>> parse("SHOW TABLES")
     Traceback (most recent call last):
     ...
-    kql.errors.KqlSyntaxError: line 1, column 6: expected IMAGES or MODELS after SHOW, found 'TABLES'
+    kql.errors.KqlSyntaxError: line 1, column 6: expected IMAGES, MODELS or SETTINGS after SHOW, found 'TABLES'
     """
     return [statement for statement, _ in parse_with_text(text)]
 
@@ -166,7 +166,7 @@ class _Clause:
 
 
 # The keyword a user wrote for each clause, for "duplicate ... clause".
-_CLAUSE_KEYWORDS = {"ssim": "WITH SSIM", "device": "ON"}
+_CLAUSE_KEYWORDS = {"ssim": "WITH SSIM", "device": "ON", "ray": "ON RAY", "order": "ORDER BY"}
 
 
 @v_args(meta=True)
@@ -192,6 +192,14 @@ class _ToAst(Transformer):
     def load_image(self, meta, children):
         name, path = children
         return ast.LoadImage(name=str(name), path=_path(path, "LOAD IMAGE FROM"), pos=_pos(meta))
+
+    def load_images(self, meta, children):
+        name, pattern = children
+        return ast.LoadImages(name=str(name), pattern=_path(pattern, "LOAD IMAGES FROM"),
+                              pos=_pos(meta))
+
+    def show_settings(self, meta, children):
+        return ast.ShowSettings(pos=_pos(meta))
 
     def show_models(self, meta, children):
         return ast.ShowModels(pos=_pos(meta))
@@ -273,6 +281,22 @@ class _ToAst(Transformer):
 
     def resize_clause(self, meta, children):
         return _Clause("resize", _pos(meta), {"resize": children[0].lower()})
+
+    def ray_clause(self, meta, children):
+        return _Clause("ray", _pos(meta), {"ray": True})
+
+    def where_clause(self, meta, children):
+        column, op, value = children
+        return _Clause("where", _pos(meta), {"where": (str(column).lower(), str(op),
+                                                       _real(value, "WHERE"))})
+
+    def order_clause(self, meta, children):
+        column, direction = children
+        descending = direction is not None and direction.lower() == "desc"
+        return _Clause("order", _pos(meta), {"order": (str(column).lower(), descending)})
+
+    def limit_clause(self, meta, children):
+        return _Clause("limit", _pos(meta), {"limit": _whole(children[0], "LIMIT")})
 
     def output_clause(self, meta, children):
         return _Clause("output", _pos(meta), {"output": children[0].lower()})

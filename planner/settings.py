@@ -8,7 +8,7 @@ A new setting is one more row of :data:`SETTINGS`.
 >>> dict(s)  # doctest: +NORMALIZE_WHITESPACE
 {'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto', 'gates': 'exact',
  'memory_limit': 'auto', 'confirm_seconds': 600, 'max_image_pixels': 64000000,
- 'layout': 'auto'}
+ 'layout': 'auto', 'engine': 'local', 'ray_address': 'local'}
 >>> s.set("crossover", 0.5)
 >>> s["crossover"], s.get("strategy")
 (0.5, 'auto')
@@ -118,6 +118,18 @@ class Setting:
     description: str
 
 
+def _check_engine(value) -> Optional[str]:
+    if value in ("local", "ray"):
+        return None
+    return f"engine must be 'local' or 'ray', got {value!r}"
+
+
+def _check_ray_address(value) -> Optional[str]:
+    if isinstance(value, str) and value.strip() and value.isprintable():
+        return None
+    return f"ray_address must be 'local' or a Ray cluster address such as 'ray://host:10001', got {value!r}"
+
+
 SETTINGS = {s.name: s for s in (
     Setting("strategy", "auto", _check_strategy,
             "how heat maps are computed: 'auto' (cheapest predicted), 'naive' (one full "
@@ -143,6 +155,12 @@ SETTINGS = {s.name: s for s in (
     Setting("layout", "auto", _check_layout,
             "memory layout of full-size batches: 'auto' (channels_last on CPU, where oneDNN "
             "runs convolutions faster in it; contiguous on GPU), 'channels_last' or 'contiguous'"),
+    Setting("engine", "local", _check_engine,
+            "where many-image queries run: 'local' (this process) or 'ray' (a Ray Data "
+            "pipeline, as ON RAY; needs pip install kql[ray])"),
+    Setting("ray_address", "local", _check_ray_address,
+            "the Ray cluster of engine 'ray': 'local' (start one on this machine) or an "
+            "address ('auto', 'ray://host:10001')"),
 )}
 
 
@@ -152,7 +170,7 @@ def problem(name: str, value) -> Optional[str]:
     >>> problem("strategy", "naive") is None
     True
     >>> problem("colour", 1)
-    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels, layout"
+    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels, layout, engine, ray_address"
     """
     setting = SETTINGS.get(name)
     if setting is None:
@@ -183,6 +201,15 @@ class Settings(Mapping):
 
     def copy(self) -> "Settings":
         return Settings(self)
+
+    def rows(self) -> list[dict]:
+        """``SHOW SETTINGS``: each setting's value, default and what it does.
+
+        >>> Settings({"tau": 0.5}).rows()[2]["value"], Settings().rows()[2]["default"]
+        (0.5, 'auto')
+        """
+        return [{"setting": name, "value": self._values[name], "default": s.default,
+                 "description": s.description} for name, s in SETTINGS.items()]
 
     def __getitem__(self, name: str):
         return self._values[name]
