@@ -40,6 +40,7 @@ class Catalog:
         self.directory = directory
         self._models: dict[str, ModelSpec] = {}       # registered from Python: this connection's
         self._images: dict[str, torch.Tensor] = {}
+        self._tables: dict[str, dict] = {}            # image tables of an in-memory catalog
         self._loaded_models: dict[str, tuple] = {}    # {name: (entry, spec)} read from files
         self._loaded_images: dict[str, tuple] = {}    # {name: (entry, tensor)}
         self._tunings: dict = {}        # an in-memory catalog's: {model: {key: entry}}
@@ -165,6 +166,32 @@ class Catalog:
             raise KqlImageError(f"unknown image '{name}'; LOAD IMAGE {name} FROM '<file>' registers one")
         return tensor
 
+    # -- image tables (LOAD IMAGES) ----------------------------------------------------------
+
+    def load_image_table(self, name: str, pattern: str) -> list[str]:
+        """``LOAD IMAGES name FROM 'glob'``: the matching files (sorted, absolute), kept as
+        the table ``name``; each is read when a query reaches it."""
+        files = glob_files(pattern)
+        if not files:
+            raise KqlImageError(f"no files match '{pattern}'")
+        entry = {"path": os.path.abspath(pattern), "files": files}
+        self._tables[name] = entry
+        self._keep("tables", name, entry)
+        return files
+
+    def resolve_table(self, name: str) -> Optional[list[str]]:
+        """The files of the image table ``name``, or None when there is no such table."""
+        entries = self._entries("tables")
+        if name in entries:
+            return list(entries[name]["files"])
+        return list(self._tables[name]["files"]) if name in self._tables else None
+
+    def table_rows(self) -> list[dict]:
+        tables = {**self._tables, **self._entries("tables")}
+        return [{"name": name, "height": None, "width": None,
+                 "source": f"table of {len(entry['files'])} files ({entry['path']})"}
+                for name, entry in sorted(tables.items())]
+
     def image_rows(self) -> list[dict]:
         entries, damaged = self._entries("images"), self._damaged("images")
         rows = []
@@ -179,7 +206,7 @@ class Catalog:
                 source = self._loaded_images[name][0]["path"]
             rows.append({"name": name, "height": int(t.shape[1]) if t is not None else None,
                          "width": int(t.shape[2]) if t is not None else None, "source": source})
-        return rows
+        return rows + self.table_rows()
 
     # -- the catalog file ---------------------------------------------------------------------
 
@@ -216,6 +243,14 @@ class Catalog:
             raise error(f"{kind.lower()} '{name}' in catalog file '{self._store.path}' is damaged "
                         f"({problem}); LOAD {kind} {name} FROM '<file>' replaces it")
         return cache[name][1] if name in cache else None
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The regular files ``pattern`` matches (``**`` recursive), sorted, absolute."""
+    import glob
+
+    return sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True)
+                  if os.path.isfile(p))
 
 
 def _current(cache: dict, name: str, entries: dict, damaged: dict):

@@ -38,7 +38,7 @@ from .fileio import atomic_write, locked, read_json, sweep
 CATALOG_FILE = "catalog.json"
 TUNING_FILE = "tuning.json"
 TUNING_VERSION = 1
-SECTIONS = ("models", "images")
+SECTIONS = ("models", "images", "tables")
 
 
 class CatalogFile:
@@ -57,7 +57,8 @@ class CatalogFile:
     # -- catalog.json --------------------------------------------------------------------
 
     def entries(self, section: str) -> dict:
-        """``{name: entry}`` of the sound entries of ``section`` ('models' or 'images')."""
+        """``{name: entry}`` of the sound entries of ``section`` ('models', 'images' or
+        'tables', the image tables of LOAD IMAGES)."""
         self._refresh()
         return {name: copy.deepcopy(entry) for name, entry in self._section(section).items()
                 if _entry_problem(section, entry) is None}
@@ -186,6 +187,9 @@ def _entry_problem(section: str, entry) -> Optional[str]:
         return f"{_kind(entry)}, not an object"
     if not isinstance(entry.get("path"), str) or not entry["path"]:
         return 'no "path"' if "path" not in entry else '"path" is not a file name'
+    if section == "tables" and not (isinstance(entry.get("files"), list)
+                                    and all(isinstance(f, str) for f in entry["files"])):
+        return '"files" is not a list of file names'
     for key in ("arch", "labels") if section == "models" else ():
         if entry.get(key) is not None and not isinstance(entry[key], str):
             return f'"{key}" is {_kind(entry[key])}, not a string'

@@ -26,12 +26,18 @@ from .result import Result
 
 def plan(con, stmt: ast.Occlude, text: str):
     start = time.perf_counter()
+    query = bind(stmt, text, con.catalog, con.settings["max_image_pixels"])
+    physical, _ = plan_bound(con, query, start)
+    return physical
+
+
+def plan_bound(con, query, start: float = None):
+    """The physical plan of a bound query, and the planning context it was made in."""
+    start = time.perf_counter() if start is None else start
     ctx = PlanContext(settings=con.settings.copy(), directory=con.catalog.directory,
                       tuning_lookup=con.catalog.tuning, cache=con.plan_cache)
-    logical = optimize(bind(stmt, text, con.catalog, con.settings["max_image_pixels"]), ctx)
-    physical = plan_query(logical, ctx)
-    physical = dataclasses.replace(physical, planning_seconds=time.perf_counter() - start)
-    return physical
+    physical = plan_query(optimize(query, ctx), ctx)
+    return dataclasses.replace(physical, planning_seconds=time.perf_counter() - start), ctx
 
 
 def run(physical, stmt: ast.Occlude, progress, profile=None):
@@ -87,6 +93,12 @@ def confirm_run(con, physical, stmt) -> None:
 
 
 def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
+    from . import many
+
+    files = many.images_of(con, stmt)
+    if files is not None:
+        return many.occlude_many(con, stmt, text, progress, files)
+    many.check_single(stmt)
     start = time.perf_counter()
     physical = plan(con, stmt, text)
     confirm_run(con, physical, stmt)
@@ -100,6 +112,16 @@ def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
 
 
 def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
+    from . import many
+
+    files = many.images_of(con, stmt.statement)
+    if files is not None:
+        if stmt.analyze:
+            raise KqlPlanError("EXPLAIN ANALYZE runs one image: name one file, not a glob or "
+                               "an image table", line=stmt.pos.line or None,
+                               column=stmt.pos.column or None)
+        return Result("explain", text, plan="\n".join(many.explain_lines(con, stmt.statement, files, text)))
+    many.check_single(stmt.statement)
     start = time.perf_counter()
     physical = plan(con, stmt.statement, text)
     if not stmt.analyze:
@@ -207,6 +229,14 @@ def load_model(con, stmt: ast.LoadModel, text: str, progress) -> Result:
                                         f"{spec.num_classes} classes)")
 
 
+def load_images(con, stmt: ast.LoadImages, text: str, progress) -> Result:
+    try:
+        files = con.catalog.load_image_table(stmt.name, stmt.pattern)
+    except KqlError as exc:
+        raise at_node(exc, stmt)
+    return Result("load", text, message=f"image table '{stmt.name}' loaded ({len(files)} files)")
+
+
 def load_image(con, stmt: ast.LoadImage, text: str, progress) -> Result:
     try:
         t = con.catalog.load_image(stmt.name, stmt.path, con.settings["max_image_pixels"])
@@ -243,6 +273,7 @@ HANDLERS = {
     ast.Explain: explain,
     ast.LoadModel: load_model,
     ast.LoadImage: load_image,
+    ast.LoadImages: load_images,
     ast.ShowModels: show_models,
     ast.ShowImages: show_images,
     ast.ShowSettings: show_settings,

@@ -86,6 +86,12 @@ class DrillDownOcclusion:
     def at(self, ys, xs):
         return self.stage_two.at(ys, xs)
 
+    def rebind(self, profile) -> "DrillDownOcclusion":
+        """Both stages on another image (see the stages' ``rebind``)."""
+        coarse = (self.coarse_ys, self.coarse_xs, self.rows, self.cols)
+        return DrillDownOcclusion(self.stage_one.rebind(profile), self.stage_two.rebind(profile),
+                                  coarse, self.fraction)
+
     def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
         coarse_task = dataclasses.replace(task, ys=self.coarse_ys, xs=self.coarse_xs)
         first = self.stage_one.run(coarse_task, None, None)

@@ -69,6 +69,11 @@ class IncrementalOcclusion:
         steps = plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau, gates)
         return IncrementalOcclusion(self.profile, steps, self.batch_size, self.layout)
 
+    def rebind(self, profile) -> "IncrementalOcclusion":
+        """The same plan (step table, batch, layout) on another image's profile of the same
+        traced model (:meth:`ModelProfile.for_image`)."""
+        return IncrementalOcclusion(profile, self.steps, self.batch_size, self.layout)
+
     def in_layout(self, layout: str) -> "IncrementalOcclusion":
         """``layout`` ('auto': channels-last, for its pooling windows)."""
         layout = CHANNELS_LAST if layout == "auto" else layout

@@ -30,6 +30,11 @@ class NaiveOcclusion:
     def at(self, ys, xs) -> "NaiveOcclusion":
         return self                        # positions come with the task
 
+    def rebind(self, profile) -> "NaiveOcclusion":
+        """The same operator for another image (``profile``: its profile, or None)."""
+        logits = profile.base_logits if profile is not None else None
+        return NaiveOcclusion(self.batch_size, logits, self.layout)
+
     def in_layout(self, layout: str) -> "NaiveOcclusion":
         """``layout``, or for 'auto' the faster one on the first batches (:class:`LayoutTrial`)."""
         return NaiveOcclusion(self.batch_size, self.base_logits, ADAPTIVE if layout == "auto" else layout)

@@ -22,9 +22,10 @@ from .task import check_logits
 class ModelProfile:
     """Traced graph, materialized views, changing nodes and their logical operators."""
 
-    def __init__(self, model: torch.nn.Module, image: torch.Tensor, device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module, image: torch.Tensor, device: str = "cpu",
+                 traced: Optional[fx.GraphModule] = None):
         self.device = torch.device(device)
-        self.gm = trace(model, self.device)
+        self.gm = traced if traced is not None else trace(model, self.device)
         self.nodes = list(self.gm.graph.nodes)
         self.views = self._materialize(image.to(self.device).unsqueeze(0))
         self.dynamic = frozenset(self._dynamic_nodes())
@@ -79,6 +80,12 @@ class ModelProfile:
             v = node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
             return self.views[v] if isinstance(v, fx.Node) else v
         return arg
+
+    def for_image(self, image: torch.Tensor) -> "ModelProfile":
+        """The profile of the same traced model on another image (of the same size): its
+        own views, no second trace. The graph's nodes are shared, so a step table made
+        from this profile serves the other one too."""
+        return ModelProfile(self.gm, image, str(self.device), traced=self.gm)
 
     # -- what the planner reads ------------------------------------------------------------
 
