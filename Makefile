@@ -25,7 +25,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/kql -c "OCCLUDE sample('chelsea') USING efficientnet_lite0 PATCH 32 STRIDE 8 INTO 'chelsea_heatmap.png'"
 
+# The browser test of kql serve (tests/test_serve.py) drives Debian's chromium headless.
 test: install
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
+	  echo "warning: could not install chromium and chromium-driver; tests/test_serve.py will fail"
 	$(PY) -m pytest -q
 
 # 10,000 random queries (tests/test_fuzz.py), every raw exception and hang counted;

@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 # Each public name and the module it lives in.
 _EXPORTS = {
     "Connection": "api", "connect": "api", "execute": "api", "parse": "parser",
-    "Result": "result", "KqlError": "errors", "KqlSyntaxError": "errors",
+    "Result": "result", "ResultSet": "resultset", "KqlError": "errors", "KqlSyntaxError": "errors",
     "KqlPlanError": "errors", "KqlNotSupportedError": "errors", "KqlModelError": "errors",
     "KqlImageError": "errors", "KqlExecutionError": "errors", "KqlWarning": "api",
 }
 
-__all__ = ["Connection", "connect", "execute", "parse", "Result", "KqlError", "KqlSyntaxError",
+__all__ = ["Connection", "connect", "execute", "parse", "Result", "ResultSet", "KqlError", "KqlSyntaxError",
            "KqlPlanError", "KqlNotSupportedError", "KqlModelError", "KqlImageError",
            "KqlExecutionError", "KqlWarning", "__version__"]
 

@@ -27,6 +27,7 @@ examples:
   kql setup.kql explain.kql             run saved files, in order; stops at the first error
   kql --catalog ~/.kql LOAD...          remember LOAD MODEL / LOAD IMAGE across runs
   kql bench ...                         the benchmarks
+  kql serve [--host H] [--port N]       the web viewer (http://127.0.0.1:8765/)
 
 exit status: 0 ok, 1 a statement failed, 2 usage error, 70 internal error, 130 interrupted.
 environment: KQL_PROGRESS=1|0 forces the progress bar on|off; KQL_HISTORY is the shell's
@@ -55,6 +56,8 @@ def _guarded(argv: list) -> int:
     try:
         if argv[:1] == ["bench"]:
             return _bench(argv[1:])
+        if argv[:1] == ["serve"]:
+            return _serve(argv[1:])
         return _main(argv)
     except KqlError as exc:
         shell.report_error(exc, sys.stderr)
@@ -190,6 +193,33 @@ def _bench(argv: list) -> int:
         return int(bench.main(argv) or 0)
     except SystemExit as exc:
         return _exit_code(exc)
+
+
+def _serve(argv: list) -> int:
+    """``kql serve [--host 127.0.0.1] [--port 8765] [--catalog DIR]``: the web viewer."""
+    import argparse
+    import importlib.util
+
+    parser = argparse.ArgumentParser(
+        prog="kql serve", description="A local web viewer of heat maps (kql/serve.py).")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    parser.add_argument("--catalog", metavar="DIR",
+                        help="the catalog of loaded models and images, as for kql --catalog")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return _exit_code(exc)
+    if not 0 <= args.port <= 65535:
+        return _usage_error(f"--port must be from 0 to 65535, not {args.port}")
+    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")) or not (
+            importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
+        return _usage_error("kql serve needs the web extra: pip install 'kql[web]'")
+    _take_over_interrupts()
+    from .serve import serve
+
+    return serve(args.host, args.port, args.catalog)
 
 
 def _usage_error(message: str) -> int:

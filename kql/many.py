@@ -190,13 +190,21 @@ class Scanner:
 
 
 def run_local(con, stmt, text, files, keep, progress, total: int, already: int) -> dict:
-    """``{path: row}`` of each file, computed in this process with one plan."""
+    """``{path: row}`` of each file, computed in this process with one plan. ``progress``
+    hears positions done of all (``total`` images, ``already`` done before), after each
+    image's row is kept; a :class:`~kql.progress.ProgressBar` also shows images done."""
     scanner, rows = Scanner(con, stmt, text), {}
+    per_image = None
     for k, path in enumerate(files):
-        rows[path] = scanner.row(path)
-        keep(rows[path])
-        if progress is not None:
-            progress(already + k + 1, total)
+        rows[path] = row = scanner.row(path)
+        keep(row)
+        if per_image is None and row["rows"]:
+            per_image = row["rows"] * row["cols"]
+        if progress is not None and per_image:
+            describe = getattr(progress, "describe", None)
+            if describe is not None:
+                describe(f"occlude {already + k + 1}/{total} images")
+            progress((already + k + 1) * per_image, total * per_image)
     return rows
 
 

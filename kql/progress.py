@@ -28,7 +28,7 @@ class ProgressBar:
                  desc: str = "occlude"):
         self.enabled = enabled
         self.stream = stream
-        self.desc = desc
+        self.desc = self._first_desc = desc
         self._bar = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -40,6 +40,12 @@ class ProgressBar:
             self._bar = self._new_bar(total)
         self._bar.update(done - self._bar.n)
 
+    def describe(self, text: str) -> None:
+        """The bar's label from now on (a many-image query: ``occlude 3/200 images``)."""
+        self.desc = text
+        if self._bar is not None:
+            self._bar.set_description_str(text, refresh=False)
+
     def _new_bar(self, total: int):
         from tqdm import tqdm
 
@@ -50,6 +56,7 @@ class ProgressBar:
     def close(self) -> None:
         """Remove the current bar (if any); safe to call any number of times."""
         bar, self._bar = self._bar, None
+        self.desc = self._first_desc
         if bar is not None:
             bar.close()
 

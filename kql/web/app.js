@@ -1,0 +1,253 @@
+// The KQL viewer's page: plain JavaScript, no build step, nothing fetched but this server's API.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const FIT_W = 480, FIT_H = 360;              // the largest size an image is drawn at
+const state = { picture: null, scale: 1, region: null, drag: null };
+
+// -- talking to the server -------------------------------------------------------------------
+
+async function api(path, options) {
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  return data;
+}
+
+function status(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function option(select, value, text) {
+  const item = document.createElement("option");
+  item.value = value;
+  item.textContent = text;
+  select.appendChild(item);
+  return item;
+}
+
+async function loadLists() {
+  const models = (await api("/api/models")).models;
+  for (const m of models) option($("model"), m.name, `${m.name} (${m.source})`);
+  const lists = await api("/api/images");
+  for (const im of lists.images) option($("image"), im.name, `${im.name} (${im.width}x${im.height})`);
+  for (const name of lists.samples) option($("image"), `sample:${name}`, `sample('${name}')`);
+  if (!lists.images.length) $("image").value = "sample:chelsea";
+  await loadPicture();
+}
+
+function loadPicture() {
+  state.region = null;
+  showRegion();
+  return new Promise((resolve) => {
+    const picture = new Image();
+    picture.onload = () => { state.picture = picture; drawSource(); resolve(); };
+    picture.onerror = () => { status("cannot load this image", true); resolve(); };
+    picture.src = `/api/image/${encodeURIComponent($("image").value)}.png`;
+  });
+}
+
+async function upload() {
+  const file = $("upload").files[0];
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file);
+  status(`uploading ${file.name} ...`);
+  try {
+    const data = await api("/api/upload", { method: "POST", body: form });
+    option($("image"), data.name, `${data.name}: ${file.name} (${data.width}x${data.height})`);
+    $("image").value = data.name;
+    status(`uploaded as ${data.name}`);
+    await loadPicture();
+  } catch (err) {
+    status(err.message, true);
+  }
+}
+
+// -- the source image and its region ------------------------------------------------------------
+
+function fitScale(w, h) { return Math.min(FIT_W / w, FIT_H / h); }
+
+function drawPicture(canvas, p, scale) {
+  canvas.width = Math.round(p.naturalWidth * scale);
+  canvas.height = Math.round(p.naturalHeight * scale);
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = scale < 1;
+  ctx.drawImage(p, 0, 0, canvas.width, canvas.height);
+  return ctx;
+}
+
+function drawSource() {
+  if (!state.picture) return;
+  state.scale = fitScale(state.picture.naturalWidth, state.picture.naturalHeight);
+  const ctx = drawPicture($("source"), state.picture, state.scale);
+  const r = state.drag || state.region;
+  if (r) {
+    ctx.strokeStyle = "#00e5ff";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(r[0] * state.scale, r[1] * state.scale, r[2] * state.scale, r[3] * state.scale);
+  }
+}
+
+function pixelAt(canvas, event, scale) {
+  const box = canvas.getBoundingClientRect();
+  const shown = canvas.width / box.width;          // CSS may shrink the canvas
+  return [(event.clientX - box.left) * shown / scale, (event.clientY - box.top) * shown / scale];
+}
+
+function rectOf(a, b) {
+  const w = state.picture.naturalWidth, h = state.picture.naturalHeight;
+  const clamp = (v, hi) => Math.max(0, Math.min(hi, Math.round(v)));
+  const x0 = clamp(Math.min(a[0], b[0]), w), y0 = clamp(Math.min(a[1], b[1]), h);
+  const x1 = clamp(Math.max(a[0], b[0]), w), y1 = clamp(Math.max(a[1], b[1]), h);
+  return [x0, y0, x1 - x0, y1 - y0];
+}
+
+function showRegion() {
+  $("region").textContent = state.region ? `(${state.region.join(", ")})` : "whole image";
+}
+
+function regionEvents() {
+  const canvas = $("source");
+  let start = null;
+  canvas.addEventListener("mousedown", (e) => { start = pixelAt(canvas, e, state.scale); });
+  canvas.addEventListener("mousemove", (e) => {
+    if (!start) return;
+    state.drag = rectOf(start, pixelAt(canvas, e, state.scale));
+    drawSource();
+  });
+  window.addEventListener("mouseup", (e) => {
+    if (!start) return;
+    const r = rectOf(start, pixelAt(canvas, e, state.scale));
+    start = null;
+    state.drag = null;
+    state.region = r[2] >= 2 && r[3] >= 2 ? r : null;
+    showRegion();
+    drawSource();
+  });
+  $("clear-region").addEventListener("click", () => { state.region = null; showRegion(); drawSource(); });
+}
+
+// -- running a query ----------------------------------------------------------------------------
+
+function request() {
+  const body = {
+    model: $("model").value, image: $("image").value,
+    patch: Number($("patch").value), stride: Number($("stride").value),
+    region: state.region, compare: $("compare").checked,
+  };
+  if ($("ssim-on").checked || body.compare) body.ssim = Number($("ssim").value);
+  return body;
+}
+
+async function run() {
+  const picture = state.picture;
+  $("run").disabled = true;
+  status("running ...");
+  try {
+    const data = await api("/api/occlude", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request()),
+    });
+    $("panels").innerHTML = "";
+    if (data.exact) {
+      addPanel("Exact", data.exact, picture);
+      addPanel("Approximate (WITH SSIM)", data.approx, picture);
+      $("ssim-result").textContent = data.ssim === null ? "" :
+        `SSIM of the approximate map vs the exact one: ${data.ssim.toFixed(4)}`;
+      status(`done in ${(data.exact.seconds + data.approx.seconds).toFixed(2)} s`);
+    } else {
+      addPanel("Heat map", data, picture);
+      $("ssim-result").textContent = "";
+      status(`done in ${data.seconds.toFixed(2)} s`);
+    }
+  } catch (err) {
+    status(err.message, true);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+// -- drawing and reading a map ------------------------------------------------------------------
+
+// Red where the patch lowers the score below its unoccluded value, blue where it raises
+// it, clear at no change; the scale is symmetric, like the PNG overlay's colour bar.
+function diverging(value, base, spread) {
+  const t = Math.max(-1, Math.min(1, (value - base) / spread));
+  const [r, g, b] = t < 0 ? [178, 24, 43] : [33, 102, 172];
+  const mix = (c) => Math.round(255 + (c - 255) * Math.abs(t));
+  return `rgba(${mix(r)},${mix(g)},${mix(b)},${(0.25 + 0.5 * Math.abs(t)).toFixed(3)})`;
+}
+
+function geometry(map) {
+  const b = map.boxes, first = b[0][0];
+  return {
+    cx: first[0] + first[2] / 2, cy: first[1] + first[3] / 2,
+    dx: map.cols > 1 ? b[0][1][0] - first[0] : first[2],
+    dy: map.rows > 1 ? b[1][0][1] - first[1] : first[3],
+  };
+}
+
+function drawMap(canvas, map, picture, picked) {
+  const scale = fitScale(map.width, map.height);
+  const ctx = drawPicture(canvas, picture, scale);
+  const g = geometry(map), flat = map.values.flat();
+  const spread = flat.reduce((m, v) => Math.max(m, Math.abs(v - map.probability)), 0) || 1;
+  for (let i = 0; i < map.rows; i++) {
+    for (let j = 0; j < map.cols; j++) {
+      ctx.fillStyle = diverging(map.values[i][j], map.probability, spread);
+      const x = g.cx + j * g.dx - g.dx / 2, y = g.cy + i * g.dy - g.dy / 2;
+      ctx.fillRect(x * scale, y * scale, g.dx * scale, g.dy * scale);
+    }
+  }
+  if (picked) {
+    const box = map.boxes[picked[0]][picked[1]];
+    ctx.strokeStyle = "#fff";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale);
+  }
+}
+
+function cellAt(map, x, y) {
+  const g = geometry(map);
+  const i = Math.round((y - g.cy) / g.dy), j = Math.round((x - g.cx) / g.dx);
+  return i >= 0 && j >= 0 && i < map.rows && j < map.cols ? [i, j] : null;
+}
+
+function showCell(title, map, cell) {
+  const [i, j] = cell, box = map.boxes[i][j], v = map.values[i][j];
+  const what = map.output === "logits" ? "logit" : "P";
+  $("cell").textContent = `${title}: cell (${i}, ${j}): ${what}(${map.label}) = ${v.toFixed(4)} ` +
+    `with the patch here (unoccluded ${map.probability.toFixed(4)}, drop ${(map.probability - v).toFixed(4)}); ` +
+    `patch box x=${box[0]}, y=${box[1]}, w=${box[2]}, h=${box[3]}`;
+}
+
+function addPanel(title, map, picture) {
+  const panel = $("panel").content.firstElementChild.cloneNode(true);
+  panel.querySelector("h2").textContent = title;
+  panel.querySelector(".summary").textContent =
+    `${map.rows}x${map.cols} map of class ${map.target} '${map.label}' ` +
+    `(unoccluded ${map.probability.toFixed(4)}) in ${map.seconds.toFixed(2)} s` +
+    `; tau ${map.tau}` + (map.tuning ? ` (${map.tuning})` : "") +
+    (map.predicted_ssim !== null ? `; predicted SSIM >= ${map.predicted_ssim.toFixed(3)}` : "");
+  panel.querySelector(".plan").textContent = map.plan;
+  panel.querySelector(".overlay").src = map.overlay_url;
+  const canvas = panel.querySelector(".map-canvas");
+  drawMap(canvas, map, picture, null);
+  canvas.addEventListener("click", (e) => {
+    const [x, y] = pixelAt(canvas, e, fitScale(map.width, map.height));
+    const cell = cellAt(map, x, y);
+    if (!cell) { $("cell").textContent = `${title}: no cell there`; return; }
+    drawMap(canvas, map, picture, cell);
+    showCell(title, map, cell);
+  });
+  $("panels").appendChild(panel);
+}
+
+// -- start ------------------------------------------------------------------------------------
+
+$("image").addEventListener("change", loadPicture);
+$("upload").addEventListener("change", upload);
+$("run").addEventListener("click", run);
+regionEvents();
+loadLists().catch((err) => status(err.message, true));
