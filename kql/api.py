@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from .catalog import Catalog
@@ -24,6 +25,7 @@ from .models import ModelSpec, input_channels
 from .parser import parse_with_text
 from .planner.cache import PlanCache
 from .planner.settings import Settings
+from .progress import ProgressBar
 from .result import Result
 
 
@@ -65,6 +67,7 @@ class Connection:
         self.settings = Settings()
         self.plan_cache = PlanCache()        # model profiles of recent queries
         self.on_long_run: Callable[[str], None] = warn_long_run
+        self._modules: dict = {}             # registered torch modules, by name
 
     # -- registration -----------------------------------------------------------------
 
@@ -86,10 +89,13 @@ class Connection:
             raise KqlPlanError("register_model: std values must be non-zero")
         if isinstance(input_size, int) and input_size < 1:
             raise KqlPlanError("register_model: input_size must be positive")
-        spec = ModelSpec(name, module.eval(), mean, std, input_size,
+        # The user's module as it is: statements run it in eval mode and then put every
+        # submodule's training flag back (see _statement).
+        spec = ModelSpec(name, module, mean, std, input_size,
                          list(labels) if labels is not None else None)
         self.catalog.register_model(spec)
         self.plan_cache.forget(name)
+        self._modules[name] = module
 
     def register_image(self, name: str, image) -> None:
         """Register a torch float ``[3, H, W]`` in [0, 1] or a numpy uint8 ``HxWx3`` image."""
@@ -98,21 +104,33 @@ class Connection:
     # -- running ---------------------------------------------------------------------------
 
     def execute(self, query: str, progress=None) -> Optional[Result]:
-        """Run every statement of ``query``; return the last statement's result."""
+        """Run every statement of ``query``; return the last statement's result.
+
+        ``progress``: True for a progress bar on stderr, False or None for none, or a
+        callable ``progress(done, total)`` called with the patch positions done.
+        """
         result = None
         for result in self.run(query, progress=progress):
             pass
         return result
 
     def run(self, query: str, progress=None) -> Iterator[Result]:
-        """Run the statements of ``query`` one by one, yielding each result."""
+        """Run the statements of ``query`` one by one, yielding each result (``progress``
+        as for :meth:`execute`)."""
         if not isinstance(query, str):
             raise KqlPlanError(f"a query must be a string, not {type(query).__name__}")
+        return self._run(query, progress_callback(progress))
+
+    def _run(self, query: str, progress) -> Iterator[Result]:
         for stmt, text in parse_with_text(query):
             try:
-                yield self._statement(stmt, text, progress)
+                result = self._statement(stmt, text, progress)
             except KqlError as exc:
                 raise exc.at(None, None, query)
+            finally:
+                if isinstance(progress, _OwnBar):
+                    progress.close()         # this statement's bar; the next makes its own
+            yield result
 
     def _statement(self, stmt, text: str, progress) -> Result:
         from .executor import HANDLERS
@@ -120,13 +138,59 @@ class Connection:
         handler = HANDLERS.get(type(stmt))
         if handler is None:
             raise KqlExecutionError(f"unsupported statement {type(stmt).__name__}")
-        return handler(self, stmt, text, progress)
+        with modes_kept(self._modules.values()):
+            return handler(self, stmt, text, progress)
 
     def models(self) -> list[dict]:
         return self.catalog.model_rows()
 
     def images(self) -> list[dict]:
         return self.catalog.image_rows()
+
+
+class _OwnBar(ProgressBar):
+    """The bar of ``progress=True``: the API closes it after each statement."""
+
+
+def progress_callback(progress) -> Optional[Callable[[int, int], None]]:
+    """The ``progress(done, total)`` callback of ``execute(..., progress=...)``.
+
+    >>> progress_callback(None), progress_callback(False), progress_callback(print) is print
+    (None, None, True)
+    >>> progress_callback("yes")
+    Traceback (most recent call last):
+    ...
+    kql.errors.KqlPlanError: progress must be True, False, None or a callable progress(done, total), got 'yes'
+    """
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return _OwnBar()
+    if callable(progress):
+        return progress
+    shown = repr(progress) if len(repr(progress)) <= 40 else type(progress).__name__
+    raise KqlPlanError(f"progress must be True, False, None or a callable progress(done, total), "
+                       f"got {shown}")
+
+
+@contextmanager
+def modes_kept(modules):
+    """Put every submodule's ``training`` flag back as it was, whatever ran inside
+    (the operators run a model in eval mode).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Dropout()).train()
+    >>> with modes_kept([net]):
+    ...     _ = net.eval()
+    >>> net.training, net[0].training
+    (True, True)
+    """
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def _per_channel(what: str, values, module) -> Optional[tuple]:

@@ -106,7 +106,9 @@ def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
     result = _result(physical, out, text)
     result.seconds = time.perf_counter() - start
     if stmt.into:
-        result.save(stmt.into)
+        from .overlay import options_from
+
+        result.save(stmt.into, **options_from(con.settings))
         result.into = stmt.into
     return result
 

@@ -55,21 +55,22 @@ class ModelSpec:
     _fingerprint: Optional[str] = field(default=None, repr=False, compare=False)
 
     def composed(self) -> nn.Module:
-        """The module with normalisation in front: pixel-space [B,C,H,W] in, logits out.
+        """The module with normalisation in front: pixel-space [B,C,H,W] in, logits out,
+        in eval mode (each call: a statement puts the user's training flags back after it).
 
         >>> spec = ModelSpec("grey", nn.Conv2d(1, 2, 1), mean=(0.5,))
         >>> spec.composed()[0].std.flatten().tolist(), spec.channels
         ([1.0], 1)
         """
         if self._composed is None:
-            body = self.module.eval()
+            body = self.module
             if self.mean is None and self.std is None:
                 self._composed = body
             else:
                 n = len(self.mean if self.mean is not None else self.std)
                 self._composed = nn.Sequential(Normalize(self.mean or (0.0,) * n,
-                                                         self.std or (1.0,) * n), body).eval()
-        return self._composed
+                                                         self.std or (1.0,) * n), body)
+        return self._composed.eval()
 
     @property
     def channels(self) -> int:

@@ -31,7 +31,7 @@ def start(address: str):
     if not ray.is_initialized():
         try:
             ray.init(address=None if address == "local" else address, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+                     log_to_driver=False, logging_level="ERROR")
         except Exception as exc:        # ConnectionError, RuntimeError, ValueError of Ray's
             raise KqlExecutionError(f"cannot start Ray at '{address}': "
                                     f"{' '.join(str(exc).split())[:200]}") from None
@@ -72,9 +72,11 @@ def run_on_ray(con, stmt, text: str, files: list, keep) -> dict:
     spec = con.catalog.resolve_model(stmt.model.name)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    context.print_on_execution_start = False
     data = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     out = data.map_batches(
-        _Worker, batch_size=1, batch_format="pyarrow", concurrency=workers, num_cpus=1,
+        _Worker, batch_size=1, batch_format="pyarrow", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"spec": spec, "settings": dict(con.settings), "stmt": stmt,
                                "text": text, "threads": 1})
     rows = {}

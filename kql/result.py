@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -101,14 +102,15 @@ class Result:
             "heatmap": pa.array([m.tolist() for m in maps], pa.list_(pa.list_(pa.float32()))),
         })
 
-    def save(self, path: str) -> str:
-        """Write the heat map to ``path`` (.png overlay, .npy array or .parquet row)."""
+    def save(self, path: str, **overlay_options) -> str:
+        """Write the heat map to ``path`` (.png overlay, .npy array or .parquet row);
+        ``overlay_options`` draw the PNG (:mod:`kql.overlay`: ``scale='absolute'``, ...)."""
         from .errors import KqlExecutionError
         from .output import save
 
         if self.kind != "occlude":
             raise KqlExecutionError("only an OCCLUDE result has a heat map to save")
-        return save(self, path)
+        return save(self, path, **overlay_options)
 
     def render(self) -> str:
         """Text for the shell and the CLI."""
@@ -139,6 +141,90 @@ class Result:
 
     def __repr__(self) -> str:
         return f"<kql.Result {self.kind}: {self.render().splitlines()[0] if self.render() else ''}>"
+
+    # -- notebooks (Jupyter calls these to show a result) ------------------------------------
+
+    def _repr_png_(self) -> Optional[bytes]:
+        """The overlay of an OCCLUDE result as PNG bytes (default options); None otherwise."""
+        if self.kind != "occlude":
+            return None
+        from .overlay import png_bytes
+
+        return png_bytes(self)
+
+    def _repr_html_(self) -> str:
+        """OCCLUDE: the overlay and a summary table; SHOW: a table; else the text in <pre>."""
+        if self.kind == "occlude":
+            import base64
+
+            picture = base64.b64encode(self._repr_png_()).decode("ascii")
+            return (f'<div><img src="data:image/png;base64,{picture}" style="max-width:100%" '
+                    f'alt="heat map"/>{_html_fields(self._summary())}'
+                    f'{_html_table(self._target_rows())}</div>')
+        if self.kind == "show":
+            return _html_table(self.rows) if self.rows else "<pre>(none)</pre>"
+        return f"<pre>{html.escape(self.render())}</pre>"
+
+    def _summary(self) -> dict:
+        """The run of an OCCLUDE result, for :meth:`_repr_html_`."""
+        rows, cols = self.heatmap.shape
+        return {"model": self.model, "image": self.image_label,
+                "map": f"{rows}x{cols} (patch {self.patch[0]}x{self.patch[1]}, "
+                       f"stride {self.stride[0]}x{self.stride[1]})",
+                "seconds": f"{self.seconds:.2f}",
+                "plan": _plan_line(self.plan)}
+
+    def _target_rows(self) -> list:
+        """One row per target: its score, the map's range and the cell of the largest drop
+        with that patch's box in the original image's pixels."""
+        from .overlay import strongest
+
+        maps = self.heatmaps if self.heatmaps is not None else self.heatmap[None]
+        what = "logit" if self.output == "logits" else "p"
+        rows = []
+        for k, (target, label, score) in enumerate(zip(self.targets or [self.target],
+                                                       self.labels or [self.label],
+                                                       self.base_scores or [self.probability])):
+            row, col, drop = strongest(self, k)
+            x, y, w, h = self.box(row, col)
+            rows.append({"target": target, "label": label, f"unoccluded {what}": f"{score:.4f}",
+                         "min .. max": f"{float(maps[k].min()):.4f} .. {float(maps[k].max()):.4f}",
+                         "largest drop": f"{drop:.4f} at cell ({row}, {col})",
+                         "its patch (x, y, w, h) px": f"({x:.0f}, {y:.0f}, {w:.0f}, {h:.0f})"})
+        return rows
+
+
+def _html_table(rows: list) -> str:
+    """``rows`` (dicts with the same keys) as an HTML table, every cell escaped.
+
+    >>> _html_table([{"a<": "x&y"}])
+    '<table><tr><th>a&lt;</th></tr><tr><td>x&amp;y</td></tr></table>'
+    """
+    cell = lambda tag, value: f"<{tag}>{html.escape('' if value is None else str(value))}</{tag}>"
+    head = "".join(cell("th", c) for c in rows[0])
+    body = "".join("<tr>" + "".join(cell("td", r.get(c)) for c in rows[0]) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _plan_line(plan: str) -> str:
+    """The plan in one line: its ``Summary:`` line where EXPLAIN has one, else its first.
+
+    >>> _plan_line("HeatMap: shape=5x6\\n  Image: size=24x30"), _plan_line("")
+    ('HeatMap: shape=5x6', '')
+    """
+    lines = [line.strip() for line in plan.splitlines()]
+    return next((line for line in lines if line.startswith("Summary:")), lines[0] if lines else "")
+
+
+def _html_fields(fields: dict) -> str:
+    """``fields`` as a two-column HTML table (names, values), escaped.
+
+    >>> _html_fields({"model": "<net>"})
+    '<table><tr><th>model</th><td>&lt;net&gt;</td></tr></table>'
+    """
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in fields.items())
+    return f"<table>{body}</table>"
 
 
 def _table(rows: list) -> str:

@@ -8,7 +8,9 @@ A new setting is one more row of :data:`SETTINGS`.
 >>> dict(s)  # doctest: +NORMALIZE_WHITESPACE
 {'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto', 'gates': 'exact',
  'memory_limit': 'auto', 'confirm_seconds': 600, 'max_image_pixels': 64000000,
- 'layout': 'auto', 'engine': 'local', 'ray_address': 'local'}
+ 'layout': 'auto', 'engine': 'local', 'ray_address': 'local', 'overlay_colormap': 'RdBu',
+ 'overlay_alpha': 0.8, 'overlay_scale': 'auto', 'overlay_style': 'smooth',
+ 'overlay_panels': 'overlay', 'overlay_contour': 'on', 'overlay_base': 'grey'}
 >>> s.set("crossover", 0.5)
 >>> s["crossover"], s.get("strategy")
 (0.5, 'auto')
@@ -130,6 +132,41 @@ def _check_ray_address(value) -> Optional[str]:
     return f"ray_address must be 'local' or a Ray cluster address such as 'ray://host:10001', got {value!r}"
 
 
+def _check_overlay_colormap(value) -> Optional[str]:
+    import matplotlib
+
+    if isinstance(value, str) and value.lower() in {n.lower() for n in matplotlib.colormaps}:
+        return None
+    return f"overlay_colormap must be a matplotlib colour map such as 'RdBu' or 'coolwarm', got {value!r}"
+
+
+def _check_overlay_alpha(value) -> Optional[str]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return None
+    return f"overlay_alpha must be a number from 0 to 1, got {value!r}"
+
+
+def _one_of(name: str, *choices):
+    """The check of a setting that takes one of ``choices``."""
+    listed = ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
+
+    def check(value) -> Optional[str]:
+        return None if value in choices else f"{name} must be {listed}, got {value!r}"
+    return check
+
+
+_check_overlay_scale = _one_of("overlay_scale", "auto", "absolute", "relative")
+_check_overlay_style = _one_of("overlay_style", "smooth", "blocks")
+_check_overlay_panels = _one_of("overlay_panels", "overlay", "side_by_side")
+_check_overlay_contour = _one_of("overlay_contour", "on", "off")
+
+
+def _check_overlay_base(value) -> Optional[str]:
+    if value in ("grey", "gray", "colour", "color"):
+        return None
+    return f"overlay_base must be 'grey' or 'colour', got {value!r}"
+
+
 SETTINGS = {s.name: s for s in (
     Setting("strategy", "auto", _check_strategy,
             "how heat maps are computed: 'auto' (cheapest predicted), 'naive' (one full "
@@ -161,6 +198,25 @@ SETTINGS = {s.name: s for s in (
     Setting("ray_address", "local", _check_ray_address,
             "the Ray cluster of engine 'ray': 'local' (start one on this machine) or an "
             "address ('auto', 'ray://host:10001')"),
+    Setting("overlay_colormap", "RdBu", _check_overlay_colormap,
+            "the PNG overlay's colour map (matplotlib's name), centred on the unoccluded "
+            "score: with a diverging one such as 'RdBu', drops red and rises blue"),
+    Setting("overlay_alpha", 0.8, _check_overlay_alpha,
+            "the overlay's opacity where the score changes most (0..1); an unchanged cell "
+            "leaves the image as it is"),
+    Setting("overlay_scale", "auto", _check_overlay_scale,
+            "the overlay's colour range around the unoccluded score: 'auto' (the largest "
+            "change, at least 0.05 of probability or 0.5 logits), 'absolute' (all of 0..1; "
+            "logits: 4) or 'relative' (the largest change, however small)"),
+    Setting("overlay_style", "smooth", _check_overlay_style,
+            "the overlay between patch centres: 'smooth' (bilinear) or 'blocks' (one stride wide)"),
+    Setting("overlay_panels", "overlay", _check_overlay_panels,
+            "'overlay' (the map over the image) or 'side_by_side' (the plain image first)"),
+    Setting("overlay_contour", "on", _check_overlay_contour,
+            "'on': outline the cells whose drop is at least half the largest drop; 'off'"),
+    Setting("overlay_base", "grey", _check_overlay_base,
+            "the image under the overlay: 'grey' (its luminance, readable under any map) "
+            "or 'colour'"),
 )}
 
 
@@ -170,7 +226,7 @@ def problem(name: str, value) -> Optional[str]:
     >>> problem("strategy", "naive") is None
     True
     >>> problem("colour", 1)
-    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels, layout, engine, ray_address"
+    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels, layout, engine, ray_address, overlay_colormap, overlay_alpha, overlay_scale, overlay_style, overlay_panels, overlay_contour, overlay_base"
     """
     setting = SETTINGS.get(name)
     if setting is None:
