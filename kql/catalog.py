@@ -77,7 +77,9 @@ class Catalog:
             raise KqlModelError(
                 f"model '{name}' has no weights here (pretrained weights cannot be downloaded); "
                 f"load a state dict first: LOAD MODEL {name} FROM '<file.pt>'")
-        raise KqlModelError(f"unknown model '{name}'; SHOW MODELS lists the registered ones")
+        hint = _close(name, [r["name"] for r in self.model_rows()])
+        raise KqlModelError(f"unknown model '{name}'" + (f"; did you mean '{hint}'?" if hint else
+                                                         "; SHOW MODELS lists the registered ones"))
 
     def model_rows(self) -> list[dict]:
         entries, damaged = self._entries("models"), self._damaged("models")
@@ -163,7 +165,9 @@ class Catalog:
         tensor = self._from_file("images", name, self._loaded_images,
                                  lambda entry: img.load_file(entry["path"], max_pixels=max_pixels))
         if tensor is None:
-            raise KqlImageError(f"unknown image '{name}'; LOAD IMAGE {name} FROM '<file>' registers one")
+            hint = _close(name, [r["name"] for r in self.image_rows()])
+            raise KqlImageError(f"unknown image '{name}'" + (
+                f"; did you mean '{hint}'?" if hint else f"; LOAD IMAGE {name} FROM '<file>' registers one"))
         return tensor
 
     # -- image tables (LOAD IMAGES) ----------------------------------------------------------
@@ -243,6 +247,14 @@ class Catalog:
             raise error(f"{kind.lower()} '{name}' in catalog file '{self._store.path}' is damaged "
                         f"({problem}); LOAD {kind} {name} FROM '<file>' replaces it")
         return cache[name][1] if name in cache else None
+
+
+def _close(name: str, names: list) -> Optional[str]:
+    """The registered name ``name`` is most likely a typo of, if any."""
+    import difflib
+
+    hint = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    return hint[0] if hint else None
 
 
 def glob_files(pattern: str) -> list[str]:

@@ -3,6 +3,7 @@ and what was expected there, in the user's words (a keyword, a name, a number, .
 
 from __future__ import annotations
 
+import difflib
 from typing import Optional
 
 from lark import Token, Tree
@@ -28,6 +29,10 @@ _WORDS = {
     "_RPAR": "')'", "_COMMA": "','", "_EQ": "'='", "_GE": "'>='", "$END": "end of input",
     "_WITH": "WITH SSIM",
 }
+# The words of the terminals that are a choice of keywords, for "did you mean".
+_CHOICES = {"DEVICE": ("CPU", "GPU", "AUTO"), "RESIZE_MODE": ("SQUASH", "CROP", "PAD"),
+            "OUTPUT_MODE": ("SOFTMAX", "SIGMOID", "LOGITS", "PROBABILITY"),
+            "DIRECTION": ("ASC", "DESC"), "COLOR_NAME": ("BLACK", "GRAY", "WHITE", "MEAN")}
 # A name right after these keywords is a particular kind of name.
 _NAME_AFTER = {"_USING": "a model name", "_MODEL": "a model name", "_IMAGE": "an image name",
                "_ARCH": "an architecture (resnet18, timm:resnet18 or 'module:factory')", "_SET": "a setting name",
@@ -65,10 +70,11 @@ def _unexpected_token(err: UnexpectedToken) -> tuple[str, Token]:
     if misread is not None:
         return misread
     found = "end of input" if token.type == "$END" else _quoted(token)
+    hint = _did_you_mean(token, expected)
     if token.type == "NAME" and (set(_CLAUSES) <= expected or set(_CALIBRATE_CLAUSES) <= expected):
-        return f"unknown clause {found}; expected {_describe(expected)}", token
+        return f"unknown clause {found}; {hint or 'expected ' + _describe(expected)}", token
     if token.type == "NAME" and set(_STATEMENTS) <= expected:
-        return f"unknown statement {found}; expected {_describe(expected)}", token
+        return f"unknown statement {found}; {hint or 'expected ' + _describe(expected)}", token
     if expected == {"_USING"}:
         after = " after the image"
     elif previous is not None:
@@ -78,7 +84,32 @@ def _unexpected_token(err: UnexpectedToken) -> tuple[str, Token]:
     what = _describe(expected, previous)
     if token.type == "$END":
         return f"unexpected end of input: expected {what}{after}", token
-    return f"expected {what}{after}, found {found}", token
+    return f"expected {what}{after}, found {found}" + (f"; {hint}" if hint else ""), token
+
+
+def _did_you_mean(token: Token, expected: set) -> str:
+    """``did you mean PATCH?`` for a name that is close to a keyword allowed here; ''.
+
+    A misspelt keyword is read as a NAME, so only a NAME gets a hint.
+
+    >>> _did_you_mean(Token("NAME", "OCLUDE"), {"_OCCLUDE", "_SHOW", "_SEMI"})
+    'did you mean OCCLUDE?'
+    >>> _did_you_mean(Token("NAME", "ordr"), {"_ORDER", "_LIMIT"}), _did_you_mean(Token("NAME", "cpuu"), {"DEVICE"})
+    ('did you mean ORDER BY?', 'did you mean CPU?')
+    >>> _did_you_mean(Token("NAME", "SELECT"), {"_SET", "_SHOW"})
+    ''
+    """
+    if token.type != "NAME":
+        return ""
+    words = {}                                  # the word as typed -> how to say it
+    for terminal in expected:
+        for choice in _CHOICES.get(terminal, ()):
+            words[choice] = choice
+        said = _word(terminal)
+        if said.replace(" ", "").isalpha() and said.isupper():
+            words[terminal.lstrip("_")] = said
+    close = difflib.get_close_matches(str(token).upper(), words, n=1, cutoff=0.8)
+    return f"did you mean {words[close[0]]}?" if close else ""
 
 
 def _acceptable(err: UnexpectedInput, fallback) -> set:

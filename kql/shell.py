@@ -2,10 +2,12 @@
 
 :class:`Runner` runs KQL text on a connection and prints what happens: each statement's
 rendered result on stdout, errors on stderr as ``error: <message>`` plus the caret lines,
-never a traceback (``KQL_DEBUG=1`` adds one). :class:`Shell` is fed lines; it collects
+never a traceback (``KQL_DEBUG=1`` adds one); in the shell, a heat map's picture and top
+regions follow it (:mod:`kql.preview`). :class:`Shell` is fed lines; it collects
 them until the statement ends with ``;`` (:func:`is_complete`) and runs the backslash
 commands. On a terminal the lines come from prompt_toolkit (history, multi-line
-editing); from a pipe they are read plainly, without prompts.
+editing, Tab completion from :mod:`kql.completion`); from a pipe they are read plainly,
+without prompts.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import time
 import traceback
 from typing import Callable, Optional, TextIO
 
+from . import preview
 from .errors import KqlError, KqlExecutionError
 from .progress import ProgressBar
 
 HELP = """\
-KQL statements end with ';' and may span lines; '--' starts a comment.
+KQL statements end with ';' and may span lines; '--' starts a comment; Tab completes.
 
-  OCCLUDE <image> USING <model> [clauses]    the occlusion heat map of one image
-      <image>   a catalog name, a 'file.png', or sample('chelsea')
+  OCCLUDE <image> USING <model> [clauses]    the occlusion heat map of an image (or many)
+      <image>   a catalog name, an image table (LOAD IMAGES), a 'file.png', a quoted
+                glob 'cats/*.png' (one row per image), or sample('chelsea')
       clauses, in any order:
         TARGET <index> | '<label>' | PREDICTED    class to explain (default PREDICTED)
         TARGET (<t>, <t>, ...) | TARGET TOP <k>   several classes: one map each, one scan
@@ -34,26 +38,39 @@ KQL statements end with ';' and may span lines; '--' starts a comment.
         STRIDE <h> [x <w>]                        step between positions (default 4)
         COLOR black|gray|white|mean|(r, g, b)     patch colour
         REGION (x, y, w, h)                       occlude only inside this box (image pixels)
-        WITH SSIM >= <t>                          approximate, tuned to keep SSIM >= t
+        WITH SSIM >= <t>                          approximate, keeping SSIM >= t
         DRILLDOWN <fraction> [SPEEDUP <s>]        coarse pass, then refine the hot part
         ON cpu|gpu|auto                           device
         BATCH <n>                                 positions per forward pass
         INTO '<file>'                             write .png, .npy or .parquet
-  EXPLAIN [ANALYZE] OCCLUDE ...              the plan (ANALYZE also runs it)
+      many images (a glob or an image table) also take:
+        WHERE <column> >=|<=|>|< <number>         keep the rows that pass
+        ORDER BY <column> [ASC|DESC]              sort the rows
+        LIMIT <n>                                 the first n rows
+        ON RAY                                    spread the images over a Ray cluster
+        <column>  probability, drop, seconds, target, path, label, height or width
+  EXPLAIN [ANALYZE] OCCLUDE ...              the plan, one operator a line, a summary last
+                                             (ANALYZE also runs it and shows the times)
   LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>']
       <file>    ONNX, TorchScript, or a state dict (.pt / safetensors) of ARCH
       <arch>    resnet18 (torchvision) | timm:<name> | 'package.module:factory' (your code)
-  LOAD IMAGE <name> FROM '<file>'
-  SHOW MODELS;  SHOW IMAGES;
-  SET strategy = 'auto' | 'naive' | 'incremental';   SET crossover = 'auto' | 'none' | <f>;
-  SET tau = 'auto' | <f>;   SET gates = 'exact' | 'frozen';   (approximations)
-  SET memory_limit = 'auto' | '<n> MB' | '<n> GB';   a larger BATCH is lowered to fit
-  SET confirm_seconds = <s> | none;          ask before a run predicted longer (default 600)
-  SET max_image_pixels = <n>;                refuse larger image files (default 64000000)
-  SET layout = 'auto' | 'channels_last' | 'contiguous';   memory layout of CPU batches
+  LOAD IMAGE <name> FROM '<file>'            one image
+  LOAD IMAGES <name> FROM '<glob>'           an image table: every file the glob matches
+  SHOW MODELS;  SHOW IMAGES;  SHOW SETTINGS;
+  SET <setting> = <value>;                   SHOW SETTINGS lists them all; among them:
+      strategy = 'auto' | 'naive' | 'incremental'    crossover = 'auto' | 'none' | <f>
+      tau = 'auto' | <f>    gates = 'exact' | 'frozen'    (approximations)
+      memory_limit = 'auto' | '<n> MB' | '<n> GB'    a larger BATCH is lowered to fit
+      confirm_seconds = <s> | none    ask before a run predicted longer (default 600)
+      max_image_pixels = <n>    layout = 'auto' | 'channels_last' | 'contiguous'
+      engine = 'local' | 'ray'    ray_address = 'local' | 'auto' | 'ray://<host>:<port>'
+      overlay_colormap, overlay_alpha, overlay_scale, ...    how INTO '.png' looks
   CALIBRATE [ON cpu|gpu]                     measure the device for the cost model
   CALIBRATE <model> ON (<image>, ...) | ON '<glob>' [PATCH ...] [STRIDE ...] [COLOR ...]
                                              tune the threshold of WITH SSIM on samples
+
+After each heat map the shell draws it (brighter: a larger drop of the score) and lists
+the top regions by drop in the original image's pixels; NO_COLOR=1 draws it in shades.
 
 Example:
   OCCLUDE sample('chelsea') USING efficientnet_lite0 PATCH 16 STRIDE 8 INTO 'out.png';
@@ -146,6 +163,7 @@ class Runner:
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.timing = False
+        self.preview = False                # the shell's: heat map pictures, tables to fit
         self.ask = ask                      # (question) -> the answer typed; None: no one to ask
         con.on_long_run = self.confirm_long_run
 
@@ -188,13 +206,24 @@ class Runner:
         start = time.perf_counter()
         for result in self.con.run(text, progress=bar):
             bar.close()
-            rendered = result.render()
+            rendered = self.render(result)
             if rendered:
                 print(rendered, file=self.out)
             if self.timing:
                 print(f"Time: {time.perf_counter() - start:.3f} s", file=self.out)
             self.out.flush()
             start = time.perf_counter()
+
+    def render(self, result) -> str:
+        """A result as text for ``out``; with :attr:`preview`, a heat map's picture follows
+        it and a SHOW table is wrapped to the terminal's width."""
+        text = result.render()
+        if not self.preview:
+            return text
+        if result.kind == "show" and result.rows:
+            return preview.fit_table(result.rows, preview.terminal_width(self.out, most=1000))
+        picture = preview.for_stream(result, self.out)
+        return text + "\n" + picture if picture else text
 
     def say(self, text: str, stream: Optional[TextIO] = None) -> None:
         stream = stream if stream is not None else self.out
@@ -278,6 +307,7 @@ class Shell:
 def run_shell(runner: Runner, stdin: Optional[TextIO] = None) -> int:
     """The shell on ``stdin``: prompt_toolkit on a terminal, plain lines from a pipe."""
     stdin = stdin if stdin is not None else sys.stdin
+    runner.preview = True
     shell = Shell(runner)
     if stdin.isatty():
         from . import __version__
@@ -305,9 +335,13 @@ def interactive(shell: Shell, input=None, output=None) -> int:
     """The prompt_toolkit loop; ``input``/``output`` are for tests (pipe input, dummy output)."""
     from prompt_toolkit import PromptSession
 
+    from .completion import KqlCompleter
+
     shell.runner.ask = PromptSession(input=input, output=output).prompt   # y/N before long runs
     session = PromptSession(history=make_history(shell.runner.err), multiline=True,
                             key_bindings=_key_bindings(), input=input, output=output,
+                            completer=KqlCompleter.for_connection(shell.runner.con),
+                            complete_while_typing=False,
                             prompt_continuation=lambda width, line, soft: "   ...> ")
     while True:
         try:

@@ -192,7 +192,7 @@ def test_explain_lists_the_plan(con):
     lines = text.splitlines()
     assert lines[0].startswith("HeatMap: target=predicted, shape=5x6, positions=30")
     assert lines[1].lstrip().startswith("IncrementalOcclusion: model=net")
-    assert lines[-1].lstrip().startswith("Image: source=img, size=24x30, patch=8x8, stride=4x4")
+    assert lines[-2].lstrip().startswith("Image: source=img, size=24x30, patch=8x8, stride=4x4")
 
 
 @pytest.mark.slow
