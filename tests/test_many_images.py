@@ -163,7 +163,9 @@ def test_ctrl_c_keeps_finished_rows_and_the_rerun_skips_them(net, folder, tmp_pa
     assert table.skipped == 2 and len(table) == 5
     fresh = connect(net).execute(f"OCCLUDE '{folder}/*.png' USING net {QUERY}")
     for a, b in zip(table.rows, fresh.rows):
-        assert a["path"] == b["path"] and a["heatmap"] == b["heatmap"]
+        assert a["path"] == b["path"] and (a["heatmap"] is None) == (b["heatmap"] is None)
+        if a["heatmap"] is not None:
+            np.testing.assert_allclose(np.array(a["heatmap"]), np.array(b["heatmap"]), atol=1e-5)
 
 
 def test_another_query_does_not_resume_a_journal(net, folder, tmp_path):
@@ -208,7 +210,10 @@ def test_kill_9_mid_way_then_resume(folder, tmp_path):
     table = con.execute(query)
     assert table.skipped == 3 and len(table) == 5 and out.exists()
     fresh = connect(model()).execute(f"OCCLUDE '{folder}/*.png' USING net {QUERY}")
-    assert [r["heatmap"] for r in table] == [r["heatmap"] for r in fresh]
+    for a, b in zip(table.rows, fresh.rows):      # another process: plans may differ by rounding
+        assert a["path"] == b["path"] and (a["heatmap"] is None) == (b["heatmap"] is None)
+        if a["heatmap"] is not None:
+            np.testing.assert_allclose(np.array(a["heatmap"]), np.array(b["heatmap"]), atol=1e-5)
 
 
 def test_ray_gives_the_local_rows(net, folder):
