@@ -10,6 +10,7 @@ Images: 224x224 crops of skimage photos (rotated and flipped variants), written 
 temporary folder. EfficientNet-Lite0, patch 16, stride 8.
 
 Usage: .venv/bin/python benchmarks/many_images.py [--images 8] [--workers 2] [--no-ray]
+       [--engines loop,many,many1,ray]
 """
 import argparse
 import os
@@ -26,6 +27,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--images", type=int, default=8)
 parser.add_argument("--workers", type=int, default=2)
 parser.add_argument("--no-ray", action="store_true")
+parser.add_argument("--engines", default="loop,many,many1,ray")
 args = parser.parse_args()
 
 
@@ -63,12 +65,16 @@ con = kql.connect()
 con.execute(f"OCCLUDE '{files[0]}' {QUERY} REGION (0, 0, 64, 64)")     # warm: calibration, imports
 threads = torch.get_num_threads()
 results = {}
-results["loop"] = timed(lambda: [con.execute(f"OCCLUDE '{f}' {QUERY}") for f in files])
-results["many"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}"))
-torch.set_num_threads(1)
-results["many1"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}"))
-torch.set_num_threads(threads)
-if not args.no_ray:
+engines = args.engines.split(",")
+if "loop" in engines:
+    results["loop"] = timed(lambda: [con.execute(f"OCCLUDE '{f}' {QUERY}") for f in files])
+if "many" in engines:
+    results["many"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}"))
+if "many1" in engines:
+    torch.set_num_threads(1)
+    results["many1"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}"))
+    torch.set_num_threads(threads)
+if "ray" in engines and not args.no_ray:
     import ray
 
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
@@ -76,7 +82,8 @@ if not args.no_ray:
     results["ray"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY} ON RAY"))
 for name, seconds in results.items():
     print(f"{name:>6}: {seconds:7.1f} s, {per_minute(seconds):6.2f} images/min", flush=True)
-print(f"many-image query vs loop of single-image queries: {results['loop'] / results['many']:.2f}x")
-if "ray" in results:
+if "loop" in results and "many" in results:
+    print(f"many-image query vs loop of single-image queries: {results['loop'] / results['many']:.2f}x")
+if "ray" in results and "many1" in results:
     print(f"ray ({args.workers} workers, 1 thread each) vs one process at 1 thread: "
           f"{results['many1'] / results['ray']:.2f}x")
