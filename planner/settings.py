@@ -53,10 +53,16 @@ def _check_tau(value) -> Optional[str]:
     return f"tau must be 'auto' or a fraction in (0, 1], got {value!r}"
 
 
-def _check_gates(value) -> Optional[str]:
-    if value in ("exact", "frozen"):
-        return None
-    return f"gates must be 'exact' or 'frozen', got {value!r}"
+def _one_of(name: str, *choices):
+    """The check of a setting that takes one of ``choices``."""
+    listed = ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
+
+    def check(value) -> Optional[str]:
+        return None if value in choices else f"{name} must be {listed}, got {value!r}"
+    return check
+
+
+_check_gates = _one_of("gates", "exact", "frozen")
 
 
 UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
@@ -120,10 +126,7 @@ class Setting:
     description: str
 
 
-def _check_engine(value) -> Optional[str]:
-    if value in ("local", "ray"):
-        return None
-    return f"engine must be 'local' or 'ray', got {value!r}"
+_check_engine = _one_of("engine", "local", "ray")
 
 
 def _check_ray_address(value) -> Optional[str]:
@@ -144,15 +147,6 @@ def _check_overlay_alpha(value) -> Optional[str]:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
         return None
     return f"overlay_alpha must be a number from 0 to 1, got {value!r}"
-
-
-def _one_of(name: str, *choices):
-    """The check of a setting that takes one of ``choices``."""
-    listed = ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
-
-    def check(value) -> Optional[str]:
-        return None if value in choices else f"{name} must be {listed}, got {value!r}"
-    return check
 
 
 _check_overlay_scale = _one_of("overlay_scale", "auto", "absolute", "relative")

@@ -71,6 +71,19 @@ def moving(heatmap) -> bool:
     return float(heatmap.max() - heatmap.min()) > 1e-6
 
 
+def incremental_equals_naive(con, query: str):
+    """``query``'s map planned incrementally (EXPLAIN says so) and naively: equal and not
+    flat; returns the naive map."""
+    con.execute("SET strategy = 'incremental'")
+    assert "IncrementalOcclusion" in con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
+    fast = con.execute(query).heatmap
+    con.execute("SET strategy = 'naive'")
+    slow = con.execute(query).heatmap
+    assert moving(slow)
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    return slow
+
+
 # -- ONNX ------------------------------------------------------------------------------------
 
 def test_onnx_equals_onnxruntime_and_runs_incrementally(model, onnx_file):
@@ -83,14 +96,7 @@ def test_onnx_equals_onnxruntime_and_runs_incrementally(model, onnx_file):
     with torch.no_grad():
         ours = spec.module(x).numpy()
     np.testing.assert_allclose(ours, onnxruntime_logits(onnx_file, x), atol=1e-4)
-    con.execute("SET strategy = 'incremental'")
-    query = "OCCLUDE img USING net PATCH 6 STRIDE 3 COLOR (0, 0, 0)"
-    assert "IncrementalOcclusion" in con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
-    fast = con.execute(query).heatmap
-    con.execute("SET strategy = 'naive'")
-    slow = con.execute(query).heatmap
-    assert moving(slow)
-    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    slow = incremental_equals_naive(con, "OCCLUDE img USING net PATCH 6 STRIDE 3 COLOR (0, 0, 0)")
     ref, _ = plain_heatmap(model, smooth_noise_image(*SIZE), (6, 6), (3, 3), BLACK)
     np.testing.assert_allclose(slow, ref, atol=1e-4)
 
@@ -250,14 +256,7 @@ def test_timm_state_dict_runs_incrementally(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(spec.module(x), saved(x))
-    con.execute("SET strategy = 'incremental'")
-    query = "OCCLUDE img USING t PATCH 40 STRIDE 40 COLOR (0, 0, 0)"
-    assert "IncrementalOcclusion" in con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
-    fast = con.execute(query).heatmap
-    con.execute("SET strategy = 'naive'")
-    slow = con.execute(query).heatmap
-    assert moving(slow)
-    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    incremental_equals_naive(con, "OCCLUDE img USING t PATCH 40 STRIDE 40 COLOR (0, 0, 0)")
     assert error_of(con, f"LOAD MODEL t FROM '{tmp_path / 't.pt'}' ARCH timm:test_resnt").endswith(
         "unknown timm model 'test_resnt'; did you mean 'timm:test_resnet'?")
 
