@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import os
 import time
+from typing import Optional
 
 from . import ast
 from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
@@ -132,6 +133,8 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
     profile: dict = {}
     out = run(physical, stmt.statement, progress, profile)
     profile["total"] = time.perf_counter() - start
+    if out.check is not None:
+        profile["check"] = out.check
     exact_plan = physical.exact()
     if exact_plan.operator is not physical.operator:   # approximate: verify against the exact map
         from .planner.tuning import heatmap_ssim
@@ -285,6 +288,13 @@ HANDLERS = {
 }
 
 
+def _predicted_ssim(physical, out) -> Optional[float]:
+    """The planner's bound on the map's SSIM, or what a verified drill-down measured."""
+    if out.check is not None:
+        return 1.0 if out.check["exact"] else out.check["bound"]
+    return physical.approximation.predicted_ssim if physical.approximation else None
+
+
 def _result(physical, out, text: str) -> Result:
     q = physical.query
     rows, cols = q.grid.shape
@@ -305,8 +315,9 @@ def _result(physical, out, text: str) -> Result:
         model=q.model.name, image_label=q.image_label, image=q.image,
         patch=q.grid.patch, stride=q.grid.stride, offset=q.grid.offset,
         tau=physical.approximation.tau if physical.approximation else 1.0,
-        predicted_ssim=physical.approximation.predicted_ssim if physical.approximation else None,
+        predicted_ssim=_predicted_ssim(physical, out),
         tuning=physical.approximation.source if physical.approximation else "",
+        check=out.check,
         heatmaps=maps, targets=[int(t) for t in out.targets], labels=names,
         base_scores=[float(v) for v in out.base_scores], output=out.output,
         output_note=q.output_note, frame=q.frame, original=q.original, image_info=q.image_info)

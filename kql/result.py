@@ -41,6 +41,7 @@ class Result:
     tau: float = 1.0                              # projective-field threshold (1: exact)
     predicted_ssim: Optional[float] = None        # the planner's bound on SSIM vs the exact map
     tuning: str = ""                              # where tau came from ('tuned on N images', 'user', ...)
+    check: Optional[dict] = None                  # a verified drill-down's check: step, bound, windows, cells, exact
     heatmaps: Optional[np.ndarray] = None         # float32 [targets, rows, cols]
     targets: list = field(default_factory=list)   # class of each map
     labels: list = field(default_factory=list)

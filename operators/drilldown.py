@@ -20,15 +20,15 @@ from .task import OcclusionResult, OcclusionTask, Progress
 
 
 def stage_one_stride(stride: int, fraction: float, speedup: float) -> int:
-    """S1 = sqrt(speedup / (1 - r speedup)) S2 (eq 47), rounded to a multiple of S2 (at
+    """S1 = sqrt(speedup / (1 - r speedup)) S2 (eq 47), rounded up to a multiple of S2 (at
     least 2 S2): stage one's cells are then cells of the requested grid, whose values
-    stage two reuses.
+    stage two reuses, and eq 46's speedup is at least the one asked for.
 
-    >>> stage_one_stride(4, 0.25, 3.0)          # eq 47: 13.9
-    12
+    >>> stage_one_stride(4, 0.25, 3.0), round(speedup_of((16, 16), (4, 4), 0.25), 2)   # eq 47: 13.9
+    (16, 3.2)
     """
     s1 = math.sqrt(speedup / (1.0 - fraction * speedup)) * stride
-    return stride * max(2, int(round(s1 / stride)))
+    return stride * max(2, int(math.ceil(s1 / stride - 1e-9)))
 
 
 def speedup_of(s1: tuple, s2: tuple, fraction: float) -> float:

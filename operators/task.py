@@ -57,6 +57,7 @@ class OcclusionResult:
     base_scores: np.ndarray     # float32 [T]: each target's score on the unoccluded image
     base_logits: np.ndarray     # float32 [classes]
     output: str = "softmax"     # how the scores were made (:data:`OUTPUTS`)
+    check: Optional[dict] = None    # a verified drill-down's measured quality (:mod:`.verified`)
 
     @property
     def probabilities(self) -> np.ndarray:

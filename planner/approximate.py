@@ -6,6 +6,9 @@ gives the fastest tau expected to keep ``s`` (:meth:`.tuning.TuningRecord.choose
 with no DRILLDOWN clause, the drill-down settings expected to keep it too
 (:meth:`.tuning.TuningRecord.candidates`): the planner prices each and runs the cheapest.
 With no tuning the map is exact (tau 1, ``default``): nothing measured, nothing promised.
+Besides these, :func:`verified_candidates` gives the verified drill-downs
+(:mod:`kql.operators.verified`), which measure their quality on the image itself and need
+no tuning (a tuning only tells how often each lattice's check passes).
 """
 
 from __future__ import annotations
@@ -51,6 +54,31 @@ def tuned_candidates(query, settings, lookup) -> list:
         return []
     record = _record(query, lookup)
     return record.candidates(query.ssim) if record else []
+
+
+def verified_candidates(query, settings, lookup) -> list:
+    """``[(step, fraction, bounds, source), ...]``: the verified drill-downs
+    (:mod:`kql.operators.verified`) that may meet the query's SSIM target: WITH SSIM, tau
+    'auto', exact gates, a map that holds a check window. From the tuning, every lattice
+    step it measured (priced by how often its check passed there); with none, the default
+    step. With a DRILLDOWN clause, its stage-one stride and fraction, checked."""
+    from kql.operators.verified import checkable
+
+    from .drilldown import DEFAULT_STEP, VERIFIED_FRACTION, stage_strides
+
+    if (query.ssim is None or settings.get("tau", "auto") != "auto"
+            or settings.get("gates", "exact") != "exact" or not checkable(query.grid.shape)):
+        return []
+    record = _record(query, lookup)
+    bounds = record.check_bounds() if record else {}
+    source = record.source if bounds else ""
+    if query.drilldown is not None:
+        step = min(s1 // s for s1, s in zip(stage_strides(query), query.grid.stride))
+        known = step in bounds
+        return [(step, float(query.drilldown), bounds if known else None, source if known else "")]
+    if bounds:
+        return [(step, VERIFIED_FRACTION, bounds, source) for step in sorted(bounds)]
+    return [(DEFAULT_STEP, VERIFIED_FRACTION, None, "")]
 
 
 def _record(query, lookup) -> Optional[TuningRecord]:

@@ -6,11 +6,20 @@ SPEEDUP, ``s`` = :data:`DEFAULT_SHARE` / ``r``: 3x for the paper's default r = 0
 Both stages are planned by the same planner as any query (naive, incremental or
 thresholded, whichever is cheapest): stage one on the coarse grid, stage two on the
 requested grid, priced at the fraction of it that runs.
+
+With WITH SSIM, drill-down is verified instead (:func:`plan_verified`,
+:mod:`kql.operators.verified`): one plan for the requested grid computes the lattice, the
+check's windows and stage two, priced at the cells it is expected to compute
+(:func:`expected_cells`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
 
 from kql.operators.drilldown import DrillDownOcclusion, speedup_of, stage_one_stride
 
@@ -49,3 +58,77 @@ def plan_drilldown(query, plan_single):
         reason=f"stage-one stride {s1[0]}x{s1[1]}, positions {coarse.count} + "
                f"{max(1, round(fraction * query.grid.count))} of {query.grid.count}, "
                f"eq 46 speedup {speedup_of(s1, query.grid.stride, fraction):.2f}")
+
+
+# Verified drill-down (operators/verified.py): the lattice step used with no tuning (every
+# 4th cell, refined to every 2nd when its check fails, at no extra cost) and its
+# stage-two fraction.
+DEFAULT_STEP = 4
+VERIFIED_FRACTION = 0.02
+
+
+def expected_cells(shape: tuple, step: int, fraction: float, tiles: int,
+                   bounds: Optional[dict] = None, target: float = 1.0) -> float:
+    """Cells a verified drill-down starting at ``step`` computes, on average over the
+    tuning images whose check ``bounds`` ({step: [bound per image]}) are known; with none,
+    the cells when the first check passes (what EXPLAIN calls the optimistic case)."""
+    from kql.operators.verified import WINDOW, lattice, levels, windows
+
+    rows, cols = shape
+    total = rows * cols
+    cover = np.zeros(shape, bool)
+    half = WINDOW // 2
+    for r, c in windows(shape, tiles):
+        cover[r - half:r + half + 1, c - half:c + half + 1] = True
+
+    def cells_at(tried: list) -> int:
+        known = cover.copy()
+        for s in tried:
+            lr, lc = lattice(shape, s)
+            known[np.ix_(lr, lc)] = True
+        done = int(known.sum())
+        return min(total, done + max(1, math.ceil(fraction * total)))
+
+    if not bounds:
+        return float(cells_at([step]))
+    images = len(next(iter(bounds.values())))
+    spent = []
+    for i in range(images):
+        tried = []
+        for s in levels(step):
+            if s == 1:
+                spent.append(total)
+                break
+            tried.append(s)
+            if s in bounds and bounds[s][i] >= target:
+                spent.append(cells_at(tried))
+                break
+    return float(np.mean(spent))
+
+
+def plan_verified(query, plan_single, step: int, fraction: float, bounds=None, source: str = ""):
+    """The verified drill-down plan of ``query`` (WITH SSIM) from lattice ``step``."""
+    from kql.operators.verified import Check, VerifiedDrillDown
+
+    from .tuning import Choice
+
+    fine = plan_single(query.replace(drilldown=None, speedup=None))
+    check = Check(float(query.ssim))
+    shape = query.grid.shape
+    cells = expected_cells(shape, step, fraction, check.tiles, bounds, check.target)
+    seconds = None
+    if fine.run_seconds is not None:
+        scan = fine.run_seconds - fine.setup_seconds
+        seconds = fine.setup_seconds + scan * cells / query.grid.count
+    how = (f"expected {cells:.0f} of {query.grid.count} cells ({source})" if bounds
+           else f"{cells:.0f} of {query.grid.count} cells if the first check passes, "
+                f"all {query.grid.count} if every check fails")
+    choice = Choice(1.0, check.target,
+                    f"checked on {check.tiles} windows of this map"
+                    + (f"; {source}" if source else ""))
+    return dataclasses.replace(
+        fine, operator=VerifiedDrillDown(fine.operator, shape, step, fraction, check),
+        stages=(dataclasses.replace(fine, approximation=None),), stage_seconds=seconds,
+        cost=None, approximation=choice,
+        exact_seconds=fine.run_seconds,
+        reason=f"lattice every {step} cells, {how}")

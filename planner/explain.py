@@ -32,7 +32,8 @@ def render(plan, actual: Optional[dict] = None) -> list[str]:
     lines = [_line("HeatMap", target=_targets(q), shape=f"{rows}x{cols}", positions=q.grid.count,
                    into=q.into or "none", output=_output(q))]
     lines.append("  " + _operator_line(plan, actual))
-    for label, stage in zip(("StageOne", "StageTwo"), plan.stages):     # drill-down
+    labels = ("StageOne", "StageTwo") if len(plan.stages) == 2 else ("Cells",)
+    for label, stage in zip(labels, plan.stages):     # drill-down; a verified one's cells
         lines.append(f"    {label} " + _operator_line(stage, None))
     if plan.cost is not None:
         lines += ["    " + text for text in _node_lines(plan, actual)]
@@ -81,7 +82,13 @@ def _seconds(value: float) -> str:
 def _exactness(plan, actual) -> str:
     """``exact``, or how the map is approximated and how close it is predicted to be."""
     own = plan.operator.describe()
-    if plan.stages:
+    if "check" in own:
+        text = f"approximate: verified drill-down ({own['check']})"
+        check = (actual or {}).get("check")
+        if check is not None:
+            text += (f", check failed at every lattice: exact map" if check["exact"] else
+                     f", measured SSIM >= {check['bound']:.3f} at lattice every {check['step']}")
+    elif plan.stages:
         text = f"approximate: drill-down fraction {own.get('fraction', '?')}"
     elif plan.approximation is not None and plan.approximation.tau < 1.0:
         ssim = plan.approximation.predicted_ssim
@@ -163,6 +170,10 @@ def _approximation_items(plan, actual) -> dict:
         if plan.exact_seconds and plan.predicted_seconds is not None:
             exact = plan.planning_seconds + plan.exact_seconds
             items["predicted_speedup"] = _num(exact / plan.predicted_seconds)
+    check = (actual or {}).get("check")
+    if check is not None:
+        items["measured_ssim"] = "exact" if check["exact"] else _num(check["bound"], 3)
+        items["cells"] = f"{check['cells']}/{plan.query.grid.count}"
     if actual is not None and "ssim" in actual:
         items["achieved_ssim"] = _num(actual["ssim"], 3)
     if choice is not None:

@@ -26,10 +26,10 @@ from kql.operators.task import (OcclusionResult, OcclusionTask, Progress, check_
                                 detect_output, resolve_targets, top_classes)
 
 from . import calibrate, devices, memory
-from .approximate import choose_tau, task_of, tuned_candidates
+from .approximate import choose_tau, task_of, tuned_candidates, verified_candidates
 from .cache import PlanCache
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio, shape_naive_cost
-from .drilldown import plan_drilldown
+from .drilldown import plan_drilldown, plan_verified
 from .logical import OcclusionQuery, fail
 from .tuning import Choice
 
@@ -288,11 +288,17 @@ def scored(query: OcclusionQuery, base_logits: torch.Tensor) -> OcclusionQuery:
 
 def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:
     candidates = tuned_candidates(query, ctx.settings, ctx.tuning_lookup) if profile else []
-    if candidates:                             # WITH SSIM: price every tuned way to meet it
+    verified = verified_candidates(query, ctx.settings, ctx.tuning_lookup) if profile else []
+    if candidates or verified:                 # WITH SSIM: price every way to meet it
         plans, refused = [], None
-        for choice in candidates:
+        single = lambda q: _single(q, ctx, device, tp, threads, profile, reason)
+        if verified and not candidates and query.drilldown is None:
+            plans.append(single(query))        # the exact map (no tuning) is one way
+        for make in ([lambda c=c: _plan_choice(query, ctx, device, tp, threads, profile, c)
+                      for c in candidates]
+                     + [lambda v=v: plan_verified(query, single, *v) for v in verified]):
             try:
-                plans.append(_plan_choice(query, ctx, device, tp, threads, profile, choice))
+                plans.append(make())
             except KqlPlanError as exc:        # no stage one on this grid, or over memory_limit
                 refused = exc
         if not plans:

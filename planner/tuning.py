@@ -27,6 +27,8 @@ import numpy as np
 TAUS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 # Drill-down settings (fraction r, SPEEDUP) tuned besides plain maps, at tau 1 and every tau.
 DRILLDOWNS = ((0.25, 3.0), (0.1, 6.0))
+# Lattice steps whose verified drill-down check tuning records (planner/drilldown.py).
+VERIFIED_STEPS = (2, 3, 4)
 COVERAGE = 0.9
 CONFIDENCE = 0.9
 ONE_IMAGE_MARGIN = 0.05
@@ -88,6 +90,7 @@ class TuningRecord:
     images: int
     seconds: float = 0.0
     drills: tuple = ()          # ((fraction, speedup, ssims[1 + len(taus)][images]), ...): tau 1, taus
+    checks: tuple = ()          # ((step, bounds[images]), ...): a verified drill-down's check per lattice step
 
     def bound(self, i: int) -> float:
         """The conservative SSIM bound at ``taus[i]``."""
@@ -130,19 +133,27 @@ class TuningRecord:
         parts = [f"tau {t:.1f}: SSIM >= {self.bound(i):.3f}" for i, t in enumerate(self.taus)]
         for r, sp, ssims in self.drills:
             parts.append(f"DRILLDOWN {r:g} SPEEDUP {sp:g} exact: SSIM >= {conservative(ssims[0]):.3f}")
+        for step, b in self.checks:
+            parts.append(f"checked lattice every {step}: median bound {np.median(b):.3f}")
         return f"{self.source} in {self.seconds:.1f}s; " + ", ".join(parts)
 
     def to_dict(self) -> dict:
         return {"taus": list(self.taus), "ssims": [list(s) for s in self.ssims],
                 "images": self.images, "seconds": self.seconds,
-                "drills": [[r, sp, [list(v) for v in ssims]] for r, sp, ssims in self.drills]}
+                "drills": [[r, sp, [list(v) for v in ssims]] for r, sp, ssims in self.drills],
+                "checks": [[step, list(b)] for step, b in self.checks]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningRecord":
         table = lambda rows: tuple(tuple(float(v) for v in row) for row in rows)
         drills = tuple((float(r), float(sp), table(ssims)) for r, sp, ssims in d.get("drills", ()))
+        checks = tuple((int(step), tuple(float(v) for v in b)) for step, b in d.get("checks", ()))
         return cls(tuple(float(t) for t in d["taus"]), table(d["ssims"]), int(d["images"]),
-                   float(d.get("seconds", 0.0)), drills)
+                   float(d.get("seconds", 0.0)), drills, checks)
+
+    def check_bounds(self) -> dict:
+        """{lattice step: [the check's bound on each tuning image]} (verified drill-down)."""
+        return {step: list(b) for step, b in self.checks}
 
 
 def conservative(values) -> float:
@@ -173,12 +184,15 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     from kql.operators.graph import TraceError
 
     from . import devices
+    from kql.operators.verified import checkable
+
     from .approximate import exact_and_thresholded
 
     start = time.perf_counter()
     device = "cuda" if devices.cuda_available() else "cpu"
     ssims = [[] for _ in taus]
     drilled = [[[] for _ in (1.0,) + tuple(taus)] for _ in drilldowns]
+    checked = {step: [] for step in VERIFIED_STEPS}
     for done, query in enumerate(queries):
         try:
             exact, approx = exact_and_thresholded(query, device, taus)
@@ -190,12 +204,29 @@ def tune(queries: list, settings=None, directory=None, progress=None,
         for d, (fraction, speedup) in enumerate(drilldowns):
             for i, a in enumerate([exact] + list(approx)):
                 drilled[d][i].append(heatmap_ssim(exact, drilled_map(query, a, fraction, speedup)))
+        if checkable(exact.shape):
+            for step in VERIFIED_STEPS:
+                checked[step].append(check_bound(exact, step))
         if progress is not None:
             progress(done + 1, len(queries))
     drills = tuple((r, sp, tuple(tuple(v) for v in table))
                    for (r, sp), table in zip(drilldowns, drilled))
+    checks = tuple((step, tuple(b)) for step, b in checked.items() if b)
     return TuningRecord(tuple(taus), tuple(tuple(s) for s in ssims), len(queries),
-                        time.perf_counter() - start, drills)
+                        time.perf_counter() - start, drills, checks)
+
+
+def check_bound(exact: np.ndarray, step: int) -> float:
+    """What a verified drill-down's check measures on ``exact`` [rows, cols] at a
+    lattice ``step`` (the same windows and bound as :class:`~kql.operators.verified.VerifiedDrillDown`)."""
+    from kql.operators.drilldown import interpolate
+    from kql.operators.verified import CONFIDENCE, TILES, lattice, local_ssims, lower_bound, windows
+
+    rows, cols = exact.shape
+    lr, lc = lattice(exact.shape, step)
+    ys, xs = np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
+    approx = interpolate(exact[np.ix_(lr, lc)], lr, lc, ys, xs).reshape(rows, cols)
+    return lower_bound(local_ssims(exact, approx, windows(exact.shape, TILES)), CONFIDENCE)
 
 
 def drilled_map(query, fine: np.ndarray, fraction: float, speedup: float) -> np.ndarray:

@@ -1,0 +1,247 @@
+"""Drill-down that measures its own quality on the image it runs on.
+
+Tuned drill-down (:mod:`.drilldown`) keeps a promise made on other images; a map rougher
+than any seen in tuning (fine texture under a small patch, such as a star field) silently
+breaks it. This operator checks the map it is making instead. Every cell it computes is a
+cell of the requested grid, so nothing it computes is wasted when it has to go further:
+
+1. a lattice of cells, every ``step``-th row and column (and the last ones), computed
+   exactly; every other cell interpolated from it (bilinear, as drill-down's stage one);
+2. a *check*: a few 7x7 windows of the requested grid at random places (stratified,
+   seeded by the grid's shape, so a query always gives the same map), computed exactly;
+   on each, the local SSIM of the interpolated values against the exact ones (the
+   windows of ``skimage.metrics.structural_similarity``, whose mean over all windows is
+   the map's SSIM). The windows are a random sample of that mean: its one-sided lower
+   confidence bound (Student's t, :data:`CONFIDENCE`) is the quality measured;
+3. bound >= target: the map is the interpolation with every exact cell in place, and
+   stage two computes the fraction ``r`` of the cells where it drops most (the seed
+   paper's drill-down), which brings it closer still. Otherwise an even lattice is
+   refined to every 2nd cell (which holds it: no cell is computed twice) and checked
+   again on the same windows; then the rest of the exact map: a map too rough to
+   interpolate costs what the exact one does.
+
+At most two checks are made, each at 95% confidence, so a map's bound holds with at
+least 90% confidence (Bonferroni). Since every cell of a coarser even lattice is a cell
+of the every-2nd one, starting coarse costs nothing when the check sends it on.
+
+The check compares against exact values, so the stages run at tau 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .drilldown import interpolate, largest_drops
+from .task import OcclusionResult, OcclusionTask, Progress
+
+WINDOW = 7              # skimage's default SSIM window: the check's unit
+TILES = 8               # windows sampled per map (392 cells at most)
+CONFIDENCE = 0.95       # of each check's lower bound (two checks at most: 90% together)
+
+
+@dataclass(frozen=True)
+class Check:
+    """What the map must keep: ``SSIM >= target`` against the exact map."""
+
+    target: float
+    tiles: int = TILES
+    confidence: float = CONFIDENCE
+
+
+def checkable(shape: tuple) -> bool:
+    """Whether a map of ``shape`` (rows, cols) holds a check window and a coarser lattice."""
+    return min(shape) >= WINDOW
+
+
+def levels(step: int) -> list:
+    """The lattice steps tried in turn, ending at 1 (every cell: the exact map): an even
+    step is refined to 2 (whose lattice holds its cells), an odd one straight to 1.
+
+    >>> levels(4), levels(3), levels(6), levels(2), levels(1)
+    ([4, 2, 1], [3, 1], [6, 2, 1], [2, 1], [1])
+    """
+    if step <= 1:
+        return [1]
+    return [step, 2, 1] if step > 2 and step % 2 == 0 else [step, 1]
+
+
+def lattice(shape: tuple, step: int) -> tuple:
+    """Row and column indices of the lattice: every ``step``-th, and the last.
+
+    >>> [a.tolist() for a in lattice((7, 5), 3)]
+    [[0, 3, 6], [0, 3, 4]]
+    """
+    rows, cols = shape
+    pick = lambda n: np.unique(np.r_[np.arange(0, n, step), n - 1])
+    return pick(rows), pick(cols)
+
+
+def windows(shape: tuple, count: int) -> list:
+    """``count`` window centres (row, col), stratified over the map; the same for a shape.
+
+    >>> windows((20, 30), 4) == windows((20, 30), 4), len(windows((7, 7), 5))
+    (True, 5)
+    """
+    rows, cols = shape
+    half = WINDOW // 2
+    rng = np.random.default_rng(rows * 100_003 + cols)
+    side = max(1, math.ceil(math.sqrt(count)))
+    r_edges = np.linspace(half, rows - half, side + 1)
+    c_edges = np.linspace(half, cols - half, side + 1)
+    strata = [(i, j) for i in range(side) for j in range(side)]
+    order = rng.permutation(len(strata))
+    centres = []
+    for n in range(count):
+        i, j = strata[order[n % len(strata)]]
+        r = int(rng.integers(int(r_edges[i]), max(int(r_edges[i]) + 1, int(r_edges[i + 1]))))
+        c = int(rng.integers(int(c_edges[j]), max(int(c_edges[j]) + 1, int(c_edges[j + 1]))))
+        centres.append((min(r, rows - half - 1), min(c, cols - half - 1)))
+    return centres
+
+
+def lower_bound(values, confidence: float) -> float:
+    """One-sided lower confidence bound of the mean of ``values`` (Student's t).
+
+    >>> lower_bound([0.9, 0.9, 0.9], 0.9), round(lower_bound([0.8, 0.9, 1.0], 0.9), 3)
+    (0.9, 0.791)
+    """
+    from scipy.stats import t
+
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.min()) if len(values) else 0.0
+    spread = values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - t.ppf(confidence, len(values) - 1) * spread)
+
+
+def local_ssims(exact: np.ndarray, approx: np.ndarray, centres: list) -> list:
+    """The SSIM of each window (centred at ``centres``) of two maps [rows, cols]."""
+    from skimage.metrics import structural_similarity
+
+    half = WINDOW // 2
+    out = []
+    for r, c in centres:
+        box = (slice(r - half, r + half + 1), slice(c - half, c + half + 1))
+        out.append(float(structural_similarity(exact[box].astype(np.float64),
+                                               approx[box].astype(np.float64),
+                                               data_range=1.0, win_size=WINDOW)))
+    return out
+
+
+class VerifiedDrillDown:
+    """Physical operator: a lattice, a check of its interpolation, detail where it drops."""
+
+    name = "VerifiedDrillDown"
+
+    def __init__(self, fine, shape: tuple, step: int, fraction: float, check: Check):
+        """``fine``: an operator for the requested grid (``shape`` rows x cols, row-major),
+        re-targeted at the cells each round needs (:meth:`at`)."""
+        self.fine, self.shape, self.step = fine, tuple(shape), int(step)
+        self.fraction, self.check = float(fraction), check
+
+    def describe(self) -> dict:
+        return {"lattice": f"every {self.step}", "fraction": f"{self.fraction:.2f}",
+                "check": f"SSIM>={self.check.target:g} on {self.check.tiles} windows"}
+
+    def exact(self):
+        return self.fine.exact()
+
+    def at(self, ys, xs):
+        return self.fine.at(ys, xs)
+
+    def rebind(self, profile) -> "VerifiedDrillDown":
+        return VerifiedDrillDown(self.fine.rebind(profile), self.shape, self.step,
+                                 self.fraction, self.check)
+
+    def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
+        scan = _Scan(self.fine, task, progress, timings)
+        centres = windows(self.shape, self.check.tiles)
+        rows, cols = self.shape
+        half = WINDOW // 2
+        in_windows = np.zeros(self.shape, bool)
+        for r, c in centres:
+            in_windows[r - half:r + half + 1, c - half:c + half + 1] = True
+        for n, step in enumerate(levels(self.step)):
+            if step == 1:
+                scan.compute(np.arange(rows * cols))
+                return scan.result(dict(step=1, bound=1.0, windows=len(centres), exact=True,
+                                        tried=levels(self.step)[:-1]))
+            lr, lc = lattice(self.shape, step)
+            cells = (lr[:, None] * cols + lc[None, :]).ravel()
+            scan.compute(cells if n else np.union1d(cells, np.flatnonzero(in_windows)))
+            approx = scan.interpolated(lr, lc, self.shape)
+            exact = scan.scores.reshape(-1, rows, cols)
+            bound = min(lower_bound(local_ssims(e, a, centres), self.check.confidence)
+                        for e, a in zip(exact, approx))
+            if bound >= self.check.target:
+                values = np.where(scan.known, scan.scores, approx.reshape(len(approx), -1))
+                drops = (values - scan.first.base_scores[:, None]).min(axis=0)
+                drops[scan.known] = np.inf               # exact already
+                todo = largest_drops(drops, self.fraction)
+                scan.compute(todo[~scan.known[todo]])
+                values[:, scan.known] = scan.scores[:, scan.known]
+                return scan.result(dict(step=step, bound=bound, windows=len(centres),
+                                        exact=False, tried=levels(self.step)[:n + 1]),
+                                   values, approx_logits=scan.interpolated_logits(lr, lc, self.shape))
+        raise AssertionError("levels() ends at 1")
+
+
+class _Scan:
+    """The exact cells computed so far, over the requested grid."""
+
+    def __init__(self, fine, task: OcclusionTask, progress, timings):
+        self.fine, self.task, self.progress, self.timings = fine, task, progress, timings
+        self.known = np.zeros(task.count, bool)
+        self.first: Optional[OcclusionResult] = None
+        self.scores = self.logits = None
+
+    def compute(self, cells: np.ndarray) -> None:
+        cells = np.asarray(cells, np.int64)
+        cells = cells[~self.known[cells]]
+        if not len(cells):
+            return
+        ys, xs = self.task.ys[cells], self.task.xs[cells]
+        task = dataclasses.replace(self.task, ys=ys, xs=xs)
+        if self.first is not None:
+            task = dataclasses.replace(task, targets=self.first.targets, output=self.first.output)
+        out = self.fine.at(ys, xs).run(task, None, self.timings)
+        if self.first is None:
+            self.first = out
+            shape = (len(out.targets), self.task.count)
+            self.scores = np.zeros(shape, np.float32)
+            self.logits = np.zeros(shape, np.float32)
+        self.scores[:, cells] = out.scores
+        self.logits[:, cells] = out.all_logits
+        self.known[cells] = True
+        if self.progress is not None:
+            self.progress(int(self.known.sum()), self.task.count)
+
+    def interpolated(self, lr, lc, shape) -> np.ndarray:
+        """[T, rows, cols]: every target's map interpolated from the lattice's cells."""
+        return self._spread(self.scores, lr, lc, shape)
+
+    def interpolated_logits(self, lr, lc, shape) -> np.ndarray:
+        return self._spread(self.logits, lr, lc, shape).reshape(len(self.logits), -1)
+
+    @staticmethod
+    def _spread(values, lr, lc, shape) -> np.ndarray:
+        rows, cols = shape
+        grid = values.reshape(len(values), rows, cols)
+        ys, xs = np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
+        return np.stack([interpolate(g[np.ix_(lr, lc)], lr, lc, ys, xs).reshape(rows, cols)
+                         for g in grid]).astype(np.float32)
+
+    def result(self, check: dict, values=None, approx_logits=None) -> OcclusionResult:
+        scores, logits = self.scores, self.logits
+        if values is not None:
+            scores = values.astype(np.float32)
+            logits = np.where(self.known, self.logits, approx_logits).astype(np.float32)
+        check["cells"] = int(self.known.sum())
+        if self.progress is not None:
+            self.progress(self.task.count, self.task.count)
+        return dataclasses.replace(self.first, scores=scores, all_logits=logits, check=check)
