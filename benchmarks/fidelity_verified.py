@@ -80,7 +80,7 @@ for name in PHOTOS:
     line = [f"{name:21s} plain {plain:5.1f} s  exact {speed:4.2f}x"]
     for t, (a, speedup, _) in answers.items():
         achieved = heatmap_ssim(exact.heatmap, a.heatmap)
-        how = "exact" if a.check is None or a.check["exact"] else f"lattice {a.check['step']}"
+        how = "exact" if a.check is None or a.check["exact"] else f"lattice {a.check['lattice']}"
         rows[t].append((achieved, speedup))
         line.append(f"| {t}: {how:9s} bound {a.predicted_ssim:.3f} achieved {achieved:.3f} "
                     f"{speedup:5.2f}x")

@@ -90,19 +90,19 @@ def expected_cells(shape: tuple, step: int, fraction: float, tiles: int,
         return min(total, done + max(1, math.ceil(fraction * total)))
 
     if not bounds:
-        return float(cells_at([step]))
+        return float(cells_at([(step, step)]))
     images = len(next(iter(bounds.values())))
     spent = []
     for i in range(images):
         tried = []
         for s in levels(step):
-            if s == 1:
+            if s == (1, 1):
                 spent.append(total)
                 break
             tried.append(s)
-            if s in bounds and bounds[s][i] >= target:
+            if s[0] == s[1] and s[0] in bounds and bounds[s[0]][i] >= target:
                 spent.append(cells_at(tried))
-                break
+                break                            # (a one-axis refinement: not tuned, priced as failing)
     return float(np.mean(spent))
 
 

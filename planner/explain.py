@@ -87,7 +87,7 @@ def _exactness(plan, actual) -> str:
         check = (actual or {}).get("check")
         if check is not None:
             text += (f", check failed at every lattice: exact map" if check["exact"] else
-                     f", measured SSIM >= {check['bound']:.3f} at lattice every {check['step']}")
+                     f", measured SSIM >= {check['bound']:.3f} on lattice {check['lattice']}")
     elif plan.stages:
         text = f"approximate: drill-down fraction {own.get('fraction', '?')}"
     elif plan.approximation is not None and plan.approximation.tau < 1.0:

@@ -217,16 +217,17 @@ def tune(queries: list, settings=None, directory=None, progress=None,
 
 
 def check_bound(exact: np.ndarray, step: int) -> float:
-    """What a verified drill-down's check measures on ``exact`` [rows, cols] at a
-    lattice ``step`` (the same windows and bound as :class:`~kql.operators.verified.VerifiedDrillDown`)."""
+    """What a verified drill-down starting at lattice ``step`` measures on ``exact``
+    [rows, cols] in its first check (the same windows and bound as
+    :class:`~kql.operators.verified.VerifiedDrillDown`)."""
     from kql.operators.drilldown import interpolate
-    from kql.operators.verified import CONFIDENCE, TILES, lattice, local_ssims, lower_bound, windows
+    from kql.operators.verified import TILES, check_confidence, lattice, local_ssims, lower_bound, windows
 
     rows, cols = exact.shape
     lr, lc = lattice(exact.shape, step)
     ys, xs = np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
     approx = interpolate(exact[np.ix_(lr, lc)], lr, lc, ys, xs).reshape(rows, cols)
-    return lower_bound(local_ssims(exact, approx, windows(exact.shape, TILES)), CONFIDENCE)
+    return lower_bound(local_ssims(exact, approx, windows(exact.shape, TILES)), check_confidence(step))
 
 
 def drilled_map(query, fine: np.ndarray, fraction: float, speedup: float) -> np.ndarray:

@@ -252,3 +252,17 @@ def plain_heatmap(model, image, patch, stride, color, target=None, region=None):
             occluded[:, i * sy:i * sy + ph, j * sx:j * sx + pw] = torch.tensor(color).view(3, 1, 1)
             out[a, b] = torch.softmax(model(occluded[None]).double(), 1)[0, target]
     return out, target
+
+
+def residual_connection(height: int = 64, width: int = 80, seed: int = 5):
+    """A connection with ``net`` (a calibrated two-block residual CNN, sensitive to a 12x12
+    patch) and ``img`` (a blob image it was calibrated on): the drill-down suites' set-up."""
+    import kql
+    from models_zoo import custom_model
+
+    c = kql.connect()
+    image = blob_image(height, width, seed=seed)
+    c.register_model("net", sensitive(calibrate_batchnorm(custom_model("residual_two_rf"), height, width),
+                                      image, (12, 12)))
+    c.register_image("img", image)
+    return c

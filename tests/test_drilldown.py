@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 import kql
-from helpers import blob_image, calibrate_batchnorm, sensitive
+from helpers import residual_connection
 from kql.operators.drilldown import interpolate, speedup_of, stage_one_stride
 from kql.planner.tuning import heatmap_ssim
-from models_zoo import custom_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,12 +19,7 @@ QUERY = "OCCLUDE img USING net PATCH 12 STRIDE 2 COLOR black"
 
 @pytest.fixture(scope="module")
 def con():
-    c = kql.connect()
-    image = blob_image(H, W, seed=5)
-    c.register_model("net", sensitive(calibrate_batchnorm(custom_model("residual_two_rf"), H, W),
-                                      image, (12, 12)))
-    c.register_image("img", image)
-    return c
+    return residual_connection(H, W)
 
 
 @pytest.mark.parametrize("strategy", ["naive", "incremental"])
