@@ -136,9 +136,27 @@ class Result:
                          f"({what}={self.probability:.4f} unoccluded; map "
                          f"{float(self.heatmap.min()):.4f} .. {float(self.heatmap.max()):.4f}) "
                          f"in {self.seconds:.2f}s"]
-            text = "\n".join(lines)
+            quality = self.quality()
+            text = "\n".join(lines + ([quality] if quality else []))
             return text + (f"\nwritten to {self.into}" if self.into else "")
         return self.message
+
+    def quality(self) -> str:
+        """One line on how exact an OCCLUDE map is; empty for an exact map nobody asked about."""
+        c = self.check
+        if c is not None:
+            if c["exact"]:
+                return (f"exact: interpolation could not be checked to SSIM >= {c['target']:g} "
+                        f"(tried lattices {', '.join(c['tried'])}), so every cell was computed")
+            return (f"approximate: SSIM >= {c['bound']:.3f} against the exact map, measured on "
+                    f"{c['windows']} windows of this map (target {c['target']:g}); "
+                    f"{c['cells']} of {c['of']} cells computed, lattice {c['lattice']}")
+        if self.tau < 1.0:
+            bound = "unknown" if self.predicted_ssim is None else f">= {self.predicted_ssim:.3f}"
+            return f"approximate: tau {self.tau:.2f}, predicted SSIM {bound} ({self.tuning})"
+        summary = (self.plan or "").splitlines()[-1:] or [""]
+        at = summary[0].find("approximate:")          # drill-down, frozen gates (EXPLAIN's words)
+        return summary[0][at:] if summary[0].startswith("Summary:") and at >= 0 else ""
 
     def __repr__(self) -> str:
         return f"<kql.Result {self.kind}: {self.render().splitlines()[0] if self.render() else ''}>"

@@ -196,7 +196,7 @@ class VerifiedDrillDown:
             if step == (1, 1):
                 scan.compute(np.arange(rows * cols))
                 return scan.result(dict(lattice="1x1", bound=1.0, windows=len(centres),
-                                        exact=True, tried=tried))
+                                        exact=True, tried=tried, target=self.check.target))
             if step[0] != step[1]:
                 step = scan.oriented(step, lr, lc, self.shape)
             tried.append(label(step))
@@ -215,7 +215,7 @@ class VerifiedDrillDown:
                 scan.compute(todo[~scan.known[todo]])
                 values[:, scan.known] = scan.scores[:, scan.known]
                 return scan.result(dict(lattice=label(step), bound=bound, windows=len(centres),
-                                        exact=False, tried=tried),
+                                        exact=False, tried=tried, target=self.check.target),
                                    values, approx_logits=scan.interpolated_logits(lr, lc, self.shape))
         raise AssertionError("levels() ends at 1")
 
@@ -280,7 +280,7 @@ class _Scan:
         if values is not None:
             scores = values.astype(np.float32)
             logits = np.where(self.known, self.logits, approx_logits).astype(np.float32)
-        check["cells"] = int(self.known.sum())
+        check["cells"], check["of"] = int(self.known.sum()), self.task.count
         if self.progress is not None:
             self.progress(self.task.count, self.task.count)
         return dataclasses.replace(self.first, scores=scores, all_logits=logits, check=check)

@@ -36,6 +36,8 @@ def test_stage_two_is_exact_on_its_cells_and_the_rest_interpolates(con, strategy
     # the exact cells are where the map drops most: their mean is below the others'
     assert exact.heatmap[same].mean() < exact.heatmap[~same].mean()
     assert heatmap_ssim(exact.heatmap, drilled.heatmap) > 0.8
+    assert "approximate: drill-down fraction 0.25" in drilled.render()
+    assert "approximate" not in exact.render()
     con.execute("SET strategy = 'auto'")
 
 

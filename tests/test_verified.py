@@ -56,6 +56,7 @@ def test_every_cell_it_computes_is_exact_and_the_check_it_reports_holds(con, exa
     assert result.predicted_ssim == check["bound"] >= 0.8
     assert heatmap_ssim(exact, result.heatmap) >= 0.8
     assert result.tuning.startswith("checked on")
+    assert f"approximate: SSIM >= {check['bound']:.3f} against the exact map" in result.render()
 
 
 def test_the_bound_it_measures_is_what_tuning_simulates(con, exact):
@@ -70,6 +71,7 @@ def test_an_unreachable_target_is_met_by_the_exact_map(con, exact):
     assert result.check["tried"][1] in ("4x2", "2x4") and result.check["tried"][2:] == ["2x2"]
     assert result.check["cells"] == exact.size and result.predicted_ssim == 1.0
     np.testing.assert_allclose(result.heatmap, exact, atol=1e-5)
+    assert "exact: interpolation could not be checked to SSIM >= 0.9999" in result.render()
 
 
 def test_a_failed_check_refines_the_lattice_before_giving_up(con, exact):
