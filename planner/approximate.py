@@ -75,10 +75,26 @@ def verified_candidates(query, settings, lookup) -> list:
     if query.drilldown is not None:
         step = min(s1 // s for s1, s in zip(stage_strides(query), query.grid.stride))
         known = step in bounds
-        return [(step, float(query.drilldown), bounds if known else None, source if known else "")]
-    if bounds:
-        return [(step, VERIFIED_FRACTION, bounds, source) for step in sorted(bounds)]
-    return [(DEFAULT_STEP, VERIFIED_FRACTION, None, "")]
+        found = [(step, float(query.drilldown), bounds if known else None, source if known else "")]
+    elif bounds:
+        found = [(step, VERIFIED_FRACTION, bounds, source) for step in sorted(bounds)]
+    else:
+        found = [(DEFAULT_STEP, VERIFIED_FRACTION, None, "")]
+    return [f for f in found if _check_pays(query, f[0], f[1])]
+
+
+# A check whose windows and lattice cover more of the map than this cannot pay for itself.
+CHECK_SHARE = 0.6
+
+
+def _check_pays(query, step: int, fraction: float) -> bool:
+    """Whether the first lattice, the check's windows and stage two leave enough of the map
+    to interpolate (on small maps the windows alone cover most of it)."""
+    from kql.operators.verified import TILES
+
+    from .drilldown import expected_cells
+
+    return expected_cells(query.grid.shape, step, fraction, TILES) < CHECK_SHARE * query.grid.count
 
 
 def _record(query, lookup) -> Optional[TuningRecord]:

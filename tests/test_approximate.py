@@ -39,15 +39,21 @@ def test_no_tuning_checks_the_map_on_the_image_itself_and_says_so():
     model = sensitive(calibrate_batchnorm(custom_model("residual_two_rf"), H, W), blob_image(H, W), (12, 12))
     c.register_model("net", model)
     c.register_image("img", blob_image(H, W, seed=3))
-    exact = c.execute(QUERY.format(img="img"))
-    asked = c.execute(QUERY.format(img="img") + " WITH SSIM >= 0.9")
+    dense = QUERY.format(img="img").replace("STRIDE 4", "STRIDE 2")          # a 27x35 map
+    exact = c.execute(dense)
+    asked = c.execute(dense + " WITH SSIM >= 0.9")
     # nothing tuned: a verified drill-down measures the map it makes (or it is exact)
     assert asked.check is not None and asked.tau == 1.0
     assert asked.tuning.startswith("checked on 8 windows of this map")
     assert asked.predicted_ssim >= 0.9 and heatmap_ssim(exact.heatmap, asked.heatmap) >= 0.9
-    line = operator_line(c.execute("EXPLAIN " + QUERY.format(img="img") + " WITH SSIM >= 0.9"))
+    line = operator_line(c.execute("EXPLAIN " + dense + " WITH SSIM >= 0.9"))
     assert line.lstrip().startswith("VerifiedDrillDown:") and "ssim_target=0.90" in line
     assert 'tuning="checked on' in line
+    # a 14x18 map: the check's windows would cover most of it, so the map is exact, and says so
+    small = c.execute(QUERY.format(img="img") + " WITH SSIM >= 0.9")
+    assert small.check is None and small.tau == 1.0 and small.predicted_ssim == 1.0
+    assert small.tuning.startswith("default")
+    np.testing.assert_array_equal(small.heatmap, c.execute(QUERY.format(img="img")).heatmap)
 
 
 def test_tuned_threshold_is_chosen_explained_and_holds_on_other_images(con):
