@@ -17,6 +17,10 @@ heatmap           list<list<float32>>         the map, row by row
 drop              float32                     the largest drop: unoccluded minus the map
 drop_x, drop_y,   float32                     that cell's patch in the original pixels
 drop_w, drop_h
+ssim              float32                     the SSIM against the exact map the map keeps:
+                                              1 for an exact map, a verified drill-down's
+                                              measured bound, tau's tuned bound (null:
+                                              unknown, e.g. a plain DRILLDOWN)
 plan              string                      the operator that ran (EXPLAIN's line)
 seconds           float32                     time spent on this image
 error             string                      why the image failed (null: it did not)
@@ -31,9 +35,11 @@ from typing import Optional
 import numpy as np
 
 COLUMNS = ("path", "height", "width", "target", "label", "probability", "rows", "cols",
-           "heatmap", "drop", "drop_x", "drop_y", "drop_w", "drop_h", "plan", "seconds", "error")
+           "heatmap", "drop", "drop_x", "drop_y", "drop_w", "drop_h", "ssim", "plan", "seconds",
+           "error")
 # What WHERE and ORDER BY may name.
-RANKABLE = ("probability", "drop", "seconds", "target", "path", "label", "height", "width")
+RANKABLE = ("probability", "drop", "seconds", "target", "path", "label", "height", "width",
+            "ssim")
 
 
 def schema():
@@ -43,7 +49,7 @@ def schema():
     types = {"path": pa.string(), "height": i32, "width": i32, "target": i32,
              "label": pa.string(), "probability": f32, "rows": i32, "cols": i32,
              "heatmap": pa.list_(pa.list_(f32)), "drop": f32, "drop_x": f32, "drop_y": f32,
-             "drop_w": f32, "drop_h": f32, "plan": pa.string(), "seconds": f32,
+             "drop_w": f32, "drop_h": f32, "ssim": f32, "plan": pa.string(), "seconds": f32,
              "error": pa.string()}
     return pa.schema([(name, types[name]) for name in COLUMNS])
 
@@ -56,12 +62,15 @@ def row_of(path: str, result, seconds: float) -> dict:
     height, width = (tuple(result.original.shape[1:]) if result.original is not None
                      else tuple(result.image.shape[1:]))
     operator = result.plan.splitlines()[1].strip() if result.plan.count("\n") else result.plan
+    ssim = result.predicted_ssim
+    if ssim is None and not result.quality():          # exact, and nobody asked
+        ssim = 1.0
     return {"path": path, "height": int(height), "width": int(width), "target": int(result.target),
             "label": result.label, "probability": float(result.probability),
             "rows": int(drop.shape[0]), "cols": int(drop.shape[1]),
             "heatmap": result.heatmap.tolist(), "drop": float(drop[i, j]),
             "drop_x": float(x), "drop_y": float(y), "drop_w": float(w), "drop_h": float(h),
-            "plan": operator, "seconds": float(seconds), "error": None}
+            "ssim": None if ssim is None else float(ssim), "plan": operator, "seconds": float(seconds), "error": None}
 
 
 def error_row(path: str, message: str, seconds: float = 0.0) -> dict:

@@ -158,3 +158,6 @@ def test_every_image_of_a_backlog_is_checked_on_its_own_map(con, tmp_path):
         assert single.check is not None
         np.testing.assert_allclose(np.array(row["heatmap"]), single.heatmap, atol=1e-5)
         assert "VerifiedDrillDown" in row["plan"]
+        assert row["ssim"] == pytest.approx(single.predicted_ssim, abs=1e-6) and row["ssim"] >= 0.8
+    worst = con.execute(f"OCCLUDE '{tmp_path}/*.png' USING net {geometry} ORDER BY ssim ASC LIMIT 1")
+    assert worst.rows[0]["ssim"] == min(r["ssim"] for r in table.rows)
