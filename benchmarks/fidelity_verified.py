@@ -9,7 +9,11 @@ the mean of those two (this shared machine drifts by 2x within minutes); KQL's e
 reference. Every KQL query plans afresh (the plan cache is cleared), as a first query on
 its image would.
 
-Usage: .venv/bin/python benchmarks/fidelity_verified.py ["PATCH 16 STRIDE 4"] [photo ...]
+With ``--calibrate=a,b,c`` the model is first tuned on those photos (``CALIBRATE ... ON
+(sample('a'), ...)``, same geometry): the planner then prices each starting lattice by how
+often its check passed there, and may choose a tuned tau instead.
+
+Usage: .venv/bin/python benchmarks/fidelity_verified.py ["PATCH 16 STRIDE 4"] [--calibrate=a,b] [photo ...]
 """
 import sys
 import time
@@ -22,8 +26,10 @@ from kql.parser import parse_with_text
 from kql.planner.logical import bind
 from kql.planner.tuning import heatmap_ssim
 
-GEOMETRY = sys.argv[1] if len(sys.argv) > 1 else "PATCH 16 STRIDE 4"
-PHOTOS = sys.argv[2:] or ["chelsea", "coffee", "astronaut", "rocket", "camera", "retina",
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--calibrate=")]
+TUNE = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--calibrate=")]
+GEOMETRY = ARGS[0] if ARGS else "PATCH 16 STRIDE 4"
+PHOTOS = ARGS[1:] or ["chelsea", "coffee", "astronaut", "rocket", "camera", "retina",
                           "hubble_deep_field", "immunohistochemistry", "moon", "coins",
                           "clock", "horse", "gravel", "colorwheel"]
 TARGETS = (0.8, 0.9, 0.95)
@@ -68,6 +74,12 @@ def timed(query: str, loop, count: int):
 
 
 print(f"torch threads (default): {torch.get_num_threads()}; {GEOMETRY}", flush=True)
+if TUNE:
+    names = [n for n in TUNE[0].split(",") if n]
+    start = time.perf_counter()
+    print(con.execute("CALIBRATE efficientnet_lite0 ON (" + ", ".join(f"sample('{n}')" for n in names)
+                      + f") {GEOMETRY}").message, flush=True)
+    print(f"tuning took {time.perf_counter() - start:.0f} s", flush=True)
 rows = {t: [] for t in TARGETS}
 exact_speed = []
 for name in PHOTOS:
@@ -80,7 +92,8 @@ for name in PHOTOS:
     line = [f"{name:21s} plain {plain:5.1f} s  exact {speed:4.2f}x"]
     for t, (a, speedup, _) in answers.items():
         achieved = heatmap_ssim(exact.heatmap, a.heatmap)
-        how = "exact" if a.check is None or a.check["exact"] else f"lattice {a.check['lattice']}"
+        how = (("exact" if a.check["exact"] else f"lattice {a.check['lattice']}") if a.check
+               else f"tau {a.tau:.2f}" if a.tau < 1 else a.plan.splitlines()[1].split(":")[0].strip()[:9])
         rows[t].append((achieved, speedup))
         line.append(f"| {t}: {how:9s} bound {a.predicted_ssim:.3f} achieved {achieved:.3f} "
                     f"{speedup:5.2f}x")
