@@ -100,6 +100,19 @@ def lattice(shape: tuple, step) -> tuple:
     return pick(rows, sy), pick(cols, sx)
 
 
+def orient(grid: np.ndarray, step: int) -> tuple:
+    """The one-axis refinement of lattice ``step`` whose values are ``grid`` [T, rows, cols]:
+    ``(2, step)`` (every 2nd row) where the values vary more down the rows than across
+    them, else ``(step, 2)``.
+
+    >>> orient(np.array([[[0.0, 0.0], [1.0, 1.0]]]), 4), orient(np.array([[[0.0, 1.0]]]), 4)
+    ((2, 4), (4, 2))
+    """
+    along_rows = np.abs(np.diff(grid, axis=1)).mean() if grid.shape[1] > 1 else 0.0
+    along_cols = np.abs(np.diff(grid, axis=2)).mean() if grid.shape[2] > 1 else 0.0
+    return (2, step) if along_rows > along_cols else (step, 2)
+
+
 def label(step: tuple) -> str:
     return f"{step[0]}x{step[1]}"
 
@@ -254,11 +267,7 @@ class _Scan:
         """``(step, 2)`` or ``(2, step)``: finer along the axis the map, on the lattice
         ``lr, lc`` computed so far, varies most along (summed over the targets)."""
         rows, cols = shape
-        grid = self.scores.reshape(len(self.scores), rows, cols)[:, lr][:, :, lc]
-        along_rows = np.abs(np.diff(grid, axis=1)).mean() if len(lr) > 1 else 0.0
-        along_cols = np.abs(np.diff(grid, axis=2)).mean() if len(lc) > 1 else 0.0
-        coarse = max(step)
-        return (2, coarse) if along_rows > along_cols else (coarse, 2)
+        return orient(self.scores.reshape(len(self.scores), rows, cols)[:, lr][:, :, lc], max(step))
 
     def interpolated(self, lr, lc, shape) -> np.ndarray:
         """[T, rows, cols]: every target's map interpolated from the lattice's cells."""

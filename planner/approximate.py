@@ -77,7 +77,8 @@ def verified_candidates(query, settings, lookup) -> list:
         known = step in bounds
         found = [(step, float(query.drilldown), bounds if known else None, source if known else "")]
     elif bounds:
-        found = [(step, VERIFIED_FRACTION, bounds, source) for step in sorted(bounds)]
+        found = [(step, VERIFIED_FRACTION, bounds, source)
+                 for step in sorted(k for k in bounds if isinstance(k, int))]
     else:
         found = [(DEFAULT_STEP, VERIFIED_FRACTION, None, "")]
     return [f for f in found if _check_pays(query, f[0], f[1])]

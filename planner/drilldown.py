@@ -71,7 +71,8 @@ def expected_cells(shape: tuple, step: int, fraction: float, tiles: int,
                    bounds: Optional[dict] = None, target: float = 1.0) -> float:
     """Cells a verified drill-down starting at ``step`` computes, on average over the
     tuning images whose check ``bounds`` ({step: [bound per image]}) are known; with none,
-    the cells when the first check passes (what EXPLAIN calls the optimistic case)."""
+    the cells when the first check passes (what EXPLAIN calls the optimistic case). A
+    lattice whose check the tuning did not record is priced as failing."""
     from kql.operators.verified import WINDOW, lattice, levels, windows
 
     rows, cols = shape
@@ -100,9 +101,10 @@ def expected_cells(shape: tuple, step: int, fraction: float, tiles: int,
                 spent.append(total)
                 break
             tried.append(s)
-            if s[0] == s[1] and s[0] in bounds and bounds[s[0]][i] >= target:
+            key = s[0] if s[0] == s[1] else (max(s), 2)     # a first check, a refinement
+            if key in bounds and bounds[key][i] >= target:
                 spent.append(cells_at(tried))
-                break                            # (a one-axis refinement: not tuned, priced as failing)
+                break
     return float(np.mean(spent))
 
 

@@ -90,7 +90,8 @@ class TuningRecord:
     images: int
     seconds: float = 0.0
     drills: tuple = ()          # ((fraction, speedup, ssims[1 + len(taus)][images]), ...): tau 1, taus
-    checks: tuple = ()          # ((step, bounds[images]), ...): a verified drill-down's check per lattice step
+    checks: tuple = ()          # ((step, bounds[images]), ...): a verified drill-down's first check per lattice step
+    refined: tuple = ()         # ((step, bounds[images]), ...): its one-axis refinement of an even step > 2
 
     def bound(self, i: int) -> float:
         """The conservative SSIM bound at ``taus[i]``."""
@@ -141,19 +142,24 @@ class TuningRecord:
         return {"taus": list(self.taus), "ssims": [list(s) for s in self.ssims],
                 "images": self.images, "seconds": self.seconds,
                 "drills": [[r, sp, [list(v) for v in ssims]] for r, sp, ssims in self.drills],
-                "checks": [[step, list(b)] for step, b in self.checks]}
+                "checks": [[step, list(b)] for step, b in self.checks],
+                "refined": [[step, list(b)] for step, b in self.refined]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningRecord":
         table = lambda rows: tuple(tuple(float(v) for v in row) for row in rows)
         drills = tuple((float(r), float(sp), table(ssims)) for r, sp, ssims in d.get("drills", ()))
-        checks = tuple((int(step), tuple(float(v) for v in b)) for step, b in d.get("checks", ()))
+        steps = lambda rows: tuple((int(step), tuple(float(v) for v in b)) for step, b in rows)
         return cls(tuple(float(t) for t in d["taus"]), table(d["ssims"]), int(d["images"]),
-                   float(d.get("seconds", 0.0)), drills, checks)
+                   float(d.get("seconds", 0.0)), drills, steps(d.get("checks", ())),
+                   steps(d.get("refined", ())))
 
     def check_bounds(self) -> dict:
-        """{lattice step: [the check's bound on each tuning image]} (verified drill-down)."""
-        return {step: list(b) for step, b in self.checks}
+        """The verified drill-down's check on each tuning image: ``{step: [bound, ...]}`` for
+        a scan's first lattice, ``{(step, 2): [...]}`` for its one-axis refinement."""
+        bounds = {step: list(b) for step, b in self.checks}
+        bounds.update({(step, 2): list(b) for step, b in self.refined})
+        return bounds
 
 
 def conservative(values) -> float:
@@ -193,6 +199,7 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     ssims = [[] for _ in taus]
     drilled = [[[] for _ in (1.0,) + tuple(taus)] for _ in drilldowns]
     checked = {step: [] for step in VERIFIED_STEPS}
+    refined = {step: [] for step in VERIFIED_STEPS if step > 2 and step % 2 == 0}
     for done, query in enumerate(queries):
         try:
             exact, approx = exact_and_thresholded(query, device, taus)
@@ -207,24 +214,30 @@ def tune(queries: list, settings=None, directory=None, progress=None,
         if checkable(exact.shape):
             for step in VERIFIED_STEPS:
                 checked[step].append(check_bound(exact, step))
+            for step in refined:
+                refined[step].append(check_bound(exact, step, refine=True))
         if progress is not None:
             progress(done + 1, len(queries))
     drills = tuple((r, sp, tuple(tuple(v) for v in table))
                    for (r, sp), table in zip(drilldowns, drilled))
     checks = tuple((step, tuple(b)) for step, b in checked.items() if b)
+    refinements = tuple((step, tuple(b)) for step, b in refined.items() if b)
     return TuningRecord(tuple(taus), tuple(tuple(s) for s in ssims), len(queries),
-                        time.perf_counter() - start, drills, checks)
+                        time.perf_counter() - start, drills, checks, refinements)
 
 
-def check_bound(exact: np.ndarray, step: int) -> float:
+def check_bound(exact: np.ndarray, step: int, refine: bool = False) -> float:
     """What a verified drill-down starting at lattice ``step`` measures on ``exact``
-    [rows, cols] in its first check (the same windows and bound as
-    :class:`~kql.operators.verified.VerifiedDrillDown`)."""
+    [rows, cols] in its first check, or with ``refine`` in its one-axis refinement (the
+    same windows, orientation and bound as :class:`~kql.operators.verified.VerifiedDrillDown`)."""
     from kql.operators.drilldown import interpolate
-    from kql.operators.verified import TILES, check_confidence, lattice, local_ssims, lower_bound, windows
+    from kql.operators.verified import (TILES, check_confidence, lattice, local_ssims,
+                                        lower_bound, orient, windows)
 
     rows, cols = exact.shape
     lr, lc = lattice(exact.shape, step)
+    if refine:
+        lr, lc = lattice(exact.shape, orient(exact[np.ix_(lr, lc)][None], step))
     ys, xs = np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
     approx = interpolate(exact[np.ix_(lr, lc)], lr, lc, ys, xs).reshape(rows, cols)
     return lower_bound(local_ssims(exact, approx, windows(exact.shape, TILES)), check_confidence(step))

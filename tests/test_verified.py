@@ -120,7 +120,7 @@ def test_tuning_records_the_checks_and_prices_them():
 
     stmt, text = parse_with_text("OCCLUDE i2 USING net PATCH 12 STRIDE 2 COLOR black")[0]
     record = TuningRecord.from_dict(c.catalog.tuning("net", key(bind(stmt, text, c.catalog))))
-    assert sorted(record.check_bounds()) == [2, 3, 4]
+    assert set(record.check_bounds()) == {2, 3, 4, (4, 2)}      # first checks, the refinement
     assert all(len(b) == 2 for b in record.check_bounds().values())
     assert TuningRecord.from_dict(record.to_dict()) == record
     exact = c.execute("OCCLUDE i2 USING net PATCH 12 STRIDE 2 COLOR black").heatmap
@@ -140,8 +140,11 @@ def test_expected_cells_follow_how_often_the_check_passed():
     assert expected_cells(shape, 2, 0.02, 8, {2: [1.0, 1.0]}, 0.9) == optimistic
     half = expected_cells(shape, 2, 0.02, 8, {2: [1.0, 0.0]}, 0.9)
     assert half == (optimistic + shape[0] * shape[1]) / 2
-    # from step 4, a failed first check costs the finer lattice too
-    assert expected_cells(shape, 4, 0.02, 8, {4: [0.0], 2: [1.0]}, 0.9) >= optimistic
+    # from step 4, a failed first check costs the finer lattice too; a passing refinement less
+    refined = expected_cells(shape, 4, 0.02, 8, {4: [0.0], (4, 2): [1.0]}, 0.9)
+    every_2nd = expected_cells(shape, 4, 0.02, 8, {4: [0.0], (4, 2): [0.0], 2: [1.0]}, 0.9)
+    assert expected_cells(shape, 4, 0.02, 8) < refined < every_2nd < shape[0] * shape[1]
+    assert every_2nd == optimistic            # starting at every 4th cell cost nothing extra
 
 
 def test_every_image_of_a_backlog_is_checked_on_its_own_map(con, tmp_path):
