@@ -51,7 +51,6 @@ class Check:
 
     target: float
     tiles: int = TILES
-    confidence: float = CONFIDENCE
 
 
 def checkable(shape: tuple) -> bool:
@@ -140,6 +139,27 @@ def windows(shape: tuple, count: int) -> list:
     return centres
 
 
+def window_mask(shape: tuple, centres: list) -> np.ndarray:
+    """[rows, cols] bool: the cells of the check's windows centred at ``centres``."""
+    half = WINDOW // 2
+    mask = np.zeros(shape, bool)
+    for r, c in centres:
+        mask[r - half:r + half + 1, c - half:c + half + 1] = True
+    return mask
+
+
+def spread_lattice(grid: np.ndarray, lr: np.ndarray, lc: np.ndarray) -> np.ndarray:
+    """A map [rows, cols] interpolated (bilinear) from its values at lattice rows ``lr``,
+    columns ``lc``; the lattice cells keep their values.
+
+    >>> spread_lattice(np.array([[0.0, 9.0, 2.0]]), np.array([0]), np.array([0, 2])).tolist()
+    [[0.0, 1.0, 2.0]]
+    """
+    rows, cols = grid.shape
+    ys, xs = np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
+    return interpolate(grid[np.ix_(lr, lc)], lr, lc, ys, xs).reshape(rows, cols)
+
+
 def lower_bound(values, confidence: float) -> float:
     """One-sided lower confidence bound of the mean of ``values`` (Student's t).
 
@@ -198,10 +218,7 @@ class VerifiedDrillDown:
         scan = _Scan(self.fine, task, progress, timings)
         centres = windows(self.shape, self.check.tiles)
         rows, cols = self.shape
-        half = WINDOW // 2
-        in_windows = np.zeros(self.shape, bool)
-        for r, c in centres:
-            in_windows[r - half:r + half + 1, c - half:c + half + 1] = True
+        in_windows = window_mask(self.shape, centres)
         cascade = levels(self.step)
         confidence = check_confidence(self.step)
         tried = []
@@ -278,11 +295,8 @@ class _Scan:
 
     @staticmethod
     def _spread(values, lr, lc, shape) -> np.ndarray:
-        rows, cols = shape
-        grid = values.reshape(len(values), rows, cols)
-        ys, xs = np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
-        return np.stack([interpolate(g[np.ix_(lr, lc)], lr, lc, ys, xs).reshape(rows, cols)
-                         for g in grid]).astype(np.float32)
+        return np.stack([spread_lattice(g, lr, lc)
+                         for g in values.reshape(len(values), *shape)]).astype(np.float32)
 
     def result(self, check: dict, values=None, approx_logits=None) -> OcclusionResult:
         scores, logits = self.scores, self.logits

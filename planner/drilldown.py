@@ -73,14 +73,11 @@ def expected_cells(shape: tuple, step: int, fraction: float, tiles: int,
     tuning images whose check ``bounds`` ({step: [bound per image]}) are known; with none,
     the cells when the first check passes (what EXPLAIN calls the optimistic case). A
     lattice whose check the tuning did not record is priced as failing."""
-    from kql.operators.verified import WINDOW, lattice, levels, windows
+    from kql.operators.verified import lattice, levels, window_mask, windows
 
     rows, cols = shape
     total = rows * cols
-    cover = np.zeros(shape, bool)
-    half = WINDOW // 2
-    for r, c in windows(shape, tiles):
-        cover[r - half:r + half + 1, c - half:c + half + 1] = True
+    cover = window_mask(shape, windows(shape, tiles))
 
     def cells_at(tried: list) -> int:
         known = cover.copy()

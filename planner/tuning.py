@@ -188,10 +188,9 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     """Exact and thresholded maps of every query (one per sample image); their SSIMs."""
     from kql.errors import KqlPlanError
     from kql.operators.graph import TraceError
-
-    from . import devices
     from kql.operators.verified import checkable
 
+    from . import devices
     from .approximate import exact_and_thresholded
 
     start = time.perf_counter()
@@ -230,16 +229,13 @@ def check_bound(exact: np.ndarray, step: int, refine: bool = False) -> float:
     """What a verified drill-down starting at lattice ``step`` measures on ``exact``
     [rows, cols] in its first check, or with ``refine`` in its one-axis refinement (the
     same windows, orientation and bound as :class:`~kql.operators.verified.VerifiedDrillDown`)."""
-    from kql.operators.drilldown import interpolate
     from kql.operators.verified import (TILES, check_confidence, lattice, local_ssims,
-                                        lower_bound, orient, windows)
+                                        lower_bound, orient, spread_lattice, windows)
 
-    rows, cols = exact.shape
     lr, lc = lattice(exact.shape, step)
     if refine:
         lr, lc = lattice(exact.shape, orient(exact[np.ix_(lr, lc)][None], step))
-    ys, xs = np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
-    approx = interpolate(exact[np.ix_(lr, lc)], lr, lc, ys, xs).reshape(rows, cols)
+    approx = spread_lattice(exact, lr, lc)
     return lower_bound(local_ssims(exact, approx, windows(exact.shape, TILES)), check_confidence(step))
 
 
