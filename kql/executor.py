@@ -57,10 +57,12 @@ def run(physical, stmt: ast.Occlude, progress, profile=None):
 
 
 def _out_of_memory(physical) -> str:
+    """The scan halves a batch that runs out of memory down to one position (see
+    :func:`kql.operators.task.scan`): what reaches here did not fit even then."""
     predicted = size_text(physical.memory_bytes)
-    return (f"out of memory running model '{physical.query.model.name}' at batch "
-            f"{physical.batch} (predicted {predicted}); lower BATCH, or SET memory_limit "
-            f"below {predicted} for a smaller batch")
+    return (f"out of memory running model '{physical.query.model.name}' even at batch 1 "
+            f"(halved from {physical.batch}; predicted {predicted} at batch {physical.batch}); "
+            f"free memory, or occlude a smaller image")
 
 
 def duration(seconds: float) -> str:
@@ -135,6 +137,8 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
     profile["total"] = time.perf_counter() - start
     if out.check is not None:
         profile["check"] = out.check
+    if out.halved:
+        profile["halved"] = out.halved
     exact_plan = physical.exact()
     if exact_plan.operator is not physical.operator:   # approximate: verify against the exact map
         from .planner.tuning import heatmap_ssim
@@ -317,7 +321,7 @@ def _result(physical, out, text: str) -> Result:
         tau=physical.approximation.tau if physical.approximation else 1.0,
         predicted_ssim=_predicted_ssim(physical, out),
         tuning=physical.approximation.source if physical.approximation else "",
-        check=out.check,
+        check=out.check, halved=out.halved,
         heatmaps=maps, targets=[int(t) for t in out.targets], labels=names,
         base_scores=[float(v) for v in out.base_scores], output=out.output,
         output_note=q.output_note, frame=q.frame, original=q.original, image_info=q.image_info)

@@ -51,6 +51,7 @@ class Result:
     frame: object = None                          # kql.planner.frame.Frame: original <-> model pixels
     original: object = None                       # torch [C, H, W] as the user gave it
     image_info: dict = field(default_factory=dict)  # an image file's header (DICOM: pixel_spacing, window, ...)
+    halved: tuple = ()                            # batch sizes that ran out of memory (then halved)
 
     @property
     def drop(self) -> Optional[np.ndarray]:
@@ -137,7 +138,8 @@ class Result:
                          f"{float(self.heatmap.min()):.4f} .. {float(self.heatmap.max()):.4f}) "
                          f"in {self.seconds:.2f}s"]
             quality = self.quality()
-            text = "\n".join(lines + ([quality] if quality else []))
+            text = "\n".join(lines + ([quality] if quality else []) + ([halved_note(self.halved)]
+                                                                       if self.halved else []))
             return text + (f"\nwritten to {self.into}" if self.into else "")
         return self.message
 
@@ -211,6 +213,16 @@ class Result:
                          "largest drop": f"{drop:.4f} at cell ({row}, {col})",
                          "its patch (x, y, w, h) px": f"({x:.0f}, {y:.0f}, {w:.0f}, {h:.0f})"})
         return rows
+
+
+def halved_note(halved: tuple) -> str:
+    """The shell's line for a scan that ran out of memory and went on at smaller batches.
+
+    >>> halved_note((32, 16))
+    'out of memory at batch 32, then 16: went on at batch 8 (every position computed)'
+    """
+    sizes = ", then ".join(str(b) for b in halved)
+    return f"out of memory at batch {sizes}: went on at batch {halved[-1] // 2} (every position computed)"
 
 
 def _html_table(rows: list) -> str:

@@ -104,6 +104,7 @@ class DrillDownOcclusion:
         drops = (scores - first.base_scores[:, None]).min(axis=0)
         chosen = largest_drops(drops, self.fraction)
         todo = chosen[~np.isin(chosen, known)]            # stage one's own cells are done
+        halved = first.halved
         if len(todo):
             ys, xs = task.ys[todo], task.xs[todo]
             fine_task = dataclasses.replace(task, ys=ys, xs=xs, targets=first.targets,
@@ -111,9 +112,10 @@ class DrillDownOcclusion:
             second = self.stage_two.at(ys, xs).run(fine_task, None, timings)
             scores[:, todo] = second.scores
             logits[:, todo] = second.all_logits
+            halved += second.halved
         if progress is not None:
             progress(task.count, task.count)
-        return dataclasses.replace(first, scores=scores, all_logits=logits)
+        return dataclasses.replace(first, scores=scores, all_logits=logits, halved=halved)
 
 
 def spread(coarse_values: np.ndarray, grid: tuple, ys: np.ndarray, xs: np.ndarray) -> tuple:

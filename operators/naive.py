@@ -6,9 +6,12 @@ against (seed paper 000, section 3.1, equations 1-6).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .layout import ADAPTIVE, CONTIGUOUS, LayoutTrial, in_layout
@@ -53,17 +56,37 @@ class NaiveOcclusion:
             base_logits = self.base_logits.to(device)
         else:
             base_logits = check_logits(model(image.unsqueeze(0)))[0].float()
+        # The corners go to the device once; every batch is painted there (no host copy).
+        ys, xs = (torch.as_tensor(np.asarray(v, np.int64), device=device) for v in (task.ys, task.xs))
 
         trial = LayoutTrial(-(-task.count // self.batch_size)) if self.layout == ADAPTIVE else None
+        calls = itertools.count()          # batches in the order they ran (scan may halve one)
 
         def logits_of(items):
-            batch = occlude(image, color, task.ys[items], task.xs[items], task.patch)
+            batch = occlude(image, color, ys[items], xs[items], task.patch)
             if trial is None:
                 return check_logits(model(in_layout(batch, self.layout)))
-            index = items.start // self.batch_size
+            index = next(calls)
             start = time.perf_counter()
             out = check_logits(model(in_layout(batch, trial.layout(index))))
-            trial.record(index, time.perf_counter() - start)     # CPU only: calls are synchronous
+            if device.type == "cuda":      # CUDA calls return at once: time the work itself
+                torch.cuda.synchronize(device)
+            trial.record(index, time.perf_counter() - start)
             return out
-        return scan(task, base_logits, self.batch_size, logits_of, progress)
+        with autotuned(device):
+            return scan(task, base_logits, self.batch_size, logits_of, progress)
 
+
+@contextlib.contextmanager
+def autotuned(device: torch.device):
+    """On CUDA, cuDNN picks each convolution's fastest algorithm for the scan's batch shape
+    (every batch but the last has the same one); the setting is restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

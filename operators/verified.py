@@ -258,6 +258,7 @@ class _Scan:
         self.known = np.zeros(task.count, bool)
         self.first: Optional[OcclusionResult] = None
         self.scores = self.logits = None
+        self.halved: tuple = ()          # batch sizes that ran out of memory (scan's)
 
     def compute(self, cells: np.ndarray) -> None:
         cells = np.asarray(cells, np.int64)
@@ -277,6 +278,7 @@ class _Scan:
         self.scores[:, cells] = out.scores
         self.logits[:, cells] = out.all_logits
         self.known[cells] = True
+        self.halved += out.halved
         if self.progress is not None:
             self.progress(int(self.known.sum()), self.task.count)
 
@@ -306,4 +308,5 @@ class _Scan:
         check["cells"], check["of"] = int(self.known.sum()), self.task.count
         if self.progress is not None:
             self.progress(self.task.count, self.task.count)
-        return dataclasses.replace(self.first, scores=scores, all_logits=logits, check=check)
+        return dataclasses.replace(self.first, scores=scores, all_logits=logits, check=check,
+                                   halved=self.halved)

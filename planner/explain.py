@@ -156,6 +156,9 @@ def _operator_line(plan, actual) -> str:
         items["actual_s"] = _num(actual["total"], 3)
         if plan.predicted_seconds is not None and actual["total"] > 0:
             items["predicted/actual"] = _num(plan.predicted_seconds / actual["total"])
+        if actual.get("halved"):            # out of memory: the scan went on at smaller batches
+            sizes = actual["halved"]
+            items["batch_halved"] = "->".join(str(b) for b in sizes + (sizes[-1] // 2,))
     return _line(plan.operator.name, **items)
 
 

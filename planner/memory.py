@@ -21,14 +21,13 @@ import torch
 
 from kql.errors import KqlPlanError
 from kql.operators.steps import PATCH
+from kql.operators.task import out_of_memory as is_out_of_memory  # noqa: F401  (re-exported)
 
 from .settings import byte_count
 
 FLOAT = 4
 BUDGET_FRACTION = 0.25
 MAX_BATCH = {"cpu": 32, "cuda": 256}
-# What torch says when an allocation fails: CPU (DefaultCPUAllocator) and CUDA.
-OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory")
 
 
 class MemoryLimitError(KqlPlanError):
@@ -74,20 +73,6 @@ def size_text(count: int) -> str:
     if count >= 2**20:
         return f"{count / 2**20:.1f} MB"
     return f"{count / 2**10:.1f} KB"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether torch (or Python) ran out of memory; any other error is not.
-
-    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: ..."))
-    True
-    >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    False
-    """
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(words in text for words in OUT_OF_MEMORY)
 
 
 # -- estimates -------------------------------------------------------------------------------

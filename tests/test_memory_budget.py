@@ -171,15 +171,17 @@ def test_a_large_image_with_a_modest_batch_is_lowered():
 
 class FailsOnBatches(nn.Module):
     """Fine on one image (planning), raises ``error()`` on a batch (torch.fx cannot trace
-    the branch: the plain loop runs it)."""
+    the branch: the plain loop runs it); with ``always``, on every call from the first
+    batch on (memory taken by someone else mid-query: not even one position fits)."""
 
-    def __init__(self, error):
+    def __init__(self, error, always: bool = False):
         super().__init__()
-        self.error = error
+        self.error, self.always, self.armed = error, always, False
         self.head = nn.Linear(3, 4)
 
     def forward(self, x):
-        if x.shape[0] > 1:
+        if x.shape[0] > 1 or self.armed:        # (the tracer's Proxy fails here: untraceable)
+            self.armed = self.always
             self.error()
         return self.head(x.mean((2, 3)))
 
@@ -194,22 +196,37 @@ def _raise(exc):
     return error
 
 
-@pytest.mark.parametrize("error", [
+ERRORS = [
     _allocate_a_petabyte,
     _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")),
     _raise(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough "
                         "memory: you tried to allocate 9 bytes")),
     _raise(MemoryError()),
-], ids=["cpu-allocator", "cuda", "not-enough", "python"])
-def test_out_of_memory_is_one_line_that_says_lower_batch(error):
+]
+IDS = ["cpu-allocator", "cuda", "not-enough", "python"]
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=IDS)
+def test_out_of_memory_halves_the_batch_and_goes_on(error):
     con = kql.connect()
     con.register_model("net", FailsOnBatches(error))
     con.register_image("img", smooth_noise_image(24, 30))
     runner = Runner(con, out=io.StringIO(), err=io.StringIO())
+    assert runner.run(QUERY + " BATCH 4") == shell.EXIT_OK, runner.err.getvalue()
+    assert "out of memory at batch 4, then 2: went on at batch 1" in runner.out.getvalue()
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=IDS)
+def test_out_of_memory_at_one_position_is_one_line(error):
+    con = kql.connect()
+    con.register_model("net", FailsOnBatches(error, always=True))
+    con.register_image("img", smooth_noise_image(24, 30))
+    runner = Runner(con, out=io.StringIO(), err=io.StringIO())
     assert runner.run(QUERY + " BATCH 4") == shell.EXIT_FAILED
     err = runner.err.getvalue()
-    assert err.startswith("error: out of memory running model 'net' at batch 4 (predicted ")
-    assert "lower BATCH, or SET memory_limit below" in err and err.count("\n") == 1, err
+    assert err.startswith("error: out of memory running model 'net' even at batch 1 "
+                          "(halved from 4; predicted "), err
+    assert "free memory, or occlude a smaller image" in err and err.count("\n") == 1, err
 
 
 def test_other_runtime_errors_still_blame_the_model():
