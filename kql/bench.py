@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -325,6 +326,26 @@ def _bench(args) -> int:
     return 0
 
 
+def plan_gflops(plan) -> Optional[float]:
+    """The GFLOPs the planner costed ``plan`` at (a drill-down: stage one and its fraction
+    of stage two, eq 46); None when it was planned without a cost."""
+    if plan.stages:
+        one, two = (plan_gflops(p) for p in plan.stages)
+        fraction = plan.operator.fraction
+        return None if one is None or two is None else one + fraction * two
+    if plan.cost is None:
+        return None
+    return 2 * plan.cost.macs * plan.batches / 1e9
+
+
+def flop_ratio(naive, plan) -> Optional[float]:
+    """Naive's GFLOPs per position over ``plan``'s (per position of ``plan``'s grid)."""
+    a, b = plan_gflops(naive), plan_gflops(plan)
+    if not a or not b:
+        return None
+    return (a / naive.query.grid.count) / (b / plan.query.grid.count)
+
+
 def _crossover_settings(con, stmt, text, settings) -> list:
     """Add one engine setting per distinct crossover the planner costs; their names."""
     from . import executor
@@ -407,6 +428,11 @@ def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_c
         print(f"approximation: tau {a.tau:.2f} ({a.source}), predicted SSIM >= {bound}")
     ratio = "not computed (planned without tracing)" if chosen.ratio is None else f"{chosen.ratio:.2f}"
     print(f"theoretical R = Q/Q_inc (eqs 16-20, patch at the centre): {ratio}")
+    bounds = {name: flop_ratio(plans["naive"], plans[name]) for name in ("chosen plan", PURE)}
+    if all(b is not None for b in bounds.values()):
+        print(f"FLOP ratio vs the plain loop (its GFLOPs / the plan's, per position, as costed): "
+              f"chosen plan {bounds['chosen plan']:.2f}x, {PURE} {bounds[PURE]:.2f}x: what each "
+              f"plan's speedup is at equal GFLOP/s (a compute-bound CPU cannot go far past it)")
     swept = [PURE] + [name for name in times if name.startswith("crossover ")]
     if len(swept) > 1:
         pure = statistics.median(times[PURE])

@@ -2,8 +2,10 @@
 
 For each batch item ``b`` the context is the window ``[wy_b, wy_b+R) x [wx_b, wx_b+Rw)`` of
 the materialized (padded) input with the item's changed patch pasted in at
-``(py_b, px_b)`` (seed paper 000, Algorithm 1, lines 4-8). On CUDA the Triton kernel in
-``kql.cuda.gather`` does the same in one pass.
+``(py_b, px_b)`` (seed paper 000, Algorithm 1, lines 4-8). Where :func:`kernels` says so
+(CUDA tensors), one Triton kernel of ``kql.cuda.gather`` does each copy in one launch,
+with the corners as int64 tensors on the device (:func:`device_corners`); otherwise the
+corners are numpy arrays and torch ops do it.
 
 >>> import numpy as np, torch
 >>> base = torch.arange(16.).view(1, 1, 4, 4)
@@ -16,19 +18,57 @@ the materialized (padded) input with the item's changed patch pasted in at
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
+
+
+def kernels(device: torch.device) -> bool:
+    """Whether the Triton kernels do the copies for tensors on ``device`` (CUDA, or any
+    device with ``KQL_KERNELS=triton`` and ``TRITON_INTERPRET=1``: the tests' way)."""
+    if device.type != "cuda" and os.environ.get("KQL_KERNELS") != "triton":
+        return False
+    from kql.cuda import gather as gpu
+
+    return gpu.enabled(device)
+
+
+def device_corners(arrays: list, device) -> list:
+    """The int64 corner arrays ``arrays`` (each ``[N]``) on ``device``, in one copy."""
+    if not arrays:
+        return []
+    flat = torch.from_numpy(np.concatenate([np.asarray(a, np.int64) for a in arrays]))
+    flat = flat.to(device, non_blocking=True)
+    return list(torch.split(flat, [len(a) for a in arrays]))
+
+
+def _host(values) -> np.ndarray:
+    return values.cpu().numpy() if isinstance(values, torch.Tensor) else values
 
 
 def _index(values: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device, non_blocking=True)
 
 
-def windows(base: torch.Tensor, wy: np.ndarray, wx: np.ndarray, size: tuple) -> torch.Tensor:
-    """``[B, C, R, Rw]`` copies of windows of ``base`` ``[1, C, H, W]`` (all inside it)."""
+def windows(base: torch.Tensor, wy, wx, size: tuple, scale: tuple = (1, 1)) -> torch.Tensor:
+    """``[B, C, R, Rw]`` copies of windows of ``base`` ``[1, C, H, W]`` at ``(wy*sy, wx*sx)``
+    (all inside it)."""
+    if kernels(base.device):
+        from kql.cuda import gather as gpu
+
+        return gpu.windows(base, *_on(base.device, wy, wx), size, scale)
     r, rw = size
+    wy, wx = _host(wy) * scale[0], _host(wx) * scale[1]
     view = base[0].unfold(1, r, 1).unfold(2, rw, 1)          # [C, H-R+1, W-Rw+1, R, Rw]
     return view.permute(1, 2, 0, 3, 4)[_index(wy, base.device), _index(wx, base.device)]
+
+
+def _on(device, *corners) -> list:
+    """Corners as int64 tensors on ``device`` (numpy ones copied: callers outside a scan)."""
+    if all(isinstance(c, torch.Tensor) for c in corners):
+        return list(corners)
+    return device_corners([_host(c) for c in corners], device)
 
 
 def paste(dst: torch.Tensor, patches: torch.Tensor, oy: np.ndarray, ox: np.ndarray) -> torch.Tensor:
@@ -58,17 +98,17 @@ def paste_clipped(dst: torch.Tensor, patches: torch.Tensor, oy: np.ndarray, ox: 
     return torch.where(inside.to(dev)[:, None], vals, dst)
 
 
-def gather(padded: torch.Tensor, patches: torch.Tensor, py: np.ndarray, px: np.ndarray,
-           wy: np.ndarray, wx: np.ndarray, size: tuple) -> torch.Tensor:
-    """Contexts ``[B, C, R, Rw]``: windows of ``padded`` with each item's patch pasted in.
-
-    ``py, px`` and ``wy, wx`` are the patch and window corners in ``padded``'s coordinates.
-    """
-    if padded.is_cuda:
+def gather(padded: torch.Tensor, patches: torch.Tensor, py, px, wy, wx, size: tuple,
+           offset: tuple = (0, 0), scale: tuple = (1, 1)) -> torch.Tensor:
+    """Contexts ``[B, C, R, Rw]``: windows of ``padded`` at ``(wy*sy, wx*sx)`` with each
+    item's patch pasted in at ``(py + dy, px + dx)`` (``scale`` (sy, sx), ``offset`` (dy, dx):
+    a layer's stride and padding, applied where the copy is made)."""
+    if kernels(padded.device):
         from kql.cuda import gather as gpu
 
-        if gpu.available():
-            return gpu.gather(padded, patches, py, px, wy, wx, size)
+        return gpu.contexts(padded, patches, *_on(padded.device, py, px, wy, wx), size, offset, scale)
+    py, px = _host(py) + offset[0], _host(px) + offset[1]
+    wy, wx = _host(wy) * scale[0], _host(wx) * scale[1]
     ctx = windows(padded, wy, wx, size)
     oy, ox = py - wy, px - wx
     ph, pw = patches.shape[2:]
@@ -77,8 +117,12 @@ def gather(padded: torch.Tensor, patches: torch.Tensor, py: np.ndarray, px: np.n
     return paste_clipped(ctx, patches, oy, ox)
 
 
-def project(base: torch.Tensor, patches: torch.Tensor, py: np.ndarray, px: np.ndarray) -> torch.Tensor:
+def project(base: torch.Tensor, patches: torch.Tensor, py, px) -> torch.Tensor:
     """``[B, C, H, W]`` copies of ``base`` with each item's patch written in (Algorithm 2)."""
+    if kernels(base.device):
+        from kql.cuda import gather as gpu
+
+        return gpu.project(base, patches, *_on(base.device, py, px))
     b = patches.shape[0]
     full = base.expand(b, *base.shape[1:]).clone()
-    return paste(full, patches, py, px)
+    return paste(full, patches, _host(py), _host(px))

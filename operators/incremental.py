@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -30,11 +30,12 @@ from .task import OcclusionResult, OcclusionTask, Progress, check_logits, scan
 
 @dataclass
 class Patch:
-    """Changed region of one node's output: ``data`` [B, C, h, w] at rows ``y``, cols ``x``."""
+    """Changed region of one node's output: ``data`` [B, C, h, w] at rows ``y``, cols ``x``
+    (numpy arrays, or int64 tensors on the device where ``kql.cuda``'s kernels run)."""
 
     data: torch.Tensor
-    y: np.ndarray
-    x: np.ndarray
+    y: Union[np.ndarray, torch.Tensor]
+    x: Union[np.ndarray, torch.Tensor]
 
 
 class IncrementalOcclusion:
@@ -98,16 +99,28 @@ class IncrementalOcclusion:
         ph, pw = task.patch
         device = self.profile.device
         patch = task.color.to(device, torch.float32).view(-1, 1, 1).expand(-1, ph, pw)
-        batch = _Batch(self.profile, self.steps, patch, timings, self.layout)
+        corners = device_corners(self.steps, device) if g.kernels(device) else None
+        batch = _Batch(self.profile, self.steps, patch, timings, self.layout, corners)
         return scan(task, self.profile.base_logits, self.batch_size, batch.run, progress)
 
 
+def device_corners(steps: StepTable, device) -> dict:
+    """Every changed region's corners (``{node: (y, x)}``) as int64 tensors on ``device``,
+    copied once for the whole scan: the kernels of ``kql.cuda`` read them there, and no
+    index array is built on the host or copied per layer or batch."""
+    located = [s for s in steps if s.y is not None]
+    flat = g.device_corners([a for s in located for a in (s.y, s.x)], device)
+    return {s.node: (flat[2 * i], flat[2 * i + 1]) for i, s in enumerate(located)}
+
+
 class _Batch(fx.Interpreter):
-    """Runs the step table on one batch of positions (a slice of the query's)."""
+    """Runs the step table on one batch of positions (a slice of the query's); with
+    ``corners`` (:func:`device_corners`), the corners are sliced from the device's copy."""
 
     def __init__(self, profile: ModelProfile, steps: StepTable, patch: torch.Tensor, timings,
-                 layout: str = CONTIGUOUS):
+                 layout: str = CONTIGUOUS, corners: Optional[dict] = None):
         super().__init__(profile.gm)
+        self.corners = corners
         self.layout = layout
         self.extra_traceback = False     # errors keep their own message
         self.profile, self.table, self.patch, self.timings = profile, steps, patch, timings
@@ -134,6 +147,9 @@ class _Batch(fx.Interpreter):
         return out
 
     def _corners(self, step) -> tuple:
+        if self.corners is not None:
+            y, x = self.corners[step.node]
+            return y[self.items], x[self.items]
         return step.y[self.items], step.x[self.items]
 
     # -- the steps -----------------------------------------------------------------------------
@@ -207,7 +223,7 @@ class _Batch(fx.Interpreter):
         size = ((po - 1) * sh + (kh - 1) * dh + 1, (pwo - 1) * sw + (kw - 1) * dw + 1)
         padded = self.profile.padded_view(src, op)
         # Eqs 25-28: the read-in window starts at o*S - P, i.e. at o*S in padded coordinates.
-        ctx = g.gather(padded, p.data, p.y + top, p.x + left, oy * sh, ox * sw, size)
+        ctx = g.gather(padded, p.data, p.y, p.x, oy, ox, size, offset=(top, left), scale=(sh, sw))
         if op.kind in POOLS:
             ctx = in_layout(ctx, self.layout)    # oneDNN pools channels-last 5-6x faster
         out = op.apply(ctx)
