@@ -18,6 +18,7 @@ from typing import Optional
 from . import ast
 from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
 from .planner.devices import require_cuda
+from .planner.explain import exactness
 from .planner.logical import at_node, bind, fail
 from .planner.memory import is_out_of_memory, size_text
 from .planner.physical import PlanContext, plan_query
@@ -321,7 +322,7 @@ def _result(physical, out, text: str) -> Result:
         tau=physical.approximation.tau if physical.approximation else 1.0,
         predicted_ssim=_predicted_ssim(physical, out),
         tuning=physical.approximation.source if physical.approximation else "",
-        check=out.check, halved=out.halved,
+        check=out.check, halved=out.halved, exactness=exactness(physical),
         heatmaps=maps, targets=[int(t) for t in out.targets], labels=names,
         base_scores=[float(v) for v in out.base_scores], output=out.output,
         output_note=q.output_note, frame=q.frame, original=q.original, image_info=q.image_info)

@@ -52,6 +52,7 @@ class Result:
     original: object = None                       # torch [C, H, W] as the user gave it
     image_info: dict = field(default_factory=dict)  # an image file's header (DICOM: pixel_spacing, window, ...)
     halved: tuple = ()                            # batch sizes that ran out of memory (then halved)
+    exactness: str = ""                           # EXPLAIN's words: 'exact' or 'approximate: ...'
 
     @property
     def drop(self) -> Optional[np.ndarray]:
@@ -156,9 +157,7 @@ class Result:
         if self.tau < 1.0:
             bound = "unknown" if self.predicted_ssim is None else f">= {self.predicted_ssim:.3f}"
             return f"approximate: tau {self.tau:.2f}, predicted SSIM {bound} ({self.tuning})"
-        summary = (self.plan or "").splitlines()[-1:] or [""]
-        at = summary[0].find("approximate:")          # drill-down, frozen gates (EXPLAIN's words)
-        return summary[0][at:] if summary[0].startswith("Summary:") and at >= 0 else ""
+        return self.exactness if self.exactness.startswith("approximate") else ""   # drill-down, gates
 
     def __repr__(self) -> str:
         return f"<kql.Result {self.kind}: {self.render().splitlines()[0] if self.render() else ''}>"

@@ -24,6 +24,7 @@ from kql.operators.task import OcclusionTask
 
 from . import memory
 from .tuning import Choice, TuningRecord, key
+from .unoccluded import profile_model
 
 NO_TUNING = "default: no tuning for this model, patch, stride and colour; CALIBRATE <model> ON (...) tunes it"
 
@@ -114,8 +115,6 @@ def task_of(query, device: str) -> OcclusionTask:
 
 def exact_and_thresholded(query, device: str, taus) -> tuple:
     """The exact probability map of ``query`` and one thresholded map per tau."""
-    from .physical import profile_model
-
     profile = profile_model(query, device)
     task = task_of(query, device)
     budget = memory.budget(device)

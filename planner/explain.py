@@ -66,7 +66,7 @@ def summary(plan, actual: Optional[dict] = None) -> str:
         parts.append(f"predicted {_seconds(plan.predicted_seconds)} s{naive}")
     if actual is not None:
         parts.append(f"actual {_seconds(actual['total'])} s")
-    parts.append(_exactness(plan, actual))
+    parts.append(exactness(plan, actual))
     return "Summary: " + ", ".join(parts)
 
 
@@ -79,7 +79,7 @@ def _seconds(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
-def _exactness(plan, actual) -> str:
+def exactness(plan, actual: Optional[dict] = None) -> str:
     """``exact``, or how the map is approximated and how close it is predicted to be."""
     own = plan.operator.describe()
     if "check" in own:

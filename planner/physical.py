@@ -14,24 +14,23 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from kql.errors import KqlExecutionError, KqlModelError, KqlPlanError
+from kql.errors import KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
-from kql.operators.profile import ModelProfile
-from kql.operators.shapes import ShapeSummary, may_have_gate, summarize
+from kql.operators.shapes import may_have_gate
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
-from kql.operators.task import (OcclusionResult, OcclusionTask, Progress, check_logits,
-                                detect_output, resolve_targets, top_classes)
+from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
 from . import calibrate, devices, memory
 from .approximate import choose_tau, task_of, tuned_candidates, verified_candidates
 from .cache import PlanCache
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio, shape_naive_cost
 from .drilldown import plan_drilldown, plan_verified
-from .logical import OcclusionQuery, fail
+from .logical import OcclusionQuery
 from .tuning import Choice
+from .unoccluded import profile_model, scored, summarize_model, unoccluded_logits
 
 # Fraction 1: a patch that has grown to its whole feature map is handed on as a full
 # tensor. It never costs more than pure incremental inference (the seed prototype's,
@@ -170,28 +169,6 @@ def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
     return dataclasses.replace(best, query=scored(best.query, ctx.base_logits(best.query, best.device)))
 
 
-def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
-    """The model's profile on the query's image; TraceError when torch.fx cannot trace it
-    (or the model says it cannot be: a TorchScript module's ``naive_reason``)."""
-    untraceable = getattr(query.model, "naive_reason", None)
-    if untraceable:
-        raise TraceError(untraceable)
-    try:
-        return ModelProfile(query.model.composed(), query.image, device)
-    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:   # TraceError passes through
-        raise _model_failure(query, exc) from None
-
-
-def _model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
-    if memory.is_out_of_memory(exc):
-        return KqlExecutionError(f"out of memory running model '{query.model.name}' once on "
-                                 f"the {tuple(query.image.shape[1:])} image (planning); "
-                                 f"occlude a smaller image")
-    detail = " ".join(str(exc).split())[:300]
-    return KqlModelError(f"model '{query.model.name}' failed on the "
-                         f"{tuple(query.image.shape[1:])} image: {detail}")
-
-
 LARGE_IMAGE = 1 << 20      # pixels; above it the views are sized before they are built
 
 
@@ -236,24 +213,6 @@ def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
     return _in_layout(plan, ctx, device)
 
 
-@torch.inference_mode()
-def unoccluded_logits(query: OcclusionQuery, device: str) -> torch.Tensor:
-    """``[classes]``: the model's output on the query's image (no trace)."""
-    try:
-        model = query.model.composed().to(device).eval()
-        return check_logits(model(query.image.to(device).unsqueeze(0)))[0].float()
-    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
-        raise _model_failure(query, exc) from None
-
-
-def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
-    """One forward pass's shapes (the model's errors reported as :func:`profile_model` does)."""
-    try:
-        return summarize(query.model.composed().to(device).eval(), query.image, device)
-    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
-        raise _model_failure(query, exc) from None
-
-
 def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
     # A model that cannot be traced cannot be hooked either (TorchScript): no shapes first.
     untraceable = getattr(query.model, "naive_reason", None)
@@ -267,23 +226,6 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) 
         reason = _quote(str(exc))
     plan = _plan_with(query, ctx, device, tp, threads, profile, reason)
     return dataclasses.replace(plan, cached=("profile",) if hit else ())
-
-
-def scored(query: OcclusionQuery, base_logits: torch.Tensor) -> OcclusionQuery:
-    """The query with its output scoring and its classes settled from the unoccluded
-    output (OUTPUT detected, TARGET TOP k and PREDICTED resolved), and why."""
-    output, why = detect_output(query.output, base_logits)
-    if query.top is not None:
-        if query.top > base_logits.numel():
-            raise fail(query.statement, "target", f"TARGET TOP {query.top}: model "
-                       f"'{query.model.name}' has only {base_logits.numel()} classes")
-        targets = top_classes(base_logits, query.top, output)
-    else:
-        try:
-            targets = resolve_targets(query.targets, base_logits, output)
-        except IndexError as exc:
-            raise fail(query.statement, "target", str(exc)) from None
-    return query.replace(output=output, output_note=why, resolved=targets)
 
 
 def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:

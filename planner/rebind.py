@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from .logical import OcclusionQuery
-from .physical import PhysicalPlan, PlanContext, scored, unoccluded_logits
+from .physical import PhysicalPlan, PlanContext
+from .unoccluded import scored, unoccluded_logits
 
 
 def same_plan_fits(plan: PhysicalPlan, query: OcclusionQuery) -> bool:

@@ -12,7 +12,7 @@ from torch import nn
 import kql
 from helpers import plain_heatmap, sensitive, smooth_noise_image
 from kql.operators import shapes
-from kql.planner import physical
+from kql.planner import physical, unoccluded
 from models_zoo import small_cnn
 
 QUERY = "OCCLUDE img USING net PATCH 8 STRIDE 4"
@@ -85,7 +85,7 @@ def test_settings_that_want_more_than_the_exact_default_are_traced(setting):
 
 
 def test_a_model_without_a_gate_never_runs_the_shape_pass(monkeypatch):
-    monkeypatch.setattr(physical, "summarize", lambda *a, **k: pytest.fail("shape pass ran"))
+    monkeypatch.setattr(unoccluded, "summarize", lambda *a, **k: pytest.fail("shape pass ran"))
     con = connection(small_cnn())
     assert "planned without tracing" not in operator(con)
 

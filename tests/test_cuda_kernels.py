@@ -6,7 +6,8 @@ draws random geometries (odd sizes, borders, strides, offsets, thresholded patch
 than their windows, expanded and channels-last patches, empty batches); the second runs
 whole incremental queries with ``KQL_KERNELS=triton``, the engine's CUDA path with its
 device-resident corners, and compares every map with the torch path's. On a machine with
-a GPU both also run on it.
+a GPU both also run on it, and each GPU map is compared with the CPU's naive map (1e-4,
+TF32 off).
 """
 
 import os
@@ -97,6 +98,13 @@ ENGINE = textwrap.dedent("""
             assert (len(launches) > before) == (kernels == "triton"), (name, kernels)
         assert np.ptp(maps["torch"]) > 1e-3, name       # a map that moves: a wrong engine fails
         np.testing.assert_allclose(maps["triton"], maps["torch"], atol=1e-6, err_msg=name)
+        if torch.cuda.is_available():                    # the real thing: the GPU against CPU naive
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            del os.environ["KQL_KERNELS"]
+            gpu_map = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black BATCH 16 ON GPU").heatmap
+            con.execute("SET strategy = 'naive'")
+            naive = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black BATCH 16 ON CPU").heatmap
+            np.testing.assert_allclose(gpu_map, naive, atol=1e-4, err_msg=name)
         checked.append(name)
     print("ok", len(checked))
 """)

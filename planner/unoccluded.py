@@ -1,0 +1,77 @@
+"""The model's runs on the unoccluded image that planning needs, and their failures.
+
+The profile (trace and materialized views), the plain output, one forward pass's shapes:
+each is one run of the user's model on the query's image, so each reports the model's
+errors the same way (:func:`model_failure`: out of memory, or the model's own message,
+one line). :func:`scored` settles the query's scoring and classes from that output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kql.errors import KqlExecutionError, KqlModelError
+from kql.operators.graph import TraceError
+from kql.operators.profile import ModelProfile
+from kql.operators.shapes import ShapeSummary, summarize
+from kql.operators.task import check_logits, detect_output, resolve_targets, top_classes
+
+from . import memory
+from .logical import OcclusionQuery, fail
+
+
+def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
+    """The model's profile on the query's image; TraceError when torch.fx cannot trace it
+    (or the model says it cannot be: a TorchScript module's ``naive_reason``)."""
+    untraceable = getattr(query.model, "naive_reason", None)
+    if untraceable:
+        raise TraceError(untraceable)
+    try:
+        return ModelProfile(query.model.composed(), query.image, device)
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:   # TraceError passes through
+        raise model_failure(query, exc) from None
+
+
+def model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
+    if memory.is_out_of_memory(exc):
+        return KqlExecutionError(f"out of memory running model '{query.model.name}' once on "
+                                 f"the {tuple(query.image.shape[1:])} image (planning); "
+                                 f"occlude a smaller image")
+    detail = " ".join(str(exc).split())[:300]
+    return KqlModelError(f"model '{query.model.name}' failed on the "
+                         f"{tuple(query.image.shape[1:])} image: {detail}")
+
+
+@torch.inference_mode()
+def unoccluded_logits(query: OcclusionQuery, device: str) -> torch.Tensor:
+    """``[classes]``: the model's output on the query's image (no trace)."""
+    try:
+        model = query.model.composed().to(device).eval()
+        return check_logits(model(query.image.to(device).unsqueeze(0)))[0].float()
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        raise model_failure(query, exc) from None
+
+
+def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
+    """One forward pass's shapes (the model's errors reported as :func:`profile_model` does)."""
+    try:
+        return summarize(query.model.composed().to(device).eval(), query.image, device)
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        raise model_failure(query, exc) from None
+
+
+def scored(query: OcclusionQuery, base_logits: torch.Tensor) -> OcclusionQuery:
+    """The query with its output scoring and its classes settled from the unoccluded
+    output (OUTPUT detected, TARGET TOP k and PREDICTED resolved), and why."""
+    output, why = detect_output(query.output, base_logits)
+    if query.top is not None:
+        if query.top > base_logits.numel():
+            raise fail(query.statement, "target", f"TARGET TOP {query.top}: model "
+                       f"'{query.model.name}' has only {base_logits.numel()} classes")
+        targets = top_classes(base_logits, query.top, output)
+    else:
+        try:
+            targets = resolve_targets(query.targets, base_logits, output)
+        except IndexError as exc:
+            raise fail(query.statement, "target", str(exc)) from None
+    return query.replace(output=output, output_note=why, resolved=targets)
