@@ -20,7 +20,8 @@ from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
 from .planner.devices import require_cuda
 from .planner.explain import exactness
 from .planner.logical import at_node, bind, fail
-from .planner.memory import is_out_of_memory, size_text
+from .operators.task import out_of_memory
+from .planner.memory import size_text
 from .planner.physical import PlanContext, plan_query
 from .planner.rules import optimize
 from .result import Result
@@ -50,7 +51,7 @@ def run(physical, stmt: ast.Occlude, progress, profile=None):
     except IndexError as exc:       # target out of range, found only once the model ran
         raise fail(stmt, "target", str(exc)) from None
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
-        if is_out_of_memory(exc):   # torch's allocators raise RuntimeErrors
+        if out_of_memory(exc):   # torch's allocators raise RuntimeErrors
             raise KqlExecutionError(_out_of_memory(physical)) from None
         detail = " ".join(str(exc).split())[:300]
         raise KqlModelError(f"model '{physical.query.model.name}' failed on the "
@@ -61,8 +62,9 @@ def _out_of_memory(physical) -> str:
     """The scan halves a batch that runs out of memory down to one position (see
     :func:`kql.operators.task.scan`): what reaches here did not fit even then."""
     predicted = size_text(physical.memory_bytes)
+    tried = f"halved from {physical.batch}; " if physical.batch > 1 else ""
     return (f"out of memory running model '{physical.query.model.name}' even at batch 1 "
-            f"(halved from {physical.batch}; predicted {predicted} at batch {physical.batch}); "
+            f"({tried}predicted {predicted} at batch {physical.batch}); "
             f"free memory, or occlude a smaller image")
 
 

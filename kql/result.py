@@ -8,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+from .operators.task import went_on_at
+
 
 @dataclass
 class Result:
@@ -221,7 +223,7 @@ def halved_note(halved: tuple) -> str:
     'out of memory at batch 32, then 16: went on at batch 8 (every position computed)'
     """
     sizes = ", then ".join(str(b) for b in halved)
-    return f"out of memory at batch {sizes}: went on at batch {halved[-1] // 2} (every position computed)"
+    return f"out of memory at batch {sizes}: went on at batch {went_on_at(halved)} (every position computed)"
 
 
 def _html_table(rows: list) -> str:

@@ -206,6 +206,15 @@ def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits
                            output, halved=tuple(halved))
 
 
+def went_on_at(halved: tuple) -> int:
+    """The batch size a scan went on at after the sizes in ``halved`` ran out of memory.
+
+    >>> went_on_at((32, 16))
+    8
+    """
+    return halved[-1] // 2
+
+
 # What torch says when an allocation fails: CPU (DefaultCPUAllocator) and CUDA.
 OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory")
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from kql.operators.task import went_on_at
+
 
 def _line(name: str, **items) -> str:
     return f"{name}: " + ", ".join(f"{k}={v}" for k, v in items.items() if v is not None)
@@ -158,7 +160,7 @@ def _operator_line(plan, actual) -> str:
             items["predicted/actual"] = _num(plan.predicted_seconds / actual["total"])
         if actual.get("halved"):            # out of memory: the scan went on at smaller batches
             sizes = actual["halved"]
-            items["batch_halved"] = "->".join(str(b) for b in sizes + (sizes[-1] // 2,))
+            items["batch_halved"] = "->".join(str(b) for b in sizes + (went_on_at(sizes),))
     return _line(plan.operator.name, **items)
 
 

@@ -21,7 +21,6 @@ import torch
 
 from kql.errors import KqlPlanError
 from kql.operators.steps import PATCH
-from kql.operators.task import out_of_memory as is_out_of_memory  # noqa: F401  (re-exported)
 
 from .settings import byte_count
 

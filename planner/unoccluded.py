@@ -14,9 +14,9 @@ from kql.errors import KqlExecutionError, KqlModelError
 from kql.operators.graph import TraceError
 from kql.operators.profile import ModelProfile
 from kql.operators.shapes import ShapeSummary, summarize
-from kql.operators.task import check_logits, detect_output, resolve_targets, top_classes
+from kql.operators.task import (check_logits, detect_output, out_of_memory, resolve_targets,
+                                top_classes)
 
-from . import memory
 from .logical import OcclusionQuery, fail
 
 
@@ -33,7 +33,7 @@ def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
 
 
 def model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
-    if memory.is_out_of_memory(exc):
+    if out_of_memory(exc):
         return KqlExecutionError(f"out of memory running model '{query.model.name}' once on "
                                  f"the {tuple(query.image.shape[1:])} image (planning); "
                                  f"occlude a smaller image")

@@ -11,9 +11,13 @@ The models themselves live in ``models_zoo``.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 
@@ -266,3 +270,32 @@ def residual_connection(height: int = 64, width: int = 80, seed: int = 5):
                                       image, (12, 12)))
     c.register_image("img", image)
     return c
+
+
+def one_line_error(con, query: str, cls=None) -> str:
+    """The message of the KqlError ``query`` fails with (of class ``cls`` when given),
+    asserting it is one clean line: no newline, no ANSI escape, no traceback."""
+    import kql
+    with pytest.raises(kql.KqlError) as info:
+        con.execute(query)
+    message = str(info.value)
+    assert isinstance(info.value, cls or kql.KqlError), message
+    assert "\n" not in message and "\x1b" not in message and "Traceback" not in message
+    return message
+
+
+def state_dict_of(arch: str, **kwargs) -> dict:
+    """Zero weights in ``arch``'s shapes: built on the meta device, nothing initialised."""
+    with torch.device("meta"):
+        module = torchvision.models.get_model(arch, weights=None, **kwargs)
+    return {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in module.state_dict().items()}
+
+
+class Boom:
+    """Unpickling it would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))

@@ -229,6 +229,25 @@ def test_out_of_memory_at_one_position_is_one_line(error):
     assert "free memory, or occlude a smaller image" in err and err.count("\n") == 1, err
 
 
+def test_out_of_memory_at_batch_one_does_not_say_halved():
+    con = kql.connect()
+    net = FailsOnBatches(ERRORS[1], always=True)
+    con.register_model("net", net)
+    con.register_image("img", smooth_noise_image(24, 30))
+    runner = Runner(con, out=io.StringIO(), err=io.StringIO())
+    calls = []              # armed from the second call on: the planner's run is past
+
+    def arm(module, args):
+        calls.append(args[0].shape[0])
+        module.armed = len(calls) > 1
+
+    net.register_forward_pre_hook(arm)
+    assert runner.run(QUERY + " BATCH 1") == shell.EXIT_FAILED
+    err = runner.err.getvalue()
+    assert err.startswith("error: out of memory running model 'net' even at batch 1 "
+                          "(predicted "), err
+
+
 def test_other_runtime_errors_still_blame_the_model():
     con = kql.connect()
     con.register_model("net", FailsOnBatches(_raise(RuntimeError("mat1 and mat2 shapes cannot "
