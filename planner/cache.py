@@ -1,8 +1,11 @@
-"""The plan cache of one connection: model profiles per (model, image, device).
+"""The plan cache of one connection: traced graphs per (model, device), model profiles
+per (model, image, device).
 
 A profile (trace, materialized views, node kinds) is most of what planning costs, and it
 depends only on the model, the image the model sees and the device: another target,
-colour, stride, patch or region on the same image reuses it. Entries are keyed by the
+colour, stride, patch or region on the same image reuses it. Its trace depends only on
+the model and the device: another image (a loop over a folder) reuses the graph and pays
+only its own views. Entries are keyed by the
 registered model object (a re-registered or re-loaded model is another object, and
 :meth:`PlanCache.forget` drops its entries at once) and by a digest of the resized image
 (an image re-registered with other pixels is another key). The least recently used
@@ -29,6 +32,7 @@ from collections import OrderedDict
 import numpy as np
 
 PROFILES = 4          # profiles kept per connection
+GRAPHS = 8            # traced graphs kept per connection (they share the models' weights)
 
 
 def image_digest(image) -> str:
@@ -40,6 +44,7 @@ class PlanCache:
     def __init__(self, size: int = PROFILES):
         self.size = size
         self._profiles: OrderedDict = OrderedDict()    # key -> (spec, name, profile)
+        self._graphs: OrderedDict = OrderedDict()      # (id(spec), device) -> (spec, name, graph)
 
     def profile(self, spec, name: str, image, device: str, build, kind: str = "profile") -> tuple:
         """``(profile, hit)``: the cached profile, or ``build()`` kept for next time.
@@ -56,15 +61,31 @@ class PlanCache:
             self._profiles.popitem(last=False)
         return profile, False
 
+    def graph(self, spec, name: str, device: str, build) -> tuple:
+        """``(graph, hit)``: the traced graph of the model ``spec`` on ``device``, or
+        ``build()`` kept for next time, whatever image the model sees."""
+        key = (id(spec), device)
+        entry = self._graphs.get(key)
+        if entry is not None and entry[0] is spec:
+            self._graphs.move_to_end(key)
+            return entry[2], True
+        graph = build()
+        self._graphs[key] = (spec, name, graph)
+        while len(self._graphs) > GRAPHS:
+            self._graphs.popitem(last=False)
+        return graph, False
+
     def peek(self, spec, image, device: str, kind: str):
         """What is kept for (model, image, device, kind), or None; builds nothing."""
         entry = self._profiles.get((id(spec), image_digest(image), device, kind))
         return entry[2] if entry is not None and entry[0] is spec else None
 
     def forget(self, name: str) -> None:
-        """Drop every profile of the model registered as ``name``."""
-        for key in [k for k, (_, n, _) in self._profiles.items() if n == name]:
-            del self._profiles[key]
+        """Drop every graph and profile of the model registered as ``name``."""
+        for kept in (self._profiles, self._graphs):
+            for key in [k for k, (_, n, _) in kept.items() if n == name]:
+                del kept[key]
 
     def clear(self) -> None:
         self._profiles.clear()
+        self._graphs.clear()

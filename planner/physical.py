@@ -69,8 +69,18 @@ class PlanContext:
         return self.settings.get("crossover", "auto")
 
     def profile(self, query, device: str) -> tuple:
-        """``(profile, from the cache?)`` of the query's model on its image."""
-        return self._kept(query, device, "profile", lambda: profile_model(query, device))
+        """``(profile, what came from the cache)``: of the query's model on its image;
+        ``"profile"`` when all of it, ``"graph"`` when only its trace (another image)."""
+        if self.cache is None:
+            return profile_model(query, device), ""
+        traced = []
+
+        def keep_graph(build):
+            graph, hit = self.cache.graph(query.model, query.model.name, device, build)
+            traced.append(hit)
+            return graph
+        profile, hit = self._kept(query, device, "profile", lambda: profile_model(query, device, keep_graph))
+        return profile, "profile" if hit else ("graph" if traced and traced[0] else "")
 
     def shapes(self, query, device: str) -> tuple:
         """``(shape summary, from the cache?)`` of one forward pass of the query's model."""
@@ -219,13 +229,13 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) 
     shortcut = None if untraceable else _shape_first(query, ctx, device, tp, threads)
     if shortcut is not None:
         return shortcut
-    profile, reason, hit = None, "", False
+    profile, reason, hit = None, "", ""
     try:
         profile, hit = ctx.profile(query, device)
     except TraceError as exc:
         reason = _quote(str(exc))
     plan = _plan_with(query, ctx, device, tp, threads, profile, reason)
-    return dataclasses.replace(plan, cached=("profile",) if hit else ())
+    return dataclasses.replace(plan, cached=(hit,) if hit else ())
 
 
 def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:

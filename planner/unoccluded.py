@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kql.errors import KqlExecutionError, KqlModelError
-from kql.operators.graph import TraceError
+from kql.operators.graph import TraceError, trace
 from kql.operators.profile import ModelProfile
 from kql.operators.shapes import ShapeSummary, summarize
 from kql.operators.task import (check_logits, detect_output, out_of_memory, resolve_targets,
@@ -20,14 +20,19 @@ from kql.operators.task import (check_logits, detect_output, out_of_memory, reso
 from .logical import OcclusionQuery, fail
 
 
-def profile_model(query: OcclusionQuery, device: str) -> ModelProfile:
+def profile_model(query: OcclusionQuery, device: str, keep_graph=None) -> ModelProfile:
     """The model's profile on the query's image; TraceError when torch.fx cannot trace it
-    (or the model says it cannot be: a TorchScript module's ``naive_reason``)."""
+    (or the model says it cannot be: a TorchScript module's ``naive_reason``). With
+    ``keep_graph`` (the plan cache's: ``keep_graph(build)`` gives the graph kept for the
+    model, ``build()`` traces it), the model is traced once for every image."""
     untraceable = getattr(query.model, "naive_reason", None)
     if untraceable:
         raise TraceError(untraceable)
     try:
-        return ModelProfile(query.model.composed(), query.image, device)
+        if keep_graph is None:
+            return ModelProfile(query.model.composed(), query.image, device)
+        graph = keep_graph(lambda: trace(query.model.composed(), torch.device(device)))
+        return ModelProfile(graph, query.image, device, traced=graph)
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:   # TraceError passes through
         raise model_failure(query, exc) from None
 

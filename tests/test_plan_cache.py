@@ -53,5 +53,30 @@ def test_re_registering_the_model_or_the_image_invalidates(con):
     assert np.array_equal(after.heatmap, fresh.execute(QUERY).heatmap)
     assert not np.array_equal(before.heatmap, after.heatmap)
     con.register_image("img", smooth_noise_image(24, 30, seed=9))   # other pixels, same name
-    assert "cache=" not in planned(con, QUERY)
+    assert "cache=graph" in planned(con, QUERY)             # its own views, the model's trace
     assert "cache=profile" in planned(con, QUERY)
+
+
+def test_another_image_reuses_the_models_trace_and_gets_its_own_map(con, monkeypatch):
+    from kql.planner import unoccluded
+
+    traces = []
+    real = unoccluded.trace
+    monkeypatch.setattr(unoccluded, "trace", lambda *a: traces.append(1) or real(*a))
+    con.execute(QUERY)
+    maps = {}
+    for seed in (3, 4):
+        con.register_image("img", smooth_noise_image(24, 30, seed=seed))
+        result = con.execute(QUERY)
+        assert "cache=graph" in result.plan.splitlines()[1]
+        maps[seed] = result.heatmap
+    assert len(traces) == 1
+    con.register_model("net", small_cnn(classes=5))          # another model: traced again
+    assert "cache=" not in planned(con, QUERY) and len(traces) == 2
+    for seed, heatmap in maps.items():                       # each map is its own image's
+        fresh = kql.connect()
+        fresh.register_model("net", sensitive_small_cnn())
+        fresh.register_image("img", smooth_noise_image(24, 30, seed=seed))
+        fresh.execute("SET strategy = 'incremental'")
+        assert np.array_equal(heatmap, fresh.execute(QUERY).heatmap)
+    assert not np.array_equal(maps[3], maps[4])
