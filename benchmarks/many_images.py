@@ -9,10 +9,16 @@
 Images: 224x224 crops of skimage photos (rotated and flipped variants), written to a
 temporary folder. EfficientNet-Lite0, patch 16, stride 8.
 
+With ``--chunks K`` the images are split into K folders and the engines take turns on
+each (the order reversed every other folder), so that the machine's drift over a long run
+falls on every engine alike; each many-image query then plans its folder's first image
+(K first plans in all, against the loop's one per image).
+
 Usage: .venv/bin/python benchmarks/many_images.py [--images 8] [--workers 2] [--no-ray]
-       [--engines loop,many,many1,ray]
+       [--engines loop,many,many1,ray] [--chunks 1]
 """
 import argparse
+import glob
 import os
 import tempfile
 import time
@@ -28,6 +34,7 @@ parser.add_argument("--images", type=int, default=8)
 parser.add_argument("--workers", type=int, default=2)
 parser.add_argument("--no-ray", action="store_true")
 parser.add_argument("--engines", default="loop,many,many1,ray")
+parser.add_argument("--chunks", type=int, default=1)
 args = parser.parse_args()
 
 
@@ -44,10 +51,14 @@ def photos(count):
         yield Image.fromarray(np.ascontiguousarray(crop)).resize((224, 224), Image.BILINEAR)
 
 
-folder = tempfile.mkdtemp(prefix="kql-many-")
+root = tempfile.mkdtemp(prefix="kql-many-")
+folders = [os.path.join(root, f"part{c}") for c in range(args.chunks)]
+for folder in folders:
+    os.makedirs(folder)
+files = []
 for k, im in enumerate(photos(args.images)):
-    im.save(os.path.join(folder, f"img{k:03d}.png"))
-files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    files.append(os.path.join(folders[k % args.chunks], f"img{k:03d}.png"))
+    im.save(files[-1])
 QUERY = "USING efficientnet_lite0 PATCH 16 STRIDE 8"
 
 
@@ -64,22 +75,34 @@ def timed(run):
 con = kql.connect()
 con.execute(f"OCCLUDE '{files[0]}' {QUERY} REGION (0, 0, 64, 64)")     # warm: calibration, imports
 threads = torch.get_num_threads()
-results = {}
-engines = args.engines.split(",")
-if "loop" in engines:
-    results["loop"] = timed(lambda: [con.execute(f"OCCLUDE '{f}' {QUERY}") for f in files])
-if "many" in engines:
-    results["many"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}"))
-if "many1" in engines:
-    torch.set_num_threads(1)
-    results["many1"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}"))
-    torch.set_num_threads(threads)
-if "ray" in engines and not args.no_ray:
+engines = [e for e in args.engines.split(",") if not (e == "ray" and args.no_ray)]
+if "ray" in engines:
     import ray
 
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    con.execute(f"OCCLUDE '{folder}/img00[01].png' {QUERY} REGION (0, 0, 64, 64) ON RAY")   # warm the pool
-    results["ray"] = timed(lambda: con.execute(f"OCCLUDE '{folder}/*.png' {QUERY} ON RAY"))
+    con.execute(f"OCCLUDE '{files[0]}' {QUERY} REGION (0, 0, 64, 64) ON RAY")   # warm the pool
+
+
+def run(engine, folder):
+    if engine == "loop":
+        for f in sorted(glob.glob(os.path.join(folder, "*.png"))):
+            con.execute(f"OCCLUDE '{f}' {QUERY}")
+    elif engine == "many":
+        con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}")
+    elif engine == "many1":
+        torch.set_num_threads(1)
+        try:
+            con.execute(f"OCCLUDE '{folder}/*.png' {QUERY}")
+        finally:
+            torch.set_num_threads(threads)
+    elif engine == "ray":
+        con.execute(f"OCCLUDE '{folder}/*.png' {QUERY} ON RAY")
+
+
+results = dict.fromkeys(engines, 0.0)
+for c, folder in enumerate(folders):
+    for engine in (engines if c % 2 == 0 else engines[::-1]):
+        results[engine] += timed(lambda: run(engine, folder))
 for name, seconds in results.items():
     print(f"{name:>6}: {seconds:7.1f} s, {per_minute(seconds):6.2f} images/min", flush=True)
 if "loop" in results and "many" in results:
