@@ -51,29 +51,12 @@ class PlanCache:
         ``kind`` tells apart what is kept per (model, image, device): the profile, or the
         shape summary of a forward pass (:mod:`kql.operators.shapes`)."""
         key = (id(spec), image_digest(image), device, kind)
-        entry = self._profiles.get(key)
-        if entry is not None and entry[0] is spec:
-            self._profiles.move_to_end(key)
-            return entry[2], True
-        profile = build()
-        self._profiles[key] = (spec, name, profile)
-        while len(self._profiles) > self.size:
-            self._profiles.popitem(last=False)
-        return profile, False
+        return _kept(self._profiles, self.size, key, spec, name, build)
 
     def graph(self, spec, name: str, device: str, build) -> tuple:
         """``(graph, hit)``: the traced graph of the model ``spec`` on ``device``, or
         ``build()`` kept for next time, whatever image the model sees."""
-        key = (id(spec), device)
-        entry = self._graphs.get(key)
-        if entry is not None and entry[0] is spec:
-            self._graphs.move_to_end(key)
-            return entry[2], True
-        graph = build()
-        self._graphs[key] = (spec, name, graph)
-        while len(self._graphs) > GRAPHS:
-            self._graphs.popitem(last=False)
-        return graph, False
+        return _kept(self._graphs, GRAPHS, (id(spec), device), spec, name, build)
 
     def peek(self, spec, image, device: str, kind: str):
         """What is kept for (model, image, device, kind), or None; builds nothing."""
@@ -89,3 +72,18 @@ class PlanCache:
     def clear(self) -> None:
         self._profiles.clear()
         self._graphs.clear()
+
+
+def _kept(kept: OrderedDict, size: int, key, spec, name: str, build) -> tuple:
+    """``(value, hit)`` of ``key`` in the least-recently-used ``kept`` (``size`` entries),
+    ``build()`` on a miss. An entry counts only for the very model object ``spec`` (an id
+    can be reused once a model is gone)."""
+    entry = kept.get(key)
+    if entry is not None and entry[0] is spec:
+        kept.move_to_end(key)
+        return entry[2], True
+    value = build()
+    kept[key] = (spec, name, value)
+    while len(kept) > size:
+        kept.popitem(last=False)
+    return value, False
