@@ -20,6 +20,7 @@ Usage: .venv/bin/python benchmarks/many_images.py [--images 8] [--workers 2] [--
 import argparse
 import glob
 import os
+import shutil
 import tempfile
 import time
 
@@ -80,7 +81,11 @@ if "ray" in engines:
     import ray
 
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    con.execute(f"OCCLUDE '{files[0]}' {QUERY} REGION (0, 0, 64, 64) ON RAY")   # warm the pool
+    warm = os.path.join(root, "warm")
+    os.makedirs(warm)
+    for f in files[:2]:
+        shutil.copy(f, warm)
+    con.execute(f"OCCLUDE '{warm}/*.png' {QUERY} REGION (0, 0, 64, 64) ON RAY")   # warm the pool
 
 
 def run(engine, folder):
