@@ -5,8 +5,7 @@ A profile (trace, materialized views, node kinds) is most of what planning costs
 depends only on the model, the image the model sees and the device: another target,
 colour, stride, patch or region on the same image reuses it. Its trace depends only on
 the model and the device: another image (a loop over a folder) reuses the graph and pays
-only its own views. Entries are keyed by the
-registered model object (a re-registered or re-loaded model is another object, and
+only its own views. Entries are keyed by the registered model object (a re-registered or re-loaded model is another object, and
 :meth:`PlanCache.forget` drops its entries at once) and by a digest of the resized image
 (an image re-registered with other pixels is another key). The least recently used
 entries go first: profiles hold every layer's output.
@@ -51,12 +50,17 @@ class PlanCache:
         ``kind`` tells apart what is kept per (model, image, device): the profile, or the
         shape summary of a forward pass (:mod:`kql.operators.shapes`)."""
         key = (id(spec), image_digest(image), device, kind)
-        return _kept(self._profiles, self.size, key, spec, name, build)
+        return _lru(self._profiles, self.size, key, spec, name, build)
 
     def graph(self, spec, name: str, device: str, build) -> tuple:
         """``(graph, hit)``: the traced graph of the model ``spec`` on ``device``, or
         ``build()`` kept for next time, whatever image the model sees."""
-        return _kept(self._graphs, GRAPHS, (id(spec), device), spec, name, build)
+        return _lru(self._graphs, GRAPHS, (id(spec), device), spec, name, build)
+
+    def has_graph(self, spec, device: str) -> bool:
+        """Whether the traced graph of ``spec`` on ``device`` is kept; builds nothing."""
+        entry = self._graphs.get((id(spec), device))
+        return entry is not None and entry[0] is spec
 
     def peek(self, spec, image, device: str, kind: str):
         """What is kept for (model, image, device, kind), or None; builds nothing."""
@@ -74,7 +78,7 @@ class PlanCache:
         self._graphs.clear()
 
 
-def _kept(kept: OrderedDict, size: int, key, spec, name: str, build) -> tuple:
+def _lru(kept: OrderedDict, size: int, key, spec, name: str, build) -> tuple:
     """``(value, hit)`` of ``key`` in the least-recently-used ``kept`` (``size`` entries),
     ``build()`` on a miss. An entry counts only for the very model object ``spec`` (an id
     can be reused once a model is gone)."""

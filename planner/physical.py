@@ -73,14 +73,13 @@ class PlanContext:
         ``"profile"`` when all of it, ``"graph"`` when only its trace (another image)."""
         if self.cache is None:
             return profile_model(query, device), ""
-        traced = []
+        cache, model = self.cache, query.model
+        traced = cache.has_graph(model, device)
 
         def keep_graph(build):
-            graph, hit = self.cache.graph(query.model, query.model.name, device, build)
-            traced.append(hit)
-            return graph
+            return cache.graph(model, model.name, device, build)[0]
         profile, hit = self._kept(query, device, "profile", lambda: profile_model(query, device, keep_graph))
-        return profile, "profile" if hit else ("graph" if traced and traced[0] else "")
+        return profile, "profile" if hit else ("graph" if traced else "")
 
     def shapes(self, query, device: str) -> tuple:
         """``(shape summary, from the cache?)`` of one forward pass of the query's model."""

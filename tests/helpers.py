@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
+
+import kql
 
 
 # -- images ----------------------------------------------------------------------------------
@@ -275,7 +276,6 @@ def residual_connection(height: int = 64, width: int = 80, seed: int = 5):
 def one_line_error(con, query: str, cls=None) -> str:
     """The message of the KqlError ``query`` fails with (of class ``cls`` when given),
     asserting it is one clean line: no newline, no ANSI escape, no traceback."""
-    import kql
     with pytest.raises(kql.KqlError) as info:
         con.execute(query)
     message = str(info.value)
@@ -286,6 +286,8 @@ def one_line_error(con, query: str, cls=None) -> str:
 
 def state_dict_of(arch: str, **kwargs) -> dict:
     """Zero weights in ``arch``'s shapes: built on the meta device, nothing initialised."""
+    import torchvision      # here: the subprocess tests import this module, not torchvision
+
     with torch.device("meta"):
         module = torchvision.models.get_model(arch, weights=None, **kwargs)
     return {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in module.state_dict().items()}

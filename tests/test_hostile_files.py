@@ -159,7 +159,7 @@ def test_empty_files(con, tmp_path):
         assert error_of(con, query.format(tmp_path / name), cls).endswith("is empty (0 bytes)")
 
 
-# -- 3. permissions, symlinks, ANSI ---------------------------------------------
+# -- 3. permissions, symlinks, ANSI -------------------------------------------------------------
 
 def test_permission_denied_is_said(con, tmp_path, monkeypatch):
     locked = tmp_path / "locked.png"
@@ -190,7 +190,7 @@ def test_torch_ansi_codes_never_reach_the_message(con, tmp_path):
     assert "(torch.nn.modules.linear.Linear), which are never run" in message
 
 
-# -- 3. hostile image files ----------------------------------------------------------------------
+# -- 4. hostile image files ----------------------------------------------------------------------
 
 def _frames() -> bytes:
     frames = [Image.new("RGB", (8, 6), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]

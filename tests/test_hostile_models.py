@@ -25,7 +25,7 @@ def con():
     return c
 
 
-# -- weights that load but cannot work -------------------------------------------------------
+# -- weights that load but cannot work ---------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_weights_are_refused_naming_the_tensor(con, tmp_path, bad):
@@ -70,7 +70,7 @@ def test_a_mismatched_vgg16_is_refused_without_building_it(con, tmp_path, monkey
     assert initialised and set(initialised) == {"meta"}
 
 
-# -- hostile model files --------------------------------------------------------------------
+# -- hostile model files -----------------------------------------------------------------------
 
 def _evil_files(tmp_path, marker):
     raw = tmp_path / "raw.pt"                        # a bare pickle: GLOBAL posix.system
