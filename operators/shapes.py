@@ -32,6 +32,8 @@ is not seen by module hooks: the bound is then the whole network (no decision sk
 from __future__ import annotations
 
 import math
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -53,6 +55,25 @@ class Conv:
 
 
 @dataclass(frozen=True)
+class Hop:
+    """One leaf module's call, as far as where a patch's change goes: the hop whose output
+    it read (-1: the image), its window (kernel, stride, dilation; 1s for an element-wise
+    module), its output's spatial size and channels, its input's channels, and whether it
+    is a convolution. A module that pools to a size other than its window's is 'resized'."""
+
+    source: int
+    kernel: tuple
+    stride: tuple
+    dilation: tuple
+    out: tuple            # (h, w); () for an output that is no feature map
+    channels: int
+    in_channels: int
+    conv: Optional[Conv] = None
+    resized: bool = False
+    gated: bool = False   # past a global gate: its whole output changes
+
+
+@dataclass(frozen=True)
 class ShapeSummary:
     """Per image: the MACs of convolutions and linear layers, those run before the first
     global gate, the gate's module name (None: no gate seen), the largest activation
@@ -66,6 +87,37 @@ class ShapeSummary:
     convs: tuple = field(default=(), repr=False)
     linear_macs: float = 0.0
     activation_bytes: int = 0        # every module's output, summed
+    hops: tuple = field(default=(), repr=False)
+    image_size: tuple = ()
+    seconds: float = 0.0             # the shape pass itself, measured
+    pixel_linear: bool = False       # a linear layer ran over every pixel of a map
+
+    def changed(self, patch: tuple) -> list:
+        """Per hop, ``(h, w)`` of the region a centred ``patch`` changes in its output (its
+        whole map past a global pooling; () for an output that is no feature map).
+
+        An estimate from the order the modules ran in: a module's input is the output of
+        the module that wrote that tensor, else (a tensor made by a function: an addition,
+        a concatenation) the latest output of the same size; each window grows the region
+        by its extent and divides it by its stride, as in the projective field of seed
+        paper 000, section 3.2. Where parallel branches meet, the branch read may not be
+        the widest one, so the region can come out smaller than the engine's: the estimate
+        leans towards the incremental plan's favour."""
+        regions = []
+        for hop in self.hops:
+            before = tuple(patch) if hop.source < 0 else regions[hop.source]
+            if hop.gated or not hop.out or not before:
+                regions.append(hop.out)
+                continue
+            if hop.resized:
+                source = self.image_size if hop.source < 0 else self.hops[hop.source].out
+                size = tuple(min(o, max(1, -(-r * o // max(i, 1))))
+                             for r, o, i in zip(before, hop.out, source))
+            else:
+                size = tuple(min(o, max(1, (r + (k - 1) * d) // st)) for r, o, k, st, d
+                             in zip(before, hop.out, hop.kernel, hop.stride, hop.dilation))
+            regions.append(size)
+        return regions
 
     @property
     def ratio_bound(self) -> float:
@@ -94,6 +146,44 @@ class _Recorder:
         self.candidate: Optional[tuple] = None      # (name, MACs before it): a pool to 1x1
         self.peak = self.activations = 0
         self.convs: list = []
+        self.hops: list = []
+        self.pixel_linear = False
+        self.writers: dict = {}      # id -> (the tensor, weakly; the hop that wrote it)
+        self.latest: dict = {}       # spatial size -> the latest hop whose output has it
+
+    def start(self, x: torch.Tensor) -> None:
+        self.writers[id(x)] = (weakref.ref(x), -1)
+        self.latest[tuple(x.shape[2:])] = -1
+
+    def _source(self, x) -> int:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return len(self.hops) - 1
+        found = self.writers.get(id(x))
+        if found is not None and found[0]() is x:      # not a new tensor at a reused id
+            return found[1]
+        return self.latest.get(tuple(x.shape[2:]), len(self.hops) - 1)
+
+    def _hop(self, module, x, output, conv: Optional[Conv]) -> None:
+        source = self._source(x)
+        spatial = isinstance(output, torch.Tensor) and output.dim() == 4
+        out = tuple(output.shape[2:]) if spatial else ()
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        windowed = isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+        kernel = pair(module.kernel_size) if windowed else (1, 1)
+        stride = pair(module.stride or module.kernel_size) if windowed else (1, 1)
+        dilation = pair(getattr(module, "dilation", 1)) if windowed else (1, 1)
+        in_size = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else ()
+        resized = spatial and not windowed and out != in_size
+        if spatial and out == (1, 1) and in_size != (1, 1):
+            out = ()                                 # pooled to 1x1: every value changes
+        in_channels = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0
+        self.hops.append(Hop(source, kernel, stride, dilation, out,
+                             output.shape[1] if spatial else 0, in_channels, conv, resized,
+                             gated=self.gate is not None))
+        if spatial:
+            index = len(self.hops) - 1
+            self.writers[id(output)] = (weakref.ref(output), index)
+            self.latest[out] = index
 
     def hook(self, name: str):
         def record(module, inputs, output):
@@ -104,17 +194,21 @@ class _Recorder:
                 self.candidate = (name, self.macs)
             self.peak = max(self.peak, _bytes(x) + _bytes(output))
             self.activations += _bytes(output)
+            conv = None
             if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
                 _, c_out, h, w = output.shape
                 depth = module.in_channels // module.groups * math.prod(module.kernel_size)
                 macs = float(c_out * h * w * depth)
                 self.macs += macs
-                self.convs.append(Conv(macs, depth, h * w, c_out,
-                                       module.groups > 1 and module.groups == module.in_channels))
+                conv = Conv(macs, depth, h * w, c_out,
+                            module.groups > 1 and module.groups == module.in_channels)
+                self.convs.append(conv)
             elif isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
                 macs = float(output.numel() // max(output.shape[0], 1) * module.in_features)
                 self.macs += macs
                 self.linear_macs += macs
+                self.pixel_linear |= output.dim() > 2      # over every pixel (ConvNeXt's MLPs)
+            self._hop(module, x, output, conv)
         return record
 
 
@@ -148,11 +242,15 @@ def summarize(model: nn.Module, image: torch.Tensor, device="cpu") -> ShapeSumma
     rec = _Recorder()
     handles = [m.register_forward_hook(rec.hook(name)) for name, m in model.named_modules()
                if not any(True for _ in m.children())]
+    start = time.perf_counter()
     try:
-        logits = check_logits(model(image.to(device).unsqueeze(0)))[0].float()
+        batch = image.to(device).unsqueeze(0)
+        rec.start(batch)
+        logits = check_logits(model(batch))[0].float()
     finally:
         for h in handles:
             h.remove()
     before = rec.macs if rec.gate is None else rec.before_gate
     return ShapeSummary(rec.macs, before, rec.gate, rec.peak, logits, tuple(rec.convs),
-                        rec.linear_macs, rec.activations)
+                        rec.linear_macs, rec.activations, tuple(rec.hops),
+                        tuple(image.shape[1:]), time.perf_counter() - start, rec.pixel_linear)

@@ -9,6 +9,7 @@ prices MACs and bytes with the device's calibrated :class:`~.calibrate.Throughpu
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -120,6 +121,39 @@ def shape_naive_cost(summary, tp, batch: int, image_shape) -> PlanCost:
     plan.seconds += tp.overhead + tp.matmul_seconds(batch * summary.linear_macs)
     plan.seconds += tp.bytes_seconds(2 * batch * summary.activation_bytes)
     return plan
+
+
+def shape_incremental_floor(summary, patch: tuple, tp, batch: int) -> Optional[float]:
+    """Seconds per batch below which no exact incremental plan is expected to run, from a
+    forward pass's shapes: each convolution over the region a centred patch changes
+    (:meth:`~kql.operators.shapes.ShapeSummary.changed`, an estimate that leans towards
+    the incremental plan), its context gathered at the calibrated rate, the engine's
+    bookkeeping on every module the patch reaches, the head; a convolution whose full map
+    is cheaper than that at its full price (a crossover may run it so). Left out, as the
+    cheap side: element-wise work, projections, the trace and the views. None where the
+    shapes cannot say: a linear layer over every pixel (ConvNeXt's MLPs), whose changed
+    rows the module hooks do not follow."""
+    if summary.pixel_linear:
+        return None
+    seconds = tp.overhead + tp.matmul_seconds(batch * summary.linear_macs)
+    for hop, region in zip(summary.hops, summary.changed(patch)):
+        if not hop.out:
+            continue
+        area, whole = region[0] * region[1], hop.out[0] * hop.out[1]
+        conv = hop.conv
+        full = 0.0 if conv is None else conv_call_seconds(
+            tp, conv.macs, conv.depth, conv.area, conv.depthwise, conv.out_channels, batch)
+        if area >= whole:
+            seconds += full
+            continue
+        changed = tp.node_overhead
+        if conv is not None:
+            context = hop.in_channels * math.prod((r - 1) * s + (k - 1) * d + 1 for r, s, k, d
+                                                  in zip(region, hop.stride, hop.kernel, hop.dilation))
+            changed += tp.gather_seconds(batch * context * FLOAT) + conv_call_seconds(
+                tp, conv.macs * area / whole, conv.depth, area, conv.depthwise, conv.out_channels, batch)
+        seconds += min(changed, full) if conv is not None else changed   # or past a crossover
+    return seconds
 
 
 def _pool_seconds(tp, op: Local, outputs: int) -> float:

@@ -1,6 +1,8 @@
-"""Cheap decisions first: a model whose global gate (squeeze-excitation) sits early is
-planned naive from one forward pass's shapes, without a torch.fx trace or views; every
-other model, and every query asking for more than the exact default plan, is traced."""
+"""Cheap decisions first: a model whose global gate (squeeze-excitation) sits early, and a
+small input where even a low estimate of the incremental plan is not cheaper than the
+plain loop, are planned naive from one forward pass's shapes, without a torch.fx trace or
+views; every other model, and every query asking for more than the exact default plan,
+is traced."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 import kql
-from helpers import plain_heatmap, sensitive, smooth_noise_image
+from helpers import calibrate_batchnorm, plain_heatmap, sensitive, smooth_noise_image
 from kql.operators import shapes
 from kql.planner import physical, unoccluded
 from models_zoo import small_cnn
@@ -84,10 +86,11 @@ def test_settings_that_want_more_than_the_exact_default_are_traced(setting):
     assert "planned without tracing" not in operator(con)
 
 
-def test_a_model_without_a_gate_never_runs_the_shape_pass(monkeypatch):
+def test_a_model_without_a_gate_on_a_larger_image_never_runs_the_shape_pass(monkeypatch):
     monkeypatch.setattr(unoccluded, "summarize", lambda *a, **k: pytest.fail("shape pass ran"))
     con = connection(small_cnn())
-    assert "planned without tracing" not in operator(con)
+    con.register_image("img", smooth_noise_image(170, 160))          # past SMALL_IMAGE
+    assert "planned without tracing" not in operator(con, "OCCLUDE img USING net PATCH 32 STRIDE 32")
 
 
 def test_a_late_gate_leaves_the_decision_to_the_cost_model():
@@ -123,3 +126,108 @@ def test_views_of_a_large_image_that_would_not_fit_are_never_built(no_trace):
     con.execute("SET strategy = 'incremental'")
     with pytest.raises(kql.KqlPlanError, match="materialized views.*memory_limit is 256.0 MB"):
         con.execute("EXPLAIN " + query)
+
+
+# -- small inputs ---------------------------------------------------------------------------
+
+def deep_narrow() -> nn.Module:
+    """Eight 3x3 convolutions on the full map: a patch's change grows over all of it."""
+    torch.manual_seed(2)
+    layers = []
+    for i in range(8):
+        layers += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return calibrate_batchnorm(net, 24, 28).eval()
+
+
+def wide_shallow() -> nn.Module:
+    """Two wide 3x3 convolutions on a 128x128 map, then pooling: a patch changes 1/150
+    of it, so incremental inference saves nearly every MAC."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
+
+
+def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(no_trace):
+    image = smooth_noise_image(24, 28)
+    model = sensitive(deep_narrow(), image, patch=(12, 12), color=(0.0, 0.0, 0.0))
+    con = connection(model)
+    query = "OCCLUDE img USING net PATCH 12 STRIDE 4"
+    line = operator(con, query)
+    assert line.startswith("  NaiveOcclusion:"), line
+    assert "reason=small input: incremental at least" in line and "planned without tracing" in line
+    result = con.execute(query + " COLOR black")
+    expected, _ = plain_heatmap(model, image, (12, 12), (4, 4), (0.0, 0.0, 0.0))
+    assert np.ptp(expected) > 1e-3
+    np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
+
+
+def test_a_small_input_where_incremental_pays_is_traced():
+    con = kql.connect()
+    con.register_model("net", wide_shallow())
+    con.register_image("img", smooth_noise_image(128, 128))
+    line = operator(con, "OCCLUDE img USING net PATCH 8 STRIDE 8")
+    assert line.startswith("  IncrementalOcclusion:"), line
+
+
+def test_the_shape_pass_region_follows_windows_and_strides():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2)).eval()
+    summary = shapes.summarize(net, torch.rand(3, 16, 16))
+    regions = summary.changed((4, 4))
+    assert regions[:5] == [(6, 6), (6, 6), (3, 3), (5, 5), (5, 5)]   # +2, same, /2, +2, same
+    assert regions[5:] == [(), (), ()]                               # pooled: no map is left
+    assert shapes.summarize(net, torch.rand(3, 8, 8)).changed((8, 8))[3] == (4, 4)   # clipped
+
+
+class Residual(nn.Module):
+    """A residual block whose sum is a function (``+``): its reader takes the latest
+    output of that size, the wider branch here."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 5, padding=2)
+        self.skip, self.after = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.after(self.skip(x) + self.b(self.a(x))).mean((2, 3))
+
+
+def test_the_shape_pass_region_joins_branches_through_functions():
+    regions = shapes.summarize(Residual().eval(), torch.rand(3, 20, 20)).changed((2, 2))
+    # in the order they ran: skip 2, a 2 (both read the image), b 6, after: the sum's
+    # latest writer of its size is b, 6 + 2
+    assert regions == [(2, 2), (2, 2), (6, 6), (8, 8)]
+
+
+@pytest.mark.parametrize("arch, size", [("resnet18", 64), ("shufflenet_v2_x0_5", 64),
+                                        ("mobilenet_v2", 96), ("googlenet", 112), ("vgg16", 64),
+                                        ("squeezenet1_1", 80), ("densenet121", 64)])
+def test_the_incremental_floor_lies_below_the_costed_incremental_plan(arch, size):
+    """The shape estimate must never price incremental inference above what the full
+    planner predicts for it, or a small input would go naive where incremental pays."""
+    from kql import executor
+    from kql.parser import parse
+    from kql.planner import calibrate
+    from kql.planner.cost import shape_incremental_floor
+    from models_zoo import torchvision_model
+    con = kql.connect()
+    con.register_model("net", torchvision_model(arch), input_size=(size, size))
+    con.register_image("img", smooth_noise_image(size, size))
+    con.execute("SET strategy = 'incremental'")
+    text = "OCCLUDE img USING net PATCH 16 STRIDE 8 BATCH 16"
+    plan = executor.plan(con, parse(text)[0], text)
+    summary = shapes.summarize(con.catalog.resolve_model("net").composed().eval(),
+                               con.catalog.resolve_image("img"))
+    floor = shape_incremental_floor(summary, (16, 16), calibrate.throughput("cpu", None), 16)
+    assert 0 < floor <= plan.cost.seconds, (floor, plan.cost.seconds)
+
+
+def test_linear_layers_over_every_pixel_leave_the_decision_to_the_cost_model():
+    from kql.planner import calibrate
+    from kql.planner.cost import shape_incremental_floor
+    from models_zoo import torchvision_model
+    summary = shapes.summarize(torchvision_model("convnext_tiny"), torch.rand(3, 64, 64))
+    assert summary.pixel_linear
+    assert shape_incremental_floor(summary, (16, 16), calibrate.throughput("cpu", None), 16) is None

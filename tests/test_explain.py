@@ -105,7 +105,7 @@ def test_untraceable_model_explains_why():
 
     c = kql.connect()
     c.register_model("moody", Moody())
-    c.register_image("img", smooth_noise_image(12, 12))
-    line = c.execute("EXPLAIN OCCLUDE img USING moody PATCH 4").plan.splitlines()[1]
+    c.register_image("img", smooth_noise_image(170, 170))     # not small: it is traced
+    line = c.execute("EXPLAIN OCCLUDE img USING moody PATCH 40 STRIDE 40").plan.splitlines()[1]
     assert line.lstrip().startswith("NaiveOcclusion:")
     assert 'reason="torch.fx cannot trace the model' in line
