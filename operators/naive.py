@@ -7,7 +7,6 @@ against (seed paper 000, section 3.1, equations 1-6).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from typing import Optional
 
@@ -39,7 +38,7 @@ class NaiveOcclusion:
         return NaiveOcclusion(self.batch_size, logits, self.layout)
 
     def in_layout(self, layout: str) -> "NaiveOcclusion":
-        """``layout``, or for 'auto' the faster one on the first batches (:class:`LayoutTrial`)."""
+        """``layout``, or for 'auto' the faster one on the first batch (:class:`LayoutTrial`)."""
         return NaiveOcclusion(self.batch_size, self.base_logits, ADAPTIVE if layout == "auto" else layout)
 
     def describe(self) -> dict:
@@ -60,19 +59,20 @@ class NaiveOcclusion:
         ys, xs = (torch.as_tensor(np.asarray(v, np.int64), device=device) for v in (task.ys, task.xs))
 
         trial = LayoutTrial(-(-task.count // self.batch_size)) if self.layout == ADAPTIVE else None
-        calls = itertools.count()          # batches in the order they ran (scan may halve one)
 
         def logits_of(items):
-            batch = occlude(image, color, ys[items], xs[items], task.patch)
             if trial is None:
-                return check_logits(model(in_layout(batch, self.layout)))
-            index = next(calls)
-            start = time.perf_counter()
-            out = check_logits(model(in_layout(batch, trial.layout(index))))
-            if device.type == "cuda":      # CUDA calls return at once: time the work itself
-                torch.cuda.synchronize(device)
-            trial.record(index, time.perf_counter() - start)
-            return out
+                return check_logits(model(in_layout(occlude(image, color, ys[items], xs[items],
+                                                            task.patch), self.layout)))
+            outs = []
+            for part, layout, unit in trial.parts(items):
+                batch = occlude(image, color, ys[part], xs[part], task.patch)
+                start = time.perf_counter()
+                outs.append(check_logits(model(in_layout(batch, layout))))
+                if unit is not None and device.type == "cuda":   # CUDA returns at once
+                    torch.cuda.synchronize(device)
+                trial.record(unit, time.perf_counter() - start, part.stop - part.start)
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         with autotuned(device):
             return scan(task, base_logits, self.batch_size, logits_of, progress)
 
