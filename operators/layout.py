@@ -27,7 +27,7 @@ import torch
 
 CONTIGUOUS = "contiguous"
 CHANNELS_LAST = "channels_last"
-ADAPTIVE = "adaptive"       # the faster of the two on the task's own first batches
+ADAPTIVE = "adaptive"       # the faster of the two on the task's own first batch
 LAYOUTS = (CONTIGUOUS, CHANNELS_LAST)
 
 

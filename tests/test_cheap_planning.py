@@ -148,7 +148,10 @@ def wide_shallow() -> nn.Module:
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
 
 
-def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(no_trace):
+def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(no_trace, monkeypatch):
+    # The decision, not the estimate (tested below against the costed plans): a floor
+    # above the naive plan's time.
+    monkeypatch.setattr(physical, "shape_incremental_floor", lambda *a: 10.0)
     image = smooth_noise_image(24, 28)
     model = sensitive(deep_narrow(), image, patch=(12, 12), color=(0.0, 0.0, 0.0))
     con = connection(model)
@@ -160,6 +163,12 @@ def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(
     expected, _ = plain_heatmap(model, image, (12, 12), (4, 4), (0.0, 0.0, 0.0))
     assert np.ptp(expected) > 1e-3
     np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
+
+
+def test_a_small_input_the_shapes_cannot_price_is_traced(monkeypatch):
+    monkeypatch.setattr(physical, "shape_incremental_floor", lambda *a: None)
+    con = connection(deep_narrow())
+    assert "planned without tracing" not in operator(con)
 
 
 def test_a_small_input_where_incremental_pays_is_traced():

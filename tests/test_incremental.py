@@ -126,7 +126,7 @@ def test_untraceable_model_falls_back_to_naive():
     con.execute("SET strategy = 'auto'")
     auto = con.execute(query)
     assert operator_line(auto).startswith("  NaiveOcclusion:") and "reason=" in operator_line(auto)
-    np.testing.assert_array_equal(auto.heatmap, ref.heatmap)
+    np.testing.assert_allclose(auto.heatmap, ref.heatmap, atol=1e-6)   # layouts may differ
 
 
 # -- geometry: borders, shapes, regions, batches, targets, colours ----------------------------
