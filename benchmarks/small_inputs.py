@@ -1,0 +1,77 @@
+"""A small input's chosen plan against a plain loop, in interleaved rounds.
+
+``kql bench`` times each engine three times in rotated order; on a scan of 0.2-0.5 s
+(a 64x64 input) its medians move by 10-20% on a shared machine. This runs more rounds,
+each engine once per round in the same order, on the whole map:
+
+  plain       the loop a user writes without KQL (``kql.bench.plain_loop_runner``),
+  chosen      KQL as a first query: the plan cache cleared, planned (timed), run,
+  contiguous  the same plan's task run by the naive operator in torch's default
+              layout, with no layout trial (what the trial costs or saves).
+
+Random weights, patch 16, stride 4, batch 16, torch's default threads.
+
+Usage: .venv/bin/python benchmarks/small_inputs.py [--model resnet18] [--size 64x64]
+       [--rounds 9]
+"""
+import argparse
+import statistics
+import time
+
+import kql
+from kql import bench, executor, images
+from kql.operators.layout import CONTIGUOUS
+from kql.operators.naive import NaiveOcclusion
+from kql.parser import parse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", default="64x64", help="the model's input size, HxW")
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    h, w = (int(v) for v in args.size.split("x"))
+
+    con = kql.connect()
+    spec, _ = bench.build_model(args.model)
+    con.register_model(args.model, spec.module, spec.mean, spec.std, (h, w))
+    photo = images.match_channels(images.load_sample("chelsea"), 3)[0]
+    con.register_image("img", images.resize(photo, (h, w)))
+    text = f"OCCLUDE img USING {args.model} PATCH 16 STRIDE 4 BATCH 16"
+    stmt = parse(text)[0]
+    first = executor.plan(con, stmt, text)
+    planning = []
+
+    def chosen():
+        con.plan_cache.clear()
+        start = time.perf_counter()
+        plan = executor.plan(con, stmt, text)
+        planning.append(time.perf_counter() - start)
+        plan.run()
+
+    def contiguous():
+        con.plan_cache.clear()
+        plan = executor.plan(con, stmt, text)
+        NaiveOcclusion(16, None, CONTIGUOUS).run(plan.task())
+
+    engines = {"plain": bench.plain_loop_runner(first.task(), 16), "chosen": chosen,
+               "contiguous": contiguous}
+    times = {name: [] for name in engines}
+    for run in engines.values():
+        run()                                    # warm-up: kernels, caches
+    for _ in range(args.rounds):
+        for name, run in engines.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"{args.model} {args.size}: {first.query.grid.count} positions, {args.rounds} rounds, "
+          f"chosen {first.operator.name} ({first.reason or 'costed'})")
+    for name, seconds in median.items():
+        print(f"  {name:<11} {seconds:7.3f} s  {median['plain'] / seconds:5.2f}x of the plain loop")
+    print(f"  planning    {statistics.median(planning):7.3f} s (median)")
+
+
+if __name__ == "__main__":
+    main()
