@@ -235,6 +235,26 @@ def may_have_gate(model: nn.Module) -> bool:
     return False
 
 
+def may_price_changes(model: nn.Module) -> bool:
+    """Without running it: can the shape pass follow a patch's change through ``model``?
+    Not when a linear layer is defined before a convolution (ConvNeXt's channel MLPs run
+    over every pixel; :attr:`ShapeSummary.pixel_linear`), so the pass need not run for it.
+
+    >>> from torch import nn
+    >>> may_price_changes(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2)))
+    True
+    >>> may_price_changes(nn.Sequential(nn.Linear(3, 3), nn.Conv2d(3, 8, 3)))
+    False
+    """
+    linear = False
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            linear = True
+        elif linear and isinstance(m, nn.Conv2d):
+            return False
+    return True
+
+
 @torch.inference_mode()
 def summarize(model: nn.Module, image: torch.Tensor, device="cpu") -> ShapeSummary:
     """One forward pass of ``model`` (in eval mode, its tensors on ``device``) on

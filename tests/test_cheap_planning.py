@@ -233,6 +233,21 @@ def test_the_incremental_floor_lies_below_the_costed_incremental_plan(arch, size
     assert 0 < floor <= plan.cost.seconds, (floor, plan.cost.seconds)
 
 
+def test_a_linear_layer_before_a_convolution_skips_the_shape_pass(monkeypatch):
+    monkeypatch.setattr(unoccluded, "summarize", lambda *a, **k: pytest.fail("shape pass ran"))
+
+    class PixelMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp, self.conv = nn.Linear(3, 3), nn.Conv2d(3, 4, 3)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            x = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.head(self.conv(x))
+    assert "planned without tracing" not in operator(connection(PixelMLP().eval()))
+
+
 def test_linear_layers_over_every_pixel_leave_the_decision_to_the_cost_model():
     from kql.planner import calibrate
     from kql.planner.cost import shape_incremental_floor
