@@ -57,9 +57,10 @@ class Conv:
 @dataclass(frozen=True)
 class Hop:
     """One leaf module's call, as far as where a patch's change goes: the hop whose output
-    it read (-1: the image), its window (kernel, stride, dilation; 1s for an element-wise
-    module), its output's spatial size and channels, its input's channels, and whether it
-    is a convolution. A module that pools to a size other than its window's is 'resized'."""
+    it read (-1: the image), its window (kernel, stride, dilation; 1s for a module without
+    one), its output's spatial size and channels, its input's channels, its convolution's
+    MACs (None: no convolution). A module without a window whose output size differs from
+    its input's (an adaptive pooling, an upsampling) is ``resized``: the region scales."""
 
     source: int
     kernel: tuple
