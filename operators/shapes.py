@@ -91,7 +91,7 @@ class ShapeSummary:
     hops: tuple = field(default=(), repr=False)
     image_size: tuple = ()
     seconds: float = 0.0             # the shape pass itself, measured
-    pixel_linear: bool = False       # a linear layer ran over every pixel of a map
+    pixel_linear: bool = False       # a linear layer ran over tokens ([B, L, C])
 
     def changed(self, patch: tuple) -> list:
         """Per hop, ``(h, w)`` of the region a centred ``patch`` changes in its output (its
@@ -149,12 +149,14 @@ class _Recorder:
         self.convs: list = []
         self.hops: list = []
         self.pixel_linear = False
+        self.image_size: tuple = ()
         self.writers: dict = {}      # id -> (the tensor, weakly; the hop that wrote it)
         self.latest: dict = {}       # spatial size -> the latest hop whose output has it
 
     def start(self, x: torch.Tensor) -> None:
         self.writers[id(x)] = (weakref.ref(x), -1)
-        self.latest[tuple(x.shape[2:])] = -1
+        self.image_size = tuple(x.shape[2:])
+        self.latest[self.image_size] = -1
 
     def _source(self, x) -> int:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -165,24 +167,41 @@ class _Recorder:
         return self.latest.get(tuple(x.shape[2:]), len(self.hops) - 1)
 
     def _hop(self, module, x, output, conv: Optional[Conv]) -> None:
+        """Record the call; a map ``[B, H, W, C]`` (after a permutation, or a linear layer
+        over every pixel) is followed as channels-last: its size is dims 1-2."""
         source = self._source(x)
-        spatial = isinstance(output, torch.Tensor) and output.dim() == 4
-        out = tuple(output.shape[2:]) if spatial else ()
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        maps = lambda t: isinstance(t, torch.Tensor) and t.dim() == 4
         windowed = isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+        # The input's layout from its size against its source's map (a tensor a function
+        # permuted is not the module output it was read as); windows take [B, C, H, W].
+        was = self.image_size if source < 0 else self.hops[source].out
+        last_in = (maps(x) and not windowed and bool(was) and tuple(x.shape[2:]) != was
+                   and tuple(x.shape[1:3]) == was)
+        in_size = (tuple(x.shape[1:3]) if last_in else tuple(x.shape[2:])) if maps(x) else ()
+        in_channels = (x.shape[3] if last_in else x.shape[1]) if maps(x) else 0
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
         kernel = pair(module.kernel_size) if windowed else (1, 1)
         stride = pair(module.stride or module.kernel_size) if windowed else (1, 1)
         dilation = pair(getattr(module, "dilation", 1)) if windowed else (1, 1)
-        in_size = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else ()
-        resized = spatial and not windowed and out != in_size
-        if spatial and out == (1, 1) and in_size != (1, 1):
+        last_out = False
+        if maps(output):
+            if isinstance(module, nn.Linear):
+                last_out = True                      # features last: [B, H, W, C]
+            elif not windowed:
+                same = tuple(output.shape[1:3]) if last_in else tuple(output.shape[2:])
+                flipped = tuple(output.shape[2:]) if last_in else tuple(output.shape[1:3])
+                last_out = last_in != (same != in_size and flipped == in_size)
+            out = tuple(output.shape[1:3]) if last_out else tuple(output.shape[2:])
+            channels = output.shape[3] if last_out else output.shape[1]
+        else:
+            out, channels = (), 0
+        resized = bool(out) and not windowed and out != in_size
+        if out == (1, 1) and in_size != (1, 1):
             out = ()                                 # pooled to 1x1: every value changes
-        in_channels = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0
-        self.hops.append(Hop(source, kernel, stride, dilation, out,
-                             output.shape[1] if spatial else 0, in_channels, conv, resized,
-                             gated=self.gate is not None))
-        if spatial:
-            index = len(self.hops) - 1
+        self.hops.append(Hop(source, kernel, stride, dilation, out, channels, in_channels, conv,
+                             resized, gated=self.gate is not None))
+        index = len(self.hops) - 1
+        if maps(output):
             self.writers[id(output)] = (weakref.ref(output), index)
             self.latest[out] = index
 
@@ -207,8 +226,13 @@ class _Recorder:
             elif isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
                 macs = float(output.numel() // max(output.shape[0], 1) * module.in_features)
                 self.macs += macs
-                self.linear_macs += macs
-                self.pixel_linear |= output.dim() > 2      # over every pixel (ConvNeXt's MLPs)
+                if output.dim() == 4:                     # over every pixel: a 1x1 convolution
+                    _, h, w, c_out = output.shape         # (ConvNeXt's channel MLPs)
+                    conv = Conv(macs, module.in_features, h * w, c_out, False)
+                    self.convs.append(conv)
+                else:
+                    self.linear_macs += macs
+                    self.pixel_linear |= output.dim() > 2     # over tokens: not followed
             self._hop(module, x, output, conv)
         return record
 
@@ -234,26 +258,6 @@ def may_have_gate(model: nn.Module) -> bool:
         elif pooled and isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1:
             return True
     return False
-
-
-def may_price_changes(model: nn.Module) -> bool:
-    """Without running it: can the shape pass follow a patch's change through ``model``?
-    Not when a linear layer is defined before a convolution (ConvNeXt's channel MLPs run
-    over every pixel; :attr:`ShapeSummary.pixel_linear`), so the pass need not run for it.
-
-    >>> from torch import nn
-    >>> may_price_changes(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2)))
-    True
-    >>> may_price_changes(nn.Sequential(nn.Linear(3, 3), nn.Conv2d(3, 8, 3)))
-    False
-    """
-    linear = False
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            linear = True
-        elif linear and isinstance(m, nn.Conv2d):
-            return False
-    return True
 
 
 @torch.inference_mode()

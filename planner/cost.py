@@ -131,8 +131,8 @@ def shape_incremental_floor(summary, patch: tuple, tp, batch: int) -> Optional[f
     bookkeeping on every module the patch reaches, the head; a convolution whose full map
     is cheaper than that at its full price (a crossover may run it so). Left out, as the
     cheap side: element-wise work, projections, the trace and the views. None where the
-    shapes cannot say: a linear layer over every pixel (ConvNeXt's MLPs), whose changed
-    rows the module hooks do not follow."""
+    shapes cannot say: a linear layer over tokens (``[B, L, C]``), whose changed rows the
+    module hooks do not follow (one over a map's pixels, ConvNeXt's, is a 1x1 convolution)."""
     if summary.pixel_linear:
         return None
     seconds = tp.overhead + tp.matmul_seconds(batch * summary.linear_macs)

@@ -19,7 +19,7 @@ from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
-from kql.operators.shapes import may_have_gate, may_price_changes
+from kql.operators.shapes import may_have_gate
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
@@ -200,7 +200,7 @@ def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
     default = exact and ctx.strategy == "auto" and ctx.settings.get("gates", "exact") == "exact"
     gated = default and may_have_gate(query.model.composed())
     pixels = query.image.shape[1] * query.image.shape[2]
-    small = default and pixels <= SMALL_IMAGE and may_price_changes(query.model.composed())
+    small = default and pixels <= SMALL_IMAGE
     large = plain and pixels > LARGE_IMAGE
     if not (gated or small or large):
         return None

@@ -212,7 +212,8 @@ def test_the_shape_pass_region_joins_branches_through_functions():
 
 @pytest.mark.parametrize("arch, size", [("resnet18", 64), ("shufflenet_v2_x0_5", 64),
                                         ("mobilenet_v2", 96), ("googlenet", 112), ("vgg16", 64),
-                                        ("squeezenet1_1", 80), ("densenet121", 64)])
+                                        ("squeezenet1_1", 80), ("densenet121", 64),
+                                        ("convnext_tiny", 64)])
 def test_the_incremental_floor_lies_below_the_costed_incremental_plan(arch, size):
     """The shape estimate must never price incremental inference above what the full
     planner predicts for it, or a small input would go naive where incremental pays."""
@@ -233,25 +234,43 @@ def test_the_incremental_floor_lies_below_the_costed_incremental_plan(arch, size
     assert 0 < floor <= plan.cost.seconds, (floor, plan.cost.seconds)
 
 
-def test_a_linear_layer_before_a_convolution_skips_the_shape_pass(monkeypatch):
-    monkeypatch.setattr(unoccluded, "summarize", lambda *a, **k: pytest.fail("shape pass ran"))
+class PixelMLP(nn.Module):
+    """A linear layer over every pixel between two convolutions, as ConvNeXt's blocks."""
 
-    class PixelMLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp, self.conv = nn.Linear(3, 3), nn.Conv2d(3, 4, 3)
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mlp = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 6)
+        self.last = nn.Conv2d(6, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
 
-        def forward(self, x):
-            x = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            return self.head(self.conv(x))
-    assert "planned without tracing" not in operator(connection(PixelMLP().eval()))
+    def forward(self, x):
+        x = self.mlp(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(self.last(x))
 
 
-def test_linear_layers_over_every_pixel_leave_the_decision_to_the_cost_model():
+def test_a_linear_layer_over_every_pixel_is_a_1x1_convolution_of_the_changed_region():
+    summary = shapes.summarize(PixelMLP().eval(), torch.rand(3, 16, 16))
+    assert not summary.pixel_linear
+    assert [c.depth for c in summary.convs] == [27, 4, 54]           # the linear: depth 4
+    assert summary.linear_macs == 4 * 2                             # the head only
+    assert [h.in_channels for h in summary.hops[:3]] == [3, 4, 6]   # read in their layouts
+    regions = summary.changed((4, 4))
+    # conv 4+2, the linear (channels-last) keeps it, the last conv 6+2
+    assert regions[:2] == [(6, 6), (6, 6)] and regions[2] == (8, 8), regions
+
+
+def test_linear_layers_over_tokens_leave_the_decision_to_the_cost_model():
     from kql.planner import calibrate
     from kql.planner.cost import shape_incremental_floor
-    from models_zoo import torchvision_model
-    summary = shapes.summarize(torchvision_model("convnext_tiny"), torch.rand(3, 64, 64))
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mlp = nn.Conv2d(3, 4, 4, stride=4), nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.mlp(self.conv(x).flatten(2).transpose(1, 2)).mean(1))
+    summary = shapes.summarize(Tokens().eval(), torch.rand(3, 16, 16))
     assert summary.pixel_linear
-    assert shape_incremental_floor(summary, (16, 16), calibrate.throughput("cpu", None), 16) is None
+    assert shape_incremental_floor(summary, (4, 4), calibrate.throughput("cpu", None), 16) is None
