@@ -238,6 +238,7 @@ class _Recorder:
 
 
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_LAYERS = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d)
 
 
 def may_have_gate(model: nn.Module) -> bool:
@@ -265,8 +266,10 @@ def summarize(model: nn.Module, image: torch.Tensor, device="cpu") -> ShapeSumma
     """One forward pass of ``model`` (in eval mode, its tensors on ``device``) on
     ``image`` [3, H, W] with hooks on its leaf modules."""
     rec = _Recorder()
+    # Leaf modules, and the layers a subclass gives children of their own (a convolution
+    # holding its padding module: EfficientNet-Lite0's Conv2dStaticSamePadding).
     handles = [m.register_forward_hook(rec.hook(name)) for name, m in model.named_modules()
-               if not any(True for _ in m.children())]
+               if isinstance(m, _LAYERS) or not any(True for _ in m.children())]
     start = time.perf_counter()
     try:
         batch = image.to(device).unsqueeze(0)

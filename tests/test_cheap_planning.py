@@ -274,3 +274,24 @@ def test_linear_layers_over_tokens_leave_the_decision_to_the_cost_model():
     summary = shapes.summarize(Tokens().eval(), torch.rand(3, 16, 16))
     assert summary.pixel_linear
     assert shape_incremental_floor(summary, (4, 4), calibrate.throughput("cpu", None), 16) is None
+
+
+class PaddedConv(nn.Conv2d):
+    """A convolution holding its own padding module (EfficientNet-Lite0's 'same' padding)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        return super().forward(self.pad(x))
+
+
+def test_a_convolution_with_children_of_its_own_is_counted():
+    net = nn.Sequential(PaddedConv(3, 4, 3), nn.ReLU(), PaddedConv(4, 4, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    summary = shapes.summarize(net, torch.rand(3, 8, 8))
+    assert [c.depth for c in summary.convs] == [27, 36]
+    assert summary.macs == 8 * 8 * 4 * (27 + 36) + 4 * 2
+    regions = [r for h, r in zip(summary.hops, summary.changed((2, 2))) if h.conv is not None]
+    assert regions == [(4, 4), (6, 6)]                        # +2 each, the padding no growth
