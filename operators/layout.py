@@ -11,9 +11,7 @@ incremental one runs only its pooling windows channels-last, as its convolutions
 patch contexts and on the small maps past the crossover measured no faster, or slower. The planner picks the
 layout; the engines only apply it.
 
->>> from typing import Optional
-
-import torch
+>>> import torch
 >>> x = in_layout(torch.zeros(2, 3, 4, 5), CHANNELS_LAST)
 >>> x.is_contiguous(memory_format=torch.channels_last), x.shape
 (True, torch.Size([2, 3, 4, 5]))
@@ -22,6 +20,8 @@ torch.Size([2, 3])
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
