@@ -58,7 +58,7 @@ class Conv:
 class Hop:
     """One leaf module's call, as far as where a patch's change goes: the hop whose output
     it read (-1: the image), its window (kernel, stride, dilation; 1s for a module without
-    one), its output's spatial size and channels, its input's channels, its convolution's
+    one), its output's spatial size, its input's channels, its convolution's
     MACs (None: no convolution). A module without a window whose output size differs from
     its input's (an adaptive pooling, an upsampling) is ``resized``: the region scales."""
 
@@ -67,7 +67,6 @@ class Hop:
     stride: tuple
     dilation: tuple
     out: tuple            # (h, w); () for an output that is no feature map
-    channels: int
     in_channels: int
     conv: Optional[Conv] = None
     resized: bool = False
@@ -135,6 +134,14 @@ def _pooled(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] == t.shape[3] == 1
 
 
+def _maps(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 4
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def _bytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
@@ -159,7 +166,7 @@ class _Recorder:
         self.latest[self.image_size] = -1
 
     def _source(self, x) -> int:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        if not _maps(x):
             return len(self.hops) - 1
         found = self.writers.get(id(x))
         if found is not None and found[0]() is x:      # not a new tensor at a reused id
@@ -170,21 +177,19 @@ class _Recorder:
         """Record the call; a map ``[B, H, W, C]`` (after a permutation, or a linear layer
         over every pixel) is followed as channels-last: its size is dims 1-2."""
         source = self._source(x)
-        maps = lambda t: isinstance(t, torch.Tensor) and t.dim() == 4
-        windowed = isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+        windowed = isinstance(module, _WINDOWS)
         # The input's layout from its size against its source's map (a tensor a function
         # permuted is not the module output it was read as); windows take [B, C, H, W].
         was = self.image_size if source < 0 else self.hops[source].out
-        last_in = (maps(x) and not windowed and bool(was) and tuple(x.shape[2:]) != was
+        last_in = (_maps(x) and not windowed and bool(was) and tuple(x.shape[2:]) != was
                    and tuple(x.shape[1:3]) == was)
-        in_size = (tuple(x.shape[1:3]) if last_in else tuple(x.shape[2:])) if maps(x) else ()
-        in_channels = (x.shape[3] if last_in else x.shape[1]) if maps(x) else 0
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-        kernel = pair(module.kernel_size) if windowed else (1, 1)
-        stride = pair(module.stride or module.kernel_size) if windowed else (1, 1)
-        dilation = pair(getattr(module, "dilation", 1)) if windowed else (1, 1)
-        last_out = False
-        if maps(output):
+        in_size = (tuple(x.shape[1:3]) if last_in else tuple(x.shape[2:])) if _maps(x) else ()
+        in_channels = (x.shape[3] if last_in else x.shape[1]) if _maps(x) else 0
+        kernel = _pair(module.kernel_size) if windowed else (1, 1)
+        stride = _pair(module.stride or module.kernel_size) if windowed else (1, 1)
+        dilation = _pair(getattr(module, "dilation", 1)) if windowed else (1, 1)
+        last_out, out = False, ()
+        if _maps(output):
             if isinstance(module, nn.Linear):
                 last_out = True                      # features last: [B, H, W, C]
             elif not windowed:
@@ -192,16 +197,13 @@ class _Recorder:
                 flipped = tuple(output.shape[2:]) if last_in else tuple(output.shape[1:3])
                 last_out = last_in != (same != in_size and flipped == in_size)
             out = tuple(output.shape[1:3]) if last_out else tuple(output.shape[2:])
-            channels = output.shape[3] if last_out else output.shape[1]
-        else:
-            out, channels = (), 0
         resized = bool(out) and not windowed and out != in_size
         if out == (1, 1) and in_size != (1, 1):
             out = ()                                 # pooled to 1x1: every value changes
-        self.hops.append(Hop(source, kernel, stride, dilation, out, channels, in_channels, conv,
-                             resized, gated=self.gate is not None))
+        self.hops.append(Hop(source, kernel, stride, dilation, out, in_channels, conv, resized,
+                             gated=self.gate is not None))
         index = len(self.hops) - 1
-        if maps(output):
+        if _maps(output):
             self.writers[id(output)] = (weakref.ref(output), index)
             self.latest[out] = index
 
@@ -238,7 +240,8 @@ class _Recorder:
 
 
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_LAYERS = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d)
+_WINDOWS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+_LAYERS = _WINDOWS + (nn.Linear,)
 
 
 def may_have_gate(model: nn.Module) -> bool:
