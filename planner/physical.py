@@ -19,15 +19,13 @@ from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
-from kql.operators.shapes import may_have_gate
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 
-from . import calibrate, devices, memory
+from . import calibrate, devices, memory, shape_first
 from .approximate import choose_tau, task_of, tuned_candidates, verified_candidates
 from .cache import PlanCache
-from .cost import (PlanCost, incremental_cost, naive_cost, redundancy_ratio, shape_incremental_floor,
-                   shape_naive_cost)
+from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
 from .drilldown import plan_drilldown, plan_verified
 from .logical import OcclusionQuery
 from .tuning import Choice
@@ -179,69 +177,17 @@ def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
     return dataclasses.replace(best, query=scored(best.query, ctx.base_logits(best.query, best.device)))
 
 
-LARGE_IMAGE = 1 << 20      # pixels; above it the views are sized before they are built
-# Pixels; up to it (112x112 and 64-160 px inputs alike) the incremental plan is first
-# priced from the shapes, as its trace and views can cost as much as the whole scan.
-SMALL_IMAGE = 160 * 160
-
-
 def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
-    """Cheap decisions first: the plain loop, planned from one forward pass's shapes
-    without a trace or views, (a) when a global gate early in the network caps what exact
-    incremental inference could save below what it must save to be chosen
-    (:data:`NAIVE_MARGIN`), for the exact plan of the default strategy; (b) for that plan
-    too, when the image is small and even a low estimate of the incremental plan's run
-    (:func:`~.cost.shape_incremental_floor`) is not that much cheaper than the plain loop;
-    (c) when the image is large and its materialized views would not fit the memory limit
-    (building them could exhaust the machine), for any exact query (SET strategy =
-    'incremental' is then refused). None when none of them is certain."""
-    plain = query.ssim is None and query.drilldown is None
-    exact = plain and ctx.settings.get("tau", "auto") in ("auto", 1, 1.0)
-    default = exact and ctx.strategy == "auto" and ctx.settings.get("gates", "exact") == "exact"
-    gated = default and may_have_gate(query.model.composed())
-    pixels = query.image.shape[1] * query.image.shape[2]
-    small = default and pixels <= SMALL_IMAGE
-    large = plain and pixels > LARGE_IMAGE
-    if not (gated or small or large):
+    """The plain loop planned from one forward pass's shapes, without a trace or views,
+    where :func:`.shape_first.decide` is certain of it; None otherwise."""
+    found = shape_first.decide(query, ctx, device, tp, NAIVE_MARGIN)
+    if found is None:
         return None
-    summary, hit = ctx.shapes(query, device)
-    cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
-    views = 2 * summary.activation_bytes                  # the views and their padded copies
-    per_item = 3 * summary.peak_bytes + memory.occluded_bytes(query.image.shape)
-    fit = lambda: memory.fit(0, per_item, cap, device, query.batch, query.grid.count, "the naive plan")
-    if large and views > cap:
-        if ctx.strategy == "incremental":
-            raise memory.MemoryLimitError(
-                f"the incremental plan needs its materialized views, {memory.size_text(views)}, "
-                f"but memory_limit is {memory.size_text(cap)}; occlude a smaller image", views)
-        reason = (f"materialized views would need {memory.size_text(views)} > memory_limit "
-                  f"{memory.size_text(cap)} (planned without tracing)")
-    elif gated and summary.ratio_bound * NAIVE_MARGIN < 1.0:
-        reason = (f"global gate {summary.gate} caps incremental at {summary.ratio_bound:.2f}x "
-                  f"(planned without tracing)")
-    elif small:
-        try:
-            fitted = fit()
-        except memory.MemoryLimitError:         # the full planner says what fits
-            return None
-        batches = -(-query.grid.count // fitted.batch)
-        naive = shape_naive_cost(summary, tp, fitted.batch, query.image.shape).seconds * batches
-        floor = shape_incremental_floor(summary, query.grid.patch, tp, fitted.batch)
-        if floor is None:
-            return None
-        floor = floor * batches + summary.seconds    # the views alone are one more forward pass
-        if floor <= NAIVE_MARGIN * naive:
-            return None
-        reason = (f"small input: incremental at least {floor:.2f}s against naive {naive:.2f}s "
-                  f"(planned without tracing)")
-    else:
-        return None
-    fit = fit()
-    cost = shape_naive_cost(summary, tp, fit.batch, query.image.shape)
-    plan = PhysicalPlan(query, NaiveOcclusion(fit.batch, summary.logits), fit.batch, device,
-                        reason=reason, cost=cost, setup_seconds=0.0, batch_note=fit.note,
-                        threads=threads, memory_bytes=fit.batch * per_item,
-                        cached=("shapes",) if hit else ())
+    fit = found.fit
+    plan = PhysicalPlan(query, NaiveOcclusion(fit.batch, found.summary.logits), fit.batch, device,
+                        reason=found.reason, cost=found.cost, setup_seconds=0.0,
+                        batch_note=fit.note, threads=threads, memory_bytes=found.memory_bytes,
+                        cached=("shapes",) if found.from_cache else ())
     return _in_layout(plan, ctx, device)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 import kql
 from helpers import calibrate_batchnorm, plain_heatmap, sensitive, smooth_noise_image
 from kql.operators import shapes
-from kql.planner import physical, unoccluded
+from kql.planner import physical, shape_first, unoccluded
 from models_zoo import small_cnn
 
 QUERY = "OCCLUDE img USING net PATCH 8 STRIDE 4"
@@ -151,7 +151,7 @@ def wide_shallow() -> nn.Module:
 def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(no_trace, monkeypatch):
     # The decision, not the estimate (tested below against the costed plans): a floor
     # above the naive plan's time.
-    monkeypatch.setattr(physical, "shape_incremental_floor", lambda *a: 10.0)
+    monkeypatch.setattr(shape_first, "shape_incremental_floor", lambda *a: 10.0)
     image = smooth_noise_image(24, 28)
     model = sensitive(deep_narrow(), image, patch=(12, 12), color=(0.0, 0.0, 0.0))
     con = connection(model)
@@ -166,7 +166,7 @@ def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(
 
 
 def test_a_small_input_the_shapes_cannot_price_is_traced(monkeypatch):
-    monkeypatch.setattr(physical, "shape_incremental_floor", lambda *a: None)
+    monkeypatch.setattr(shape_first, "shape_incremental_floor", lambda *a: None)
     con = connection(deep_narrow())
     assert "planned without tracing" not in operator(con)
 

@@ -26,7 +26,7 @@ from helpers import smooth_noise_image
 from kql import shell
 from kql.api import KqlWarning
 from kql.operators.task import OcclusionTask, scan
-from kql.planner import memory, physical
+from kql.planner import memory, shape_first
 from kql.planner.settings import Settings
 from kql.shell import Runner, Shell
 
@@ -115,7 +115,7 @@ def test_a_plan_that_does_not_fit_at_batch_1_is_refused(con, strategy):
 
 
 def test_views_that_do_not_fit_refuse_incremental_and_auto_falls_back_to_naive(con, monkeypatch):
-    monkeypatch.setattr(physical, "SMALL_IMAGE", 0)        # the costed plans, not the shape floor
+    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)        # the costed plans, not the shape floor
     con.execute("SET strategy = 'naive'")
     naive = planned(con, QUERY + " BATCH 1").memory_bytes
     con.execute("SET strategy = 'incremental'")
