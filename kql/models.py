@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import KqlModelError
+from .operators.task import in_eval_mode
 from .images import exception_text, open_regular_file
 from .weights import class_count, read_state_dict, with_metadata
 
@@ -70,7 +71,7 @@ class ModelSpec:
                 n = len(self.mean if self.mean is not None else self.std)
                 self._composed = nn.Sequential(Normalize(self.mean or (0.0,) * n,
                                                          self.std or (1.0,) * n), body)
-        return self._composed.eval()
+        return in_eval_mode(self._composed)
 
     @property
     def channels(self) -> int:

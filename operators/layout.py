@@ -39,59 +39,57 @@ def in_layout(t, layout: str):
 
 
 class LayoutTrial:
-    """Picks the faster layout on a scan's own items, measured in this process.
+    """Picks the faster layout on a scan's own batches, measured in this process.
 
-    Which layout wins depends on the model and the map sizes (at 64x64, ResNet18 ran
-    channels-last 1.6-1.9x slower than contiguous, SqueezeNet1.1 and DenseNet121 1.3-2x
-    faster), so the naive operator tries both on the first batch: its first half runs
-    channels-last, its second half contiguous, each timed per item, and every later batch
-    runs in the layout that took less. Every item's logits are kept: nothing is computed
-    twice, and the price is half a batch in the slower layout. Channels-last runs first,
-    so the scan's cold start (allocations, oneDNN building its kernels) counts against it:
-    the trial leans towards contiguous, a plain loop's layout. (The trial it replaces ran
-    whole batches, two of them only to warm up, and cost ResNet18 at 64x64, 11 batches,
-    0.82x of a plain loop; quarter batches cost as much, as batch 4 runs 1.5-2x slower
-    per item than batch 16.) A batch of one item tries one layout per batch instead. A
-    scan of fewer than :data:`MIN_BATCHES` batches runs contiguous, as a plain loop does.
+    Which layout wins depends on the model and the map sizes (at 64x64, batch 16, 2
+    threads: ResNet18 ran channels-last 1.35x slower than contiguous, SqueezeNet1.1 1.45x,
+    GoogLeNet 1.6x faster), so the naive operator runs its first batch channels-last, its
+    second contiguous, each timed per item, and every later batch in the layout that took
+    less. Every item's logits are kept: nothing is computed twice, and the price is at most
+    one batch in the slower layout. The units are whole batches because a layout's speed
+    at one batch size does not tell it at another: ResNet18 at 64x64 ran channels-last
+    1.35x slower at batch 16 but 4x slower at batch 4 (the trial it replaces timed the two
+    halves of one batch and cost that scan 5-7%). Channels-last runs first, so the scan's
+    cold start (allocations) counts against it: the trial leans towards contiguous, a plain
+    loop's layout. A scan of fewer than :data:`MIN_BATCHES` batches runs contiguous, as a
+    plain loop does: no batch would be left to gain from the trial. A unit that never
+    reports its time (its batch ran out of memory and is retried smaller) ends the trial
+    in contiguous.
 
     >>> trial = LayoutTrial(batches=10)
-    >>> [(p.start, p.stop, layout) for p, layout, _ in trial.parts(slice(0, 16))]
-    [(0, 8, 'channels_last'), (8, 16, 'contiguous')]
-    >>> for unit, seconds in enumerate([1.0, 2.0]):
-    ...     trial.record(unit, seconds, 8)
-    >>> trial.chosen, [layout for _, layout, _ in trial.parts(slice(16, 32))]
-    ('channels_last', ['channels_last'])
+    >>> trial.next()
+    ('channels_last', 0)
+    >>> trial.record(0, 1.0, 16)
+    >>> trial.next()
+    ('contiguous', 1)
+    >>> trial.record(1, 2.0, 16)
+    >>> trial.chosen, trial.next()
+    ('channels_last', ('channels_last', None))
     """
 
-    MIN_BATCHES = 2
+    MIN_BATCHES = 3
     TRIED = (CHANNELS_LAST, CONTIGUOUS)
 
     def __init__(self, batches: int):
-        self.seconds = {CONTIGUOUS: 0.0, CHANNELS_LAST: 0.0}
+        self.seconds = {}                          # layout -> seconds per item
         self.chosen = None if batches >= self.MIN_BATCHES else CONTIGUOUS
         self.unit = 0                              # the next of TRIED to run
 
-    def parts(self, items: slice) -> list:
-        """``(items, layout, unit)`` to run the batch of positions ``items`` as: the whole
-        batch in the chosen layout (unit None), else the trial's next units."""
-        left = len(self.TRIED) - self.unit
-        if self.chosen is None and left == 0:     # a trial batch was retried (out of memory)
+    def next(self) -> tuple:
+        """``(layout, unit)`` to run the next batch in: a trial unit, or the chosen layout
+        (unit None)."""
+        if self.chosen is None and len(self.seconds) < self.unit:   # a unit was retried
             self.chosen = CONTIGUOUS
         if self.chosen is not None:
-            return [(items, self.chosen, None)]
-        count = items.stop - items.start
-        if count < left:                           # too small to split: one unit per batch
-            unit, self.unit = self.unit, self.unit + 1
-            return [(items, self.TRIED[unit], unit)]
-        bounds = [items.start + count * i // left for i in range(left + 1)]
-        units = range(self.unit, len(self.TRIED))
-        self.unit = len(self.TRIED)
-        return [(slice(a, b), self.TRIED[u], u) for a, b, u in zip(bounds, bounds[1:], units)]
+            return self.chosen, None
+        unit, self.unit = self.unit, self.unit + 1
+        return self.TRIED[unit], unit
 
     def record(self, unit: Optional[int], seconds: float, count: int) -> None:
-        """``count`` items of trial unit ``unit`` took ``seconds``; the last one decides."""
+        """The batch of trial unit ``unit`` took ``seconds`` for ``count`` items; the last
+        unit decides."""
         if unit is None or self.chosen is not None:
             return
-        self.seconds[self.TRIED[unit]] += seconds / max(count, 1)
-        if unit == len(self.TRIED) - 1:
-            self.chosen = min(self.seconds, key=self.seconds.get)
+        self.seconds[self.TRIED[unit]] = seconds / max(count, 1)
+        if len(self.seconds) == len(self.TRIED):
+            self.chosen = min(self.TRIED, key=self.seconds.get)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .layout import ADAPTIVE, CONTIGUOUS, LayoutTrial, in_layout
-from .task import OcclusionResult, OcclusionTask, Progress, check_logits, occlude, scan
+from .task import (OcclusionResult, OcclusionTask, Progress, check_logits, in_eval_mode, occlude,
+                   on_device, scan)
 
 
 class NaiveOcclusion:
@@ -48,7 +49,7 @@ class NaiveOcclusion:
     @torch.inference_mode()
     def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
         device = torch.device(task.device)
-        model = task.model.to(device).eval()
+        model = in_eval_mode(on_device(task.model, device))
         image = task.image.to(device)
         color = task.color.to(device, image.dtype)
         if self.base_logits is not None:
@@ -61,18 +62,15 @@ class NaiveOcclusion:
         trial = LayoutTrial(-(-task.count // self.batch_size)) if self.layout == ADAPTIVE else None
 
         def logits_of(items):
-            if trial is None:
-                return check_logits(model(in_layout(occlude(image, color, ys[items], xs[items],
-                                                            task.patch), self.layout)))
-            outs = []
-            for part, layout, unit in trial.parts(items):
-                batch = occlude(image, color, ys[part], xs[part], task.patch)
-                start = time.perf_counter()
-                outs.append(check_logits(model(in_layout(batch, layout))))
-                if unit is not None and device.type == "cuda":   # CUDA returns at once
+            layout, unit = (self.layout, None) if trial is None else trial.next()
+            batch = in_layout(occlude(image, color, ys[items], xs[items], task.patch), layout)
+            start = time.perf_counter()
+            logits = check_logits(model(batch))
+            if unit is not None:
+                if device.type == "cuda":                  # CUDA returns at once
                     torch.cuda.synchronize(device)
-                trial.record(unit, time.perf_counter() - start, part.stop - part.start)
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
+                trial.record(unit, time.perf_counter() - start, items.stop - items.start)
+            return logits
         with autotuned(device):
             return scan(task, base_logits, self.batch_size, logits_of, progress)
 

@@ -59,14 +59,23 @@ class Throughput:
 
     def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False,
                      c_out: int = C_OUT) -> float:
-        side = math.sqrt(max(area, 1))
-        if depthwise:
-            rate = _interp1(SIDES, self.depthwise, side)
-        else:
-            rate = _interp2(DEPTHS, SIDES, self.dense, depth, side)
-            if self.cout:
-                rate *= _interp1(COUTS, self.cout, c_out)
-        return macs / rate
+        return macs / self._conv_rate(depth, area, depthwise, c_out)
+
+    def _conv_rate(self, depth: int, area: int, depthwise: bool, c_out: int) -> float:
+        """MAC/s of a convolution of that shape, interpolated once per shape: a plan asks
+        for the same few shapes hundreds of times (0.5-1.5 ms a query otherwise)."""
+        key = (depth, area, depthwise, c_out)
+        rates = self.__dict__.setdefault("_rates", {})
+        if key not in rates:
+            side = math.sqrt(max(area, 1))
+            if depthwise:
+                rate = _interp1(SIDES, self.depthwise, side)
+            else:
+                rate = _interp2(DEPTHS, SIDES, self.dense, depth, side)
+                if self.cout:
+                    rate *= _interp1(COUTS, self.cout, c_out)
+            rates[key] = rate
+        return rates[key]
 
     def pool_seconds(self, windows: float, kind: str) -> float:
         """Seconds to reduce ``windows`` window elements by max or average pooling."""

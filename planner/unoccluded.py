@@ -14,8 +14,8 @@ from kql.errors import KqlExecutionError, KqlModelError
 from kql.operators.graph import TraceError, trace
 from kql.operators.profile import ModelProfile
 from kql.operators.shapes import ShapeSummary, summarize
-from kql.operators.task import (check_logits, detect_output, out_of_memory, resolve_targets,
-                                top_classes)
+from kql.operators.task import (check_logits, detect_output, on_device, out_of_memory,
+                                resolve_targets, top_classes)
 
 from .logical import OcclusionQuery, fail
 
@@ -51,7 +51,7 @@ def model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
 def unoccluded_logits(query: OcclusionQuery, device: str) -> torch.Tensor:
     """``[classes]``: the model's output on the query's image (no trace)."""
     try:
-        model = query.model.composed().to(device).eval()
+        model = on_device(query.model.composed(), device)
         return check_logits(model(query.image.to(device).unsqueeze(0)))[0].float()
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
         raise model_failure(query, exc) from None
@@ -60,7 +60,7 @@ def unoccluded_logits(query: OcclusionQuery, device: str) -> torch.Tensor:
 def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
     """One forward pass's shapes (the model's errors reported as :func:`profile_model` does)."""
     try:
-        return summarize(query.model.composed().to(device).eval(), query.image, device)
+        return summarize(on_device(query.model.composed(), device), query.image, device)
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
         raise model_failure(query, exc) from None
 

@@ -50,28 +50,41 @@ def test_only_batches_of_maps_change_layout():
     assert in_layout(vector, CHANNELS_LAST) is vector
 
 
-def test_the_trial_keeps_the_layout_its_timed_quarters_favour():
+def test_the_trial_keeps_the_layout_its_timed_batches_favour():
     from kql.operators.layout import CONTIGUOUS, LayoutTrial
 
     trial = LayoutTrial(batches=20)
-    parts = trial.parts(slice(32, 48))
-    assert [(p.start, p.stop) for p, _, _ in parts] == [(32, 40), (40, 48)]
-    for part, layout, unit in parts:
-        trial.record(unit, 1.0 if layout == CONTIGUOUS else 3.0, 8)
-    assert [trial.parts(slice(48, 64))[0][1] for _ in range(3)] == [CONTIGUOUS] * 3
-    assert LayoutTrial(batches=1).parts(slice(0, 16)) == [(slice(0, 16), CONTIGUOUS, None)]
+    tried = []
+    for _ in range(2):                                    # one whole batch in each layout
+        layout, unit = trial.next()
+        tried.append(layout)
+        trial.record(unit, 1.0 if layout == CONTIGUOUS else 3.0, 16)
+    assert tried == [CHANNELS_LAST, CONTIGUOUS]
+    assert [trial.next() for _ in range(3)] == [(CONTIGUOUS, None)] * 3
+    faster = LayoutTrial(batches=20)
+    for _ in range(2):
+        layout, unit = faster.next()
+        faster.record(unit, 1.0 if layout == CHANNELS_LAST else 3.0, 16)
+    assert faster.next() == (CHANNELS_LAST, None)
 
 
-def test_a_trial_on_batches_too_small_to_split_takes_one_unit_per_batch():
+def test_a_short_scan_or_a_retried_trial_batch_runs_contiguous():
     from kql.operators.layout import CONTIGUOUS, LayoutTrial
 
+    # two batches: none would be left to gain from a trial, so none is run
+    assert LayoutTrial(batches=2).next() == (CONTIGUOUS, None)
     trial = LayoutTrial(batches=20)
-    layouts = []
-    for b in range(3):
-        (part, layout, unit), = trial.parts(slice(b, b + 1))             # BATCH 1
-        layouts.append(layout)
-        trial.record(unit, 1.0 if layout == CHANNELS_LAST else 2.0, 1)
-    assert layouts == [CHANNELS_LAST, CONTIGUOUS, CHANNELS_LAST] and trial.chosen == CHANNELS_LAST
+    assert trial.next() == (CHANNELS_LAST, 0)             # ran out of memory: never recorded
+    assert trial.next() == (CONTIGUOUS, None) and trial.chosen == CONTIGUOUS
+
+
+def test_the_trial_compares_time_per_item():
+    from kql.operators.layout import LayoutTrial
+
+    trial = LayoutTrial(batches=20)
+    trial.record(trial.next()[1], 2.0, 16)                # channels-last: 0.125 s an item
+    trial.record(trial.next()[1], 1.5, 8)                 # contiguous (a halved batch): 0.19 s
+    assert trial.chosen == CHANNELS_LAST
 
 
 def test_the_adaptive_naive_map_equals_the_contiguous_one():

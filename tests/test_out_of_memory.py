@@ -80,7 +80,7 @@ def test_an_error_that_is_not_memory_is_not_retried():
     with pytest.raises(kql.KqlError, match="mat1 and mat2") as info:
         c.execute(QUERY)
     assert "\n" not in str(info.value)
-    assert [b for b in failing.batches if b > 1] == [8]    # the first batch's first half, once
+    assert [b for b in failing.batches if b > 1] == [16]   # the first batch, once
 
 
 def test_one_position_that_does_not_fit_is_one_clear_error():
@@ -90,9 +90,9 @@ def test_one_position_that_does_not_fit_is_one_clear_error():
     with pytest.raises(kql.KqlError, match="out of memory running model 'net'") as info:
         c.execute(QUERY)
     assert "\n" not in str(info.value)
-    # the first batch's first half (the naive operator's layout trial), then the batch
-    # halved from 16 down to one
-    assert [b for b in failing.batches if b > 1] == [8, 8, 4, 2]
+    # the first batch (the layout trial's channels-last unit), then halved from 16 down
+    # to one
+    assert [b for b in failing.batches if b > 1] == [16, 8, 4, 2]
     assert failing.batches[-1] == 1
 
 
