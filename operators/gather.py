@@ -79,8 +79,13 @@ def paste(dst: torch.Tensor, patches: torch.Tensor, oy: np.ndarray, ox: np.ndarr
     b, c, ph, pw = patches.shape
     r, rw = dst.shape[2:]
     flat = (oy[:, None, None] + np.arange(ph)[None, :, None]) * rw + ox[:, None, None] + np.arange(pw)
-    index = _index(flat.reshape(b, 1, ph * pw), dst.device).expand(b, c, ph * pw)
-    dst.view(b, c, r * rw).scatter_(2, index, patches.reshape(b, c, ph * pw))
+    if dst.is_contiguous():
+        index = _index(flat.reshape(b, 1, ph * pw), dst.device).expand(b, c, ph * pw)
+        dst.view(b, c, r * rw).scatter_(2, index, patches.reshape(b, c, ph * pw))
+    else:                                            # channels-last: pixels of C values
+        index = _index(flat.reshape(b, ph * pw, 1), dst.device).expand(b, ph * pw, c)
+        dst.permute(0, 2, 3, 1).view(b, r * rw, c).scatter_(
+            1, index, patches.permute(0, 2, 3, 1).reshape(b, ph * pw, c))
     return dst
 
 
@@ -117,12 +122,15 @@ def gather(padded: torch.Tensor, patches: torch.Tensor, py, px, wy, wx, size: tu
     return paste_clipped(ctx, patches, oy, ox)
 
 
-def project(base: torch.Tensor, patches: torch.Tensor, py, px) -> torch.Tensor:
-    """``[B, C, H, W]`` copies of ``base`` with each item's patch written in (Algorithm 2)."""
+def project(base: torch.Tensor, patches: torch.Tensor, py, px,
+            channels_last: bool = False) -> torch.Tensor:
+    """``[B, C, H, W]`` copies of ``base`` with each item's patch written in (Algorithm 2),
+    made channels-last on CPU when asked (one copy, not a copy and a conversion)."""
     if kernels(base.device):
         from kql.cuda import gather as gpu
 
         return gpu.project(base, patches, *_on(base.device, py, px))
     b = patches.shape[0]
-    full = base.expand(b, *base.shape[1:]).clone()
+    form = torch.channels_last if channels_last else torch.contiguous_format
+    full = base.expand(b, *base.shape[1:]).clone(memory_format=form)
     return paste(full, patches, _host(py), _host(px))

@@ -91,7 +91,8 @@ ENGINE = textwrap.dedent("""
             con = kql.connect()
             con.register_model("net", net)
             con.register_image("img", image)
-            for s in ["SET strategy = 'incremental'"] + settings:
+            # one layout for both paths (the operator's own trial could pick either)
+            for s in ["SET strategy = 'incremental'", "SET layout = 'channels_last'"] + settings:
                 con.execute(s)
             before = len(launches)
             maps[kernels] = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black BATCH 16").heatmap

@@ -25,7 +25,7 @@ def con():
     return c
 
 
-@pytest.mark.parametrize("strategy,layout", [("naive", "adaptive"), ("incremental", "channels_last")])
+@pytest.mark.parametrize("strategy,layout", [("naive", "adaptive"), ("incremental", "adaptive")])
 def test_the_layout_is_explained_and_leaves_the_map_alone(con, strategy, layout):
     con.execute(f"SET strategy = '{strategy}'")
     fast = con.execute(QUERY + " BATCH 2")          # 15 batches: the naive one tries both layouts
@@ -35,6 +35,35 @@ def test_the_layout_is_explained_and_leaves_the_map_alone(con, strategy, layout)
     assert "layout=" not in plain.plan.splitlines()[1], plain.plan
     assert np.ptp(plain.heatmap) > 0.02                      # the map moves
     np.testing.assert_allclose(fast.heatmap, plain.heatmap, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "auto"])
+def test_full_tensors_past_the_crossover_in_either_layout_give_the_same_map(con, layout):
+    con.execute("SET strategy = 'incremental'")
+    con.execute("SET crossover = 0.5")                      # full tensors from a projection
+    con.execute("SET layout = 'contiguous'")
+    plain = con.execute(QUERY + " BATCH 2")
+    con.execute(f"SET layout = '{layout}'")
+    fast = con.execute("EXPLAIN ANALYZE " + QUERY + " BATCH 2")
+    assert "Project:" in fast.plan and "crossover=0.50" in fast.plan, fast.plan
+    assert f"layout={'adaptive' if layout == 'auto' else layout}" in fast.plan
+    assert np.ptp(plain.heatmap) > 0.02
+    np.testing.assert_allclose(con.execute(QUERY + " BATCH 2").heatmap, plain.heatmap,
+                               atol=1e-6, rtol=0)
+
+
+def test_a_projection_is_pasted_alike_in_either_layout():
+    from kql.operators import gather as g
+
+    torch.manual_seed(0)
+    base, patches = torch.rand(1, 5, 7, 9), torch.rand(3, 5, 2, 3)
+    ys, xs = np.array([0, 2, 5]), np.array([1, 4, 6])
+    plain = g.project(base, patches, ys, xs)
+    fast = g.project(base, patches.contiguous(memory_format=torch.channels_last), ys, xs, True)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, fast)
+    assert torch.equal(plain[1, :, 2:4, 4:7], patches[1])         # the patch is where it goes
+    assert torch.equal(plain[0, :, 3:], base[0, :, 3:])           # the rest is the base
 
 
 def test_a_bad_layout_is_one_line(con):

@@ -68,7 +68,8 @@ def test_lists_models_images_and_samples(client):
 def test_occlude_returns_the_map_of_the_same_query(client, con):
     data = occlude(client).json()
     expected = con.execute(QUERY)
-    assert np.array_equal(np.asarray(data["values"], np.float32), expected.heatmap)
+    np.testing.assert_allclose(np.asarray(data["values"], np.float32), expected.heatmap,
+                               atol=1e-6, rtol=0)
     assert (data["rows"], data["cols"]) == expected.heatmap.shape
     assert data["probability"] == pytest.approx(expected.probability)
     assert data["label"] == expected.label and data["target"] == expected.target
@@ -81,7 +82,7 @@ def test_occlude_returns_the_map_of_the_same_query(client, con):
 def test_region_is_sent_in_original_pixels(client, con):
     data = occlude(client, region=[4, 2, 20, 16]).json()
     expected = con.execute(QUERY + " REGION (4, 2, 20, 16)").heatmap
-    assert np.array_equal(np.asarray(data["values"], np.float32), expected)
+    np.testing.assert_allclose(np.asarray(data["values"], np.float32), expected, atol=1e-6, rtol=0)
 
 
 def test_compare_returns_both_maps_and_their_ssim(client, con):
@@ -89,7 +90,8 @@ def test_compare_returns_both_maps_and_their_ssim(client, con):
 
     data = occlude(client, stride=2, compare=True, ssim=0.5).json()
     exact, approx = (np.asarray(data[k]["values"], np.float32) for k in ("exact", "approx"))
-    assert np.array_equal(exact, con.execute("OCCLUDE img USING net PATCH 6 STRIDE 2").heatmap)
+    np.testing.assert_allclose(exact, con.execute("OCCLUDE img USING net PATCH 6 STRIDE 2").heatmap,
+                               atol=1e-6, rtol=0)
     assert "WITH SSIM >= 0.5" in data["approx"]["query"]
     assert data["ssim"] == pytest.approx(heatmap_ssim(exact, approx))
 

@@ -163,4 +163,6 @@ def test_every_image_of_a_backlog_is_checked_on_its_own_map(con, tmp_path):
         assert "VerifiedDrillDown" in row["plan"]
         assert row["ssim"] == pytest.approx(single.predicted_ssim, abs=1e-6) and row["ssim"] >= 0.8
     worst = con.execute(f"OCCLUDE '{tmp_path}/*.png' USING net {geometry} ORDER BY ssim ASC LIMIT 1")
-    assert worst.rows[0]["ssim"] == min(r["ssim"] for r in table.rows)
+    # another run of the same maps: equal to float rounding (the layout trial may differ)
+    assert worst.rows[0]["ssim"] == pytest.approx(min(r["ssim"] for r in table.rows), abs=1e-6)
+    assert worst.rows[0]["path"] == min(table.rows, key=lambda r: r["ssim"])["path"]
