@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from . import gather as g
 from .graph import POOLS, Join, Local, Pointwise
-from .layout import ADAPTIVE, CHANNELS_LAST, CONTIGUOUS, LayoutTrial, in_layout
+from .layout import ADAPTIVE, CHANNELS_LAST, CONTIGUOUS, Kept, LayoutTrial, in_layout, known_layout
 from .profile import ModelProfile
 from .steps import COVER, FROZEN, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
 from .task import OcclusionResult, OcclusionTask, Progress, check_logits, scan
@@ -48,11 +48,12 @@ class IncrementalOcclusion:
     name = "IncrementalOcclusion"
 
     def __init__(self, profile: ModelProfile, steps: StepTable, batch_size: int = 16,
-                 layout: str = CONTIGUOUS):
+                 layout: str = CONTIGUOUS, kept: Optional[Kept] = None):
         self.profile = profile
         self.steps = steps
         self.batch_size = max(1, int(batch_size))
         self.layout = layout              # see in_layout
+        self.kept = kept                  # where an adaptive layout's trial is kept
 
     def exact(self) -> "IncrementalOcclusion":
         """The same operator without approximations (threshold, frozen gates)."""
@@ -68,12 +69,12 @@ class IncrementalOcclusion:
     def _with(self, ys, xs, tau: float, gates: str) -> "IncrementalOcclusion":
         t = self.steps
         steps = plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau, gates)
-        return IncrementalOcclusion(self.profile, steps, self.batch_size, self.layout)
+        return IncrementalOcclusion(self.profile, steps, self.batch_size, self.layout, self.kept)
 
     def rebind(self, profile) -> "IncrementalOcclusion":
         """The same plan (step table, batch, layout) on another image's profile of the same
         traced model (:meth:`ModelProfile.for_image`)."""
-        return IncrementalOcclusion(profile, self.steps, self.batch_size, self.layout)
+        return IncrementalOcclusion(profile, self.steps, self.batch_size, self.layout, self.kept)
 
     def in_layout(self, layout: str) -> "IncrementalOcclusion":
         """``layout``: of the pooling windows and of the full tensors past the crossover.
@@ -83,6 +84,10 @@ class IncrementalOcclusion:
         slower)."""
         layout = ADAPTIVE if layout == "auto" else layout
         return IncrementalOcclusion(self.profile, self.steps, self.batch_size, layout)
+
+    def remembering(self, kept: Kept) -> "IncrementalOcclusion":
+        """The same operator, its layout trial kept in (and read from) ``kept``."""
+        return IncrementalOcclusion(self.profile, self.steps, self.batch_size, self.layout, kept)
 
     @property
     def _full_part(self) -> bool:
@@ -97,7 +102,7 @@ class IncrementalOcclusion:
             items["frozen_gates"] = self.steps.count(FROZEN)
         if self.layout != CONTIGUOUS:               # adaptive only where a full part is run
             items["layout"] = (CHANNELS_LAST if self.layout == ADAPTIVE and not self._full_part
-                               else self.layout)
+                               else known_layout(self.layout, self.kept))
         return items
 
     @torch.inference_mode()
@@ -112,7 +117,7 @@ class IncrementalOcclusion:
         batch = _Batch(self.profile, self.steps, patch, timings, self.layout, corners)
         if self.layout != ADAPTIVE or not self._full_part:
             return scan(task, self.profile.base_logits, self.batch_size, batch.run, progress)
-        trial = LayoutTrial(-(-task.count // self.batch_size))
+        trial = LayoutTrial(-(-task.count // self.batch_size), self.kept)
 
         def logits_of(items):
             batch.full_layout, unit = trial.next()

@@ -21,7 +21,7 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Hashable, MutableMapping, Optional
 
 import torch
 
@@ -29,6 +29,13 @@ CONTIGUOUS = "contiguous"
 CHANNELS_LAST = "channels_last"
 ADAPTIVE = "adaptive"       # the faster of the two on the task's own first batch
 LAYOUTS = (CONTIGUOUS, CHANNELS_LAST)
+
+
+def known_layout(layout: str, kept: Optional["Kept"]) -> str:
+    """``layout``, or for an adaptive one the outcome ``kept`` held from an earlier trial
+    when the plan was made."""
+    found = kept.found if kept is not None and layout == ADAPTIVE else None
+    return found or layout
 
 
 def in_layout(t, layout: str):
@@ -70,9 +77,11 @@ class LayoutTrial:
     MIN_BATCHES = 3
     TRIED = (CHANNELS_LAST, CONTIGUOUS)
 
-    def __init__(self, batches: int):
+    def __init__(self, batches: int, kept: Optional["Kept"] = None):
         self.seconds = {}                          # layout -> seconds per item
-        self.chosen = None if batches >= self.MIN_BATCHES else CONTIGUOUS
+        self.kept = kept
+        known = kept.layout if kept is not None else None
+        self.chosen = known or (None if batches >= self.MIN_BATCHES else CONTIGUOUS)
         self.unit = 0                              # the next of TRIED to run
 
     def next(self) -> tuple:
@@ -93,3 +102,30 @@ class LayoutTrial:
         self.seconds[self.TRIED[unit]] = seconds / max(count, 1)
         if len(self.seconds) == len(self.TRIED):
             self.chosen = min(self.TRIED, key=self.seconds.get)
+            if self.kept is not None:
+                self.kept.keep(self.chosen)
+
+
+class Kept:
+    """Where a trial's outcome is kept for the later scans of the same shape (same model,
+    image size, batch, threads, device and plan): ``store[key]``, a store the connection's
+    plan cache owns. Looked up when a scan starts, so the images of a many-image query
+    after the first, or a query run again, skip the trial (and give the same bits).
+
+    >>> kept = Kept({}, ("net", 16))
+    >>> trial = LayoutTrial(batches=10, kept=kept)
+    >>> trial.record(trial.next()[1], 2.0, 16); trial.record(trial.next()[1], 1.0, 16)
+    >>> kept.layout, LayoutTrial(batches=10, kept=kept).next()
+    ('contiguous', ('contiguous', None))
+    """
+
+    def __init__(self, store: MutableMapping, key: Hashable):
+        self.store, self.key = store, key
+        self.found = store.get(key)        # when the plan was made (what EXPLAIN shows)
+
+    @property
+    def layout(self) -> Optional[str]:
+        return self.store.get(self.key)
+
+    def keep(self, layout: str) -> None:
+        self.store[self.key] = layout

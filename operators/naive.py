@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .layout import ADAPTIVE, CONTIGUOUS, LayoutTrial, in_layout
+from .layout import ADAPTIVE, CONTIGUOUS, Kept, LayoutTrial, in_layout, known_layout
 from .task import (OcclusionResult, OcclusionTask, Progress, check_logits, in_eval_mode, occlude,
                    on_device, scan)
 
@@ -22,10 +22,11 @@ class NaiveOcclusion:
     name = "NaiveOcclusion"
 
     def __init__(self, batch_size: int = 16, base_logits: Optional[torch.Tensor] = None,
-                 layout: str = CONTIGUOUS):
+                 layout: str = CONTIGUOUS, kept: Optional[Kept] = None):
         self.batch_size = max(1, int(batch_size))
         self.base_logits = base_logits     # the unoccluded logits, when planning ran the model
         self.layout = layout               # memory layout of the occluded batches
+        self.kept = kept                   # where an adaptive layout's trial is kept
 
     def exact(self) -> "NaiveOcclusion":
         return self
@@ -36,15 +37,21 @@ class NaiveOcclusion:
     def rebind(self, profile) -> "NaiveOcclusion":
         """The same operator for another image (``profile``: its profile, or None)."""
         logits = profile.base_logits if profile is not None else None
-        return NaiveOcclusion(self.batch_size, logits, self.layout)
+        return NaiveOcclusion(self.batch_size, logits, self.layout, self.kept)
 
     def in_layout(self, layout: str) -> "NaiveOcclusion":
-        """``layout``, or for 'auto' the faster one on the first batch (:class:`LayoutTrial`)."""
+        """``layout``, or for 'auto' the faster one on the first batches (:class:`LayoutTrial`)."""
         return NaiveOcclusion(self.batch_size, self.base_logits, ADAPTIVE if layout == "auto" else layout)
 
+    def remembering(self, kept: Kept) -> "NaiveOcclusion":
+        """The same operator, its layout trial kept in (and read from) ``kept``."""
+        return NaiveOcclusion(self.batch_size, self.base_logits, self.layout, kept)
+
     def describe(self) -> dict:
-        """This operator's own EXPLAIN items: only a layout other than torch's default."""
-        return {"layout": self.layout} if self.layout != CONTIGUOUS else {}
+        """This operator's own EXPLAIN items: only a layout other than torch's default (an
+        adaptive one's kept outcome, when an earlier scan's trial found it)."""
+        layout = known_layout(self.layout, self.kept)
+        return {"layout": layout} if layout != CONTIGUOUS else {}
 
     @torch.inference_mode()
     def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
@@ -59,7 +66,8 @@ class NaiveOcclusion:
         # The corners go to the device once; every batch is painted there (no host copy).
         ys, xs = (torch.as_tensor(np.asarray(v, np.int64), device=device) for v in (task.ys, task.xs))
 
-        trial = LayoutTrial(-(-task.count // self.batch_size)) if self.layout == ADAPTIVE else None
+        trial = (LayoutTrial(-(-task.count // self.batch_size), self.kept)
+                 if self.layout == ADAPTIVE else None)
 
         def logits_of(items):
             layout, unit = (self.layout, None) if trial is None else trial.next()

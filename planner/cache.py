@@ -44,6 +44,7 @@ class PlanCache:
         self.size = size
         self._profiles: OrderedDict = OrderedDict()    # key -> (spec, name, profile)
         self._graphs: OrderedDict = OrderedDict()      # (id(spec), device) -> (spec, name, graph)
+        self.layouts: dict = {}     # (name, id(spec), ...) -> the layout a trial chose
 
     def profile(self, spec, name: str, image, device: str, build, kind: str = "profile") -> tuple:
         """``(profile, hit)``: the cached profile, or ``build()`` kept for next time.
@@ -72,10 +73,19 @@ class PlanCache:
         for kept in (self._profiles, self._graphs):
             for key in [k for k, (_, n, _) in kept.items() if n == name]:
                 del kept[key]
+        for key in [k for k in self.layouts if k[0] == name]:
+            del self.layouts[key]
+
+    def layout_key(self, spec, name: str, *shape) -> tuple:
+        """The key of a layout trial's outcome (:class:`~kql.operators.layout.Kept`) for
+        the model ``spec`` and what else decides it (``shape``: image size, batch, threads,
+        device, plan)."""
+        return (name, id(spec)) + shape
 
     def clear(self) -> None:
         self._profiles.clear()
         self._graphs.clear()
+        self.layouts.clear()
 
 
 def _lru(kept: OrderedDict, size: int, key, spec, name: str, build) -> tuple:

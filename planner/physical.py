@@ -17,7 +17,7 @@ import torch
 from kql.errors import KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
-from kql.operators.layout import CONTIGUOUS
+from kql.operators.layout import CONTIGUOUS, Kept
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
@@ -203,7 +203,7 @@ def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) 
     except TraceError as exc:
         reason = _quote(str(exc))
     plan = _plan_with(query, ctx, device, tp, threads, profile, reason)
-    return dataclasses.replace(plan, cached=(hit,) if hit else ())
+    return dataclasses.replace(plan, cached=((hit,) if hit else ()) + plan.cached)
 
 
 def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:
@@ -249,7 +249,20 @@ def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPla
     layout = ctx.settings.get("layout", "auto")
     if layout == "auto" and device != "cpu":
         layout = CONTIGUOUS                     # measured on CPU only
-    return dataclasses.replace(plan, operator=plan.operator.in_layout(layout))
+    operator = plan.operator.in_layout(layout)
+    cached = plan.cached
+    if layout == "auto" and ctx.cache is not None and hasattr(operator, "remembering"):
+        # The trial's outcome is kept for the next scan of this shape (Kept): another
+        # target, colour or image, or the next image of a many-image query.
+        q = plan.query
+        key = ctx.cache.layout_key(q.model, q.model.name, operator.name, tuple(q.image.shape),
+                                   plan.batch, plan.threads, device,
+                                   operator.describe().get("crossover"), q.grid.patch)
+        kept = Kept(ctx.cache.layouts, key)
+        operator = operator.remembering(kept)
+        if kept.found is not None:
+            cached += ("layout",)
+    return dataclasses.replace(plan, operator=operator, cached=cached)
 
 
 def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:

@@ -128,3 +128,36 @@ def test_the_adaptive_naive_map_equals_the_contiguous_one():
     task = OcclusionTask(net, image, torch.zeros(3), (6, 6), np.array(ys), np.array(xs), 0)
     maps = [NaiveOcclusion(10, layout=layout).run(task).probabilities for layout in (ADAPTIVE, CONTIGUOUS)]
     np.testing.assert_allclose(maps[0], maps[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "incremental"])
+def test_a_trial_is_kept_for_the_next_scan_of_the_same_shape(con, monkeypatch, strategy):
+    from kql.operators import layout
+
+    units = []
+    record = layout.LayoutTrial.record
+    monkeypatch.setattr(layout.LayoutTrial, "record",
+                        lambda self, unit, *a: units.append(unit) or record(self, unit, *a))
+    con.execute(f"SET strategy = '{strategy}'")
+    if strategy == "incremental":
+        con.execute("SET crossover = 0.5")                  # a full part to try layouts on
+    first = con.execute(QUERY + " BATCH 2")
+    assert [u for u in units if u is not None] == [0, 1]   # one trial: two batches
+    kept = dict(con.plan_cache.layouts)
+    assert list(kept.values())[0] in ("channels_last", "contiguous") and len(kept) == 1
+    again = con.execute(QUERY + " BATCH 2 TARGET 1")        # another target: same shape
+    third = con.execute(QUERY + " BATCH 2 TARGET 1")
+    assert [u for u in units if u is not None] == [0, 1]   # no trial since
+    line = again.plan.splitlines()[1]
+    assert "layout" in line.split("cache=")[1].split(",")[0]
+    found = list(kept.values())[0]
+    if strategy == "incremental" or found != "contiguous":  # naive names no default layout
+        assert f"layout={found}" in line, line
+    else:
+        assert "layout=" not in line, line
+    np.testing.assert_array_equal(again.heatmap, third.heatmap)     # one layout: the same bits
+    assert np.ptp(first.heatmap) > 0.02
+    con.register_model("net", con.catalog.resolve_model("net").module)   # re-registered: forgotten
+    assert con.plan_cache.layouts == {}
+    con.execute(QUERY + " BATCH 2")
+    assert [u for u in units if u is not None] == [0, 1, 0, 1]
