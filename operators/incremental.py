@@ -119,16 +119,11 @@ class IncrementalOcclusion:
             return scan(task, self.profile.base_logits, self.batch_size, batch.run, progress)
         trial = LayoutTrial(-(-task.count // self.batch_size), self.kept)
 
-        def logits_of(items):
-            batch.full_layout, unit = trial.next()
-            start = time.perf_counter()
-            logits = batch.run(items)
-            if unit is not None:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                trial.record(unit, time.perf_counter() - start, items.stop - items.start)
-            return logits
-        return scan(task, self.profile.base_logits, self.batch_size, logits_of, progress)
+        def run_in(items, layout):
+            batch.full_layout = layout
+            return batch.run(items)
+        return scan(task, self.profile.base_logits, self.batch_size, trial.batches(device, run_in),
+                    progress)
 
 
 def device_corners(steps: StepTable, device) -> dict:

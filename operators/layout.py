@@ -21,7 +21,8 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
-from typing import Hashable, MutableMapping, Optional
+import time
+from typing import Callable, Hashable, MutableMapping, Optional
 
 import torch
 
@@ -104,6 +105,21 @@ class LayoutTrial:
             self.chosen = min(self.TRIED, key=self.seconds.get)
             if self.kept is not None:
                 self.kept.keep(self.chosen)
+
+    def batches(self, device: torch.device, run: Callable) -> Callable:
+        """``logits_of(items)`` for :func:`~kql.operators.task.scan`: each batch run as
+        ``run(items, layout)`` in the layout the trial gives it, its trial batches timed
+        (synchronised on CUDA, which returns at once)."""
+        def logits_of(items: slice):
+            layout, unit = self.next()
+            start = time.perf_counter()
+            logits = run(items, layout)
+            if unit is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                self.record(unit, time.perf_counter() - start, items.stop - items.start)
+            return logits
+        return logits_of
 
 
 class Kept:

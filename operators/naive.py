@@ -7,7 +7,6 @@ against (seed paper 000, section 3.1, equations 1-6).
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Optional
 
 import numpy as np
@@ -69,16 +68,11 @@ class NaiveOcclusion:
         trial = (LayoutTrial(-(-task.count // self.batch_size), self.kept)
                  if self.layout == ADAPTIVE else None)
 
-        def logits_of(items):
-            layout, unit = (self.layout, None) if trial is None else trial.next()
-            batch = in_layout(occlude(image, color, ys[items], xs[items], task.patch), layout)
-            start = time.perf_counter()
-            logits = check_logits(model(batch))
-            if unit is not None:
-                if device.type == "cuda":                  # CUDA returns at once
-                    torch.cuda.synchronize(device)
-                trial.record(unit, time.perf_counter() - start, items.stop - items.start)
-            return logits
+        def run_in(items, layout):
+            return check_logits(model(in_layout(occlude(image, color, ys[items], xs[items],
+                                                        task.patch), layout)))
+        logits_of = (trial.batches(device, run_in) if trial is not None
+                     else lambda items: run_in(items, self.layout))
         with autotuned(device):
             return scan(task, base_logits, self.batch_size, logits_of, progress)
 
