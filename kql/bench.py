@@ -293,6 +293,7 @@ def _bench(args) -> int:
         naive_text = text.replace(f"REGION (0, {y0}, {w}, {y1 - y0})", f"REGION (0, {ny0}, {w}, {ny1 - ny0})")
         queries["naive"] = (parse(naive_text)[0], naive_text)
     plans, planning = {}, {}
+    con.plan_cache.lasting = None      # nor from layout trials an earlier process kept
 
     def planned(name):
         query = queries.get(name, (stmt, text))

@@ -154,12 +154,15 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
 
 
 def calibrate(con, stmt: ast.Calibrate, text: str, progress) -> Result:
-    from .planner.calibrate import throughput
+    from .planner.calibrate import device_key, throughput
 
     device = "cuda" if stmt.device == "gpu" else "cpu"
     if stmt.device == "gpu":
         require_cuda("CALIBRATE ON GPU", pos=stmt.pos)
     tp = throughput(device, con.catalog.directory, refresh=True)
+    # Layout trials measured on this machine go with its old calibration: a new CPU or
+    # torch build (the usual reason to calibrate again) may favour the other layout.
+    con.plan_cache.forget_layouts(device_key(device))
     best = max(max(row) for row in tp.dense)
     return Result("set", text, message=f"calibrated {device}: convolutions up to "
                                         f"{2 * best / 1e9:.1f} GFLOP/s, copies "

@@ -54,6 +54,7 @@ class ModelSpec:
     arch: str = "custom"
     _composed: Optional[nn.Module] = field(default=None, repr=False)
     _fingerprint: Optional[str] = field(default=None, repr=False, compare=False)
+    _structure: Optional[str] = field(default=None, repr=False, compare=False)
 
     def composed(self) -> nn.Module:
         """The module with normalisation in front: pixel-space [B,C,H,W] in, logits out,
@@ -109,6 +110,21 @@ class ModelSpec:
             digest.update(repr(self.module).encode())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    def structure(self) -> str:
+        """The model's layers and normalisation, not its weights, as a hex digest: what
+        decides how fast it runs (the key of layout trials kept across processes,
+        :mod:`~kql.planner.lasting`). Kept for the life of this spec, like
+        :meth:`fingerprint`.
+
+        >>> a, b = ModelSpec("a", nn.Conv2d(3, 4, 3)), ModelSpec("b", nn.Conv2d(3, 4, 3))
+        >>> a.structure() == b.structure(), a.structure() == ModelSpec("c", nn.Conv2d(3, 4, 5)).structure()
+        (True, False)
+        """
+        if self._structure is None:
+            text = repr((type(self.module).__qualname__, self.module, self.mean, self.std))
+            self._structure = hashlib.sha256(text.encode()).hexdigest()
+        return self._structure
 
 
 class Normalize(nn.Module):

@@ -104,7 +104,7 @@ class LayoutTrial:
         if len(self.seconds) == len(self.TRIED):
             self.chosen = min(self.TRIED, key=self.seconds.get)
             if self.kept is not None:
-                self.kept.keep(self.chosen)
+                self.kept.keep(self.chosen, dict(self.seconds))
 
     def batches(self, device: torch.device, run: Callable) -> Callable:
         """``logits_of(items)`` for :func:`~kql.operators.task.scan`: each batch run as
@@ -128,6 +128,11 @@ class Kept:
     plan cache owns. Looked up when a scan starts, so the images of a many-image query
     after the first, or a query run again, skip the trial (and give the same bits).
 
+    ``lasting``, when given, keeps outcomes beyond the connection (the planner's
+    :class:`~kql.planner.lasting.LastingLayouts` bound to this shape's key: ``get()`` and
+    ``keep(layout, seconds)``, which writes only clear outcomes): read when the connection
+    has none, so the first query of a new process skips a trial an earlier one ran.
+
     >>> kept = Kept({}, ("net", 16))
     >>> trial = LayoutTrial(batches=10, kept=kept)
     >>> trial.record(trial.next()[1], 2.0, 16); trial.record(trial.next()[1], 1.0, 16)
@@ -135,13 +140,22 @@ class Kept:
     ('contiguous', ('contiguous', None))
     """
 
-    def __init__(self, store: MutableMapping, key: Hashable):
-        self.store, self.key = store, key
+    def __init__(self, store: MutableMapping, key: Hashable, lasting=None):
+        self.store, self.key, self.lasting = store, key, lasting
+        self.from_lasting = False       # found in the lasting store, not the connection's
+        if key not in store and lasting is not None:
+            found = lasting.get()
+            if found in LAYOUTS:
+                store[key], self.from_lasting = found, True
         self.found = store.get(key)        # when the plan was made (what EXPLAIN shows)
 
     @property
     def layout(self) -> Optional[str]:
         return self.store.get(self.key)
 
-    def keep(self, layout: str) -> None:
+    def keep(self, layout: str, seconds: Optional[dict] = None) -> None:
+        """Keep the trial's pick ``layout``, measured as ``seconds`` (layout -> seconds per
+        item), in the connection and, where the lasting store takes it, beyond."""
         self.store[self.key] = layout
+        if self.lasting is not None and seconds:
+            self.lasting.keep(layout, seconds)

@@ -30,6 +30,9 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import calibrate
+from .lasting import LastingLayouts
+
 PROFILES = 4          # profiles kept per connection
 GRAPHS = 8            # traced graphs kept per connection (they share the models' weights)
 
@@ -45,6 +48,9 @@ class PlanCache:
         self._profiles: OrderedDict = OrderedDict()    # key -> (spec, name, profile)
         self._graphs: OrderedDict = OrderedDict()      # (id(spec), device) -> (spec, name, graph)
         self.layouts: dict = {}     # (name, id(spec), ...) -> the layout a trial chose
+        # Trial outcomes beyond the connection (planner.lasting): the user's cache folder,
+        # whatever the catalog; None keeps them in the connection only.
+        self.lasting = LastingLayouts(calibrate.cache_dir())
 
     def profile(self, spec, name: str, image, device: str, build, kind: str = "profile") -> tuple:
         """``(profile, hit)``: the cached profile, or ``build()`` kept for next time.
@@ -75,6 +81,13 @@ class PlanCache:
                 del kept[key]
         for key in [k for k in self.layouts if k[0] == name]:
             del self.layouts[key]
+
+    def forget_layouts(self, device_key: str) -> None:
+        """Drop the layout trials measured on the device ``device_key`` (its calibration
+        was measured again), in the connection and in the lasting store."""
+        self.layouts.clear()
+        if self.lasting is not None:
+            self.lasting.forget(device_key)
 
     def layout_key(self, spec, name: str, *shape) -> tuple:
         """The key of a layout trial's outcome (:class:`~kql.operators.layout.Kept`) for

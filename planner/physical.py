@@ -27,6 +27,7 @@ from .approximate import choose_tau, task_of, tuned_candidates, verified_candida
 from .cache import PlanCache
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
 from .drilldown import plan_drilldown, plan_verified
+from .lasting import FILE
 from .logical import OcclusionQuery
 from .tuning import Choice
 from .unoccluded import profile_model, scored, summarize_model, unoccluded_logits
@@ -258,10 +259,14 @@ def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPla
         key = ctx.cache.layout_key(q.model, q.model.name, operator.name, tuple(q.image.shape),
                                    plan.batch, plan.threads, device,
                                    operator.describe().get("crossover"), q.grid.patch)
-        kept = Kept(ctx.cache.layouts, key)
+        lasting = None
+        if ctx.cache.lasting is not None:
+            lasting = ctx.cache.lasting.at((calibrate.device_key(device), torch.__version__,
+                                            q.model.structure()) + key[2:])
+        kept = Kept(ctx.cache.layouts, key, lasting)
         operator = operator.remembering(kept)
         if kept.found is not None:
-            cached += ("layout",)
+            cached += (FILE if kept.from_lasting else "layout",)
     return dataclasses.replace(plan, operator=operator, cached=cached)
 
 

@@ -16,6 +16,16 @@ def pytest_configure(config):
     os.environ["KQL_CACHE_DIR"] = tempfile.mkdtemp(prefix="kql-test-cache-")
 
 
+@pytest.fixture(autouse=True)
+def no_lasting_layouts():
+    """Each test starts without the layout trials an earlier test kept in the run's cache
+    (planner.lasting): whether a plan runs a trial stays the test's own business."""
+    path = os.path.join(os.environ["KQL_CACHE_DIR"], "layouts.json")
+    if os.path.exists(path):
+        os.remove(path)
+    yield
+
+
 @pytest.fixture
 def small_model():
     return sensitive_small_cnn()

@@ -20,6 +20,7 @@ QUERY = "OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black"
 def con():
     image = smooth_noise_image(24, 28)
     c = kql.connect()
+    c.plan_cache.lasting = None     # the connection's store only (across processes: test_lasting_layouts)
     c.register_model("net", sensitive(custom_model("max_pools"), image, (8, 8)))
     c.register_image("img", image)
     return c

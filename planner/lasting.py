@@ -1,0 +1,157 @@
+"""Layout trial outcomes kept across processes, in ``layouts.json`` of the user's cache.
+
+A layout trial (:class:`~kql.operators.layout.LayoutTrial`) costs the first scan of a
+shape one batch in the slower layout, and a connection keeps its outcome only for its
+own life: every new process, a ``kql -c`` or a notebook restarted, paid it again. At
+64x64 that batch was ResNet18's whole margin over a plain loop (one of 11 batches run
+1.35x slower). The outcome depends on the machine and the model's layers, not on its
+weights, the image or the target, so it is kept per machine (:func:`calibrate.device_key`:
+cores and threads), torch version, the model's layers (:meth:`ModelSpec.structure`), image
+size, batch, device and plan (operator, crossover, patch), in the folder the calibration
+table lives in when the catalog is in memory (:func:`calibrate.cache_dir`; ``$KQL_CACHE_DIR``
+empty: nowhere). Layouts are machine facts, so a catalog folder never holds them.
+
+Only a clear outcome measured on a quiet machine is written: the faster layout at least
+:data:`MARGIN` faster per item, and the load average no higher than the cores (another
+process busy on them skews the two batches unequally, the way a busy machine once set
+the thread count to one for good). Anything else stays in the connection only. A
+``CALIBRATE`` forgets the machine's entries. A file that cannot be read counts as empty;
+one that cannot be written keeps the outcome in the connection only.
+
+>>> import tempfile
+>>> store = LastingLayouts(tempfile.mkdtemp(), busy=lambda: False)
+>>> store.keep(("k",), "contiguous", {"contiguous": 1.0, "channels_last": 1.5})
+True
+>>> LastingLayouts(store.folder).get(("k",))
+'contiguous'
+>>> store.keep(("close",), "contiguous", {"contiguous": 1.0, "channels_last": 1.05})
+False
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Callable, Optional
+
+from kql.fileio import atomic_write, locked, read_json
+from kql.operators.layout import LAYOUTS
+
+FILE = "layouts.json"
+VERSION = 1
+MARGIN = 1.10          # the slower layout's time per item over the faster one's, at least
+ENTRIES = 512          # the oldest beyond these are dropped
+_read_cache: dict = {}  # path -> (mtime_ns, entries): a plan reads the file once a change
+
+
+def machine_busy() -> bool:
+    """Whether the 1-minute load average exceeds the cores (unknown: busy). This process
+    counts in it: a scan on all cores loads them as much as there are."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return True
+
+
+class LastingLayouts:
+    """The trial outcomes of ``folder``/layouts.json: :meth:`get` and :meth:`keep` by a key
+    (a tuple of str and numbers)."""
+
+    def __init__(self, folder: Optional[str], busy: Callable[[], bool] = machine_busy):
+        self.folder = folder or None
+        self.path = os.path.join(folder, FILE) if folder else None
+        self.busy = busy
+
+    def get(self, key: tuple) -> Optional[str]:
+        if self.path is None:
+            return None
+        entry = self._entries().get(_text(key))
+        layout = entry.get("layout") if isinstance(entry, dict) else None
+        return layout if layout in LAYOUTS else None
+
+    def keep(self, key: tuple, layout: str, seconds: dict) -> bool:
+        """Write ``layout``, the trial's pick from ``seconds`` (layout -> seconds per item),
+        when the pick is clear and the machine quiet; whether it was written."""
+        times = [s for s in seconds.values() if s and s > 0]
+        if self.path is None or layout not in LAYOUTS or len(times) < 2:
+            return False
+        margin = max(times) / min(times)
+        if margin < MARGIN or self.busy():
+            return False
+        entry = {"layout": layout, "margin": round(margin, 3), "kept": time.time()}
+        with contextlib.suppress(OSError):
+            self._update(lambda entries: entries.__setitem__(_text(key), entry))
+            return True
+        return False
+
+    def at(self, key: tuple) -> "Bound":
+        """This store bound to one shape's ``key``: what :class:`~kql.operators.layout.Kept`
+        takes as its ``lasting``."""
+        return Bound(self, key)
+
+    def forget(self, prefix: str) -> None:
+        """Drop every entry whose key starts with ``prefix`` (a machine's device key)."""
+        if self.path is None or not os.path.exists(self.path):
+            return
+        with contextlib.suppress(OSError):
+            self._update(lambda entries: [entries.pop(k) for k in list(entries)
+                                          if k.startswith(json.dumps(prefix))])
+
+    def _entries(self) -> dict:
+        try:
+            stamp = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return {}
+        hit = _read_cache.get(self.path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        entries = _read(self.path)
+        _read_cache[self.path] = (stamp, entries)
+        return entries
+
+    def _update(self, change: Callable[[dict], object]) -> None:
+        """``change`` the entries under the folder's lock and write them back through a
+        temporary file renamed into place (readers see the old file or the new one)."""
+        os.makedirs(self.folder, exist_ok=True)
+        with locked(self.folder):
+            entries = _read(self.path)
+            change(entries)
+            if len(entries) > ENTRIES:
+                oldest = sorted(entries, key=lambda k: entries[k].get("kept", 0))
+                for k in oldest[:len(entries) - ENTRIES]:
+                    del entries[k]
+            atomic_write(self.path, lambda fh: json.dump({"version": VERSION, "entries": entries}, fh),
+                         prefix=".layouts-", suffix=".tmp")
+        _read_cache.pop(self.path, None)
+
+
+class Bound:
+    """A :class:`LastingLayouts` and one key: ``get()`` and ``keep(layout, seconds)``."""
+
+    def __init__(self, store: LastingLayouts, key: tuple):
+        self.store, self.key = store, key
+
+    def get(self) -> Optional[str]:
+        return self.store.get(self.key)
+
+    def keep(self, layout: str, seconds: dict) -> bool:
+        return self.store.keep(self.key, layout, seconds)
+
+
+def _read(path: str) -> dict:
+    """The entries of ``path``; empty when it is missing, unreadable or of another version."""
+    try:
+        stored = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("version") != VERSION:
+        return {}
+    entries = stored.get("entries")
+    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
+
+
+def _text(key: tuple) -> str:
+    """The key as the file holds it: JSON of its parts (the device key first)."""
+    return json.dumps(list(key), default=str)[1:-1]
