@@ -59,10 +59,10 @@ class LastingLayouts:
     """The trial outcomes of ``folder``/layouts.json: :meth:`get` and :meth:`keep` by a key
     (a tuple of str and numbers)."""
 
-    def __init__(self, folder: Optional[str], busy: Callable[[], bool] = machine_busy):
+    def __init__(self, folder: Optional[str], busy: Optional[Callable[[], bool]] = None):
         self.folder = folder or None
         self.path = os.path.join(folder, FILE) if folder else None
-        self.busy = busy
+        self.busy = busy                # None: machine_busy, looked up at each keep
 
     def get(self, key: tuple) -> Optional[str]:
         if self.path is None:
@@ -78,7 +78,7 @@ class LastingLayouts:
         if self.path is None or layout not in LAYOUTS or len(times) < 2:
             return False
         margin = max(times) / min(times)
-        if margin < MARGIN or self.busy():
+        if margin < MARGIN or (self.busy or machine_busy)():
             return False
         entry = {"layout": layout, "margin": round(margin, 3), "kept": time.time()}
         with contextlib.suppress(OSError):

@@ -17,9 +17,15 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def no_lasting_layouts():
-    """Each test starts without the layout trials an earlier test kept in the run's cache
-    (planner.lasting): whether a plan runs a trial stays the test's own business."""
+def no_lasting_layouts(monkeypatch):
+    """No layout trial outcome is kept across connections unless a test asks for it
+    (tests/test_lasting_layouts.py passes its own quiet-machine check): in this process
+    every machine counts as busy, and each test starts without the outcomes a CLI
+    subprocess of an earlier test kept in the run's cache. Whether a plan runs a trial
+    stays the test's own business, whatever the load of the machine."""
+    from kql.planner import lasting
+
+    monkeypatch.setattr(lasting, "machine_busy", lambda: True)
     path = os.path.join(os.environ["KQL_CACHE_DIR"], "layouts.json")
     if os.path.exists(path):
         os.remove(path)

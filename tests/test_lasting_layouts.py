@@ -17,6 +17,7 @@ from kql.operators import layout
 from kql.planner import calibrate
 from kql.planner.cache import PlanCache
 from kql.planner.lasting import FILE, LastingLayouts
+from kql.planner.lasting import machine_busy as load_check   # conftest makes it always busy
 from models_zoo import custom_model
 
 QUERY = "OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black BATCH 2"
@@ -154,3 +155,26 @@ def test_the_oldest_entries_go_beyond_the_cap(tmp_path, monkeypatch):
     for i in range(5):
         store.keep(("k", i), "contiguous", {"contiguous": 1.0, "channels_last": 2.0})
     assert [store.get(("k", i)) for i in range(5)] == [None, None] + ["contiguous"] * 3
+
+
+def test_the_load_average_against_the_cores_decides_busy(monkeypatch):
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.5, 0.0, 0.0))
+    assert load_check()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.5, 9.0, 9.0))
+    assert not load_check()
+
+    def unknown():
+        raise OSError("no load average")
+    monkeypatch.setattr(os, "getloadavg", unknown)
+    assert load_check()
+
+
+def test_a_store_asks_the_load_check_at_each_keep(tmp_path, monkeypatch):
+    from kql.planner import lasting
+
+    store = LastingLayouts(str(tmp_path))
+    clear = {"contiguous": 1.0, "channels_last": 2.0}
+    assert not store.keep(("k",), "contiguous", clear)          # this run: always busy
+    monkeypatch.setattr(lasting, "machine_busy", lambda: False)
+    assert store.keep(("k",), "contiguous", clear) and store.get(("k",)) == "contiguous"
