@@ -284,6 +284,30 @@ def read_json(path: str):
         raise ValueError("nested too deeply") from None
 
 
+def update_json(path: str, read: Callable[[str], object], change: Callable[[object], object], *,
+                prefix: str, indent: Optional[int] = None) -> None:
+    """Rewrite the JSON file ``path`` as ``change(read(path))``, under a lock on its folder
+    and through a temporary file renamed into place (:func:`atomic_write`): readers, another
+    process included, see the old file or the new one, and what another writer added
+    meanwhile stays. ``read`` returns the current value (its own defaults for a missing or
+    unsound file). Raises ``OSError``.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.json")
+    >>> for n in (1, 2):
+    ...     update_json(path, lambda p: read_json(p) if os.path.exists(p) else [],
+    ...                 lambda old: old + [n], prefix=".kql-")
+    >>> read_json(path)
+    [1, 2]
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with locked(folder):
+        value = change(read(path))
+        atomic_write(path, lambda fh: json.dump(value, fh, indent=indent), prefix=prefix,
+                     suffix=".tmp")
+
+
 def raise_on_sigterm() -> None:
     """Turn SIGTERM into ``SystemExit(143)`` in this process, so that ``finally`` blocks
     run (a write in progress removes its temporary file). For the CLI and the shell; call

@@ -29,6 +29,9 @@ import hashlib
 from collections import OrderedDict
 
 import numpy as np
+import torch
+
+from kql.operators.layout import Kept
 
 from . import calibrate
 from .lasting import LastingLayouts
@@ -89,11 +92,16 @@ class PlanCache:
         if self.lasting is not None:
             self.lasting.forget(device_key)
 
-    def layout_key(self, spec, name: str, *shape) -> tuple:
-        """The key of a layout trial's outcome (:class:`~kql.operators.layout.Kept`) for
-        the model ``spec`` and what else decides it (``shape``: image size, batch, threads,
-        device, plan)."""
-        return (name, id(spec)) + shape
+    def kept_layout(self, spec, device: str, *shape) -> Kept:
+        """Where a layout trial's outcome is kept (:class:`~kql.operators.layout.Kept`) for
+        the model ``spec`` on ``device`` and what else decides it (``shape``: operator, image
+        size, batch, threads, device, plan): in this connection, by the model object, and,
+        with a lasting store, for this machine, torch build and model structure."""
+        lasting = None
+        if self.lasting is not None:
+            lasting = self.lasting.at((calibrate.device_key(device), torch.__version__,
+                                       spec.structure()) + shape)
+        return Kept(self.layouts, (spec.name, id(spec)) + shape, lasting)
 
     def clear(self) -> None:
         self._profiles.clear()

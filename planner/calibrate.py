@@ -17,7 +17,6 @@ every later query on one core.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from kql.fileio import atomic_write, locked, read_json
+from kql.fileio import read_json, update_json
 from kql.operators.layout import CHANNELS_LAST, CONTIGUOUS, in_layout
 
 DEPTHS = (27, 144, 576, 2304, 4608)    # c_in/groups * kh * kw (27: an RGB stem)
@@ -296,10 +295,5 @@ def _store(path: str, key: str, table: dict) -> None:
     """Merge ``table`` into ``path`` under a lock, through a temporary file renamed into
     place: readers (another process included) see the old file or the new one, and a
     table another process wrote meanwhile stays. Raises ``OSError``."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    with locked(folder):
-        stored = _read_tables(path)
-        stored[key] = table
-        atomic_write(path, lambda fh: json.dump(stored, fh, indent=1), prefix=".calibration-",
-                     suffix=".tmp")
+    update_json(path, _read_tables, lambda stored: {**stored, key: table},
+                prefix=".calibration-", indent=1)

@@ -36,7 +36,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from kql.fileio import atomic_write, locked, read_json
+from kql.fileio import read_json, update_json
 from kql.operators.layout import LAYOUTS
 
 FILE = "layouts.json"
@@ -112,18 +112,15 @@ class LastingLayouts:
         return entries
 
     def _update(self, change: Callable[[dict], object]) -> None:
-        """``change`` the entries under the folder's lock and write them back through a
-        temporary file renamed into place (readers see the old file or the new one)."""
-        os.makedirs(self.folder, exist_ok=True)
-        with locked(self.folder):
-            entries = _read(self.path)
+        """``change`` the entries in place and write them back (:func:`~kql.fileio.update_json`),
+        the oldest beyond :data:`ENTRIES` dropped."""
+        def changed(entries: dict) -> dict:
             change(entries)
-            if len(entries) > ENTRIES:
-                oldest = sorted(entries, key=lambda k: entries[k].get("kept", 0))
-                for k in oldest[:len(entries) - ENTRIES]:
-                    del entries[k]
-            atomic_write(self.path, lambda fh: json.dump({"version": VERSION, "entries": entries}, fh),
-                         prefix=".layouts-", suffix=".tmp")
+            oldest = sorted(entries, key=lambda k: entries[k].get("kept", 0))
+            for k in oldest[:max(0, len(entries) - ENTRIES)]:
+                del entries[k]
+            return {"version": VERSION, "entries": entries}
+        update_json(self.path, _read, changed, prefix=".layouts-")
         _read_cache.pop(self.path, None)
 
 

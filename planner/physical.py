@@ -17,7 +17,7 @@ import torch
 from kql.errors import KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
-from kql.operators.layout import CONTIGUOUS, Kept
+from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
@@ -256,14 +256,9 @@ def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPla
         # The trial's outcome is kept for the next scan of this shape (Kept): another
         # target, colour or image, or the next image of a many-image query.
         q = plan.query
-        key = ctx.cache.layout_key(q.model, q.model.name, operator.name, tuple(q.image.shape),
-                                   plan.batch, plan.threads, device,
-                                   operator.describe().get("crossover"), q.grid.patch)
-        lasting = None
-        if ctx.cache.lasting is not None:
-            lasting = ctx.cache.lasting.at((calibrate.device_key(device), torch.__version__,
-                                            q.model.structure()) + key[2:])
-        kept = Kept(ctx.cache.layouts, key, lasting)
+        kept = ctx.cache.kept_layout(q.model, device, operator.name, tuple(q.image.shape),
+                                     plan.batch, plan.threads, device,
+                                     operator.describe().get("crossover"), q.grid.patch)
         operator = operator.remembering(kept)
         if kept.found is not None:
             cached += (FILE if kept.from_lasting else "layout",)
