@@ -1,13 +1,14 @@
 """The naive cost model's full-node prices against each node's measured time, by kind.
 
 Runs the model's traced graph node by node (``torch.fx.Interpreter``, timed per node,
-median of 3 after 3 warm-ups) on a batch of the image, contiguous, and prints per kind
-of node (1x1 / kxk / grouped / depthwise convolution, pools, element-wise ops by name)
-the seconds ``kql.planner.cost.full_node_cost`` predicts and the seconds measured: where
+median of 3 after 3 warm-ups) on a batch of the image in channels-last (the layout the
+calibration prices full-size batches in on CPU; ``--contiguous`` for torch's default),
+and prints per kind of node (1x1 / kxk / grouped / depthwise convolution, pools,
+element-wise ops by name) the seconds ``kql.planner.cost.full_node_cost`` predicts and the seconds measured: where
 the cost model mis-prices naive plans. Random weights, torch's default threads.
 
 Usage: .venv/bin/python benchmarks/node_costs.py [--model regnet_y_400mf] [--size 224]
-       [--batch 16]
+       [--batch 16] [--contiguous]
 """
 import argparse
 import collections
@@ -59,13 +60,15 @@ def main() -> None:
     parser.add_argument("--model", default="regnet_y_400mf")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--contiguous", action="store_true", help="torch's default layout")
     args = parser.parse_args()
     built, _ = bench.build_model(args.model)
     spec = ModelSpec("m", built.module, built.mean, built.std, (args.size, args.size))
     photo = images.match_channels(images.load_sample("chelsea"), 3)[0]
     profile = ModelProfile(spec.composed(), images.resize(photo, (args.size, args.size)), "cpu")
     tp = throughput("cpu")
-    x = profile.views[profile.image_node].expand(args.batch, -1, -1, -1).contiguous()
+    x = profile.views[profile.image_node].expand(args.batch, -1, -1, -1).contiguous(
+        memory_format=torch.contiguous_format if args.contiguous else torch.channels_last)
     runs = []
     with torch.inference_mode():
         for i in range(6):

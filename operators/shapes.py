@@ -87,6 +87,7 @@ class ShapeSummary:
     convs: tuple = field(default=(), repr=False)
     linear_macs: float = 0.0
     activation_bytes: int = 0        # every module's output, summed
+    output_bytes: tuple = field(default=(), repr=False)   # and one by one
     hops: tuple = field(default=(), repr=False)
     image_size: tuple = ()
     seconds: float = 0.0             # the shape pass itself, measured
@@ -154,6 +155,7 @@ class _Recorder:
         self.candidate: Optional[tuple] = None      # (name, MACs before it): a pool to 1x1
         self.peak = self.activations = 0
         self.convs: list = []
+        self.outputs: list = []
         self.hops: list = []
         self.pixel_linear = False
         self.image_size: tuple = ()
@@ -216,6 +218,7 @@ class _Recorder:
                 self.candidate = (name, self.macs)
             self.peak = max(self.peak, _bytes(x) + _bytes(output))
             self.activations += _bytes(output)
+            self.outputs.append(_bytes(output))
             conv = None
             if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
                 _, c_out, h, w = output.shape
@@ -283,5 +286,5 @@ def summarize(model: nn.Module, image: torch.Tensor, device="cpu") -> ShapeSumma
             h.remove()
     before = rec.macs if rec.gate is None else rec.before_gate
     return ShapeSummary(rec.macs, before, rec.gate, rec.peak, logits, tuple(rec.convs),
-                        rec.linear_macs, rec.activations, tuple(rec.hops),
+                        rec.linear_macs, rec.activations, tuple(rec.outputs), tuple(rec.hops),
                         tuple(image.shape[1:]), time.perf_counter() - start, rec.pixel_linear)

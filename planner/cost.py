@@ -94,9 +94,12 @@ def _numel(t) -> int:
     return t.numel() if isinstance(t, torch.Tensor) else 0
 
 
+def _depthwise(op: Local) -> bool:
+    return op.groups > 1 and op.groups == op.in_channels
+
+
 def _conv_seconds(tp, op: Local, macs_item: float, area: int, batch: int) -> float:
-    depthwise = op.groups > 1 and op.groups == op.in_channels
-    return conv_call_seconds(tp, macs_item, op.macs_per_output(), area, depthwise,
+    return conv_call_seconds(tp, macs_item, op.macs_per_output(), area, _depthwise(op),
                              op.out_channels, batch)
 
 
@@ -112,14 +115,16 @@ def conv_call_seconds(tp, macs_item: float, depth: int, area: int, depthwise: bo
 def shape_naive_cost(summary, tp, batch: int, image_shape) -> PlanCost:
     """The naive operator's cost per batch from a forward pass's shapes
     (:class:`~kql.operators.shapes.ShapeSummary`): its convolutions as the calibration
-    prices them, its linear layers, and every activation written once and read once."""
+    prices them, its linear layers, and every activation written once (into a fresh
+    output, as element-wise ops do) and read once."""
     plan = PlanCost(macs=batch * summary.macs)
     plan.seconds = tp.bytes_seconds(2 * batch * 3 * image_shape[-2] * image_shape[-1] * FLOAT)
     for conv in summary.convs:
         plan.seconds += conv_call_seconds(tp, conv.macs, conv.depth, conv.area, conv.depthwise,
                                           conv.out_channels, batch)
     plan.seconds += tp.overhead + tp.matmul_seconds(batch * summary.linear_macs)
-    plan.seconds += tp.bytes_seconds(2 * batch * summary.activation_bytes)
+    for out in summary.output_bytes:
+        plan.seconds += tp.elementwise_seconds(2 * batch * out, batch * out)
     return plan
 
 
@@ -176,9 +181,11 @@ def _full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
     if isinstance(op, Local) and op.kind == "conv":
         _, c_out, h, w = out.shape
         macs = op.macs_per_output() * c_out * h * w
-        return batch * macs, _conv_seconds(tp, op, macs, h * w, batch)
+        fresh = tp.fresh_seconds(batch * out.numel() * FLOAT, "depthwise" if _depthwise(op) else "conv")
+        return batch * macs, _conv_seconds(tp, op, macs, h * w, batch) + fresh
     if isinstance(op, Local) and op.kind in POOLS:
-        return 0.0, _pool_seconds(tp, op, batch * out.numel())
+        fresh = tp.fresh_seconds(batch * out.numel() * FLOAT, op.kind)
+        return 0.0, _pool_seconds(tp, op, batch * out.numel()) + fresh
     linear = _linear_shape(profile, n)
     if linear:
         rows, k, m = linear
@@ -187,15 +194,16 @@ def _full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
             return macs, tp.overhead + tp.matmul_seconds(macs)
         # Over every pixel it is a 1x1 convolution of depth ``k``.
         return macs, tp.overhead + tp.conv_seconds(macs, k, rows, c_out=m)
-    if _is_view(n):
+    if _is_view(n) or _aliases_input(profile, n, out):
         return 0.0, tp.overhead
     moved = sum(_numel(profile.views.get(a)) for a in n.all_input_nodes) + _numel(out)
-    return 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT)
+    return 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT, batch * _numel(out) * FLOAT)
 
 
-def _elementwise_seconds(profile, n: fx.Node, tp, nbytes: float) -> float:
-    """One call moving ``nbytes``, at the activation rate where ``n`` evaluates exp/erf."""
-    return tp.overhead + tp.bytes_seconds(nbytes, transcendental(profile, n))
+def _elementwise_seconds(profile, n: fx.Node, tp, nbytes: float, out_bytes: float) -> float:
+    """One call moving ``nbytes`` into a fresh output of ``out_bytes``, at the activation
+    rate where ``n`` evaluates exp/erf."""
+    return tp.overhead + tp.elementwise_seconds(nbytes, out_bytes, transcendental(profile, n))
 
 
 TRANSCENDENTAL_MODULES = (nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.ELU, nn.Softplus)
@@ -211,6 +219,15 @@ def transcendental(profile, n: fx.Node) -> bool:
     if n.op == "call_function":
         return n.target in TRANSCENDENTAL_FUNCTIONS
     return n.op == "call_method" and n.target in TRANSCENDENTAL_METHODS
+
+
+def _aliases_input(profile, n: fx.Node, out) -> bool:
+    """Whether ``n`` handed back its input's memory: an identity in eval mode
+    (torchvision's stochastic depth, dropout) moves no bytes."""
+    if not isinstance(out, torch.Tensor) or out.numel() == 0:
+        return False
+    return any(isinstance(v, torch.Tensor) and v.data_ptr() == out.data_ptr()
+               for v in (profile.views.get(a) for a in n.all_input_nodes))
 
 
 def _is_view(n: fx.Node) -> bool:
@@ -289,7 +306,8 @@ def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> 
     c_out = profile.views[n].shape[1]
     if isinstance(op, Pointwise):
         moved = 2 * c_out * h * w
-        return 0.0, 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT)
+        return 0.0, 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT,
+                                              batch * c_out * h * w * FLOAT)
     if isinstance(op, Local):
         c_in = profile.views[n.args[0]].shape[1]
         ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \
@@ -307,4 +325,5 @@ def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> 
     moved = sum(profile.views[a].shape[1] for a in inputs) * h * w
     gathered = batch * moved * FLOAT
     combined = batch * c_out * h * w * FLOAT
-    return 0.0, gathered, tp.gather_seconds(gathered) + tp.overhead + tp.bytes_seconds(2 * combined)
+    return 0.0, gathered, (tp.gather_seconds(gathered) + tp.overhead
+                           + tp.elementwise_seconds(2 * combined, combined))
