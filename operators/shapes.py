@@ -88,6 +88,7 @@ class ShapeSummary:
     linear_macs: float = 0.0
     activation_bytes: int = 0        # every module's output, summed
     output_bytes: tuple = field(default=(), repr=False)   # and one by one
+    before_gate: tuple = (0, 0)      # how many of ``convs``, of ``output_bytes`` ran before the gate
     hops: tuple = field(default=(), repr=False)
     image_size: tuple = ()
     seconds: float = 0.0             # the shape pass itself, measured
@@ -152,7 +153,8 @@ class _Recorder:
         self.macs = self.linear_macs = 0.0
         self.before_gate: Optional[float] = None
         self.gate: Optional[str] = None
-        self.candidate: Optional[tuple] = None      # (name, MACs before it): a pool to 1x1
+        self.candidate: Optional[tuple] = None      # a pool to 1x1: (name, MACs, convs, outputs before it)
+        self.counts_before: Optional[tuple] = None
         self.peak = self.activations = 0
         self.convs: list = []
         self.outputs: list = []
@@ -213,9 +215,10 @@ class _Recorder:
         def record(module, inputs, output):
             x = inputs[0] if inputs else None
             if self.candidate is not None and self.gate is None and _spatial(x):
-                self.gate, self.before_gate = self.candidate   # the pooled value came back
+                self.gate, self.before_gate, *counts = self.candidate   # the pooled value came back
+                self.counts_before = tuple(counts)
             if _spatial(x) and _pooled(output) and self.gate is None:
-                self.candidate = (name, self.macs)
+                self.candidate = (name, self.macs, len(self.convs), len(self.outputs))
             self.peak = max(self.peak, _bytes(x) + _bytes(output))
             self.activations += _bytes(output)
             self.outputs.append(_bytes(output))
@@ -285,6 +288,7 @@ def summarize(model: nn.Module, image: torch.Tensor, device="cpu") -> ShapeSumma
         for h in handles:
             h.remove()
     before = rec.macs if rec.gate is None else rec.before_gate
+    counts = rec.counts_before if rec.gate is not None else (len(rec.convs), len(rec.outputs))
     return ShapeSummary(rec.macs, before, rec.gate, rec.peak, logits, tuple(rec.convs),
-                        rec.linear_macs, rec.activations, tuple(rec.outputs), tuple(rec.hops),
+                        rec.linear_macs, rec.activations, tuple(rec.outputs), counts, tuple(rec.hops),
                         tuple(image.shape[1:]), time.perf_counter() - start, rec.pixel_linear)

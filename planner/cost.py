@@ -128,6 +128,26 @@ def shape_naive_cost(summary, tp, batch: int, image_shape) -> PlanCost:
     return plan
 
 
+def shape_ratio_bound(summary, tp, batch: int) -> float:
+    """No exact incremental plan runs faster than the plain loop by more than this, from a
+    forward pass's shapes: whatever runs after the first global gate
+    (:class:`~kql.operators.shapes.ShapeSummary`) runs in full in every plan. In seconds
+    as :func:`shape_naive_cost` prices them, not MACs: the large maps of the first layers
+    cost far more time than their share of the MACs (memory-bound convolutions,
+    element-wise ops writing fresh memory)."""
+    if summary.gate is None:
+        return math.inf
+    convs, outputs = summary.before_gate
+
+    def seconds(conv_list, output_list):
+        return (sum(conv_call_seconds(tp, c.macs, c.depth, c.area, c.depthwise, c.out_channels, batch)
+                    for c in conv_list)
+                + sum(tp.elementwise_seconds(2 * batch * out, batch * out) for out in output_list))
+    total = seconds(summary.convs, summary.output_bytes) + tp.matmul_seconds(batch * summary.linear_macs)
+    rest = total - seconds(summary.convs[:convs], summary.output_bytes[:outputs])
+    return math.inf if rest <= 0 else total / rest
+
+
 def shape_incremental_floor(summary, patch: tuple, tp, batch: int) -> Optional[float]:
     """Seconds per batch below which no exact incremental plan is expected to run, from a
     forward pass's shapes: each convolution over the region a centred patch changes

@@ -14,7 +14,7 @@ from typing import Optional
 from kql.operators.shapes import ShapeSummary, may_have_gate
 
 from . import memory
-from .cost import PlanCost, shape_incremental_floor, shape_naive_cost
+from .cost import PlanCost, shape_incremental_floor, shape_naive_cost, shape_ratio_bound
 
 LARGE_IMAGE = 1 << 20      # pixels; above it the views are sized before they are built
 # Pixels; up to it (112x112 and 64-160 px inputs alike) the incremental plan is first
@@ -67,8 +67,8 @@ def decide(query, ctx, device: str, tp, margin: float) -> Optional[NaiveFromShap
                 f"but memory_limit is {memory.size_text(cap)}; occlude a smaller image", views)
         reason = (f"materialized views would need {memory.size_text(views)} > memory_limit "
                   f"{memory.size_text(cap)} (planned without tracing)")
-    elif gated and summary.ratio_bound * margin < 1.0:
-        reason = (f"global gate {summary.gate} caps incremental at {summary.ratio_bound:.2f}x "
+    elif gated and (bound := shape_ratio_bound(summary, tp, tp.batch)) * margin < 1.0:
+        reason = (f"global gate {summary.gate} caps incremental at {bound:.2f}x "
                   f"(planned without tracing)")
     elif small:
         try:
