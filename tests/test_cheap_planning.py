@@ -104,6 +104,42 @@ def test_a_late_gate_leaves_the_decision_to_the_cost_model():
     assert gated.macs_before_gate == 16 * 16 * 8 * 27                       # the stem only
 
 
+class WideStemGate(nn.Module):
+    """A stem that writes a large map for few MACs (a 1x1 convolution, ReLU), pooled down
+    to a squeeze-excitation gate, then the network's MACs on a small map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pool = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU()), nn.MaxPool2d(4)
+        self.gate, self.squeeze = nn.AdaptiveAvgPool2d(1), nn.Conv2d(32, 32, 1)
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+                                    for _ in range(3)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        return self.head(self.body(x * torch.sigmoid(self.squeeze(self.gate(x)))))
+
+
+def test_a_gate_s_bound_counts_the_seconds_of_the_large_maps_before_it():
+    """What runs before the first gate is all exact incremental inference can save; on
+    memory-bound early layers that is far more of the time than of the MACs."""
+    from kql.planner.calibrate import Throughput
+    from kql.planner.cost import shape_ratio_bound
+
+    def table(bandwidth):
+        return Throughput("cpu", [[1e10] * 5] * 5, [1e10] * 5, 1e10, bandwidth, 1e-6, cout=[1.0] * 6,
+                          activation=bandwidth, stream=[bandwidth] * 6)
+    summary = shapes.summarize(WideStemGate().eval(), torch.rand(3, 64, 64))
+    assert summary.gate == "gate" and summary.ratio_bound < 1.1     # 3% of the MACs come first
+    assert summary.before_gate == (1, 3)                              # the stem conv; conv, ReLU, pool
+    free_bytes, slow_bytes = table(1e15), table(1e9)
+    assert shape_ratio_bound(summary, free_bytes, 16) < 1.1           # time follows the MACs
+    assert shape_ratio_bound(summary, slow_bytes, 16) > 1.5           # the stem's map dominates
+    no_gate = shapes.summarize(small_cnn().eval(), torch.rand(3, 24, 24))
+    assert shape_ratio_bound(no_gate, slow_bytes, 16) == float("inf")
+
+
 def wide_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
