@@ -103,9 +103,12 @@ class Throughput:
     def elementwise_seconds(self, nbytes: float, out_bytes: float,
                             transcendental: bool = False) -> float:
         """An element-wise op moving ``nbytes`` into a fresh output of ``out_bytes``, as
-        in a forward pass; exp/erf activations slower by the ratio measured warm."""
+        in a forward pass; an exp/erf activation adds what it took over ReLU warm (its
+        arithmetic: the fresh memory costs both alike)."""
         seconds = nbytes / self.elementwise_rate(out_bytes)
-        return seconds * self.bandwidth / self.activation if transcendental else seconds
+        if transcendental:
+            seconds += max(0.0, nbytes * (1 / self.activation - 1 / self.bandwidth))
+        return seconds
 
     def fresh_seconds(self, out_bytes: float, kind: str = "conv") -> float:
         """What writing a fresh output of ``out_bytes`` costs beyond what the ``kind``
