@@ -173,6 +173,9 @@ def _parser():
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--positions", type=int, default=256, help="about this many positions")
     p.add_argument("--batch", type=int, default=16, help="batch size of every engine")
+    p.add_argument("--plan-batch", default=None, metavar="N|auto",
+                   help="the chosen plan's BATCH instead (auto: none given, KQL's own choice); "
+                        "the other engines keep --batch")
     p.add_argument("--repeat", type=int, default=1, help="rounds of the engines; medians reported")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of every engine (default: torch's own, as a user's loop)")
@@ -239,6 +242,8 @@ def _check(args) -> None:
             raise KqlError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise KqlError(f"--threads must be at least 1, got {args.threads}")
+    if args.plan_batch not in (None, "auto") and not (args.plan_batch.isdigit() and int(args.plan_batch) >= 1):
+        raise KqlError(f"--plan-batch must be a batch size of at least 1 or 'auto', got {args.plan_batch!r}")
     if args.device == "cuda":
         from .planner.devices import require_cuda
 
@@ -278,6 +283,9 @@ def _bench(args) -> int:
                 "chosen plan": {"strategy": "auto", "crossover": "auto", "gates": args.gates,
                                 "tau": args.tau if args.tau is not None else "auto"}}
     chosen_text = text
+    if args.plan_batch is not None:
+        own = "" if args.plan_batch == "auto" else f" BATCH {int(args.plan_batch)}"
+        chosen_text = chosen_text.replace(f" BATCH {args.batch} ", own + " ")
     if args.ssim is not None:
         if args.calibrate:
             samples = ", ".join(f"sample('{name.strip()}')" for name in args.calibrate.split(","))
@@ -421,6 +429,8 @@ def _report(args, spec, size, plans, full, rows, times, peaks, results, thread_c
           f"the ratio for all {full.count} positions (planning once, then this scan rate)")
     actual = statistics.median(times["chosen plan"])
     own = "".join(f", {k} {v}" for k, v in chosen.operator.describe().items())
+    if chosen.batch != args.batch:
+        own += f", batch {chosen.batch}"
     print(f"chosen plan: {chosen.operator.name}{own}; predicted {chosen.predicted_seconds:.2f}s, actual {actual:.2f}s "
           f"(predicted/actual {chosen.predicted_seconds / actual:.2f})")
     if chosen.approximation is not None:

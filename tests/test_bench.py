@@ -28,7 +28,19 @@ def test_bench_runs_every_engine(capsys):
     assert "5 positions (grid rows 2..2 of 5x5)" in out      # the middle row of the grid
 
 
+def test_bench_chosen_plan_at_its_own_batch(capsys):
+    code = bench.main(["--model", "squeezenet1_1", "--patch", "64", "--stride", "40",
+                       "--positions", "4", "--batch", "2", "--plan-batch", "auto", "--threads", "1",
+                       "--no-captum"])
+    out = capsys.readouterr().out
+    assert code == 0
+    # The other engines at BATCH 2, the chosen plan at KQL's own batch (all 5 positions).
+    assert "batch 2, 1 thread(s)" in out
+    assert re.search(r"^chosen plan: (Naive|Incremental)Occlusion.*, batch 5; predicted", out, re.M), out
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--model", "squeezenet1_1", "--plan-batch", "0"], "--plan-batch must be a batch size of at least 1 or 'auto'"),
     (["--model", "nope"], "unknown model 'nope'"),
     (["--model", "squeezenet1_1", "--patch", "300"], "patch 300x300 is larger than the image"),
     (["--model", "squeezenet1_1", "--batch", "0"], "--batch must be at least 1"),
