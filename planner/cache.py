@@ -103,6 +103,11 @@ class PlanCache:
                                        spec.structure()) + shape)
         return Kept(self.layouts, (spec.name, id(spec)) + shape, lasting)
 
+    def kept_operator(self, spec, device: str, *shape) -> Kept:
+        """Where a close call's operator trial (:class:`~kql.operators.trial.OperatorTrial`)
+        keeps its outcome for the next scan of that shape, in this connection."""
+        return Kept(self.layouts, (spec.name, id(spec), "operator", device) + shape)
+
     def clear(self) -> None:
         self._profiles.clear()
         self._graphs.clear()

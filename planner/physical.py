@@ -21,6 +21,7 @@ from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
+from kql.operators.trial import OperatorTrial
 
 from . import calibrate, devices, memory, shape_first
 from .approximate import choose_tau, task_of, tuned_candidates, verified_candidates
@@ -46,6 +47,10 @@ CROSSOVER_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 # projecting its 112x112 maps into full tensors ran at half the calibrated copy rate.
 MARGIN = 0.95
 NAIVE_MARGIN = 0.85
+# A close call between naive and incremental inference: the two predictions within this
+# factor of the bar between them. The scan's first batches then try both
+# (:class:`~kql.operators.trial.OperatorTrial`).
+CLOSE = 1.3
 
 
 @dataclass
@@ -124,6 +129,7 @@ class PhysicalPlan:
     stage_seconds: Optional[float] = None     # drill-down: their predicted run, together
     cached: tuple = ()                        # what planning took from the plan cache
     exact_seconds: Optional[float] = None     # predicted run of the same plan at tau 1
+    alternative: Optional["PhysicalPlan"] = field(default=None, repr=False)   # a close call's other plan
 
     @property
     def batches(self) -> int:
@@ -240,8 +246,18 @@ def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPl
 
 
 def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
-    plan = _single_plan(query, ctx, device, tp, threads, profile, reason, choice)
-    return _in_layout(plan, ctx, device)
+    plan = _in_layout(_single_plan(query, ctx, device, tp, threads, profile, reason, choice), ctx, device)
+    if plan.alternative is None:
+        return plan
+    other = _in_layout(plan.alternative, ctx, device)
+    kept = None
+    if ctx.cache is not None:
+        q = plan.query
+        kept = ctx.cache.kept_operator(q.model, device, plan.operator.name, tuple(q.image.shape),
+                                       q.grid, plan.batch, other.batch, plan.threads)
+    return dataclasses.replace(plan, operator=OperatorTrial(plan.operator, other.operator, kept),
+                               memory_bytes=max(plan.memory_bytes, other.memory_bytes),
+                               alternative=None)
 
 
 def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPlan:
@@ -290,13 +306,22 @@ def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=Non
         needed, allowed = memory.size_text(exc.needed), memory.size_text(cap)
         return dataclasses.replace(naive_plan,
                                    reason=f"incremental needs {needed} > memory_limit {allowed}")
-    if naive_plan is not None and ctx.strategy == "auto" and (
-            best.predicted_seconds > NAIVE_MARGIN * naive_plan.predicted_seconds):
+    if naive_plan is None or ctx.strategy != "auto":
+        return best
+    # A close call between two exact plans of the default strategy is tried on the scan.
+    ratio = best.predicted_seconds / max(naive_plan.predicted_seconds, 1e-12)
+    close = (best.approximation is None and gates_exact(ctx) and query.drilldown is None
+             and NAIVE_MARGIN / CLOSE < ratio < NAIVE_MARGIN * CLOSE)
+    if ratio > NAIVE_MARGIN:
         # The naive map is exact: a quality asked for is met at tau 1, from the same tuning.
         exact = Choice(1.0, 1.0, best.approximation.source) if best.approximation else None
         return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper",
-                                   approximation=exact)
-    return best
+                                   approximation=exact, alternative=best if close else None)
+    return dataclasses.replace(best, alternative=naive_plan) if close else best
+
+
+def gates_exact(ctx: PlanContext) -> bool:
+    return ctx.settings.get("gates", "exact") == "exact" and ctx.settings.get("tau", "auto") in ("auto", 1, 1.0)
 
 
 def _untraced(query, device, threads, reason, cap) -> PhysicalPlan:
