@@ -247,8 +247,8 @@ def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPl
 
 def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
     plan = _in_layout(_single_plan(query, ctx, device, tp, threads, profile, reason, choice), ctx, device)
-    if plan.alternative is None:
-        return plan
+    if plan.alternative is None or plan.batches < OperatorTrial.MIN_BATCHES:
+        return dataclasses.replace(plan, alternative=None)     # too short a scan to try both
     other = _in_layout(plan.alternative, ctx, device)
     kept = None
     if ctx.cache is not None:

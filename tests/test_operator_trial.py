@@ -5,10 +5,13 @@ scans, EXPLAIN ANALYZE and clear decisions run the chosen operator alone."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import kql
+from kql import executor
 from helpers import calibrate_batchnorm, plain_heatmap, sensitive, smooth_noise_image
 from kql.operators import trial
 from kql.operators.trial import OperatorTrial
@@ -44,6 +47,11 @@ def parts(monkeypatch):
         return real(operator, task, start, stop, progress)
     monkeypatch.setattr(trial, "_part", spy)
     return ran
+
+
+def _parsed(text: str) -> tuple:
+    from kql.parser import parse
+    return parse(text)[0], text
 
 
 def connection(model) -> kql.Connection:
@@ -99,8 +107,14 @@ def test_a_re_registered_model_tries_again(model, close, parts, monkeypatch):
 def test_short_scans_and_explain_analyze_run_the_chosen_operator_alone(model, close, parts):
     con = connection(model)
     short = "OCCLUDE img USING net PATCH 8 STRIDE 8 BATCH 16 COLOR black"   # 4 x 5: 2 batches
-    assert "trial=" in operator_line(con, short)
+    assert "trial=" not in operator_line(con, short)
     con.execute(short)
+    # The operator checks too (a plan made for another scan length: a rebound image's).
+    plan = executor.plan(con, *_parsed(QUERY))
+    assert isinstance(plan.operator, OperatorTrial)
+    short_task = dataclasses.replace(plan.task(), ys=plan.task().ys[:20], xs=plan.task().xs[:20])
+    OperatorTrial(plan.operator.chosen.at(short_task.ys, short_task.xs),
+                  plan.operator.other.at(short_task.ys, short_task.xs)).run(short_task)
     analyzed = con.execute("EXPLAIN ANALYZE " + QUERY).plan
     assert "trial=" in analyzed and "actual_s=" in analyzed
     assert parts == []
