@@ -119,13 +119,17 @@ def shape_naive_cost(summary, tp, batch: int, image_shape) -> PlanCost:
     output, as element-wise ops do) and read once."""
     plan = PlanCost(macs=batch * summary.macs)
     plan.seconds = tp.bytes_seconds(2 * batch * 3 * image_shape[-2] * image_shape[-1] * FLOAT)
-    for conv in summary.convs:
-        plan.seconds += conv_call_seconds(tp, conv.macs, conv.depth, conv.area, conv.depthwise,
-                                          conv.out_channels, batch)
+    plan.seconds += _shape_seconds(summary.convs, summary.output_bytes, tp, batch)
     plan.seconds += tp.overhead + tp.matmul_seconds(batch * summary.linear_macs)
-    for out in summary.output_bytes:
-        plan.seconds += tp.elementwise_seconds(2 * batch * out, batch * out)
     return plan
+
+
+def _shape_seconds(convs, output_bytes, tp, batch: int) -> float:
+    """The shape pass's convolutions ``convs`` as the calibration prices them, and its
+    module outputs ``output_bytes`` (per image) each written into fresh memory and read."""
+    return (sum(conv_call_seconds(tp, c.macs, c.depth, c.area, c.depthwise, c.out_channels, batch)
+                for c in convs)
+            + sum(tp.elementwise_seconds(2 * batch * out, batch * out) for out in output_bytes))
 
 
 def shape_ratio_bound(summary, tp, batch: int) -> float:
@@ -138,13 +142,9 @@ def shape_ratio_bound(summary, tp, batch: int) -> float:
     if summary.gate is None:
         return math.inf
     convs, outputs = summary.before_gate
-
-    def seconds(conv_list, output_list):
-        return (sum(conv_call_seconds(tp, c.macs, c.depth, c.area, c.depthwise, c.out_channels, batch)
-                    for c in conv_list)
-                + sum(tp.elementwise_seconds(2 * batch * out, batch * out) for out in output_list))
-    total = seconds(summary.convs, summary.output_bytes) + tp.matmul_seconds(batch * summary.linear_macs)
-    rest = total - seconds(summary.convs[:convs], summary.output_bytes[:outputs])
+    total = (_shape_seconds(summary.convs, summary.output_bytes, tp, batch)
+             + tp.matmul_seconds(batch * summary.linear_macs))
+    rest = total - _shape_seconds(summary.convs[:convs], summary.output_bytes[:outputs], tp, batch)
     return math.inf if rest <= 0 else total / rest
 
 

@@ -73,6 +73,13 @@ class PlanContext:
     def crossover(self):
         return self.settings.get("crossover", "auto")
 
+    @property
+    def exact_settings(self) -> bool:
+        """Whether no setting asks for an approximate map: tau 1 or left to the query
+        ('auto'), global gates computed exactly."""
+        return (self.settings.get("tau", "auto") in ("auto", 1, 1.0)
+                and self.settings.get("gates", "exact") == "exact")
+
     def profile(self, query, device: str) -> tuple:
         """``(profile, what came from the cache)``: of the query's model on its image;
         ``"profile"`` when all of it, ``"graph"`` when only its trace (another image)."""
@@ -129,7 +136,6 @@ class PhysicalPlan:
     stage_seconds: Optional[float] = None     # drill-down: their predicted run, together
     cached: tuple = ()                        # what planning took from the plan cache
     exact_seconds: Optional[float] = None     # predicted run of the same plan at tau 1
-    alternative: Optional["PhysicalPlan"] = field(default=None, repr=False)   # a close call's other plan
 
     @property
     def batches(self) -> int:
@@ -246,18 +252,18 @@ def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPl
 
 
 def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
-    plan = _in_layout(_single_plan(query, ctx, device, tp, threads, profile, reason, choice), ctx, device)
-    if plan.alternative is None or plan.batches < OperatorTrial.MIN_BATCHES:
-        return dataclasses.replace(plan, alternative=None)     # too short a scan to try both
-    other = _in_layout(plan.alternative, ctx, device)
+    plan, other = _single_plan(query, ctx, device, tp, threads, profile, reason, choice)
+    plan = _in_layout(plan, ctx, device)
+    if other is None or plan.batches < OperatorTrial.MIN_BATCHES:
+        return plan                             # a clear decision, or too short a scan to try both
+    other = _in_layout(other, ctx, device)
     kept = None
     if ctx.cache is not None:
         q = plan.query
         kept = ctx.cache.kept_operator(q.model, device, plan.operator.name, tuple(q.image.shape),
                                        q.grid, plan.batch, other.batch, plan.threads)
     return dataclasses.replace(plan, operator=OperatorTrial(plan.operator, other.operator, kept),
-                               memory_bytes=max(plan.memory_bytes, other.memory_bytes),
-                               alternative=None)
+                               memory_bytes=max(plan.memory_bytes, other.memory_bytes))
 
 
 def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPlan:
@@ -281,13 +287,15 @@ def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPla
     return dataclasses.replace(plan, operator=operator, cached=cached)
 
 
-def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
-    """The cheapest plan computing every position of the query's grid (at the
-    threshold of ``choice``; by default the one the settings and the tuning give) within
-    the memory limit; :class:`~.memory.MemoryLimitError` when no plan fits it."""
+def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=None) -> tuple:
+    """``(plan, other)``: the cheapest plan computing every position of the query's grid
+    (at the threshold of ``choice``; by default the one the settings and the tuning give)
+    within the memory limit, and on a close call between naive and incremental inference
+    the other of the two (else None); :class:`~.memory.MemoryLimitError` when no plan
+    fits it."""
     cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
     if profile is None:                        # torch.fx cannot trace it: the plain loop
-        return _untraced(query, device, threads, reason, cap)
+        return _untraced(query, device, threads, reason, cap), None
     try:
         naive_plan, too_big = _naive(query, profile, tp, device, threads, cap), None
     except memory.MemoryLimitError as exc:
@@ -295,7 +303,7 @@ def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=Non
     if ctx.strategy == "naive":
         if too_big is not None:
             raise too_big
-        return dataclasses.replace(naive_plan, reason="strategy=naive")
+        return dataclasses.replace(naive_plan, reason="strategy=naive"), None
     try:
         best = _incremental(query, ctx, profile, tp, cap, device, threads, naive_plan, choice)
     except memory.MemoryLimitError as exc:
@@ -305,23 +313,20 @@ def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=Non
             raise min(exc, too_big, key=lambda e: e.needed) from None
         needed, allowed = memory.size_text(exc.needed), memory.size_text(cap)
         return dataclasses.replace(naive_plan,
-                                   reason=f"incremental needs {needed} > memory_limit {allowed}")
+                                   reason=f"incremental needs {needed} > memory_limit {allowed}"), None
     if naive_plan is None or ctx.strategy != "auto":
-        return best
+        return best, None
     # A close call between two exact plans of the default strategy is tried on the scan.
     ratio = best.predicted_seconds / max(naive_plan.predicted_seconds, 1e-12)
-    close = (best.approximation is None and gates_exact(ctx) and query.drilldown is None
+    close = (best.approximation is None and ctx.exact_settings and query.drilldown is None
              and NAIVE_MARGIN / CLOSE < ratio < NAIVE_MARGIN * CLOSE)
     if ratio > NAIVE_MARGIN:
         # The naive map is exact: a quality asked for is met at tau 1, from the same tuning.
         exact = Choice(1.0, 1.0, best.approximation.source) if best.approximation else None
-        return dataclasses.replace(naive_plan, reason="incremental not predicted cheaper",
-                                   approximation=exact, alternative=best if close else None)
-    return dataclasses.replace(best, alternative=naive_plan) if close else best
+        return (dataclasses.replace(naive_plan, reason="incremental not predicted cheaper",
+                                    approximation=exact), best if close else None)
+    return best, naive_plan if close else None
 
-
-def gates_exact(ctx: PlanContext) -> bool:
-    return ctx.settings.get("gates", "exact") == "exact" and ctx.settings.get("tau", "auto") in ("auto", 1, 1.0)
 
 
 def _untraced(query, device, threads, reason, cap) -> PhysicalPlan:

@@ -44,8 +44,7 @@ def decide(query, ctx, device: str, tp, margin: float) -> Optional[NaiveFromShap
     (building them could exhaust the machine), for any exact query (SET strategy =
     'incremental' is then refused). None when none of them is certain."""
     plain = query.ssim is None and query.drilldown is None
-    exact = plain and ctx.settings.get("tau", "auto") in ("auto", 1, 1.0)
-    default = exact and ctx.strategy == "auto" and ctx.settings.get("gates", "exact") == "exact"
+    default = plain and ctx.exact_settings and ctx.strategy == "auto"
     gated = default and may_have_gate(query.model.composed())
     pixels = query.image.shape[1] * query.image.shape[2]
     small = default and pixels <= SMALL_IMAGE
