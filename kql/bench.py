@@ -275,8 +275,10 @@ def _bench(args) -> int:
 
     photo = images.match_channels(images.load_sample(args.image), spec.channels)[0]
     con.register_image("bench_image", images.resize(photo, (h, w)))
-    text = (f"OCCLUDE bench_image USING {args.model} PATCH {args.patch} "
-            f"STRIDE {args.stride} REGION (0, {y0}, {w}, {y1 - y0}) BATCH {args.batch} ON {device}")
+    def occlude(batch: str) -> str:
+        return (f"OCCLUDE bench_image USING {args.model} PATCH {args.patch} "
+                f"STRIDE {args.stride} REGION (0, {y0}, {w}, {y1 - y0}){batch} ON {device}")
+    text = occlude(f" BATCH {args.batch}")
     stmt = parse(text)[0]
     settings = {"naive": {"strategy": "naive"},
                 PURE: {"strategy": "incremental", "crossover": "none"},
@@ -284,8 +286,7 @@ def _bench(args) -> int:
                                 "tau": args.tau if args.tau is not None else "auto"}}
     chosen_text = text
     if args.plan_batch is not None:
-        own = "" if args.plan_batch == "auto" else f" BATCH {int(args.plan_batch)}"
-        chosen_text = chosen_text.replace(f" BATCH {args.batch} ", own + " ")
+        chosen_text = occlude("" if args.plan_batch == "auto" else f" BATCH {int(args.plan_batch)}")
     if args.ssim is not None:
         if args.calibrate:
             samples = ", ".join(f"sample('{name.strip()}')" for name in args.calibrate.split(","))
