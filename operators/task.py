@@ -12,6 +12,12 @@ from torch import nn
 Progress = Optional[Callable[[int, int], None]]
 
 
+class StopScan(Exception):
+    """Raised by a scan's ``progress`` callback to end the scan after the batch it reports:
+    :func:`scan` returns the positions done so far (a watcher hands the rest to another
+    operator without losing them)."""
+
+
 # How a model's outputs become the map's score. softmax: the model returns logits over
 # exclusive classes; sigmoid: independent logits (one unit: a binary classifier); logits:
 # the raw output; probability: the model already ends in a softmax (taken as it is).
@@ -59,6 +65,7 @@ class OcclusionResult:
     output: str = "softmax"     # how the scores were made (:data:`OUTPUTS`)
     check: Optional[dict] = None    # a verified drill-down's measured quality (:mod:`.verified`)
     halved: tuple = ()          # batch sizes that ran out of memory, in order (see :func:`scan`)
+    ran: tuple = ()             # ((operator name, items, seconds), ...) of a watched scan's parts
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -175,6 +182,7 @@ def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits
     A batch that runs out of memory (:func:`out_of_memory`) is halved and run again, and
     the scan goes on at the smaller size; the sizes that failed are the result's
     ``halved``. Only a single position that does not fit ends the scan (with the error).
+    A ``progress`` that raises :class:`StopScan` ends it with the positions done so far.
     """
     output = detect_output(task.output, base_logits)[0]
     targets = resolve_targets(task.targets or (task.target,), base_logits, output)
@@ -199,9 +207,12 @@ def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits
         scores[1, :, start:stop] = outputs.float()[:, columns].t()
         start = stop
         if progress is not None:
-            progress(stop, task.count)
+            try:
+                progress(stop, task.count)
+            except StopScan:
+                break
     base = score(base_logits.view(1, -1), columns, output)[:, 0]
-    values, raw = scores.cpu().numpy()
+    values, raw = scores[:, :, :start].cpu().numpy()
     return OcclusionResult(values, raw, targets, base.cpu().numpy(), base_logits.cpu().numpy(),
                            output, halved=tuple(halved))
 

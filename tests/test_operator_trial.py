@@ -1,7 +1,8 @@
 """A close call between naive and incremental inference is settled on the scan's first
 batches (operators/trial.py): the map stays exact whichever operator ran a position, the
-faster one runs the rest, the outcome is kept for the next scan of that shape, and short
-scans, EXPLAIN ANALYZE and clear decisions run the chosen operator alone."""
+faster one runs the rest, the outcome is kept for the next scan of that shape, short scans
+and EXPLAIN ANALYZE run the chosen operator alone, and clear decisions have no trial
+(tests/test_scan_watch.py: the watching that follows)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def expected(model):
 @pytest.mark.parametrize("switch", [1e9, 0.0])
 def test_a_close_call_tries_both_and_the_map_stays_exact(model, close, parts, monkeypatch, switch):
     monkeypatch.setattr(OperatorTrial, "SWITCH", switch)     # the alternative wins / loses
+    monkeypatch.setattr(OperatorTrial, "PROBE_LEFT", 10 ** 9)  # the upfront trial alone
+    monkeypatch.setenv("KQL_CONTENTION", "quiet")             # its outcome is kept
     con = connection(model)
     line = operator_line(con)
     chosen = line.split(":")[0].strip()
@@ -85,18 +88,21 @@ def test_a_close_call_tries_both_and_the_map_stays_exact(model, close, parts, mo
     np.testing.assert_allclose(result.heatmap, expected(model), atol=1e-5)
     n = 17 * 19
     tried = [(other, 0, 16), (chosen, 16, n)]                  # the alternative first
-    # On a switch the chosen scan stops after its first batch; the alternative runs the rest.
-    assert parts == (tried + [(other, 16, n)] if switch else tried), parts
-    # The outcome is kept: the next scan of that shape (another target) runs it alone.
+    # On a switch the chosen scan stops after its first batch (kept); the alternative runs
+    # the rest.
+    assert parts == (tried + [(other, 32, n)] if switch else tried), parts
+    # The outcome is kept: the next scan of that shape (another target) starts with it,
+    # without a trial.
     parts.clear()
     again = operator_line(con, QUERY + " TARGET 1")
     assert ("faster (kept)" if switch else "slower (kept)") in again, again
     con.execute(QUERY + " TARGET 1")
-    assert parts == []
+    assert parts == [(other if switch else chosen, 0, n)], parts
 
 
 def test_a_re_registered_model_tries_again(model, close, parts, monkeypatch):
     monkeypatch.setattr(OperatorTrial, "SWITCH", 1e9)
+    monkeypatch.setenv("KQL_CONTENTION", "quiet")
     con = connection(model)
     con.execute(QUERY)
     assert "(kept)" in operator_line(con)
