@@ -33,6 +33,7 @@ def main() -> None:
             h, w = spec.input_size if size == "own" else (int(v) for v in size.split("x"))
             con = kql.connect()
             con.plan_cache.lasting = None
+            con.plan_cache.learning = False      # the cost model alone (no feedback)
             con.register_model("m", spec.module, spec.mean, spec.std, (h, w))
             con.register_image("img", images.resize(photo, (h, w)))
             try:

@@ -48,6 +48,7 @@ def main() -> None:
 
     con = kql.connect()
     con.plan_cache.lasting = None                # a first query ever: no trial on file
+    con.plan_cache.learning = False              # nor scans timed before (feedback)
     spec, _ = bench.build_model(args.model)
     con.register_model(args.model, spec.module, spec.mean, spec.std, (h, w))
     photo = images.match_channels(images.load_sample("chelsea"), 3)[0]

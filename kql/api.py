@@ -53,13 +53,19 @@ def warn_long_run(message: str) -> None:
                   stacklevel=_first_caller_outside_kql())
 
 
+def warn(message: str) -> None:
+    """The API's way to tell its caller something while the statement runs on."""
+    warnings.warn(KqlWarning(message), stacklevel=_first_caller_outside_kql())
+
+
 class Connection:
     """A catalog of models and images plus session settings; runs KQL text.
 
     ``on_long_run(message)`` is called before a run predicted longer than ``SET
     confirm_seconds``: it returns to let it run (by default after a :class:`KqlWarning`)
     or raises a :class:`~kql.errors.KqlError` to stop it (the shell asks, see
-    :class:`kql.shell.Runner`).
+    :class:`kql.shell.Runner`). ``on_warning(message)`` hears what a statement that runs
+    on should still say (a :class:`KqlWarning` by default; the shell prints it).
     """
 
     def __init__(self, directory: Optional[str] = None):
@@ -67,6 +73,7 @@ class Connection:
         self.settings = Settings()
         self.plan_cache = PlanCache()        # model profiles of recent queries
         self.on_long_run: Callable[[str], None] = warn_long_run
+        self.on_warning: Callable[[str], None] = warn     # a note; the statement runs on
         self._modules: dict = {}             # registered torch modules, by name
 
     # -- registration -----------------------------------------------------------------

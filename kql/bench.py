@@ -303,6 +303,7 @@ def _bench(args) -> int:
         queries["naive"] = (parse(naive_text)[0], naive_text)
     plans, planning = {}, {}
     con.plan_cache.lasting = None      # nor from layout trials an earlier process kept
+    con.plan_cache.learning = False    # nor from scans timed before (planner.feedback)
 
     def planned(name):
         query = queries.get(name, (stmt, text))

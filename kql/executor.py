@@ -86,12 +86,22 @@ def duration(seconds: float) -> str:
 def confirm_run(con, physical, stmt) -> None:
     """Before a run predicted longer than ``SET confirm_seconds``: the connection's
     ``on_long_run(message)``, which returns to run it (the API warns) or raises a
-    KqlError (the shell's answer no, or KQL text with no one to ask)."""
+    KqlError (the shell's answer no, or KQL text with no one to ask). A prediction from
+    an untrusted calibration (measured under load) refuses nothing: the run goes on after
+    ``on_warning(message)``."""
     limit = con.settings.get("confirm_seconds", "none")
     seconds = physical.run_seconds
     if limit == "none" or seconds is None or seconds <= limit:
         return
-    message = f"OCCLUDE is predicted to run {duration(seconds)} (over confirm_seconds = {limit})"
+    low, high = physical.run_range
+    span = f"{duration(low)} to {duration(high)}"
+    if not physical.trusted:
+        con.on_warning(f"OCCLUDE is predicted to run {duration(seconds)} ({span}) from a "
+                       f"calibration measured under load, not trusted: running it "
+                       f"(CALIBRATE on a quiet machine to trust it)")
+        return
+    message = (f"OCCLUDE is predicted to run {duration(seconds)} ({span}; "
+               f"over confirm_seconds = {limit})")
     try:
         con.on_long_run(message)
     except KqlError as exc:
@@ -154,19 +164,22 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
 
 
 def calibrate(con, stmt: ast.Calibrate, text: str, progress) -> Result:
-    from .planner.calibrate import device_key, throughput
+    from .planner.calibrate import cache_dir, device_key, throughput
+    from .planner.feedback import Feedback
 
     device = "cuda" if stmt.device == "gpu" else "cpu"
     if stmt.device == "gpu":
         require_cuda("CALIBRATE ON GPU", pos=stmt.pos)
     tp = throughput(device, con.catalog.directory, refresh=True)
-    # Layout trials measured on this machine go with its old calibration: a new CPU or
-    # torch build (the usual reason to calibrate again) may favour the other layout.
+    # Layout trials and scan feedback measured on this machine go with its old
+    # calibration: a new CPU or torch build (the usual reason to calibrate again) may
+    # favour the other layout, and the ratios corrected the old table.
     con.plan_cache.forget_layouts(device_key(device))
+    Feedback(con.catalog.directory or cache_dir()).forget(device_key(device))
     best = max(max(row) for row in tp.dense)
     return Result("set", text, message=f"calibrated {device}: convolutions up to "
                                         f"{2 * best / 1e9:.1f} GFLOP/s, copies "
-                                        f"{tp.bandwidth / 1e9:.1f} GB/s")
+                                        f"{tp.bandwidth / 1e9:.1f} GB/s; {tp.verdict()}")
 
 
 # Below this many images CALIBRATE still tunes, but says its bound is loose.

@@ -166,6 +166,7 @@ class Runner:
         self.preview = False                # the shell's: heat map pictures, tables to fit
         self.ask = ask                      # (question) -> the answer typed; None: no one to ask
         con.on_long_run = self.confirm_long_run
+        con.on_warning = lambda message: self.say(f"warning: {message}", self.err)
 
     def confirm_long_run(self, message: str) -> None:
         """Return to run a long statement; raise a KqlExecutionError not to."""

@@ -26,6 +26,8 @@ from typing import Callable, Hashable, MutableMapping, Optional
 
 import torch
 
+from . import contention
+
 CONTIGUOUS = "contiguous"
 CHANNELS_LAST = "channels_last"
 ADAPTIVE = "adaptive"       # the faster of the two on the task's own first batch
@@ -62,7 +64,8 @@ class LayoutTrial:
     loop's layout. A scan of fewer than :data:`MIN_BATCHES` batches runs contiguous, as a
     plain loop does: no batch would be left to gain from the trial. A unit that never
     reports its time (its batch ran out of memory and is retried smaller) ends the trial
-    in contiguous.
+    in contiguous. An outcome measured while other work competed for the CPU
+    (:mod:`.contention`) serves this scan only: it is not kept.
 
     >>> trial = LayoutTrial(batches=10)
     >>> trial.next()
@@ -84,6 +87,7 @@ class LayoutTrial:
         known = kept.layout if kept is not None else None
         self.chosen = known or (None if batches >= self.MIN_BATCHES else CONTIGUOUS)
         self.unit = 0                              # the next of TRIED to run
+        self.meter = None                          # CPU share over the trial (on CPU)
 
     def next(self) -> tuple:
         """``(layout, unit)`` to run the next batch in: a trial unit, or the chosen layout
@@ -103,7 +107,8 @@ class LayoutTrial:
         self.seconds[self.TRIED[unit]] = seconds / max(count, 1)
         if len(self.seconds) == len(self.TRIED):
             self.chosen = min(self.TRIED, key=self.seconds.get)
-            if self.kept is not None:
+            share = self.meter.share() if self.meter is not None else None
+            if self.kept is not None and not contention.contended(share):
                 self.kept.keep(self.chosen, dict(self.seconds))
 
     def batches(self, device: torch.device, run: Callable) -> Callable:
@@ -112,6 +117,8 @@ class LayoutTrial:
         (synchronised on CUDA, which returns at once)."""
         def logits_of(items: slice):
             layout, unit = self.next()
+            if unit == 0 and device.type == "cpu":
+                self.meter = contention.CpuMeter(torch.get_num_threads()).start()
             start = time.perf_counter()
             logits = run(items, layout)
             if unit is not None:

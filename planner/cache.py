@@ -54,6 +54,9 @@ class PlanCache:
         # Trial outcomes beyond the connection (planner.lasting): the user's cache folder,
         # whatever the catalog; None keeps them in the connection only.
         self.lasting = LastingLayouts(calibrate.cache_dir())
+        # Plans corrected by, and scans recorded into, planner.feedback; off: every plan
+        # is the cost model's alone (kql bench times first queries).
+        self.learning = True
 
     def profile(self, spec, name: str, image, device: str, build, kind: str = "profile") -> tuple:
         """``(profile, hit)``: the cached profile, or ``build()`` kept for next time.

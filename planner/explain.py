@@ -6,7 +6,9 @@ and runs of nodes computed at full size after the crossover share one ``Full`` l
 A BATCH lowered to fit ``memory_limit`` shows the one asked for:
 ``batch=12 (BATCH 100000 lowered to fit memory_limit 5.8 GB)``.
 With ``actual`` (EXPLAIN ANALYZE), each line also shows the measured time and the
-predicted/actual ratio.
+predicted/actual ratio. A prediction that earlier scans corrected says by how much and
+from how many scans (``corrected=x1.80 (3 scans)``; per-node lines stay the cost model's),
+one from a calibration measured under load says ``calibration=untrusted``.
 
 The last line sums the plan up in words (:func:`summary`): ``Summary: IncrementalOcclusion
 on cpu, 169 positions in 11 batches, predicted 1.23 s (naive 2.5 s), exact``. It comes
@@ -151,6 +153,9 @@ def _operator_line(plan, actual) -> str:
         items["predicted_s"] = _num(plan.predicted_seconds, 3)
         if plan.naive_seconds:
             items["naive_predicted_s"] = _num(plan.naive_predicted_seconds, 3)
+        items["corrected"] = plan.correction.describe()       # by earlier scans (feedback)
+    if not plan.trusted:
+        items["calibration"] = "untrusted"
     items.update(_approximation_items(plan, actual))
     if plan.reason:
         items["reason"] = plan.reason

@@ -37,6 +37,7 @@ import time
 from typing import Callable, Optional
 
 from kql.fileio import read_json, update_json
+from kql.operators.contention import load_busy
 from kql.operators.layout import LAYOUTS
 
 FILE = "layouts.json"
@@ -47,12 +48,8 @@ _read_cache: dict = {}  # path -> (mtime_ns, entries): a plan reads the file onc
 
 
 def machine_busy() -> bool:
-    """Whether the 1-minute load average exceeds the cores (unknown: busy). This process
-    counts in it: a scan on all cores loads them as much as there are."""
-    try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except (OSError, AttributeError):
-        return True
+    """Whether the 1-minute load average exceeds the cores (:func:`contention.load_busy`)."""
+    return load_busy()
 
 
 class LastingLayouts:

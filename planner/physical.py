@@ -9,6 +9,7 @@ and a batch size, each chosen by predicted cost (:mod:`.cost`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -28,6 +29,7 @@ from .approximate import choose_tau, task_of, tuned_candidates, verified_candida
 from .cache import PlanCache
 from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
 from .drilldown import plan_drilldown, plan_verified
+from .feedback import Correction, Feedback, Learner, shape_key
 from .lasting import FILE
 from .logical import OcclusionQuery
 from .tuning import Choice
@@ -51,6 +53,12 @@ NAIVE_MARGIN = 0.85
 # factor of the bar between them. The scan's first batches then try both
 # (:class:`~kql.operators.trial.OperatorTrial`).
 CLOSE = 1.3
+# A clear decision's scan is still watched (:class:`~kql.operators.trial.OperatorTrial`,
+# ``upfront=False``): from this many batches on, the alternative can be probed mid-scan.
+WATCH_BATCHES = 16
+# The shape-first shortcut to the plain loop is taken only while scans have not found it
+# slower than priced by more than this (they correct naive and incremental alike).
+SHORTCUT_SLOWER = 1.25
 
 
 @dataclass
@@ -114,6 +122,13 @@ class PlanContext:
     def throughput(self, device: str):
         return calibrate.throughput(device, self.directory)
 
+    def feedback(self) -> Feedback:
+        """Observed/predicted ratios of earlier scans, kept with the calibration."""
+        if "_feedback" not in self.__dict__:
+            learning = self.cache.learning if self.cache is not None else True
+            self.__dict__["_feedback"] = Feedback(self.directory or calibrate.cache_dir(), learning)
+        return self.__dict__["_feedback"]
+
 
 @dataclass(frozen=True)
 class PhysicalPlan:
@@ -136,6 +151,9 @@ class PhysicalPlan:
     stage_seconds: Optional[float] = None     # drill-down: their predicted run, together
     cached: tuple = ()                        # what planning took from the plan cache
     exact_seconds: Optional[float] = None     # predicted run of the same plan at tau 1
+    correction: Correction = Correction()     # earlier scans' observed/predicted (feedback)
+    trusted: bool = True                      # from a trusted calibration, or this shape's scans
+    learner: Optional[Learner] = None         # records what the scan took against the prediction
 
     @property
     def batches(self) -> int:
@@ -148,7 +166,19 @@ class PhysicalPlan:
             return self.stage_seconds
         if self.cost is None:
             return None
-        return self.setup_seconds + self.cost.seconds * self.batches
+        return (self.setup_seconds + self.cost.seconds * self.batches) * self.correction.factor
+
+    @property
+    def run_range(self) -> Optional[tuple]:
+        """``(low, high)`` seconds the run may take: the spread of the ratios earlier scans
+        of this shape observed, else half to twice the prediction."""
+        run = self.run_seconds
+        if run is None:
+            return None
+        c = self.correction
+        if c.scope == "shape" and c.scans >= 2:
+            return run * c.low / c.factor, run * c.high / c.factor
+        return run / 2, run * 2
 
     @property
     def predicted_seconds(self) -> Optional[float]:
@@ -170,7 +200,12 @@ class PhysicalPlan:
     def run(self, progress: Progress = None, timings: Optional[dict] = None) -> OcclusionResult:
         """The heat map; with ``timings``, seconds per node where the operator has nodes."""
         with calibrate.threads(self.threads or torch.get_num_threads()):
-            return self.operator.run(self.task(), progress, timings)
+            began = time.perf_counter()
+            result = self.operator.run(self.task(), progress, timings)
+            seconds = time.perf_counter() - began
+        if self.learner is not None and timings is None:     # EXPLAIN ANALYZE's hooks cost
+            self.learner.learn(getattr(result, "ran", ()), seconds, self.query.grid.count)
+        return result
 
     def explain(self, actual: Optional[dict] = None) -> list[str]:
         from .explain import render
@@ -201,6 +236,9 @@ def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
                         reason=found.reason, cost=found.cost, setup_seconds=0.0,
                         batch_note=fit.note, threads=threads, memory_bytes=found.memory_bytes,
                         cached=("shapes",) if found.from_cache else ())
+    plan = _learned(plan, ctx, tp)
+    if plan.correction.factor > SHORTCUT_SLOWER:
+        return None            # scans found the plain loop slower than priced: cost both
     return _in_layout(plan, ctx, device)
 
 
@@ -252,18 +290,59 @@ def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPl
 
 
 def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
-    plan, other = _single_plan(query, ctx, device, tp, threads, profile, reason, choice)
+    plan, other, close = _single_plan(query, ctx, device, tp, threads, profile, reason, choice)
     plan = _in_layout(plan, ctx, device)
-    if other is None or plan.batches < OperatorTrial.MIN_BATCHES:
-        return plan                             # a clear decision, or too short a scan to try both
+    least = OperatorTrial.MIN_BATCHES if close else WATCH_BATCHES
+    if other is None or plan.batches < least:
+        return plan                             # no alternative, or too short a scan to watch
     other = _in_layout(other, ctx, device)
     kept = None
-    if ctx.cache is not None:
+    if close and ctx.cache is not None:
         q = plan.query
         kept = ctx.cache.kept_operator(q.model, device, plan.operator.name, tuple(q.image.shape),
                                        q.grid, plan.batch, other.batch, plan.threads)
-    return dataclasses.replace(plan, operator=OperatorTrial(plan.operator, other.operator, kept),
-                               memory_bytes=max(plan.memory_bytes, other.memory_bytes))
+    expected = (_per_item(plan), _per_item(other))
+    learner = plan.learner
+    if learner is not None and other.learner is not None:
+        learner = dataclasses.replace(learner, expected=learner.expected + other.learner.expected)
+    return dataclasses.replace(
+        plan, operator=OperatorTrial(plan.operator, other.operator, kept, upfront=close,
+                                     expected=expected),
+        memory_bytes=max(plan.memory_bytes, other.memory_bytes), learner=learner)
+
+
+def _per_item(plan: PhysicalPlan) -> float:
+    """Predicted seconds per position, corrected by earlier scans."""
+    return plan.cost.seconds / plan.batch * plan.correction.factor
+
+
+def _learned(plan: PhysicalPlan, ctx: PlanContext, tp) -> PhysicalPlan:
+    """``plan`` with its prediction corrected by earlier scans of its shape (or of its
+    operator kind, :mod:`.feedback`), and a learner that records what its scan takes.
+    A prediction is trusted when the table is, or when scans of this shape corrected it."""
+    if plan.cost is None:
+        return dataclasses.replace(plan, trusted=tp.trusted)
+    q = plan.query
+    own = sorted((k, v) for k, v in plan.operator.describe().items() if k != "layout")
+    shape = shape_key(plan.operator.name, q.model.structure(), tuple(q.image.shape),
+                      q.grid.patch, plan.batch, plan.device, plan.threads, own)
+    # Ratios belong to the table they corrected: another table (measured again) starts afresh.
+    store, device = ctx.feedback(), f"{calibrate.device_key(plan.device)}@{tp.measured_at:.0f}"
+    found = store.correction(device, plan.operator.name, shape)
+    learner = Learner(store, device, ((plan.operator.name, shape, plan.cost.seconds / plan.batch,
+                                       plan.batch),))
+    return dataclasses.replace(plan, correction=found, learner=learner,
+                               trusted=tp.trusted or found.settled)
+
+
+def _lent(plan: PhysicalPlan, peer: PhysicalPlan) -> PhysicalPlan:
+    """``plan`` corrected as ``peer`` was, where scans timed only ``peer`` on this shape
+    and none timed ``plan``'s kind lately: a busy machine slows both, and correcting one
+    alone flipped the choice at every scan. (With its kind timed on other shapes, a peer
+    off its prediction is the cost model's error on that peer: no loan.)"""
+    if plan.cost is None or plan.correction.scans or peer.correction.scope != "shape":
+        return plan
+    return dataclasses.replace(plan, correction=peer.correction.for_peer())
 
 
 def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPlan:
@@ -288,24 +367,29 @@ def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPla
 
 
 def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=None) -> tuple:
-    """``(plan, other)``: the cheapest plan computing every position of the query's grid
-    (at the threshold of ``choice``; by default the one the settings and the tuning give)
-    within the memory limit, and on a close call between naive and incremental inference
-    the other of the two (else None); :class:`~.memory.MemoryLimitError` when no plan
-    fits it."""
+    """``(plan, other, close)``: the cheapest plan computing every position of the
+    query's grid (at the threshold of ``choice``; by default the one the settings and the
+    tuning give) within the memory limit; for an exact plan of the default strategy the
+    other of naive and incremental inference (else None), and whether the two are a close
+    call. Predictions are corrected by earlier scans (:func:`_learned`) before they are
+    compared. :class:`~.memory.MemoryLimitError` when no plan fits."""
     cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
     if profile is None:                        # torch.fx cannot trace it: the plain loop
-        return _untraced(query, device, threads, reason, cap), None
+        return _learned(_untraced(query, device, threads, reason, cap), ctx, tp), None, False
     try:
-        naive_plan, too_big = _naive(query, profile, tp, device, threads, cap), None
+        naive_plan, too_big = _learned(_naive(query, profile, tp, device, threads, cap), ctx, tp), None
     except memory.MemoryLimitError as exc:
         naive_plan, too_big = None, exc
     if ctx.strategy == "naive":
         if too_big is not None:
             raise too_big
-        return dataclasses.replace(naive_plan, reason="strategy=naive"), None
+        return dataclasses.replace(naive_plan, reason="strategy=naive"), None, False
     try:
-        best = _incremental(query, ctx, profile, tp, cap, device, threads, naive_plan, choice)
+        best = _learned(_incremental(query, ctx, profile, tp, cap, device, threads, naive_plan,
+                                     choice), ctx, tp)
+        if naive_plan is not None:
+            naive_plan, best = _lent(naive_plan, best), _lent(best, naive_plan)
+            best = dataclasses.replace(best, naive_seconds=naive_plan.predicted_seconds)
     except memory.MemoryLimitError as exc:
         if ctx.strategy == "incremental":
             raise
@@ -313,19 +397,19 @@ def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=Non
             raise min(exc, too_big, key=lambda e: e.needed) from None
         needed, allowed = memory.size_text(exc.needed), memory.size_text(cap)
         return dataclasses.replace(naive_plan,
-                                   reason=f"incremental needs {needed} > memory_limit {allowed}"), None
+                                   reason=f"incremental needs {needed} > memory_limit {allowed}"), None, False
     if naive_plan is None or ctx.strategy != "auto":
-        return best, None
-    # A close call between two exact plans of the default strategy is tried on the scan.
+        return best, None, False
+    # Two exact plans of the default strategy: the scan is watched, and a close call tried.
     ratio = best.predicted_seconds / max(naive_plan.predicted_seconds, 1e-12)
-    close = (best.approximation is None and ctx.exact_settings and query.drilldown is None
-             and NAIVE_MARGIN / CLOSE < ratio < NAIVE_MARGIN * CLOSE)
+    exact = best.approximation is None and ctx.exact_settings and query.drilldown is None
+    close = exact and NAIVE_MARGIN / CLOSE < ratio < NAIVE_MARGIN * CLOSE
     if ratio > NAIVE_MARGIN:
         # The naive map is exact: a quality asked for is met at tau 1, from the same tuning.
-        exact = Choice(1.0, 1.0, best.approximation.source) if best.approximation else None
+        tuned = Choice(1.0, 1.0, best.approximation.source) if best.approximation else None
         return (dataclasses.replace(naive_plan, reason="incremental not predicted cheaper",
-                                    approximation=exact), best if close else None)
-    return best, naive_plan if close else None
+                                    approximation=tuned), best if exact else None, close)
+    return best, naive_plan if exact else None, close
 
 
 

@@ -14,6 +14,27 @@ def pytest_configure(config):
     # Calibrations of in-memory catalogs go to a cache of this test run (shared with the
     # CLI subprocesses), never to the user's ~/.cache/kql.
     os.environ["KQL_CACHE_DIR"] = tempfile.mkdtemp(prefix="kql-test-cache-")
+    seed_calibration()
+
+
+def seed_calibration() -> None:
+    """The CPU table of this run, at 1 and 2 threads: the prior KQL ships (a quiet
+    machine's table), trusted, in this process and in the run's cache file (the CLI
+    subprocesses read it). Plans then price the same way whatever the machine's load
+    while the suite runs; tests of measuring itself (tests/test_calibrate.py,
+    tests/test_robust_planning.py) clear it and measure, or inject their own."""
+    import copy
+    import dataclasses
+
+    from kql.planner import calibrate, prior
+
+    for threads in (1, 2):
+        with calibrate.threads(threads):
+            key = calibrate.device_key("cpu")
+        table = calibrate.Throughput(device="cpu", threads=threads, **copy.deepcopy(prior.CPU))
+        calibrate._cache[key] = table
+        calibrate._store(os.path.join(os.environ["KQL_CACHE_DIR"], calibrate.FILE), key,
+                         dataclasses.asdict(table))
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +51,23 @@ def no_lasting_layouts(monkeypatch):
     if os.path.exists(path):
         os.remove(path)
     yield
+
+
+@pytest.fixture(autouse=True)
+def no_scan_feedback(monkeypatch):
+    """Each test starts without the observed/predicted ratios of earlier tests' scans
+    (planner/feedback.py), and measures as on a quiet machine (operators/contention.py)
+    unless it says otherwise: what a plan predicts and keeps does not depend on the test
+    order or on the machine's load. tests/test_robust_planning.py tests both."""
+    from kql.planner import feedback
+
+    monkeypatch.setenv("KQL_CONTENTION", "quiet")
+    path = os.path.join(os.environ["KQL_CACHE_DIR"], feedback.FILE)
+    if os.path.exists(path):
+        os.remove(path)
+    feedback._memory.clear()
+    yield
+    feedback._memory.clear()
 
 
 @pytest.fixture

@@ -321,8 +321,8 @@ def test_a_long_map_with_a_1000_class_head_does_not_grow(strategy):
 
 def test_the_api_warns_and_runs(con):
     con.execute("SET confirm_seconds = 0")
-    with pytest.warns(KqlWarning, match=r"^OCCLUDE is predicted to run \d+ s \(over "
-                                        r"confirm_seconds = 0\); running it") as caught:
+    with pytest.warns(KqlWarning, match=r"^OCCLUDE is predicted to run \d+ s \(\d+ s to \d+ s; "
+                                        r"over confirm_seconds = 0\); running it") as caught:
         result = con.execute(QUERY)
     assert result.heatmap.shape == (5, 6)
     assert caught[0].filename == __file__               # it names the caller's line
