@@ -2,19 +2,19 @@
 
 Timings taken while other processes hold the cores are slow by a factor that no later
 measurement shares: a calibration row, a trial batch or a scan measured then tells about
-that moment, not about the machine. Two signals say so. The direct one: the CPU time this
-process got against the wall time it waited, per thread it ran (:class:`CpuMeter`); a
-thread that the scheduler keeps off its core for other processes' work gets less CPU than
-wall. The slow one: the 1-minute load average against the cores (:func:`load_busy`),
-which also sees a burst that ended just before a short measurement.
-
-On a GPU the process waits for the device and the CPU share says nothing: only the load
-average counts there.
+that moment, not about the machine. The direct signal: the CPU time this process got
+against the wall time it waited, per thread it ran (:class:`CpuMeter`); a thread that the
+scheduler keeps off its core for other processes' work gets less CPU than wall (quiet:
+0.83-0.89 over a calibration round on 2 threads; beside six CPU-bound processes 0.18-0.23).
+Where no share was measured (a GPU, whose waits say nothing; a check between
+measurements) the processes runnable right now count (:func:`runnable_busy`); the
+1-minute load average (:func:`load_busy`) lags a minute behind and is kept for decisions
+that last beyond the process.
 
 >>> meter = CpuMeter(threads=2, clock=iter([0.0, 1.0]).__next__, cpu_clock=iter([0.0, 1.9]).__next__)
 >>> round(meter.start().share(), 2)
 0.95
->>> judged(0.95, busy_load=False), judged(0.3, busy_load=False), judged(None, busy_load=True)
+>>> judged(0.95, busy_now=True), judged(0.3, busy_now=False), judged(None, busy_now=True)
 (False, True, True)
 
 ``$KQL_CONTENTION`` set to ``quiet`` or ``busy`` overrides both signals (the test suite
@@ -66,11 +66,23 @@ def load_busy() -> bool:
         return True
 
 
-def judged(share: Optional[float], busy_load: bool) -> bool:
-    """Whether a measurement that got ``share`` of its threads' CPU (None: a device the
-    share says nothing about), under a load average over the cores or not, ran beside
-    other work."""
-    return busy_load or (share is not None and share < QUIET_SHARE)
+def runnable_busy() -> bool:
+    """Whether more processes are runnable right now than there are cores, besides the
+    one asking (``/proc/loadavg``'s fourth field; elsewhere :func:`load_busy`)."""
+    try:
+        with open("/proc/loadavg") as fh:
+            running = int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return load_busy()
+    return running - 1 > (os.cpu_count() or 1)
+
+
+def judged(share: Optional[float], busy_now: bool) -> bool:
+    """Whether a measurement that got ``share`` of its threads' CPU ran beside other work;
+    with no share (None), whether the machine is ``busy_now``."""
+    if share is not None:
+        return share < QUIET_SHARE
+    return busy_now
 
 
 def contended(share: Optional[float] = None) -> bool:
@@ -78,4 +90,4 @@ def contended(share: Optional[float] = None) -> bool:
     forced = os.environ.get("KQL_CONTENTION", "")
     if forced in ("quiet", "busy"):
         return forced == "busy"
-    return judged(share, load_busy())
+    return judged(share, runnable_busy() if share is None else False)

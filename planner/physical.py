@@ -222,7 +222,10 @@ def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
         threads = torch.get_num_threads() if device == "cpu" else None   # torch's, as a plain loop
         plans.append(_plan_on(query, ctx, device, tp, threads))
     best = min(plans, key=lambda p: p.predicted_seconds if p.predicted_seconds is not None else 0.0)
-    return dataclasses.replace(best, query=scored(best.query, ctx.base_logits(best.query, best.device)))
+    # Drill-down and verified plans are priced from the table alone: trusted as it is.
+    trusted = best.correction.settled or ctx.throughput(best.device).trusted
+    return dataclasses.replace(best, query=scored(best.query, ctx.base_logits(best.query, best.device)),
+                               trusted=trusted)
 
 
 def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:

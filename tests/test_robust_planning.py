@@ -384,4 +384,5 @@ def test_the_cpu_share_tells_contention_apart():
     meter = contention.CpuMeter(2, clock=lambda: next(ticks), cpu_clock=lambda: next(cpu))
     assert meter.start().share() == pytest.approx(0.9)
     assert meter.start().share() == pytest.approx(0.2)
-    assert not contention.judged(0.9, busy_load=False) and contention.judged(0.2, busy_load=False)
+    assert not contention.judged(0.9, busy_now=True) and contention.judged(0.2, busy_now=False)
+    assert contention.judged(None, busy_now=True) and not contention.judged(None, busy_now=False)
