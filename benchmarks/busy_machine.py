@@ -257,8 +257,8 @@ def race(args, name: str) -> None:
         con = connection(name, args.size)            # a first query: nothing planned yet
         start = time.perf_counter()
         out = executor.plan(con, stmt, text).run()
-        ran.append(", ".join(f"{op} {items}" for op, items, _ in getattr(out, "ran", ()))
-                   or first.operator.name)
+        ran.append((", ".join(f"{op} {items}" for op, items, _ in getattr(out, "ran", ()))
+                    or first.operator.name) + _threads(out))
         return time.perf_counter() - start
 
     plain = bench.plain_loop_runner(first.task(), BATCH)
@@ -279,6 +279,12 @@ def race(args, name: str) -> None:
           f"{args.burners} burners: plain {plain_s:.2f} s, KQL {kql_s:.2f} s (median of "
           f"{args.repeat}), plain/KQL {plain_s / kql_s:.2f} (target >= 0.9); KQL planned "
           f"{first.operator.name}, its scans ran: {' | '.join(ran[1:] or ran)}")
+
+
+def _threads(out) -> str:
+    """Where the scan's thread pacer (kql.operators.pacing) settled, if it moved."""
+    kept = [(batch, to) for batch, _, to, why in out.paced if why == "kept"]
+    return "".join(f" ({to} thread{'s' if to > 1 else ''} from batch {b})" for b, to in kept)
 
 
 # -- case 3: feedback convergence --------------------------------------------------------

@@ -66,6 +66,7 @@ class OcclusionResult:
     check: Optional[dict] = None    # a verified drill-down's measured quality (:mod:`.verified`)
     halved: tuple = ()          # batch sizes that ran out of memory, in order (see :func:`scan`)
     ran: tuple = ()             # ((operator name, items, seconds), ...) of a watched scan's parts
+    paced: tuple = ()           # ((batch, threads from, threads to, why), ...): see .pacing
 
     @property
     def probabilities(self) -> np.ndarray:

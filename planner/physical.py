@@ -20,6 +20,7 @@ from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
+from kql.operators.pacing import paced
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 from kql.operators.trial import OperatorTrial
@@ -200,9 +201,14 @@ class PhysicalPlan:
     def run(self, progress: Progress = None, timings: Optional[dict] = None) -> OcclusionResult:
         """The heat map; with ``timings``, seconds per node where the operator has nodes."""
         with calibrate.threads(self.threads or torch.get_num_threads()):
+            # Fewer threads while other work holds the cores, for this scan only.
+            pacer = (None if timings is not None or self.stages else
+                     paced(torch.get_num_threads(), self.batches, self.device, progress))
             began = time.perf_counter()
-            result = self.operator.run(self.task(), progress, timings)
+            result = self.operator.run(self.task(), pacer or progress, timings)
             seconds = time.perf_counter() - began
+        if pacer is not None and pacer.history:
+            result = dataclasses.replace(result, paced=tuple(pacer.history))
         if self.learner is not None and timings is None:     # EXPLAIN ANALYZE's hooks cost
             self.learner.learn(getattr(result, "ran", ()), seconds, self.query.grid.count)
         return result
