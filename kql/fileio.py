@@ -284,6 +284,19 @@ def read_json(path: str):
         raise ValueError("nested too deeply") from None
 
 
+def read_entries(path: str, version: int, sound: Callable[[object], bool]) -> dict:
+    """The ``sound`` entries of a ``{"version": ..., "entries": {...}}`` JSON file; empty
+    when it is missing, unreadable or of another version."""
+    try:
+        stored = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("version") != version:
+        return {}
+    entries = stored.get("entries")
+    return {k: v for k, v in entries.items() if sound(v)} if isinstance(entries, dict) else {}
+
+
 def update_json(path: str, read: Callable[[str], object], change: Callable[[object], object], *,
                 prefix: str, indent: Optional[int] = None) -> None:
     """Rewrite the JSON file ``path`` as ``change(read(path))``, under a lock on its folder

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from kql.fileio import read_json, update_json
+from kql.fileio import read_entries, update_json
 
 FILE = "feedback.json"
 VERSION = 1
@@ -168,14 +168,7 @@ def _key(device: str, kind: str, shape: str) -> str:
 
 
 def _read(path: str) -> dict:
-    try:
-        stored = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(stored, dict) or stored.get("version") != VERSION:
-        return {}
-    entries = stored.get("entries")
-    return {k: v for k, v in entries.items() if _ratios(v)} if isinstance(entries, dict) else {}
+    return read_entries(path, VERSION, _ratios)
 
 
 def _ratios(entry) -> list:

@@ -36,7 +36,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from kql.fileio import read_json, update_json
+from kql.fileio import read_entries, update_json
 from kql.operators.contention import load_busy
 from kql.operators.layout import LAYOUTS
 
@@ -136,14 +136,7 @@ class Bound:
 
 def _read(path: str) -> dict:
     """The entries of ``path``; empty when it is missing, unreadable or of another version."""
-    try:
-        stored = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(stored, dict) or stored.get("version") != VERSION:
-        return {}
-    entries = stored.get("entries")
-    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
+    return read_entries(path, VERSION, lambda v: isinstance(v, dict))
 
 
 def _text(key: tuple) -> str:

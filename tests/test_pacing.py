@@ -5,7 +5,6 @@ machine still gives the plain loop's map and leaves torch's thread count as it w
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 import kql

@@ -12,13 +12,11 @@ import io
 import json
 import os
 import re
-import warnings
 
 import pytest
 
 import kql
 from helpers import sensitive, smooth_noise_image
-from kql.api import KqlWarning
 from kql.planner import calibrate, feedback, prior
 from kql.shell import Runner
 from models_zoo import small_cnn
