@@ -15,8 +15,9 @@ Ratios are kept with the calibration (the catalog folder, or the user's cache: s
 :func:`kql.planner.calibrate.cache_dir`) in ``feedback.json``, per device key and table
 (``device@measured_at``: ratios that corrected one table say nothing of another);
 CALIBRATE forgets the device's ratios. Where scans timed only one of naive and
-incremental inference on a shape, the other borrows its correction (:meth:`Correction.for_peer`):
-a busy machine slows both, and correcting one alone flipped the plan at every scan. A file that cannot be read
+incremental inference (on the shape, or its kind), the other borrows its correction
+(:meth:`Correction.for_peer`): a busy machine slows both, and correcting one alone
+flipped the plan at every scan. A file that cannot be read
 counts as empty; one that cannot be written keeps the ratios in this process.
 
 >>> import tempfile
@@ -84,9 +85,9 @@ class Correction:
         return self.scope == "shape" and self.scans >= KIND_SCANS
 
     def for_peer(self) -> "Correction":
-        """This shape's correction lent to the other operator of the same query, which no
-        scan timed yet: the machine's state slows both alike (a scan watched mid-scan
-        probes the difference)."""
+        """This correction lent to the other operator of the same query, which no scan
+        timed yet: the machine's state slows both alike (a scan watched mid-scan probes
+        the difference)."""
         return Correction(self.factor, self.scans, "peer", self.low, self.high)
 
 

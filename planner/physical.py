@@ -345,11 +345,12 @@ def _learned(plan: PhysicalPlan, ctx: PlanContext, tp) -> PhysicalPlan:
 
 
 def _lent(plan: PhysicalPlan, peer: PhysicalPlan) -> PhysicalPlan:
-    """``plan`` corrected as ``peer`` was, where scans timed only ``peer`` on this shape
-    and none timed ``plan``'s kind lately: a busy machine slows both, and correcting one
-    alone flipped the choice at every scan. (With its kind timed on other shapes, a peer
-    off its prediction is the cost model's error on that peer: no loan.)"""
-    if plan.cost is None or plan.correction.scans or peer.correction.scope != "shape":
+    """``plan`` corrected as ``peer`` was, where scans timed ``peer`` (this shape, or its
+    kind) and nothing timed ``plan``: a busy machine slows both, and correcting one alone
+    flipped the choice at every scan (and, through the kind's median, on the next model).
+    With scans of its own, a peer off its prediction is the cost model's error on that
+    peer: no loan."""
+    if plan.cost is None or plan.correction.scans or not peer.correction.scans:
         return plan
     return dataclasses.replace(plan, correction=peer.correction.for_peer())
 

@@ -344,6 +344,21 @@ def test_the_other_operator_borrows_a_correction_under_load(con, monkeypatch):
     assert "corrected=x4.00 (3 scans)" in after.explain()[1]
 
 
+def test_a_kind_s_correction_is_lent_too(con, monkeypatch):
+    """Busy scans of other models' incremental plans (a kind corrected x12) and no naive
+    scan yet: the naive plan of a new model borrows x12; the choice is the cost model's."""
+    from kql.planner import shape_first
+
+    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)
+    text = QUERY.replace("STRIDE 4", "STRIDE 1")
+    before = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    for n in range(3):
+        before.learner.store.record(before.learner.device, "IncrementalOcclusion", f"other {n}", 12.0)
+    after = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    assert after.operator.name == before.operator.name
+    assert after.operator.expected == pytest.approx(tuple(12 * e for e in before.operator.expected))
+
+
 def test_feedback_flips_a_plan_the_cost_model_got_wrong(con):
     """The naive plan observed 10x slower than priced on this shape while incremental
     scans elsewhere ran as priced: the cost model is wrong about naive here, and the next
