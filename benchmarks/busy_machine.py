@@ -241,8 +241,8 @@ def case_busy_scan(args) -> None:
     with fresh_cache():
         result, took = timed(kql.connect(), "CALIBRATE")
         print(f"case 2: quiet CALIBRATE ({took:.1f} s): {result.message}")
-        with burners(args.burners, args.max_seconds):
-            for name in args.watch_models:
+        for name in args.watch_models:              # burners anew per model: none expires
+            with burners(args.burners, args.max_seconds):
                 race(args, name)
 
 
