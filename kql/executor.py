@@ -164,7 +164,7 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
 
 
 def calibrate(con, stmt: ast.Calibrate, text: str, progress) -> Result:
-    from .planner.calibrate import cache_dir, device_key, throughput
+    from .planner.calibrate import device_key, folder_of, throughput
     from .planner.feedback import Feedback
 
     device = "cuda" if stmt.device == "gpu" else "cpu"
@@ -175,7 +175,7 @@ def calibrate(con, stmt: ast.Calibrate, text: str, progress) -> Result:
     # calibration: a new CPU or torch build (the usual reason to calibrate again) may
     # favour the other layout, and the ratios corrected the old table.
     con.plan_cache.forget_layouts(device_key(device))
-    Feedback(con.catalog.directory or cache_dir()).forget(device_key(device))
+    Feedback(folder_of(con.catalog.directory)).forget(device_key(device))
     best = max(max(row) for row in tp.dense)
     return Result("set", text, message=f"calibrated {device}: convolutions up to "
                                         f"{2 * best / 1e9:.1f} GFLOP/s, copies "

@@ -91,3 +91,8 @@ def contended(share: Optional[float] = None) -> bool:
     if forced in ("quiet", "busy"):
         return forced == "busy"
     return judged(share, runnable_busy() if share is None else False)
+
+
+def ran_contended(meter: Optional[CpuMeter]) -> bool:
+    """:func:`contended` over the span ``meter`` measured (None: no share, a GPU's run)."""
+    return contended(meter.share() if meter is not None else None)

@@ -107,8 +107,7 @@ class LayoutTrial:
         self.seconds[self.TRIED[unit]] = seconds / max(count, 1)
         if len(self.seconds) == len(self.TRIED):
             self.chosen = min(self.TRIED, key=self.seconds.get)
-            share = self.meter.share() if self.meter is not None else None
-            if self.kept is not None and not contention.contended(share):
+            if self.kept is not None and not contention.ran_contended(self.meter):
                 self.kept.keep(self.chosen, dict(self.seconds))
 
     def batches(self, device: torch.device, run: Callable) -> Callable:

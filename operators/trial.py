@@ -172,8 +172,8 @@ class _Watch:
     def _upfront(self) -> int:
         """The close call's trial: the other operator runs the first batch, timed; the
         chosen one's first batch decides (:meth:`_judge`). Returns where the rest starts."""
-        threads = torch.get_num_threads()
-        self.meter = contention.CpuMeter(threads).start()
+        if not self.cuda:                   # a GPU's waits say nothing of the CPU share
+            self.meter = contention.CpuMeter(torch.get_num_threads()).start()
         first = self._run_part(OTHER, 0, min(self.trial.other.batch_size, self.task.count))
         _, items, seconds = self.ran[-1]
         self.pending = seconds / items
@@ -229,8 +229,7 @@ class _Watch:
         it ran (on CUDA the CPU share says nothing: only the load counts)."""
         if self.trial.kept is None:
             return
-        share = None if self.cuda else self.meter.share()
-        if not contention.contended(share):
+        if not contention.ran_contended(self.meter):
             self.trial.kept.keep(outcome)
 
 

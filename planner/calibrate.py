@@ -260,9 +260,9 @@ def best_of(tables: list) -> Throughput:
         values = [getattr(t, name) for t in tables]
         if name == "cout" and value is not None:
             merged[name] = [statistics.median(v) for v in zip(*values)]
-        elif name in ("overhead", "node_overhead"):
+        elif name in _SECONDS:
             merged[name] = min(values)
-        elif name in ("dense",):
+        elif name == "dense":
             merged[name] = [[max(v) for v in zip(*rows)] for rows in zip(*values)]
         elif isinstance(value, list) and value and isinstance(value[0], float):
             merged[name] = [max(v) for v in zip(*values)]
@@ -491,6 +491,12 @@ def cache_dir():
     return os.path.join(base, "kql")
 
 
+def folder_of(directory):
+    """Where the calibration (and what is kept with it) of a catalog ``directory`` lives:
+    that folder, or for an in-memory catalog (None) :func:`cache_dir`."""
+    return directory or cache_dir()
+
+
 def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Throughput:
     """Cached calibration: in this process, and in ``calibration.json`` of the catalog
     ``directory`` or, for an in-memory catalog, of the user's :func:`cache_dir`.
@@ -500,7 +506,7 @@ def throughput(device: str = "cpu", directory=None, refresh: bool = False) -> Th
     key = device_key(device)
     if not refresh and key in _cache and not _retry(_cache[key]):
         return _cache[key]
-    folder = directory or cache_dir()
+    folder = folder_of(directory)
     path = os.path.join(folder, FILE) if folder else None
     stored = _stored(path, key) if path and not refresh else None
     if stored is not None:
@@ -518,10 +524,11 @@ def _stored(path: str, key: str):
     """The table on file to use: the trusted one; else, while the machine is busy (so that
     measuring again would fare no better), the last untrusted one, for at most
     :data:`RETRY_SECONDS` (EXPLAIN says ``calibration=untrusted``); else None."""
-    trusted = _read_table(path, key)
+    tables = _read_tables(path)                     # one read for both entries
+    trusted = _table_of(tables, key)
     if trusted is not None:
         return trusted
-    last = _read_table(path, key + UNTRUSTED, trusted=False)
+    last = _table_of(tables, key + UNTRUSTED, trusted=False)
     if last is not None and time.time() - last.measured_at < RETRY_SECONDS and contended():
         return last
     return None
@@ -543,10 +550,11 @@ def _read_tables(path: str) -> dict:
     return stored if isinstance(stored, dict) else {}
 
 
-def _read_table(path: str, key: str, trusted: bool = True):
-    """The sound, plausible table of ``key`` in ``path`` (a trusted one, or with
-    ``trusted`` False an untrusted one), or None."""
-    entry = _read_tables(path).get(key)
+def _table_of(tables: dict, key: str, trusted: bool = True):
+    """The sound, plausible table of ``key`` in ``tables`` (a file's
+    :func:`_read_tables`): a trusted one, or with ``trusted`` False an untrusted one; or
+    None."""
+    entry = tables.get(key)
     if not isinstance(entry, dict) or entry.get("version") != VERSION:
         return None
     try:

@@ -127,7 +127,7 @@ class PlanContext:
         """Observed/predicted ratios of earlier scans, kept with the calibration."""
         if "_feedback" not in self.__dict__:
             learning = self.cache.learning if self.cache is not None else True
-            self.__dict__["_feedback"] = Feedback(self.directory or calibrate.cache_dir(), learning)
+            self.__dict__["_feedback"] = Feedback(calibrate.folder_of(self.directory), learning)
         return self.__dict__["_feedback"]
 
 
