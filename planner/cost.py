@@ -217,28 +217,7 @@ def _full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
     if _is_view(n) or _aliases_input(profile, n, out):
         return 0.0, tp.overhead
     moved = sum(_numel(profile.views.get(a)) for a in n.all_input_nodes) + _numel(out)
-    return 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT, batch * _numel(out) * FLOAT)
-
-
-def _elementwise_seconds(profile, n: fx.Node, tp, nbytes: float, out_bytes: float) -> float:
-    """One call moving ``nbytes`` into a fresh output of ``out_bytes``, at the activation
-    rate where ``n`` evaluates exp/erf."""
-    return tp.overhead + tp.elementwise_seconds(nbytes, out_bytes, transcendental(profile, n))
-
-
-TRANSCENDENTAL_MODULES = (nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.ELU, nn.Softplus)
-TRANSCENDENTAL_FUNCTIONS = {F.silu, torch.sigmoid, F.sigmoid, F.gelu, torch.tanh, F.tanh, F.mish,
-                            F.elu, F.softplus, torch.exp}
-TRANSCENDENTAL_METHODS = {"sigmoid", "tanh", "exp"}
-
-
-def transcendental(profile, n: fx.Node) -> bool:
-    """An activation that evaluates exp/erf per element: several times slower than ReLU."""
-    if n.op == "call_module":
-        return isinstance(profile.module(n), TRANSCENDENTAL_MODULES)
-    if n.op == "call_function":
-        return n.target in TRANSCENDENTAL_FUNCTIONS
-    return n.op == "call_method" and n.target in TRANSCENDENTAL_METHODS
+    return 0.0, tp.overhead + tp.elementwise_seconds(batch * moved * FLOAT, batch * _numel(out) * FLOAT)
 
 
 def _aliases_input(profile, n: fx.Node, out) -> bool:
@@ -326,8 +305,8 @@ def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> 
     c_out = profile.views[n].shape[1]
     if isinstance(op, Pointwise):
         moved = 2 * c_out * h * w
-        return 0.0, 0.0, _elementwise_seconds(profile, n, tp, batch * moved * FLOAT,
-                                              batch * c_out * h * w * FLOAT)
+        return 0.0, 0.0, tp.overhead + tp.elementwise_seconds(batch * moved * FLOAT,
+                                                              batch * c_out * h * w * FLOAT)
     if isinstance(op, Local):
         c_in = profile.views[n.args[0]].shape[1]
         ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \

@@ -26,8 +26,6 @@ CPU = {
     "overhead": 1e-5,
     "node_overhead": 1e-4,
     "gather_rate": 4.6e9,
-    "maxpool": 12e9,
-    "avgpool": 23e9,
-    "activation": 64e9,
+    "pool": 12e9,
     "stream": [37e9, 43e9, 43e9, 42e9, 38e9, 1.2e9],
 }
