@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 from .catalog import Catalog
 from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .models import ModelSpec, input_channels
-from .parser import parse_with_text
+from .parser import parse_with_text, path_problem
 from .planner.cache import PlanCache
 from .planner.settings import Settings
 from .progress import ProgressBar
@@ -104,6 +104,27 @@ class Connection:
         self.plan_cache.forget(name)
         self._modules[name] = module
 
+    def load_model(self, name: str, path: str, arch: Optional[str] = None,
+                   labels: Optional[str] = None, trusted: bool = False) -> ModelSpec:
+        """``LOAD MODEL name FROM 'path' [ARCH arch] [LABELS 'labels'] [TRUSTED]`` from
+        Python: an ONNX, TorchScript, safetensors or ``torch.save`` file. ``trusted=True``
+        lets a TorchScript file's own code run (it runs as the model loads); without it such
+        a file is refused before anything of it runs.
+        """
+        if not isinstance(trusted, bool):
+            raise KqlPlanError(f"load_model: trusted must be True or False, got "
+                               f"{type(trusted).__name__}")
+        for what, value in (("name", name), ("path", path), ("arch", arch), ("labels", labels)):
+            if not isinstance(value, str) and (value is not None or what in ("name", "path")):
+                raise KqlPlanError(f"load_model: {what} must be a string, got {type(value).__name__}")
+            problem = path_problem(value) if what in ("path", "labels") and value else None
+            if problem is not None:
+                raise KqlPlanError(f"load_model: {what} '{value}': {problem}")
+        spec = self.catalog.load_model(name, path, arch, labels, trusted)
+        self.plan_cache.forget(name)
+        self._modules.pop(name, None)
+        return spec
+
     def register_image(self, name: str, image) -> None:
         """Register a torch float ``[3, H, W]`` in [0, 1] or a numpy uint8 ``HxWx3`` image."""
         self.catalog.register_image(name, image)
@@ -145,7 +166,9 @@ class Connection:
         handler = HANDLERS.get(type(stmt))
         if handler is None:
             raise KqlExecutionError(f"unsupported statement {type(stmt).__name__}")
-        with modes_kept(self._modules.values()):
+        from .images import memory_limit        # files it reads are held to SET memory_limit
+
+        with modes_kept(self._modules.values()), memory_limit(self.settings["memory_limit"]):
             return handler(self, stmt, text, progress)
 
     def models(self) -> list[dict]:

@@ -3,7 +3,11 @@
 A DICOM file is known by its content (``DICM`` at byte 128), never by its name, and read
 by pydicom in two steps: the header alone (``stop_before_pixels``), its Rows x Columns
 checked against ``max_pixels``; then the pixels of its first frame only (a multi-frame
-file gives its first frame). Grey pixels get the modality rescale (``RescaleSlope``,
+file gives its first frame). What decoding takes is checked against ``memory_limit``
+before anything is decoded: the first frame's declared Rows x Columns x samples x bits;
+a deflated data set (the Deflated Explicit VR Little Endian transfer syntax) is inflated
+in bounded chunks, counted first, so that a small file inflating to gigabytes is refused
+having held one chunk. Grey pixels get the modality rescale (``RescaleSlope``,
 ``RescaleIntercept``: Hounsfield units for CT), then the first VOI window
 (``WindowCenter``/``WindowWidth``, the linear function of DICOM PS3.3 C.11.2.1.2 unless
 ``VOILUTFunction`` names another), or the image's own min-max without one; MONOCHROME1 is
@@ -17,15 +21,22 @@ bit depth. Every failure is one :class:`KqlImageError` line.
 
 from __future__ import annotations
 
+import io
 import warnings
+import zlib
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
 from .errors import KqlImageError
-from .images import check_pixels, exception_text
+from .images import check_bytes, check_pixels, exception_text, reading_limit
 
 MAGIC_OFFSET = 128      # a 128-byte preamble, then b"DICM"
+CHUNK = 1 << 20         # bytes inflated at a time
+# A deflated data set over the limit is counted on (never kept) up to this many limits or
+# bytes, whichever is fewer, to say how large it is.
+COUNTED, COUNTED_BYTES = 2, 4 << 30
 
 
 def is_dicom(head: bytes) -> bool:
@@ -37,14 +48,14 @@ def is_dicom(head: bytes) -> bool:
     return head[MAGIC_OFFSET:MAGIC_OFFSET + 4] == b"DICM"
 
 
-def read_dicom(fh, path: str, max_pixels: int) -> tuple[np.ndarray, dict]:
+def read_dicom(fh, path: str, max_pixels: int, limit: Optional[int] = None) -> tuple[np.ndarray, dict]:
     """float32 HxW (grey) or HxWx3 (colour) in [0, 1] from the open DICOM file ``fh``, and
     its header's facts (``format``, ``mode``, ``bits``, ``frames``, ``pixel_spacing``,
-    ``window``, ...)."""
+    ``window``, ...); ``limit``: the bytes decoding may take (default: ``memory_limit``)."""
     with warnings.catch_warnings():         # pydicom warns about every odd header value
         warnings.simplefilter("ignore")
         try:
-            return _read(fh, path, max_pixels)
+            return _read(fh, path, max_pixels, reading_limit(limit))
         except KqlImageError:
             raise
         except MemoryError:
@@ -54,13 +65,18 @@ def read_dicom(fh, path: str, max_pixels: int) -> tuple[np.ndarray, dict]:
                                 f"({exception_text(exc)})") from None
 
 
-def _read(fh, path: str, max_pixels: int) -> tuple[np.ndarray, dict]:
-    header = _header(fh, path)
+def _read(fh, path: str, max_pixels: int, limit: int) -> tuple[np.ndarray, dict]:
+    whole = _deflated(fh, path, limit)      # None: not deflated, read from the file
+    fh.seek(0)
+    header = _header(fh, path) if whole is None else _checked(whole, path)
     check_pixels(path, int(header.Rows), int(header.Columns), max_pixels)
+    check_bytes(path, "image file", _frame_bytes(header), limit,
+                "its first frame decoded, then as floats")
     _check_decoder(header, path)
+    _check_codestream(fh, whole, header, path)
     info = _info(header)
     fh.seek(0)
-    arr = _first_frame(fh, path, header.file_meta.TransferSyntaxUID.is_deflated)
+    arr = _first_frame(fh if whole is None else whole, path)
     if info["mode"] == "PALETTE COLOR":
         return _palette(arr, header), info
     if arr.ndim == 3:
@@ -78,6 +94,11 @@ def _header(fh, path: str):
     except Exception as exc:    # pydicom raises assorted errors on a damaged header
         raise KqlImageError(f"cannot read image file '{path}': corrupt or truncated DICOM "
                             f"({exception_text(exc)})") from None
+    return _checked(header, path)
+
+
+def _checked(header, path: str):
+    """``header``, once it holds an image."""
     if not len(header):         # pydicom stops quietly where a file ends
         raise KqlImageError(f"cannot read image file '{path}': corrupt or truncated DICOM (no "
                             "data set after its file meta information)")
@@ -107,13 +128,96 @@ def _check_decoder(header, path: str) -> None:
                             f"needs one of: {needs} (none is installed)")
 
 
-def _first_frame(fh, path: str, deflated: bool) -> np.ndarray:
-    """The first frame's pixels, read from the file alone (a deflated data set: whole)."""
+def _check_codestream(fh, whole, header, path: str) -> None:
+    """Refuse a JPEG or JPEG 2000 first frame whose own header says a larger image than
+    Rows x Columns: its decoder follows the codestream, so a 16x16 scan could decode to
+    Pillow's limit (179 megapixels). Read by Pillow's header parser alone; frames Pillow
+    does not know are left to their decoder."""
+    syntax = header.file_meta.TransferSyntaxUID
+    if not syntax.is_encapsulated or syntax.name.startswith("RLE"):
+        return
     import pydicom
+    from PIL import Image
+    from pydicom.encaps import get_frame
+
+    try:
+        fh.seek(0)
+        ds = whole if whole is not None else pydicom.dcmread(fh, specific_tags=["PixelData"])
+        frames = int(header.get("NumberOfFrames") or 1)
+        with Image.open(io.BytesIO(get_frame(ds.PixelData, 0, number_of_frames=frames))) as im:
+            width, height = im.size
+    except Exception:           # not a frame Pillow parses: its decoder says what is wrong
+        return
+    rows, columns = int(header.Rows), int(header.Columns)
+    if height > rows or width > columns:
+        raise KqlImageError(f"image file '{path}' holds a {height}x{width} {syntax.name} frame "
+                            f"but its DICOM header says {rows}x{columns}: refused undecoded")
+
+
+def _frame_bytes(header) -> int:
+    """What decoding the first frame takes: its samples as stored (Rows x Columns x
+    SamplesPerPixel x BitsAllocated), a float64 copy (the rescale) and the float32 pixels.
+
+    >>> from pydicom import Dataset
+    >>> ds = Dataset(); ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 10, 20, 1, 16
+    >>> _frame_bytes(ds)
+    2800
+    """
+    pixels = int(header.Rows) * int(header.Columns) * max(int(header.get("SamplesPerPixel") or 1), 1)
+    stored = -(-max(int(header.get("BitsAllocated") or 16), 1) // 8)
+    return pixels * (stored + 8 + 4)
+
+
+def _deflated(fh, path: str, limit: int):
+    """The whole data set of a file in a deflated transfer syntax, inflated within
+    ``limit`` (held twice: its bytes, then the data set read from them); None for any
+    other file. pydicom would inflate it in one call, however large."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+
+    fh.seek(0)
+    try:
+        preamble = read_preamble(fh, False)
+        meta = _read_file_meta_info(fh)
+    except Exception:           # _header says what is wrong with it
+        return None
+    syntax = meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_deflated:
+        return None
+    start, counted = fh.tell(), max(limit // 2, min(COUNTED * limit, COUNTED_BYTES))
+    size = sum(len(out) for out in _inflated(fh, counted))     # counted, not kept
+    over = "more than " if size > counted else ""
+    size = min(size, counted)
+    from .planner.memory import size_text
+
+    check_bytes(path, "image file", 2 * size + bool(over), limit, f"its deflated DICOM data "
+                f"set inflates to {over}{size_text(size)}, held twice while read", more=bool(over))
+    fh.seek(start)
+    data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fh.read(), size + 1)
+    dataset = read_dataset(io.BytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    del data
+    return FileDataset(path, dataset, preamble, meta, is_implicit_VR=False, is_little_endian=True)
+
+
+def _inflated(fh, stop: int):
+    """The bytes the deflate stream from ``fh`` inflates to, ``CHUNK`` at a time, until
+    its end or past ``stop`` bytes (a deflate stream inflates up to 1032 times)."""
+    inflater, size = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    while not inflater.eof and size <= stop:
+        data = inflater.unconsumed_tail or fh.read(CHUNK)
+        if not data:
+            break               # truncated: reading the data set says so
+        out = inflater.decompress(data, CHUNK)
+        size += len(out)
+        yield out
+
+
+def _first_frame(source, path: str) -> np.ndarray:
+    """The first frame's pixels, read from the file alone (a deflated data set: from
+    the data set inflated)."""
     from pydicom.pixels import pixel_array
 
     try:
-        source = pydicom.dcmread(fh) if deflated else fh
         return pixel_array(source, index=0)     # YBR comes back as RGB
     except MemoryError:
         raise

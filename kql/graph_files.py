@@ -15,6 +15,8 @@ fixed at 1: KQL runs occluded images in batches), else the last layer's.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,10 +26,11 @@ import torch
 from torch import nn
 
 from .errors import KqlModelError
-from .images import exception_text, open_regular_file
+from .images import check_bytes, exception_text, open_regular_file, reading_limit
 from .models import InputSize, input_channels, num_classes
+from .operators.shapes import OverMemoryLimit, check_fits
 from .operators.task import check_logits
-from .weights import check_finite
+from .weights import check_finite, check_unpacked_size
 
 # onnx2torch 1.5 converts most operators up to these opsets (not Constant 19, for one):
 # a newer model is first converted down by onnx's version converter, newest first.
@@ -43,29 +46,154 @@ class Graph:
     input_size: InputSize = None
 
 
-def read_graph(path: str, kind: str) -> Graph:
-    """The model in an ONNX (``kind`` 'onnx') or TorchScript ('torchscript') file."""
-    return read_onnx(path) if kind == "onnx" else read_torchscript(path)
+def read_graph(path: str, kind: str, memory_limit: Optional[int] = None) -> Graph:
+    """The model in an ONNX (``kind`` 'onnx') or TorchScript ('torchscript') file, within
+    ``memory_limit`` bytes (default: the statement's ``SET memory_limit``)."""
+    return read_onnx(path, memory_limit) if kind == "onnx" else read_torchscript(path, memory_limit)
 
 
-def read_onnx(path: str) -> Graph:
+def read_onnx(path: str, memory_limit: Optional[int] = None) -> Graph:
     try:
         import onnx
+        from onnx.external_data_helper import load_external_data_for_model
         from onnx2torch import convert
     except ImportError:
         raise KqlModelError("LOAD MODEL of an ONNX file needs the package onnx2torch "
                             "(pip install onnx2torch)") from None
+    limit = reading_limit(memory_limit)
     with open_regular_file(path, "model file", KqlModelError) as fh:
         try:
-            proto = onnx.load(fh)
+            proto = onnx.load(fh, load_external_data=False)
+            _check_onnx_size(proto, fh, path, limit)
+            load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
             onnx.checker.check_model(proto)
+        except KqlModelError:
+            raise
         except Exception as exc:        # DecodeError, ValidationError, ...
             raise KqlModelError(f"cannot read model file '{path}' as ONNX: {exception_text(exc)}") from None
-    channels, size = input_geometry(_input_dims(onnx, proto, path))
-    module = _converted(proto, convert, path).eval()
+    dims = _input_dims(onnx, proto, path)
+    layout = None
+    if channels_last(dims):         # Keras/TensorFlow: [N, H, W, C], transposed inside
+        layout, dims = "NHWC", [dims[0], dims[3], dims[1], dims[2]]
+        stripped = _without_leading_transpose(proto)
+    channels, size = input_geometry(dims)
+    if layout and stripped is not None:
+        module = _converted(stripped, convert, path).eval()
+    else:
+        module = _converted(proto, convert, path).eval()
+        module = ChannelsLast(module) if layout else module
+    if layout:
+        module.input_layout = layout            # EXPLAIN: input=NHWC
     check_finite(module.state_dict(), path)
-    classes = _probe(module, channels, size, path, "ONNX") if size else None
+    if size:
+        check_bytes(path, "model file", _largest_value(onnx, proto, 2), limit,
+                    f"the largest tensor of the ONNX graph on two {size[0]}x{size[1]} images",
+                    error=KqlModelError)
+    classes = _probe(module, channels, size, path, "ONNX", limit) if size else None
     return Graph(module, classes or _output_classes(proto) or num_classes(module), size)
+
+
+def _largest_value(onnx, proto, batch: int) -> int:
+    """The bytes of the largest tensor the graph makes on ``batch`` images of its fixed
+    input size, from ONNX's shape inference with data propagation: a Tile, Expand or
+    ConstantOfShape whose sizes are constants is sized without being run (fake tensors
+    cannot size them: onnx2torch reads their sizes as values). 0 when inference fails."""
+    probe = type(proto)()
+    probe.CopyFrom(proto)
+    for tensor in probe.graph.initializer:     # shapes need no weights: only small constants
+        if math.prod(tensor.dims) > 64:
+            for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                tensor.ClearField(name)
+    fixed = {t.name for t in probe.graph.initializer}
+    image = next(i for i in probe.graph.input if i.name not in fixed)
+    image.type.tensor_type.shape.dim[0].dim_value = batch
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:
+        return 0
+    largest = 0
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        kind = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
+        if kind.HasField("shape") and all(d >= 0 for d in dims) and kind.elem_type:
+            size = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type).itemsize
+            largest = max(largest, math.prod(dims) * size)
+    return largest
+
+
+def _check_onnx_size(proto, fh, path: str, limit: int) -> None:
+    """Refuse an ONNX model that would take more than ``limit`` bytes to load: its file
+    and its external data (their declared lengths, else their files' sizes), held three
+    times (the protobuf, its checked copy, the converted tensors)."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    size, folder = os.fstat(fh.fileno()).st_size, os.path.dirname(os.path.abspath(path))
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            if info.length:
+                size += int(info.length)
+            else:
+                try:
+                    size += max(os.stat(os.path.join(folder, info.location)).st_size - int(info.offset or 0), 0)
+                except (OSError, ValueError):
+                    pass                # loading it says what is wrong
+    check_bytes(path, "model file", 3 * size, limit, "an ONNX model, with its external data, "
+                "parsed, checked and converted", error=KqlModelError)
+
+
+def channels_last(dims: list) -> bool:
+    """Whether an input shape is ``[N, H, W, C]``: its last dimension a channel count (1,
+    3 or 4), its second not.
+
+    >>> channels_last([None, 240, 240, 3]), channels_last([1, None, None, 1])
+    (True, True)
+    >>> channels_last([None, 3, 240, 240]), channels_last([None, 3, 4, 3]), channels_last([])
+    (False, False, False)
+    """
+    return len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)
+
+
+class ChannelsLast(nn.Module):
+    """A graph that takes ``[N, H, W, C]``, given KQL's ``[N, C, H, W]`` images."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.nhwc = graph          # not 'graph': a traced GraphModule's own attribute
+
+    def forward(self, x):
+        return self.nhwc(x.permute(0, 2, 3, 1))
+
+
+def _without_leading_transpose(proto):
+    """A copy of the graph taking ``[N, C, H, W]``, when its image input goes only into a
+    Transpose with perm ``[0, 3, 1, 2]`` (what Keras exports): that Transpose removed, its
+    readers reading the input. None when the graph does anything else with its input."""
+    fixed = {t.name for t in proto.graph.initializer}
+    name = next(i.name for i in proto.graph.input if i.name not in fixed)
+    readers = [n for n in proto.graph.node if name in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Transpose":
+        return None
+    perm = next((list(a.ints) for a in readers[0].attribute if a.name == "perm"), None)
+    if perm != [0, 3, 1, 2] or any(o.name == name for o in proto.graph.output):
+        return None
+    out = type(proto)()
+    out.CopyFrom(proto)
+    graph, transposed = out.graph, readers[0].output[0]
+    graph.node.remove(next(n for n in graph.node if n.output and n.output[0] == transposed))
+    for node in graph.node:
+        node.input[:] = [name if i == transposed else i for i in node.input]
+    for output in graph.output:
+        if output.name == transposed:
+            output.name = name
+    image = next(i for i in graph.input if i.name == name)
+    shape = image.type.tensor_type.shape.dim
+    dims = [type(shape[0])() for _ in range(4)]
+    for d, src in zip(dims, (shape[0], shape[3], shape[1], shape[2])):
+        d.CopyFrom(src)
+    del shape[:]
+    shape.extend(dims)
+    return out
 
 
 def input_geometry(dims: list) -> tuple:
@@ -139,8 +267,10 @@ def _opset(proto) -> int:
     return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def read_torchscript(path: str) -> Graph:
+def read_torchscript(path: str, memory_limit: Optional[int] = None) -> Graph:
+    limit = reading_limit(memory_limit)
     with open_regular_file(path, "model file", KqlModelError) as fh:
+        check_unpacked_size(fh, path, limit)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -151,13 +281,21 @@ def read_torchscript(path: str) -> Graph:
     module.eval()
     check_finite(dict(module.state_dict()), path)
     classes = num_classes(module) or _probe(module, input_channels(module), PROBE_SIZE, path,
-                                            "TorchScript")
+                                            "TorchScript", limit)
     return Graph(module, classes)
 
 
 @torch.inference_mode()
-def _probe(module: nn.Module, channels: int, size: tuple, path: str, what: str) -> int:
-    """The class count of one forward pass on two black images of ``size``."""
+def _probe(module: nn.Module, channels: int, size: tuple, path: str, what: str,
+           limit: Optional[int] = None) -> int:
+    """The class count of one forward pass on two black images of ``size``; a pass that
+    would take more than ``limit`` bytes (a graph that makes a huge tensor from a small
+    file) is refused before it runs, where fake tensors can size it."""
+    try:
+        check_fits(module, torch.zeros(2, channels, *size), limit, "one forward pass")
+    except OverMemoryLimit as exc:
+        check_bytes(path, "model file", exc.needed, limit, f"the {what} model's forward pass on "
+                    f"two {size[0]}x{size[1]} images", error=KqlModelError)
     try:
         return _width(module, 2, channels, size)
     except Exception:           # the model's own errors, of any kind

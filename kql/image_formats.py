@@ -19,24 +19,32 @@ TIFF gives its first page, an animated GIF its first frame.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
+from typing import Optional
 
 import numpy as np
 
 from .errors import KqlImageError
-from .images import array_problem, check_pixels, exception_text
+from .images import array_problem, check_bytes, check_pixels, exception_text, reading_limit
 
 
-def decode(fh, path: str, max_pixels: int) -> tuple[np.ndarray, dict]:
-    """Pillow's decoded pixels and header facts; every failure one :class:`KqlImageError` line."""
+def decode(fh, path: str, max_pixels: int, limit: Optional[int] = None) -> tuple[np.ndarray, dict]:
+    """Pillow's decoded pixels and header facts; every failure one :class:`KqlImageError` line.
+    The header's size is checked before decoding: ``max_pixels``, and the bytes decoding
+    takes against ``limit`` (default: ``memory_limit``). Pillow bounds what it inflates
+    besides pixels itself (PNG text and ICC chunks: 1 MB each, 64 MB of text in all)."""
     from PIL import Image, UnidentifiedImageError
 
+    limit = reading_limit(limit)
     try:
         with warnings.catch_warnings():     # our limit is checked instead of Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fh) as im:      # lazy: the header only
                 check_pixels(path, im.height, im.width, max_pixels)
+                check_bytes(path, "image file", decoded_bytes(im), limit,
+                            "its pixels decoded, then as floats")
                 raw = _rawmode(im)
                 info = {"format": im.format, "mode": im.mode, "bits": _bits(im, raw)}
                 im.load()
@@ -53,8 +61,29 @@ def decode(fh, path: str, max_pixels: int) -> tuple[np.ndarray, dict]:
     except MemoryError:
         raise KqlImageError(f"image file '{path}' is too large to decode in memory") from None
     except Exception as exc:    # Pillow's plugins raise assorted errors on damaged files
+        if re.search("Decompressed data too large|Too much memory used in text", str(exc)):
+            raise KqlImageError(f"image file '{path}' has a compressed chunk (text or ICC "
+                                "profile) that inflates to more than Pillow's limit (1.0 MB "
+                                "a chunk, 64.0 MB of text in all): refused unread") from None
         raise KqlImageError(f"cannot read image file '{path}': corrupt or truncated "
                             f"({exception_text(exc)})") from None
+
+
+def decoded_bytes(im) -> int:
+    """What decoding ``im`` takes: its samples as Pillow holds them, an array copy of
+    them, and the float32 tensor (grey: one channel, else three).
+
+    >>> import PIL.Image
+    >>> decoded_bytes(PIL.Image.new("RGB", (10, 10))), decoded_bytes(PIL.Image.new("I;16", (10, 10)))
+    (1800, 800)
+    """
+    pixels, mode = im.width * im.height, im.mode
+    sample = 4 if mode in ("I", "F") else 2 if mode.startswith("I;16") else 1
+    channels = 1 if mode in _GREY else 3
+    return pixels * (2 * len(im.getbands()) * sample + 4 * channels)
+
+
+_GREY = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N", "P;1")
 
 
 def _rawmode(im) -> str:
@@ -123,8 +152,10 @@ def _stretched(arr: np.ndarray, path: str) -> np.ndarray:
     return (arr - arr.min()) / span
 
 
-def read_npy(fh, path: str, max_pixels: int) -> tuple[np.ndarray, dict]:
-    """A .npy image: its header's shape, dtype and pixels checked before the data is read."""
+def read_npy(fh, path: str, max_pixels: int, limit: Optional[int] = None) -> tuple[np.ndarray, dict]:
+    """A .npy image: its header's shape, dtype and pixels checked before the data is read,
+    and its bytes: more than the file holds (truncated, or a header that lies) or than
+    ``limit`` (default: ``memory_limit``) takes with its float tensor is refused."""
     fmt = np.lib.format
     try:
         version = fmt.read_magic(fh)
@@ -140,6 +171,14 @@ def read_npy(fh, path: str, max_pixels: int) -> tuple[np.ndarray, dict]:
     if problem:
         raise KqlImageError(f"the array in image file '{path}' {problem}")
     check_pixels(path, shape[0], shape[1], max_pixels)
+    stored = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    held = os.fstat(fh.fileno()).st_size - fh.tell()
+    if stored > held:
+        raise KqlImageError(f"cannot read image file '{path}': corrupt or truncated (its "
+                            f"header says {stored:,} bytes of pixels, the file holds {held:,})")
+    channels = min(shape[2], 3) if len(shape) == 3 else 1
+    check_bytes(path, "image file", stored + 4 * shape[0] * shape[1] * channels,
+                reading_limit(limit), "its array, then as floats")
     fh.seek(0)
     try:
         arr = np.load(fh, allow_pickle=False)

@@ -25,11 +25,13 @@ torch.Size([1, 2, 2])
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import os
 import stat
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -218,6 +220,54 @@ def check_pixels(path: str, height: int, width: int, max_pixels: int = MAX_PIXEL
                             f"more than max_image_pixels ({max_pixels:,})")
 
 
+# -- memory: what a file may take once decoded or inflated -------------------------------------
+
+# The statement's SET memory_limit while it runs (:func:`memory_limit`); 'auto' otherwise.
+_MEMORY_LIMIT: contextvars.ContextVar = contextvars.ContextVar("kql_memory_limit", default="auto")
+
+
+@contextlib.contextmanager
+def memory_limit(setting):
+    """Hold the files read inside to ``setting`` (a ``SET memory_limit`` value)."""
+    token = _MEMORY_LIMIT.set(setting)
+    try:
+        yield
+    finally:
+        _MEMORY_LIMIT.reset(token)
+
+
+def reading_limit(limit: Optional[int] = None) -> int:
+    """The bytes a file may take once decoded or inflated: ``limit``, else the running
+    statement's ``memory_limit`` ('auto': a quarter of the memory available).
+
+    >>> with memory_limit("1 GB"):
+    ...     reading_limit(), reading_limit(5)
+    (1073741824, 5)
+    """
+    from .planner.memory import allowed
+
+    return int(limit) if limit is not None else allowed(_MEMORY_LIMIT.get(), "cpu")
+
+
+def check_bytes(path: str, what: str, needed: int, limit: int, why: str = "",
+                error: type = KqlImageError, more: bool = False) -> None:
+    """Refuse a file that would take ``needed`` bytes (``more``: at least), ``why``, past
+    ``limit``, before it is decoded or inflated; ``what`` the file is.
+
+    >>> check_bytes("scan.dcm", "image file", 3 << 30, 1 << 30, "its data set inflated", more=True)
+    Traceback (most recent call last):
+    ...
+    kql.errors.KqlImageError: image file 'scan.dcm' would take more than 3.0 GB in memory (its data set inflated), more than memory_limit (1.0 GB)
+    """
+    if needed <= limit:
+        return
+    from .planner.memory import size_text
+
+    because = f" ({why})" if why else ""
+    raise error(f"{what} '{path}' would take {'more than ' if more else ''}{size_text(needed)} "
+                f"in memory{because}, more than memory_limit ({size_text(limit)})")
+
+
 class LoadedImage(NamedTuple):
     """An image file's pixels ``[C, H, W]`` and what its header says: always ``format``; for
     Pillow's kinds ``mode`` and ``bits``; for DICOM also ``pixel_spacing`` (mm, row and
@@ -227,11 +277,13 @@ class LoadedImage(NamedTuple):
     info: dict
 
 
-def read_image(path: str, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+def read_image(path: str, *, max_pixels: int = MAX_PIXELS, memory_limit: Optional[int] = None) -> LoadedImage:
     """Read an image file, its kind known from its content, not its name: PNG, JPEG, TIFF
     (its first page), BMP, GIF (its first frame), ... via Pillow; DICOM (its first frame)
     via pydicom; or a .npy array (HxW[xC], never unpickled). Its size is read from the
-    header first: more than ``max_pixels`` pixels is refused before anything is decoded.
+    header first: more than ``max_pixels`` pixels, or more bytes decoded (or inflated)
+    than ``memory_limit`` (default: the statement's ``SET memory_limit``), is refused
+    before anything is decoded.
     Pillow's own limit stays above it: it refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS``
     (179 MP) itself, whatever ``max_pixels`` says.
 
@@ -249,7 +301,7 @@ def read_image(path: str, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
 
         read = (formats.read_npy if head.startswith(b"\x93NUMPY") else
                 dicom.read_dicom if dicom.is_dicom(head) else formats.decode)
-        arr, info = read(fh, path, max_pixels)
+        arr, info = read(fh, path, max_pixels, reading_limit(memory_limit))
     return LoadedImage(_from_array(arr), info)
 
 

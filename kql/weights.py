@@ -6,37 +6,84 @@ pickle that would run code never does (a whole pickled ``nn.Module`` included: t
 says how to save its state dict instead); safetensors files hold only tensors. A refusal,
 and every other failure, is one :class:`~kql.errors.KqlModelError` line. The tensors are
 checked before any module is built: finite, and a last layer with at least one output.
+
+What a file takes in memory is checked against ``memory_limit`` before it is read: a
+zip archive (``torch.save``'s format, whose members may be deflated) by the sizes its
+central directory declares, which torch allocates before inflating; a member that
+declares more than deflate can inflate to is refused as damaged. Other files take their
+own size.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from .errors import KqlModelError, strip_ansi
-from .images import exception_text, open_regular_file
+from .images import check_bytes, exception_text, open_regular_file, reading_limit
+
+# Deflate's largest ratio is 1032:1; a zip member declaring more is damaged or lies.
+DEFLATE_RATIO = 1032
+# Trained weights barely compress (~1.1:1; torch.save stores them): an archive over
+# BOMB_BYTES whose members declare more than BOMB_RATIO times the file is a zip bomb.
+BOMB_RATIO, BOMB_BYTES = 50, 64 << 20
 
 
-def read_state_dict(path: str) -> dict:
-    """The name -> tensor dict in a weight file (unwrapped from a training checkpoint)."""
+def read_state_dict(path: str, memory_limit: Optional[int] = None) -> dict:
+    """The name -> tensor dict in a weight file (unwrapped from a training checkpoint);
+    ``memory_limit``: the bytes it may take (default: the statement's ``SET memory_limit``)."""
     with open_regular_file(path, "model file", KqlModelError) as fh:
+        check_unpacked_size(fh, path, reading_limit(memory_limit))
         obj = _torch_load(fh, path)
     return checked_state_dict(obj, path)
 
 
-def read_safetensors(path: str) -> dict:
+def check_unpacked_size(fh, path: str, limit: int) -> None:
+    """Refuse a model file that would take more than ``limit`` bytes once read: a zip
+    archive by the uncompressed sizes of its members (its central directory, read
+    without inflating anything), any other file by its size."""
+    try:
+        members = zipfile.ZipFile(fh).infolist() if zipfile.is_zipfile(fh) else None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        members = None                  # torch.load says what is wrong with it
+    finally:
+        fh.seek(0)
+    if members is None:
+        check_bytes(path, "model file", os.fstat(fh.fileno()).st_size, limit, error=KqlModelError)
+        return
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED and m.file_size > DEFLATE_RATIO * m.compress_size + 1024:
+            raise KqlModelError(f"cannot read model file '{path}': damaged zip archive (member "
+                                f"'{m.filename[:80]}' declares {m.file_size:,} bytes from "
+                                f"{m.compress_size:,}, more than deflate inflates to)")
+    declared, size = sum(m.file_size for m in members), os.fstat(fh.fileno()).st_size
+    if declared > BOMB_BYTES and declared > BOMB_RATIO * size:
+        from .planner.memory import size_text
+
+        raise KqlModelError(f"model file '{path}' is a zip bomb: its members declare "
+                            f"{size_text(declared)} from a {size_text(size)} file "
+                            f"({declared // size:,}:1; weights barely compress): refused unread")
+    check_bytes(path, "model file", declared, limit, "its zip archive's members uncompressed",
+                error=KqlModelError)
+
+
+def read_safetensors(path: str, memory_limit: Optional[int] = None) -> dict:
     """The name -> tensor dict in a safetensors file (``safetensors.torch.load_file``)."""
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise KqlModelError("LOAD MODEL of a safetensors file needs the package safetensors "
                             "(pip install safetensors)") from None
-    open_regular_file(path, "model file", KqlModelError).close()    # no FIFO, device, folder
+    with open_regular_file(path, "model file", KqlModelError) as fh:    # no FIFO, device, folder
+        check_bytes(path, "model file", os.fstat(fh.fileno()).st_size,
+                    reading_limit(memory_limit), error=KqlModelError)
     try:
         obj = load_file(path, device="cpu")
     except Exception as exc:        # SafetensorError for a damaged header, OSError, ...

@@ -5,6 +5,12 @@ seed paper 000, section 4.1), which nodes an occlusion changes and each changing
 logical operator (:mod:`.graph`). It is built once per (model, image, device): one
 trace and one forward pass. The planner prices plans from it, the step table
 (:mod:`.steps`) is computed from it, and the incremental operator runs on it.
+
+Given a memory limit, the pass is first run on fake tensors (:func:`.shapes.peak_bytes`):
+views that would not fit are not kept, only their shapes (on the meta device), which is
+all the planner reads; such a profile prices the incremental plan at the views' estimate,
+so it is never chosen. A pass that would not fit even without its views is refused
+(:class:`.shapes.OverMemoryLimit`) before it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph import Local, classify, trace
+from .shapes import UNCHECKED_FACTOR, check_fits, peak_bytes
 from .task import check_logits
 
 
@@ -23,12 +30,16 @@ class ModelProfile:
     """Traced graph, materialized views, changing nodes and their logical operators."""
 
     def __init__(self, model: torch.nn.Module, image: torch.Tensor, device: str = "cpu",
-                 traced: Optional[fx.GraphModule] = None):
+                 traced: Optional[fx.GraphModule] = None, memory_limit: Optional[int] = None):
         self.device = torch.device(device)
         self.gm = traced if traced is not None else trace(model, self.device)
         self.nodes = list(self.gm.graph.nodes)
-        self.views = self._materialize(image.to(self.device).unsqueeze(0))
         self.dynamic = frozenset(self._dynamic_nodes())
+        self.memory_limit = memory_limit
+        x = image.to(self.device).unsqueeze(0)
+        # None, or the bytes the views would need: they were not kept, only their shapes.
+        self.shapes_only = self._too_big(x, memory_limit)
+        self.views = self._materialize(x)
         self.ops = {n: classify(n, self.gm, self.views.get, self._arg_reader(n))
                     for n in self.nodes if n in self.dynamic and n.op.startswith("call")}
         self.gates = frozenset(self._gates())
@@ -36,18 +47,40 @@ class ModelProfile:
         self._modules = dict(self.gm.named_modules())
         self.memo: dict = {}          # for the planner: costs that depend only on the profile
 
+    def _too_big(self, x: torch.Tensor, limit: Optional[int]) -> Optional[int]:
+        """The estimated bytes of the views when they would not fit ``limit`` (None: they
+        fit, or were not estimated); :class:`.shapes.OverMemoryLimit` when a pass that
+        keeps no views would not fit either."""
+        if limit is None or x.numel() * x.element_size() * UNCHECKED_FACTOR <= limit:
+            return None
+        views = peak_bytes(lambda v: self._run(v, keep=True), x, self.gm)
+        if views is None or views <= limit:
+            return None
+        check_fits(lambda v: self._run(v, keep=False), x, limit, "one forward pass", self.gm)
+        return views
+
     @torch.inference_mode()
     def _materialize(self, x: torch.Tensor) -> dict:
         views: dict = {}
+        out = self._run(x, keep=not self.shapes_only, views=views)
+        self.base_logits = check_logits(out)[0].float()
+        return views
+
+    def _run(self, x: torch.Tensor, keep: bool, views: Optional[dict] = None):
+        """The graph's output on ``x``; each node's value kept until the end (``keep``) or
+        freed after its last use, and recorded in ``views`` when given (not kept: for a
+        node the image reaches, a tensor of its shape on the meta device)."""
+        dynamic = self.dynamic
 
         class Recorder(fx.Interpreter):
             def run_node(self, n):
-                views[n] = super().run_node(n)
-                return views[n]
+                value = super().run_node(n)
+                if views is not None:
+                    shape_only = not keep and n in dynamic and isinstance(value, torch.Tensor)
+                    views[n] = torch.empty_like(value, device="meta") if shape_only else value
+                return value
 
-        out = Recorder(self.gm, garbage_collect_values=False).run(x)
-        self.base_logits = check_logits(out)[0].float()
-        return views
+        return Recorder(self.gm, garbage_collect_values=not keep).run(x)
 
     def _dynamic_nodes(self) -> set:
         dynamic: set = set()
@@ -85,7 +118,8 @@ class ModelProfile:
         """The profile of the same traced model on another image (of the same size): its
         own views, no second trace. The graph's nodes are shared, so a step table made
         from this profile serves the other one too."""
-        return ModelProfile(self.gm, image, str(self.device), traced=self.gm)
+        return ModelProfile(self.gm, image, str(self.device), traced=self.gm,
+                            memory_limit=self.memory_limit)
 
     # -- what the planner reads ------------------------------------------------------------
 
@@ -101,8 +135,11 @@ class ModelProfile:
         return self._modules.get(n.target) if n.op == "call_module" else None
 
     def view_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.views.values()
+        """The views' bytes; of views not kept (:attr:`shapes_only`), what building them
+        was estimated to need."""
+        kept = sum(v.numel() * v.element_size() for v in self.views.values()
                    if isinstance(v, torch.Tensor))
+        return max(kept, self.shapes_only or 0)
 
     # -- what the engine reads -------------------------------------------------------------
 

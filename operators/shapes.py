@@ -39,8 +39,91 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .task import check_logits
+
+# Below this many times the image's bytes, a memory limit is not checked by an estimated
+# pass: no CNN we know holds a thousand times its input at once (VGG16's views: ~100x).
+UNCHECKED_FACTOR = 4096
+
+
+class OverMemoryLimit(Exception):
+    """A pass over the unoccluded image that would not fit the memory limit, refused before
+    it ran: ``what`` it was, the bytes it ``needed``, the ``limit``."""
+
+    def __init__(self, what: str, needed: int, limit: int):
+        super().__init__(f"{what} needs {needed:,} bytes, more than the limit of {limit:,}")
+        self.what, self.needed, self.limit = what, needed, limit
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of tensors an op made that are still alive, and their peak (ops whose
+    schema says they return a view or write in place make none)."""
+
+    def __init__(self, start: int):
+        super().__init__()
+        self.live = self.peak = start
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for ret, value in zip(returns, out if len(returns) > 1 else (out,)):
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor) and ret.alias_info is None:
+                    size = t.numel() * t.element_size()
+                    self.live += size
+                    weakref.finalize(t, self._free, size)
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def peak_bytes(run, x: torch.Tensor, module: Optional[nn.Module] = None) -> Optional[int]:
+    """The most bytes ``run(x)`` holds at once, ``x`` included, found on fake tensors
+    (shapes, no values, no memory); None when it cannot run on them (a model that reads a
+    value, an operator without a fake kernel). A fake tensor the run left in ``module``
+    (default: ``run``, when a module) is taken out again.
+
+    >>> peak_bytes(nn.Conv2d(3, 8, 3, padding=1), torch.zeros(1, 3, 100, 100))    # in + out
+    440000
+    """
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    module = module if module is not None else run if isinstance(run, nn.Module) else None
+    kept = [(m, dict(vars(m)), dict(m._buffers)) for m in module.modules()] if module else []
+    try:
+        with torch.inference_mode(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = mode.from_tensor(x)
+            with _LiveBytes(_bytes(x)) as live:
+                out = run(fake)
+            del out, fake
+        return live.peak
+    except Exception:           # fake tensors cannot follow every model: no estimate
+        return None
+    finally:                    # a forward that caches a tensor in its module
+        for m, attributes, buffers in kept:
+            for now, before in ((vars(m), attributes), (m._buffers, buffers)):
+                for name in [k for k, v in now.items() if isinstance(v, FakeTensor)]:
+                    if name in before:
+                        now[name] = before[name]
+                    else:
+                        del now[name]
+
+
+def check_fits(run, x: torch.Tensor, limit: Optional[int], what: str,
+               module: Optional[nn.Module] = None) -> Optional[int]:
+    """The peak bytes of ``run(x)`` (:func:`peak_bytes`, None: not estimated); raises
+    :class:`OverMemoryLimit` when they pass ``limit``. Not estimated without a limit or
+    while ``x`` is too small for any CNN to reach it (:data:`UNCHECKED_FACTOR`)."""
+    if limit is None or _bytes(x) * UNCHECKED_FACTOR <= limit:
+        return None
+    needed = peak_bytes(run, x, module)
+    if needed is not None and needed > limit:
+        raise OverMemoryLimit(what, needed, limit)
+    return needed
 
 
 @dataclass(frozen=True)
@@ -271,9 +354,12 @@ def may_have_gate(model: nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def summarize(model: nn.Module, image: torch.Tensor, device="cpu") -> ShapeSummary:
+def summarize(model: nn.Module, image: torch.Tensor, device="cpu",
+              memory_limit: Optional[int] = None) -> ShapeSummary:
     """One forward pass of ``model`` (in eval mode, its tensors on ``device``) on
-    ``image`` [3, H, W] with hooks on its leaf modules."""
+    ``image`` [3, H, W] with hooks on its leaf modules; one that would pass
+    ``memory_limit`` bytes is refused before it runs (:class:`OverMemoryLimit`)."""
+    check_fits(model, image.to(device).unsqueeze(0), memory_limit, "one forward pass")
     rec = _Recorder()
     # Leaf modules, and the layers a subclass gives children of their own (a convolution
     # holding its padding module: EfficientNet-Lite0's Conv2dStaticSamePadding).

@@ -135,8 +135,8 @@ def _resize(q) -> Optional[str]:
 def _operator_line(plan, actual) -> str:
     q = plan.query
     batch = f"{plan.batch} ({plan.batch_note})" if plan.batch_note else plan.batch
-    items = {"model": q.model.name, "device": plan.device, "threads": plan.threads,
-             "batch": batch}
+    items = {"model": q.model.name, "input": getattr(q.model.module, "input_layout", None),
+             "device": plan.device, "threads": plan.threads, "batch": batch}
     items.update(plan.operator.describe())
     cost = plan.cost
     if cost is not None:

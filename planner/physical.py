@@ -92,19 +92,21 @@ class PlanContext:
     def profile(self, query, device: str) -> tuple:
         """``(profile, what came from the cache)``: of the query's model on its image;
         ``"profile"`` when all of it, ``"graph"`` when only its trace (another image)."""
+        limit = memory.allowed(self.settings.get("memory_limit", "auto"), device)
         if self.cache is None:
-            return profile_model(query, device), ""
+            return profile_model(query, device, limit=limit), ""
         cache, model = self.cache, query.model
         traced = cache.has_graph(model, device)
 
         def keep_graph(build):
             return cache.graph(model, model.name, device, build)[0]
-        profile, hit = self._kept(query, device, "profile", lambda: profile_model(query, device, keep_graph))
+        profile, hit = self._kept(query, device, "profile", lambda: profile_model(query, device, keep_graph, limit))
         return profile, "profile" if hit else ("graph" if traced else "")
 
     def shapes(self, query, device: str) -> tuple:
         """``(shape summary, from the cache?)`` of one forward pass of the query's model."""
-        return self._kept(query, device, "shapes", lambda: summarize_model(query, device))
+        limit = memory.allowed(self.settings.get("memory_limit", "auto"), device)
+        return self._kept(query, device, "shapes", lambda: summarize_model(query, device, limit))
 
     def base_logits(self, query, device: str) -> torch.Tensor:
         """The model's output on the unoccluded image: planning's, else one forward pass."""
@@ -113,7 +115,8 @@ class PlanContext:
                 found = self.cache.peek(query.model, query.image, device, kind)
                 if found is not None:
                     return getattr(found, field_name)
-        return self._kept(query, device, "logits", lambda: unoccluded_logits(query, device))[0]
+        limit = memory.allowed(self.settings.get("memory_limit", "auto"), device)
+        return self._kept(query, device, "logits", lambda: unoccluded_logits(query, device, limit))[0]
 
     def _kept(self, query, device: str, kind: str, build) -> tuple:
         if self.cache is None:

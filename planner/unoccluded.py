@@ -8,33 +8,54 @@ one line). :func:`scored` settles the query's scoring and classes from that outp
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
-from kql.errors import KqlExecutionError, KqlModelError
+from kql.errors import KqlError, KqlExecutionError, KqlModelError
 from kql.operators.graph import TraceError, trace
 from kql.operators.profile import ModelProfile
-from kql.operators.shapes import ShapeSummary, summarize
+from kql.operators.shapes import OverMemoryLimit, ShapeSummary, check_fits, summarize
 from kql.operators.task import (check_logits, detect_output, on_device, out_of_memory,
                                 resolve_targets, top_classes)
 
-from .logical import OcclusionQuery, fail
+from . import memory
+from .logical import OcclusionQuery, at_node, fail
 
 
-def profile_model(query: OcclusionQuery, device: str, keep_graph=None) -> ModelProfile:
+def profile_model(query: OcclusionQuery, device: str, keep_graph=None,
+                  limit: Optional[int] = None) -> ModelProfile:
     """The model's profile on the query's image; TraceError when torch.fx cannot trace it
     (or the model says it cannot be: a TorchScript module's ``naive_reason``). With
     ``keep_graph`` (the plan cache's: ``keep_graph(build)`` gives the graph kept for the
-    model, ``build()`` traces it), the model is traced once for every image."""
+    model, ``build()`` traces it), the model is traced once for every image. ``limit``:
+    the memory limit, in bytes, its views and its forward pass are held to."""
     untraceable = getattr(query.model, "naive_reason", None)
     if untraceable:
         raise TraceError(untraceable)
     try:
         if keep_graph is None:
-            return ModelProfile(query.model.composed(), query.image, device)
+            return ModelProfile(query.model.composed(), query.image, device, memory_limit=limit)
         graph = keep_graph(lambda: trace(query.model.composed(), torch.device(device)))
-        return ModelProfile(graph, query.image, device, traced=graph)
+        return ModelProfile(graph, query.image, device, traced=graph, memory_limit=limit)
+    except OverMemoryLimit as exc:
+        raise over_limit(query, exc) from None
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:   # TraceError passes through
         raise model_failure(query, exc) from None
+
+
+def over_limit(query: OcclusionQuery, exc: OverMemoryLimit) -> KqlError:
+    """A planning pass refused before it ran, as the plans over the limit are, pointing at
+    the image."""
+    h, w = query.image.shape[1:]
+    needed = memory.size_text(exc.needed)
+    error = memory.MemoryLimitError(
+        f"planning runs model '{query.model.name}' once on the {h}x{w} image; {exc.what} "
+        f"needs {needed} at BATCH 1 but memory_limit is {memory.size_text(exc.limit)}; SET "
+        f"memory_limit = '{math.ceil(exc.needed / 2**30)} GB' to allow it, or occlude a "
+        "smaller image", exc.needed)
+    return at_node(error, query.statement.image)
 
 
 def model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
@@ -48,19 +69,25 @@ def model_failure(query: OcclusionQuery, exc: Exception) -> Exception:
 
 
 @torch.inference_mode()
-def unoccluded_logits(query: OcclusionQuery, device: str) -> torch.Tensor:
+def unoccluded_logits(query: OcclusionQuery, device: str, limit: Optional[int] = None) -> torch.Tensor:
     """``[classes]``: the model's output on the query's image (no trace)."""
     try:
         model = on_device(query.model.composed(), device)
-        return check_logits(model(query.image.to(device).unsqueeze(0)))[0].float()
+        x = query.image.to(device).unsqueeze(0)
+        check_fits(model, x, limit, "one forward pass")
+        return check_logits(model(x))[0].float()
+    except OverMemoryLimit as exc:
+        raise over_limit(query, exc) from None
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
         raise model_failure(query, exc) from None
 
 
-def summarize_model(query: OcclusionQuery, device: str) -> ShapeSummary:
+def summarize_model(query: OcclusionQuery, device: str, limit: Optional[int] = None) -> ShapeSummary:
     """One forward pass's shapes (the model's errors reported as :func:`profile_model` does)."""
     try:
-        return summarize(on_device(query.model.composed(), device), query.image, device)
+        return summarize(on_device(query.model.composed(), device), query.image, device, limit)
+    except OverMemoryLimit as exc:
+        raise over_limit(query, exc) from None
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
         raise model_failure(query, exc) from None
 

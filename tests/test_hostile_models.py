@@ -4,8 +4,12 @@ hostile file is made here, in ``tmp_path``; the image and file-system cases are 
 ``test_hostile_files``.
 """
 
+import io
 import os
 import pickle
+import struct
+import zipfile
+import zlib
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from kql import models
 from helpers import Boom, state_dict_of
 from helpers import one_line_error as error_of
 from models_zoo import small_cnn
+from test_hostile_files import deflated
 
 
 @pytest.fixture
@@ -146,3 +151,127 @@ def test_an_architecture_that_cannot_be_built_on_meta(tmp_path):
     torch.save(torchvision.models.regnet_x_400mf(weights=None, num_classes=2).state_dict(),
                tmp_path / "regnet.pt")
     assert models.load_model_file("m", str(tmp_path / "regnet.pt"), "regnet_x_400mf").num_classes == 2
+
+
+# -- files that inflate past memory_limit (issue 32) ----------------------------------------------
+
+MB = 1 << 20
+
+
+def zip_of(members) -> bytes:
+    """A zip archive written by hand from ``(name, raw deflate data, size, crc32)``: what
+    zipfile would write, without compressing gigabytes first."""
+    local, central = io.BytesIO(), io.BytesIO()
+    for name, data, size, crc in members:
+        offset, raw = local.tell(), name.encode()
+        local.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(data), size,
+                                len(raw), 0) + raw + data)
+        central.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, crc,
+                                  len(data), size, len(raw), 0, 0, 0, 0, 0, offset) + raw)
+    listing, start = central.getvalue(), local.tell()
+    return local.getvalue() + listing + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members),
+                                                    len(members), len(listing), start, 0)
+
+
+def deflated_state_dict(weights: dict, zeros: int = 0) -> bytes:
+    """``torch.save(weights)`` with every member deflated; with ``zeros``, its largest
+    tensor's storage replaced by that many zero bytes (a bomb: 2 GB from 2 MB)."""
+    buf = io.BytesIO()
+    torch.save(weights, buf)
+    archive = zipfile.ZipFile(buf)
+    largest = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+    members = []
+    for m in archive.infolist():
+        data = archive.read(m.filename)
+        if zeros and m is largest:
+            crc = 0
+            for _ in range(zeros // MB):
+                crc = zlib.crc32(bytes(MB), crc)
+            members.append((m.filename, deflated(b"", zeros), zeros, crc))
+        else:
+            c = zlib.compressobj(9, zlib.DEFLATED, -15)
+            members.append((m.filename, c.compress(data) + c.flush(), len(data), zlib.crc32(data)))
+    return zip_of(members)
+
+
+def test_a_zip_bomb_state_dict_is_refused_before_torch_load(con, tmp_path, monkeypatch):
+    """A 2 MB zip-compressed state dict reached 1.9 GB before it was refused: torch
+    allocates each member's declared size and inflates it. The zip's central directory is
+    now read first: a 1000:1 archive is a bomb whatever the limit, and the sizes it
+    declares must fit memory_limit."""
+    weights = state_dict_of("squeezenet1_1", num_classes=2)           # 2.9 MB
+    (tmp_path / "ok.pt").write_bytes(deflated_state_dict(weights))
+    (tmp_path / "bomb.pt").write_bytes(deflated_state_dict(weights, 2048 * MB))
+    size = (tmp_path / "bomb.pt").stat().st_size
+    declared = sum(m.file_size for m in zipfile.ZipFile(tmp_path / "bomb.pt").infolist())
+    assert size < 3 * MB and declared > 2048 * MB
+    con.execute(f"LOAD MODEL ok FROM '{tmp_path / 'ok.pt'}' ARCH squeezenet1_1")    # deflated: read
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran"))
+    message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'bomb.pt'}' ARCH squeezenet1_1",
+                       kql.KqlModelError)
+    assert message == (f"line 1, column 1: model file '{tmp_path / 'bomb.pt'}' is a zip bomb: its "
+                       f"members declare 2.0 GB from a 2.0 MB file ({declared // size:,}:1;"
+                       " weights barely compress): refused unread"), message
+    con.execute("SET memory_limit = '2 MB'")
+    message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'ok.pt'}' ARCH squeezenet1_1",
+                       kql.KqlModelError)
+    assert message.endswith(f"model file '{tmp_path / 'ok.pt'}' would take 2.8 MB in memory (its "
+                            "zip archive's members uncompressed), more than memory_limit (2.0 MB)")
+
+
+def test_a_zip_member_that_declares_more_than_deflate_makes_is_damaged(tmp_path):
+    member = ("archive/data/0", zlib.compressobj(9, zlib.DEFLATED, -15).compress(b"") + b"\x03\x00",
+              1 << 30, 0)
+    (tmp_path / "lying.pt").write_bytes(zip_of([member]))
+    with pytest.raises(kql.KqlModelError, match=r"damaged zip archive \(member 'archive/data/0' "
+                                                r"declares 1,073,741,824 bytes from 2, more than deflate inflates to\)"):
+        models.load_model_file("m", str(tmp_path / "lying.pt"), "squeezenet1_1")
+
+
+def onnx_net(path, nodes, inputs, initializers=()) -> str:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, inputs)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+                              list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
+def test_an_onnx_graph_that_makes_a_huge_tensor_is_refused_at_load(con, tmp_path):
+    """A Tile with constant repeats turns a 3x8x8 image into 2 x 3x16000x16000 floats
+    (6 GB) in the probe pass at LOAD MODEL: sized by ONNX's shape inference first."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    reps = numpy_helper.from_array(np.array([1, 1, 2000, 2000], np.int64), "reps")
+    path = onnx_net(tmp_path / "tile.onnx", [helper.make_node("Tile", ["x", "reps"], ["t"]),
+                                              helper.make_node("GlobalAveragePool", ["t"], ["p"]),
+                                              helper.make_node("Flatten", ["p"], ["y"])],
+                    ["n", 3, 8, 8], [reps])
+    con.execute("SET memory_limit = '1 GB'")
+    message = error_of(con, f"LOAD MODEL m FROM '{path}'", kql.KqlModelError)
+    assert message.endswith("would take 5.7 GB in memory (the largest tensor of the ONNX graph on "
+                            "two 8x8 images), more than memory_limit (1.0 GB)")
+    small = numpy_helper.from_array(np.array([1, 1, 2, 2], np.int64), "reps")
+    path = onnx_net(tmp_path / "small.onnx", [helper.make_node("Tile", ["x", "reps"], ["t"]),
+                                               helper.make_node("GlobalAveragePool", ["t"], ["p"]),
+                                               helper.make_node("Flatten", ["p"], ["y"])],
+                    ["n", 3, 8, 8], [small])
+    assert "(onnx, 3 classes)" in con.execute(f"LOAD MODEL s FROM '{path}'").message
+
+
+def test_an_onnx_file_over_memory_limit_is_refused_before_parsing(con, tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.zeros((3, 3, 256, 1024), np.float32), "w")    # 9 MB
+    path = onnx_net(tmp_path / "big.onnx", [helper.make_node("Add", ["x", "w"], ["a"]),
+                                             helper.make_node("GlobalAveragePool", ["a"], ["p"]),
+                                             helper.make_node("Flatten", ["p"], ["y"])],
+                    ["n", 3, 256, 1024], [weights])
+    con.execute("SET memory_limit = '16 MB'")
+    message = error_of(con, f"LOAD MODEL m FROM '{path}'", kql.KqlModelError)
+    assert message.endswith("would take 27.0 MB in memory (an ONNX model, with its external data, "
+                            "parsed, checked and converted), more than memory_limit (16.0 MB)")

@@ -168,6 +168,100 @@ def test_a_large_image_with_a_modest_batch_is_lowered():
     assert memory.occluded_bytes((3, 512, 512)) == 13 * 512 * 512
 
 
+# -- 6. planning itself within memory_limit (issue 32) ----------------------------------------------
+
+class KeepsSize(nn.Module):
+    """Fully convolutional, no resize, its maps made by functions (no module hook sees
+    them); ``real`` records the size of every real (not fake) image it ran on."""
+
+    def __init__(self, width: int = 48, depth: int = 1):
+        super().__init__()
+        self.depth = depth
+        torch.manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(width, 3, 3, 3) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(width, width, 3, 3) * 0.05)
+        self.head = nn.Linear(width, 4)
+        self.real = []
+        self.register_forward_pre_hook(self._seen)
+
+    def _seen(self, module, args):
+        if type(args[0]).__name__ != "FakeTensor":
+            self.real.append(tuple(args[0].shape[2:]))
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.conv2d(x, self.w1, padding=1))
+        for _ in range(self.depth):
+            x = torch.relu(nn.functional.conv2d(x, self.w2, padding=1))
+        return self.head(x.mean((2, 3)))
+
+
+def test_planning_a_large_image_is_refused_before_its_forward_pass_runs():
+    """EXPLAIN ... PATCH 1 STRIDE 1 on a large image with a model that keeps its size used
+    13.5 GB in planning (8000x8000, memory_limit 5.5 GB), and was not refused: the pass
+    is now sized on fake tensors first. Here 1100x1000: each map 211 MB."""
+    net = KeepsSize()
+    con = kql.connect()
+    con.register_model("net", net)
+    con.register_image("big", torch.rand(3, 1100, 1000))
+    con.execute("SET memory_limit = '128 MB'")
+    with pytest.raises(kql.KqlPlanError) as err:
+        con.execute("EXPLAIN OCCLUDE big USING net PATCH 1 STRIDE 1")
+    message = str(err.value)
+    assert message.startswith("line 1, column 17: planning runs model 'net' once on the "
+                              "1100x1000 image; one forward pass needs "), message
+    needed = float(re.search(r"needs ([0-9.]+) MB at BATCH 1", message).group(1))
+    assert 2 * 211 <= needed <= 4 * 211 and "memory_limit is 128.0 MB" in message, message
+    assert "\n" not in message and net.real == []       # no real pass at full size
+
+
+def test_sizing_on_fake_tensors_leaves_the_model_as_it_was():
+    """A forward pass that caches a tensor in its module keeps no fake tensor there."""
+    from kql.operators.shapes import peak_bytes
+
+    class Caching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("cached", None)
+
+        def forward(self, x):
+            self.ones, self.cached = x.new_ones(x.shape[1:]), x.mean()
+            return self.conv(x + self.ones)
+
+    net, x = Caching().eval(), torch.zeros(1, 3, 16, 16)
+    assert peak_bytes(net, x) >= 2 * 3 * 16 * 16 * 4 + 4 * 14 * 14 * 4
+    assert not hasattr(net, "ones") and net.cached is None
+    assert net(x).shape == (1, 4, 14, 14) and not net.ones.is_meta
+
+
+def test_views_that_would_not_fit_are_not_built_and_the_plain_loop_is_planned(monkeypatch):
+    """A small image's profile (its views) is sized first too: views over the limit keep
+    only their shapes, enough to plan, and incremental inference is not chosen."""
+    from kql.operators.profile import ModelProfile
+
+    net, image = KeepsSize(32, depth=6).eval(), torch.rand(3, 160, 160)    # maps of 3.1 MB
+    kept = ModelProfile(net, image)
+    shapes_only = ModelProfile(net, image, memory_limit=24 << 20)
+    assert kept.shapes_only is None and kept.view_bytes() > 40 << 20
+    assert shapes_only.view_bytes() == kept.view_bytes()      # meta tensors of the same shapes
+    assert 0.95 < shapes_only.shapes_only / kept.view_bytes() < 1.2     # estimated, unbuilt
+    maps = [n for n in shapes_only.dynamic if shapes_only.views[n].dim() == 4]
+    assert maps and all(shapes_only.views[n].is_meta for n in maps)
+    shapes = {n.name: v.shape for n, v in kept.views.items()}
+    assert all(shapes_only.views[n].shape == shapes[n.name] for n in maps)
+    torch.testing.assert_close(shapes_only.base_logits, net(image[None])[0])
+    con = kql.connect()
+    con.register_model("net", net)
+    con.register_image("img", image)
+    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)        # the costed plans, not the shape floor
+    con.execute("SET memory_limit = '24 MB'")
+    line = operator_line(con, "OCCLUDE img USING net PATCH 16 STRIDE 16")
+    assert line.strip().startswith("NaiveOcclusion:") and "incremental needs" in line, line
+    con.execute("SET strategy = 'incremental'")
+    with pytest.raises(kql.KqlPlanError, match="materialized views"):
+        con.execute("EXPLAIN OCCLUDE img USING net PATCH 16 STRIDE 16")
+
+
 # -- 2. torch's out-of-memory errors -----------------------------------------------------------
 
 class FailsOnBatches(nn.Module):

@@ -7,6 +7,7 @@ map must move (a broken engine on a flat map would pass).
 
 import os
 import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -179,6 +180,70 @@ def test_onnx_files_that_cannot_be_used(tmp_path, onnx_file, monkeypatch):
         "line 1, column 1: LOAD MODEL of an ONNX file needs the package onnx2torch (pip install onnx2torch)")
 
 
+def keras_like(path, scale: bool = False, size=SIZE) -> tuple:
+    """An ONNX file as Keras/TensorFlow exports it: input ``[N, H, W, 3]``, a Transpose to
+    NCHW (perm 0,3,1,2), Conv, Relu, GlobalAveragePool, Flatten, Gemm; ``scale``: a Mul by
+    a constant (a Rescaling layer) before the Transpose. And the same net in PyTorch, NCHW."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(6, 5)).eval()
+    conv, fc = net[0], net[4]
+    weights = {"w": conv.weight, "b": conv.bias, "fw": fc.weight, "fb": fc.bias, "k": torch.tensor(2.0)}
+    image = "x"
+    nodes = []
+    if scale:
+        nodes.append(helper.make_node("Mul", ["x", "k"], ["xs"]))
+        net = nn.Sequential(Scaled(2.0), net)
+        image = "xs"
+    nodes += [helper.make_node("Transpose", [image], ["t"], perm=[0, 3, 1, 2]),
+              helper.make_node("Conv", ["t", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+              helper.make_node("Flatten", ["p"], ["f"]),
+              helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "keras", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *size, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+        [numpy_helper.from_array(t.detach().numpy(), name) for name, t in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path), net
+
+
+class Scaled(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["transpose-first", "rescaled-first"])
+def test_a_channels_last_onnx_model_is_fed_nchw_images(tmp_path, scale):
+    """A Keras/TensorFlow ONNX file takes ``[N, H, W, C]``: it failed as 'patch 32x32 is
+    larger than the image (240x3 after the model's resize)'. Its layout is told from the
+    graph; a leading Transpose is removed (incremental inference still applies), else the
+    image is permuted in front of the graph."""
+    path, net = keras_like(tmp_path / "keras.onnx", scale)
+    con = connection()
+    assert con.execute(f"LOAD MODEL k FROM '{path}'").message == "model 'k' loaded (onnx, 5 classes)"
+    spec = con.catalog.resolve_model("k")
+    assert (spec.input_size, spec.channels, spec.module.input_layout) == (SIZE, 3, "NHWC")
+    x = torch.rand(2, 3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(spec.module(x), net(x), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(onnxruntime_logits(path, x.permute(0, 2, 3, 1).contiguous()),
+                                   net(x).numpy(), atol=1e-5)
+    query = "OCCLUDE img USING k PATCH 6 STRIDE 3 COLOR (0, 0, 0)"
+    assert ", input=NHWC, " in con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
+    ref, _ = plain_heatmap(net, smooth_noise_image(*SIZE), (6, 6), (3, 3), BLACK)
+    np.testing.assert_allclose(con.execute(query).heatmap, ref, atol=1e-5)
+    if not scale:
+        incremental_equals_naive(con, query)
+
+
 # -- TorchScript -------------------------------------------------------------------------------
 
 def test_torchscript_runs_naive_and_equals_the_plain_loop(model, tmp_path):
@@ -186,7 +251,7 @@ def test_torchscript_runs_naive_and_equals_the_plain_loop(model, tmp_path):
         warnings.simplefilter("ignore")
         torch.jit.trace(model.eval(), torch.rand(1, 3, *SIZE)).save(str(tmp_path / "net.pt"))
     con = connection()
-    message = con.execute(f"LOAD MODEL ts FROM '{tmp_path / 'net.pt'}'").message
+    message = con.execute(f"LOAD MODEL ts FROM '{tmp_path / 'net.pt'}' TRUSTED").message
     assert message == "model 'ts' loaded (torchscript, 5 classes)"
     spec = con.catalog.resolve_model("ts")
     assert (spec.mean, spec.input_size, spec.channels) == (None, None, 3)
@@ -212,7 +277,80 @@ def test_a_damaged_torchscript_archive(tmp_path):
             dst.writestr(item, b"def forward(self x):" if "/code/" in item.filename
                          and item.filename.endswith(".py") else data)
     assert f"cannot read model file '{tmp_path / 'bad.pt'}' as TorchScript: " in error_of(
-        connection(), f"LOAD MODEL m FROM '{tmp_path / 'bad.pt'}'")
+        connection(), f"LOAD MODEL m FROM '{tmp_path / 'bad.pt'}' TRUSTED")
+
+
+class Spy(nn.Module):
+    """TorchScript whose forward writes a byte into ``marker`` (torch.from_file, shared):
+    code in a model file, which KQL runs to learn the class count (no layer tells it)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.weight = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x):
+        seen = torch.from_file(self.marker, shared=True, size=1, dtype=torch.uint8)
+        seen.fill_(1)
+        return x.mean(dim=(2, 3)) @ self.weight + seen.float().sum() * 0
+
+
+def spy_file(tmp_path) -> tuple:
+    marker = tmp_path / "marker.bin"
+    marker.write_bytes(b"\x00")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(Spy(str(marker))).save(str(tmp_path / "spy.pt"))
+    return tmp_path / "spy.pt", marker
+
+
+def test_torchscript_runs_only_when_trusted(tmp_path):
+    path, marker = spy_file(tmp_path)
+    con = connection()
+    for how in (lambda: con.execute(f"LOAD MODEL spy FROM '{path}'"),
+                lambda: con.load_model("spy", str(path)),
+                lambda: con.execute(f"LOAD MODEL spy FROM '{path}' ARCH torchscript LABELS 'x.txt'")):
+        with pytest.raises(kql.KqlModelError) as info:
+            how()
+        message = str(info.value)
+        assert "is TorchScript, code that runs when loaded, and needs TRUSTED (nothing of it ran)" in message
+        assert message.endswith(f"LOAD MODEL spy FROM '{path}' TRUSTED") and "\n" not in message
+        assert marker.read_bytes() == b"\x00"            # its code never ran
+    assert "spy" not in [row["name"] for row in con.models()]
+    (tmp_path / "mobile.ptl").write_bytes(b"\x18\x00\x00\x00PTMF" + bytes(64))
+    with pytest.raises(kql.KqlModelError, match="TRUSTED"):           # a mobile flatbuffer too
+        con.execute(f"LOAD MODEL m FROM '{tmp_path / 'mobile.ptl'}'")
+    assert con.load_model("spy", str(path), trusted=True).num_classes == 2
+    assert marker.read_bytes() == b"\x01"            # TRUSTED: it ran (the class-count probe)
+    with pytest.raises(kql.KqlPlanError, match="trusted must be True or False"):
+        con.load_model("spy", str(path), trusted="yes")
+
+
+def test_a_catalog_trusts_the_bytes_it_was_told_to_trust(tmp_path, model):
+    path, marker = spy_file(tmp_path)
+    folder = str(tmp_path / "catalog")
+    connection(folder).execute(f"LOAD MODEL spy FROM '{path}' TRUSTED")
+    marker.write_bytes(b"\x00")
+    assert connection(folder).catalog.resolve_model("spy").num_classes == 2     # the same file
+    assert marker.read_bytes() == b"\x01"
+    marker.write_bytes(b"\x00")
+    other = Spy(str(marker))
+    other.weight.data += 1
+    with warnings.catch_warnings():                 # another archive at the same path
+        warnings.simplefilter("ignore")
+        torch.jit.script(other).save(str(path) + ".new")
+    os.replace(str(path) + ".new", path)
+    con = connection(folder)
+    message = error_of(con, "OCCLUDE img USING spy")
+    assert "changed since it was loaded TRUSTED" in message and message.endswith(" TRUSTED")
+    assert marker.read_bytes() == b"\x00"
+    catalog = tmp_path / "catalog" / "catalog.json"          # an entry of before TRUSTED
+    text = catalog.read_text()
+    catalog.write_text(re.sub(r',\s*"trusted":\s*"[0-9a-f]+"', "", text))
+    assert '"trusted"' not in catalog.read_text()
+    assert "needs TRUSTED (nothing of it ran): LOAD MODEL spy" in error_of(
+        connection(folder), "OCCLUDE img USING spy")
+    assert marker.read_bytes() == b"\x00"
 
 
 # -- safetensors, timm, the user's factory ----------------------------------------------------------
@@ -357,8 +495,11 @@ def test_malicious_files_never_run(tmp_path):
     for name in ("evil.onnx", "evil.pt", "script.pt"):
         message = error_of(con, f"LOAD MODEL m FROM '{tmp_path / name}' ARCH resnet18"
                            if name != "script.pt" else f"LOAD MODEL m FROM '{tmp_path / name}'")
-        assert "cannot read model file" in message
+        assert ("TRUSTED" if name == "script.pt" else "cannot read model file") in message
         assert not marker.exists()
+    # Even TRUSTED, TorchScript's own unpickler runs no Python objects' code.
+    assert "cannot read model file" in error_of(con, f"LOAD MODEL m FROM '{tmp_path / 'script.pt'}' TRUSTED")
+    assert not marker.exists()
 
 
 # -- channels, persistence -------------------------------------------------------------------
@@ -384,7 +525,7 @@ def test_loaded_files_are_found_again_by_a_later_session(onnx_file, tmp_path, mo
         warnings.simplefilter("ignore")
         torch.jit.trace(model.eval(), torch.rand(1, 3, *SIZE)).save(str(scripted))
     first = connection(str(tmp_path / "catalog"))
-    first.execute(f"LOAD MODEL net FROM '{onnx_file}'; LOAD MODEL ts FROM '{scripted}'")
+    first.execute(f"LOAD MODEL net FROM '{onnx_file}'; LOAD MODEL ts FROM '{scripted}' TRUSTED")
     first_map = first.execute("OCCLUDE img USING net PATCH 8 STRIDE 8").heatmap
     later = connection(str(tmp_path / "catalog"))
     rows = {row["name"]: row["arch"] for row in later.models()}
