@@ -187,7 +187,7 @@ class Occlude(ClausePositions, Node):
     resize: Optional[str] = None                   # 'squash' | 'crop' | 'pad'
     output: Optional[str] = None                   # 'softmax' | 'sigmoid' | 'logits' | 'probability'
     ray: bool = False                              # ON RAY: run as a Ray Data pipeline
-    where: Optional[Tuple[str, str, float]] = None  # WHERE column op value (many images)
+    where: Optional[Tuple[str, str, Union[float, str]]] = None  # WHERE column op value (many images)
     order: Optional[Tuple[str, bool]] = None       # ORDER BY column, descending?
     limit: Optional[int] = None                    # LIMIT n
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
@@ -205,16 +205,18 @@ class Explain(Node):
 
 @dataclass(frozen=True)
 class LoadModel(Node):
-    """``LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>']``.
+    """``LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>'] [TRUSTED]``.
 
     ``arch`` as written: a torchvision builder (``resnet18``), ``timm:<name>``, or the
     quoted factory of the user's own code (``package.module:factory``); None: the file
-    says what it is (ONNX, TorchScript) or the model's name is the builder.
+    says what it is (ONNX, TorchScript) or the model's name is the builder. ``trusted``:
+    the user lets the file's own code run (a TorchScript archive is code).
     """
     name: str
     path: str
     arch: Optional[str] = None
     labels: Optional[str] = None
+    trusted: bool = False
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 
 

@@ -30,6 +30,7 @@ import torch
 from . import images as img
 from .catalog_store import CATALOG_FILE, TUNING_FILE, CatalogFile
 from .errors import KqlError, KqlImageError, KqlModelError
+from .model_files import TORCHSCRIPT, file_digest
 from .models import BUILTIN, ModelSpec, builtin_efficientnet_lite0, load_model_file, torchvision_builders
 
 __all__ = ["Catalog", "CATALOG_FILE", "TUNING_FILE"]
@@ -53,10 +54,13 @@ class Catalog:
         self._loaded_models.pop(spec.name, None)
         self._forget("models", spec.name)
 
-    def load_model(self, name: str, path: str, arch: Optional[str], labels: Optional[str]) -> ModelSpec:
-        spec = load_model_file(name, path, arch, labels)
+    def load_model(self, name: str, path: str, arch: Optional[str], labels: Optional[str],
+                   trusted: bool = False) -> ModelSpec:
+        spec = load_model_file(name, path, arch, labels, trusted)
         entry = {"path": os.path.abspath(path), "arch": spec.arch,
                  "labels": os.path.abspath(labels) if labels else None}
+        if trusted and spec.arch == TORCHSCRIPT:    # later sessions trust these bytes only
+            entry["trusted"] = file_digest(path)
         self._keep("models", name, entry)
         self._models.pop(name, None)
         self._loaded_models[name] = (entry, spec)
@@ -66,7 +70,7 @@ class Catalog:
         if name in self._models:
             return self._models[name]
         spec = self._from_file("models", name, self._loaded_models, lambda entry: load_model_file(
-            name, entry["path"], entry.get("arch"), entry.get("labels")))
+            name, entry["path"], entry.get("arch"), entry.get("labels"), _trusted_digest(entry)))
         if spec is not None:
             return spec
         if name == BUILTIN:
@@ -150,6 +154,10 @@ class Catalog:
         self._loaded_images.pop(name, None)
         self._forget("images", name)
         return tensor
+
+    def forget_image(self, name: str) -> None:
+        """Drop the session image ``name`` (registered from Python); file entries stay."""
+        self._images.pop(name, None)
 
     def load_image(self, name: str, path: str, max_pixels: int = img.MAX_PIXELS) -> torch.Tensor:
         tensor = img.load_file(path, max_pixels=max_pixels)
@@ -249,6 +257,12 @@ class Catalog:
         return cache[name][1] if name in cache else None
 
 
+def _trusted_digest(entry: dict):
+    """The digest a TRUSTED model file had (only bytes are trusted, never a flag), or False."""
+    digest = entry.get("trusted")
+    return digest if isinstance(digest, str) else False
+
+
 def _close(name: str, names: list) -> Optional[str]:
     """The registered name ``name`` is most likely a typo of, if any."""
     import difflib
@@ -258,11 +272,11 @@ def _close(name: str, names: list) -> Optional[str]:
 
 
 def glob_files(pattern: str) -> list[str]:
-    """The regular files ``pattern`` matches (``**`` recursive), sorted, absolute."""
-    import glob
+    """The regular files ``pattern`` matches (``**`` recursive), sorted, absolute; a walk
+    of the whole disk is refused (:mod:`kql.globs`)."""
+    from .globs import glob_files as files
 
-    return sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True)
-                  if os.path.isfile(p))
+    return files(pattern)
 
 
 def _current(cache: dict, name: str, entries: dict, damaged: dict):

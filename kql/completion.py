@@ -27,7 +27,7 @@ FOLLOWERS = {
     "OUTPUT": ("SOFTMAX", "SIGMOID", "LOGITS", "PROBABILITY"), "TARGET": ("PREDICTED", "TOP"),
     "ORDER": ("BY",), "WITH": ("SSIM",), "ON": ("CPU", "GPU", "AUTO", "RAY"),
 }
-LOAD_CLAUSES = ("FROM", "ARCH", "LABELS")
+LOAD_CLAUSES = ("FROM", "ARCH", "LABELS", "TRUSTED")
 COMMANDS = ("\\help", "\\models", "\\images", "\\timing", "\\quit", "\\q")
 KEYWORDS = tuple(sorted(set(STATEMENTS + CLAUSES + LOAD_CLAUSES + ("USING", "SAMPLE", "X"))
                         | {w for words in FOLLOWERS.values() for w in words}))
@@ -72,6 +72,8 @@ def context(text: str) -> tuple[str, str, tuple]:
     ('keyword', 'pa', ('TARGET', 'PATCH', 'STRIDE', 'COLOR', 'REGION', 'WITH', 'DRILLDOWN', 'SPEEDUP', 'ON', 'BATCH', 'INTO', 'RESIZE', 'OUTPUT', 'WHERE', 'ORDER', 'LIMIT', 'ASC', 'DESC'))
     >>> context("SHOW "), context("SET st")[:2], context("OCCLUDE sample('ch")[:2]
     (('keyword', '', ('MODELS', 'IMAGES', 'SETTINGS')), ('setting', 'st'), ('sample', 'ch'))
+    >>> context("LOAD MODEL m FROM 'm.pt' tr")
+    ('keyword', 'tr', ('FROM', 'ARCH', 'LABELS', 'TRUSTED'))
     >>> context("LOAD IMAGE a FROM '~/pi")[:2], context("\\\\ti")[:2]
     (('path', '~/pi'), ('command', '\\\\ti'))
     """
@@ -106,8 +108,8 @@ def _after(found: list) -> tuple[str, tuple]:
         return "keyword", CLAUSES
     if first == "CALIBRATE" and "ON" in words:
         return "keyword", ("PATCH", "STRIDE", "COLOR")
-    if first == "LOAD":
-        return "keyword", LOAD_CLAUSES
+    if first == "LOAD":                 # only a model file may be TRUSTED, or have an ARCH
+        return "keyword", LOAD_CLAUSES if words[1:2] == ["MODEL"] else ("FROM",)
     if first == "OCCLUDE" or first == "EXPLAIN":
         return "keyword", ("USING",)
     return "keyword", KEYWORDS

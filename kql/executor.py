@@ -10,13 +10,12 @@ confirm_seconds`` is put to the connection's ``on_long_run`` before it starts
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 import time
 from typing import Optional
 
 from . import ast
 from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
+from .globs import glob_files
 from .planner.devices import require_cuda
 from .planner.explain import exactness
 from .planner.logical import at_node, bind, fail
@@ -30,7 +29,10 @@ from .result import Result
 def plan(con, stmt: ast.Occlude, text: str):
     start = time.perf_counter()
     query = bind(stmt, text, con.catalog, con.settings["max_image_pixels"])
-    physical, _ = plan_bound(con, query, start)
+    try:
+        physical, _ = plan_bound(con, query, start)
+    except KqlError as exc:     # what no clause caused (no plan fits memory_limit): the statement
+        raise at_node(exc, stmt)
     return physical
 
 
@@ -124,7 +126,11 @@ def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
     if stmt.into:
         from .overlay import options_from
 
-        result.save(stmt.into, **options_from(con.settings))
+        try:
+            result.save(stmt.into, **options_from(con.settings))
+        except KqlError as exc:             # a folder not ours to write, a full disk
+            into = stmt.pos_of("into")
+            raise exc.at(into.line or None, into.column or None) from None
         result.into = stmt.into
     return result
 
@@ -231,7 +237,10 @@ def _calibration_images(images):
         if not isinstance(image, ast.ImageGlob):
             yield image
             continue
-        paths = sorted(p for p in glob.glob(image.pattern, recursive=True) if not os.path.isdir(p))
+        try:
+            paths = glob_files(image.pattern)       # bounded: never the whole disk
+        except KqlError as exc:
+            raise at_node(exc, image)
         if not paths:
             raise at_node(KqlPlanError(f"no files match '{image.pattern}'"), image)
         yield from (ast.ImageFile(path, pos=image.pos) for path in paths)
@@ -249,7 +258,7 @@ def _label(query) -> str:
 
 def load_model(con, stmt: ast.LoadModel, text: str, progress) -> Result:
     try:
-        spec = con.catalog.load_model(stmt.name, stmt.path, stmt.arch, stmt.labels)
+        spec = con.catalog.load_model(stmt.name, stmt.path, stmt.arch, stmt.labels, stmt.trusted)
     except KqlError as exc:
         raise at_node(exc, stmt)
     con.plan_cache.forget(stmt.name)
@@ -323,8 +332,8 @@ def _result(physical, out, text: str) -> Result:
     rows, cols = q.grid.shape
     labels = q.model.labels
     if labels is not None and len(labels) != len(out.base_logits):
-        raise KqlPlanError(f"model '{q.model.name}' has {len(labels)} labels but returns "
-                           f"{len(out.base_logits)} classes")
+        raise at_node(KqlPlanError(f"model '{q.model.name}' has {len(labels)} labels but returns "
+                                   f"{len(out.base_logits)} classes"), q.statement.model)
     names = [labels[t] if labels is not None else f"class {t}" for t in out.targets]
     maps = out.scores.reshape(len(out.targets), rows, cols)
     return Result(

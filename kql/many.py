@@ -16,29 +16,39 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import time
+from types import SimpleNamespace
 from typing import Optional
 
 from . import ast
-from .catalog import glob_files
 from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .fileio import atomic_write
+from .globs import iter_files
 from .planner.logical import at_node, bind, fail
+from .planner.rules import check_output
 from .resultset import RANKABLE, ResultSet, error_row, ranked, row_of
 
 JOURNAL_SUFFIX = ".partial"
 
 
 def images_of(con, stmt: ast.Occlude) -> Optional[list]:
-    """The image files of a many-image query (sorted), or None for one image."""
+    """The image files of a many-image query (sorted), or None for one image. ``LIMIT n``
+    without WHERE or ORDER BY keeps the first n files: a glob's walk stops at the n-th."""
     ref = stmt.image
+    only_first = stmt.where is None and stmt.order is None and (stmt.limit or 0) >= 1
+    first = stmt.limit if only_first else None
     if isinstance(ref, ast.ImageName):
-        return con.catalog.resolve_table(ref.name)
+        files = con.catalog.resolve_table(ref.name)
+        return files if files is None else files[:first]
     if isinstance(ref, ast.ImageFile) and glob.has_magic(ref.path) and not os.path.exists(ref.path):
-        files = glob_files(ref.path)
+        try:
+            files = list(itertools.islice(iter_files(ref.path), first))
+        except KqlError as exc:
+            raise at_node(exc, ref)
         if not files:
             raise at_node(KqlPlanError(f"no files match '{ref.path}'"), ref)
         return files
@@ -59,10 +69,28 @@ def _check(stmt: ast.Occlude) -> None:
                            ("order", stmt.order and stmt.order[0])):
         if column and column not in RANKABLE:
             raise fail(stmt, clause, f"unknown column '{column}'; use one of {', '.join(RANKABLE)}")
+    if stmt.where:
+        _check_where(stmt, *stmt.where)
     if stmt.limit is not None and stmt.limit < 1:
         raise fail(stmt, "limit", f"LIMIT must be at least 1, got {stmt.limit}")
     if stmt.into and not stmt.into.lower().endswith(".parquet"):
         raise fail(stmt, "into", "a many-image query writes a table: INTO '<file>.parquet'")
+    if stmt.into:       # the folder exists, the name is one a file can have: as for one image
+        check_output.check(SimpleNamespace(statement=stmt, into=stmt.into), None)
+
+
+# The columns of text (compared as text, with a quoted value); every other one is a number.
+TEXT_COLUMNS = ("path", "label")
+
+
+def _check_where(stmt: ast.Occlude, column: str, sign: str, value) -> None:
+    """A text column takes a quoted value (compared as text), a number column a number."""
+    if column in TEXT_COLUMNS and not isinstance(value, str):
+        raise fail(stmt, "where", f"WHERE {column} compares text: quote the value "
+                                  f"(WHERE {column} {sign} '{value:g}'), or rank a number column")
+    if column not in TEXT_COLUMNS and isinstance(value, str):
+        raise fail(stmt, "where", f"WHERE {column} compares numbers, not the text "
+                                  f"'{value}'; text goes with {' or '.join(TEXT_COLUMNS)}")
 
 
 def one_image(stmt: ast.Occlude, path: str) -> ast.Occlude:
@@ -83,9 +111,10 @@ def fingerprint(con, stmt: ast.Occlude) -> str:
 class Journal:
     """The finished rows of a resumable query: one Parquet file per image."""
 
-    def __init__(self, into: str, print_: str):
+    def __init__(self, into: str, print_: str, pos: ast.Pos = ast.NOWHERE):
         self.folder = into + JOURNAL_SUFFIX
         self.print = print_
+        self.pos = pos                  # of the INTO clause, for a write that fails
 
     def resume(self) -> dict:
         """``{path: row}`` kept by an interrupted run of this query (another query's
@@ -117,7 +146,7 @@ class Journal:
             atomic_write(os.path.join(self.folder, "query.json"),
                          lambda fh: json.dump({"fingerprint": self.print}, fh))
         except OSError as exc:
-            raise KqlExecutionError(f"cannot write '{self.folder}': {exc.strerror or exc}") from None
+            raise self.failed(exc) from None
 
     def keep(self, row: dict) -> None:
         import pyarrow as pa
@@ -127,8 +156,17 @@ class Journal:
 
         name = "row-" + hashlib.sha1(row["path"].encode()).hexdigest()[:20] + ".parquet"
         table = pa.Table.from_pylist([row], schema=schema())
-        atomic_write(os.path.join(self.folder, name), lambda tmp: pq.write_table(table, tmp),
-                     mode=None)
+        try:
+            atomic_write(os.path.join(self.folder, name), lambda tmp: pq.write_table(table, tmp),
+                         mode=None)
+        except OSError as exc:          # a full disk mid-query: the rows kept so far stay
+            raise self.failed(exc) from None
+
+    def failed(self, exc: OSError) -> KqlError:
+        return self.located(KqlExecutionError(f"cannot write '{self.folder}': {exc.strerror or exc}"))
+
+    def located(self, exc: KqlError) -> KqlError:
+        return exc.at(self.pos.line or None, self.pos.column or None)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -138,7 +176,7 @@ def occlude_many(con, stmt: ast.Occlude, text: str, progress, files: list) -> Re
     """Run ``stmt`` over ``files``; the ranked :class:`ResultSet` (written INTO, if asked)."""
     _check(stmt)
     start = time.perf_counter()
-    journal = Journal(stmt.into, fingerprint(con, stmt)) if stmt.into else None
+    journal = Journal(stmt.into, fingerprint(con, stmt), stmt.pos_of("into")) if stmt.into else None
     done = journal.resume() if journal else {}
     if journal:
         journal.start()
@@ -154,7 +192,10 @@ def occlude_many(con, stmt: ast.Occlude, text: str, progress, files: list) -> Re
     result = ResultSet(text, ranked(rows, stmt.where, stmt.order, stmt.limit),
                        skipped=len(done), into=stmt.into)
     if stmt.into:
-        result.save(stmt.into)
+        try:
+            result.save(stmt.into)
+        except KqlError as exc:
+            raise journal.located(exc)
         journal.remove()
     result.seconds = time.perf_counter() - start
     return result
@@ -214,11 +255,19 @@ def explain_lines(con, stmt: ast.Occlude, files: list, text: str) -> list:
 
     _check(stmt)
     query = bind(one_image(stmt, files[0]), text, con.catalog, con.settings["max_image_pixels"])
-    physical, _ = plan_bound(con, query)
+    try:
+        physical, _ = plan_bound(con, query)
+    except KqlError as exc:             # no plan fits memory_limit, ...: this statement's
+        raise at_node(exc, stmt)
     items = {"images": len(files),
              "engine": "ray" if stmt.ray or con.settings["engine"] == "ray" else "local",
-             "where": " ".join(map(str, stmt.where)) if stmt.where else None,
+             "where": _where_text(*stmt.where) if stmt.where else None,
              "order": f"{stmt.order[0]} {'desc' if stmt.order[1] else 'asc'}" if stmt.order else None,
              "limit": stmt.limit, "into": stmt.into, "plan": "first image's, rebound per image"}
     head = "ImageScan: " + ", ".join(f"{k}={v}" for k, v in items.items() if v is not None)
     return [head] + ["  " + line for line in physical.explain()]
+
+
+def _where_text(column: str, sign: str, value) -> str:
+    """``drop >= 0.2``, ``label < 'n'``: a WHERE as EXPLAIN shows it."""
+    return f"{column} {sign} {value!r}" if isinstance(value, str) else f"{column} {sign} {value}"

@@ -2,8 +2,11 @@
 
 * ONNX (a protobuf ``ModelProto``): converted by onnx2torch into a torch.fx GraphModule,
   which KQL's incremental engine traces like any PyTorch model (:mod:`kql.graph_files`);
-* TorchScript (``torch.jit.save``'s zip archive, with ``code/`` and ``constants.pkl``):
-  ``torch.jit.load``; torch.fx cannot trace it, so it runs with the naive operator;
+* TorchScript (``torch.jit.save``'s zip archive, with ``code/`` and ``constants.pkl``, or
+  a mobile flatbuffer): code, which runs when it is loaded (KQL runs its forward to learn
+  the class count), so only with ``TRUSTED`` (:func:`require_trust`); told from the zip's
+  entries, never by loading it. Then ``torch.jit.load``; torch.fx cannot trace it, so it
+  runs with the naive operator;
 * safetensors, and ``torch.save`` state dicts (zip or legacy pickle, read with
   ``weights_only=True``): weights for the architecture ``ARCH`` names (by default the
   model's name), :func:`architecture`.
@@ -11,7 +14,8 @@
 ONNX and TorchScript files carry their own architecture and get no normalisation: the
 image reaches them as pixels in [0, 1] (the exported graph should normalise). Of the
 ``ARCH`` forms only ``'package.module:factory'`` imports and runs the user's own Python
-code; every other path reads tensors or TorchScript/ONNX graphs only.
+code; TorchScript runs the file's own code, and only ``TRUSTED``; every other path reads
+tensors or ONNX graphs only.
 
 >>> header_kind(b"PK\\x03\\x04..."), header_kind(b"\\x80\\x02}q\\x00.")
 ('zip', 'pickle')
@@ -20,11 +24,12 @@ code; every other path reads tensors or TorchScript/ONNX graphs only.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import nn
 
@@ -44,7 +49,8 @@ def header_kind(head: bytes, size: Optional[int] = None) -> str:
     """What a model file's first bytes say it is: ``'zip'`` (torch.save or TorchScript),
     ``'safetensors'`` (an 8-byte little-endian header length, then a JSON object),
     ``'pickle'`` (a legacy torch.save), ``'onnx'`` (a ModelProto's first field, its
-    ``ir_version``) or ``'unknown'``. ``size``: the file's size, when known.
+    ``ir_version``), ``'torchscript'`` (a mobile flatbuffer, ``PTMF``) or ``'unknown'``.
+    ``size``: the file's size, when known.
 
     >>> header_kind((2).to_bytes(8, "little") + b"{}"), header_kind(b"\\x08\\x08\\x12\\x07pytorch")
     ('safetensors', 'onnx')
@@ -53,6 +59,8 @@ def header_kind(head: bytes, size: Optional[int] = None) -> str:
     """
     if head.startswith(b"PK\x03\x04"):
         return "zip"
+    if head[4:8] == b"PTMF":                 # a TorchScript mobile flatbuffer (.ptl)
+        return TORCHSCRIPT
     if len(head) >= 9 and head[8:9] == b"{":
         length = int.from_bytes(head[:8], "little")
         if 2 <= length <= _SAFETENSORS_HEADER_LIMIT and (size is None or length <= size - 8):
@@ -66,7 +74,7 @@ def header_kind(head: bytes, size: Optional[int] = None) -> str:
 
 def file_kind(path: str) -> str:
     """:data:`ONNX`, :data:`TORCHSCRIPT`, :data:`SAFETENSORS`, :data:`TORCH` (a zip archive
-    or pickle) or ``'unknown'``."""
+    or pickle) or ``'unknown'``, from the bytes alone: nothing in the file runs."""
     with open_regular_file(path, "model file", KqlModelError) as fh:
         kind = header_kind(fh.read(16), os.fstat(fh.fileno()).st_size)
         if kind == "zip":
@@ -84,12 +92,14 @@ def _is_torchscript(fh) -> bool:
 
 
 def load(name: str, path: str, arch: Optional[str] = None,
-         labels_path: Optional[str] = None) -> models.ModelSpec:
-    """``LOAD MODEL name FROM path [ARCH arch] [LABELS labels_path]``.
+         labels_path: Optional[str] = None, trusted: Union[bool, str] = False) -> models.ModelSpec:
+    """``LOAD MODEL name FROM path [ARCH arch] [LABELS labels_path] [TRUSTED]``.
 
     An ONNX or TorchScript file needs no ARCH (``ARCH onnx`` / ``ARCH torchscript`` say
     so, as the catalog records them); a state dict is built as ``arch``, by default the
-    model's name (:func:`architecture`).
+    model's name (:func:`architecture`). ``trusted``: True lets a TorchScript file's code
+    run; a :func:`file_digest` lets it run only while the file is still the one trusted
+    (:func:`require_trust`).
     """
     kind = file_kind(path)
     if kind == "unknown":           # read as ARCH says, else torch.load says what is wrong
@@ -97,6 +107,8 @@ def load(name: str, path: str, arch: Optional[str] = None,
     if kind in GRAPH_KINDS or arch in GRAPH_KINDS:
         if arch not in (None, kind):
             raise KqlModelError(_wrong_arch(path, kind, arch, name))
+        if kind == TORCHSCRIPT:
+            require_trust(name, path, trusted)
         from .graph_files import read_graph
 
         graph = read_graph(path, kind)
@@ -107,6 +119,37 @@ def load(name: str, path: str, arch: Optional[str] = None,
     out = build(state_dict, path)
     return _spec(name, path, arch or name, labels_path, out.module, models.num_classes(out.module),
                  out.mean, out.std, out.input_size)
+
+
+def require_trust(name: str, path: str, trusted: Union[bool, str]) -> None:
+    """Refuse to load the TorchScript file ``path`` unless the user trusts it: ``trusted``
+    True, or the :func:`file_digest` it had when it was loaded TRUSTED (a catalog's entry).
+
+    >>> require_trust("m", "m.pt", False)
+    Traceback (most recent call last):
+    ...
+    kql.errors.KqlModelError: model file 'm.pt' is TorchScript, code that runs when loaded, and needs TRUSTED (nothing of it ran): LOAD MODEL m FROM 'm.pt' TRUSTED
+    """
+    if trusted is True:
+        return
+    again = f"LOAD MODEL {shorten(name)} FROM '{path}' TRUSTED"
+    if isinstance(trusted, str) and trusted:
+        if file_digest(path) == trusted:
+            return
+        raise KqlModelError(f"model file '{path}' changed since it was loaded TRUSTED, and "
+                            f"TorchScript runs when loaded (nothing of it ran): to trust it as "
+                            f"it is now, {again}")
+    raise KqlModelError(f"model file '{path}' is TorchScript, code that runs when loaded, and "
+                        f"needs TRUSTED (nothing of it ran): {again}")
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 of a model file's bytes (what a catalog keeps of a TRUSTED file)."""
+    digest = hashlib.sha256()
+    with open_regular_file(path, "model file", KqlModelError) as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _wrong_arch(path: str, kind: str, arch: str, name: str) -> str:

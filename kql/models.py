@@ -238,14 +238,14 @@ def efficientnet_lite0_module(state_dict: dict, path: str = "built-in weights") 
 
 
 def load_model_file(name: str, path: str, arch: Optional[str] = None,
-                    labels_path: Optional[str] = None) -> ModelSpec:
-    """``LOAD MODEL name FROM path [ARCH arch] [LABELS labels_path]``: an ONNX, TorchScript,
-    safetensors or ``torch.save`` file, told apart by its content (see
-    :func:`kql.model_files.load`; ``ARCH 'package.module:factory'`` is the one form that
-    imports and runs the user's own Python code)."""
+                    labels_path: Optional[str] = None, trusted=False) -> ModelSpec:
+    """``LOAD MODEL name FROM path [ARCH arch] [LABELS labels_path] [TRUSTED]``: an ONNX,
+    TorchScript, safetensors or ``torch.save`` file, told apart by its content (see
+    :func:`kql.model_files.load`; ``ARCH 'package.module:factory'`` imports and runs the
+    user's own Python code, a TorchScript file runs its own and needs ``trusted``)."""
     from .model_files import load
 
-    return load(name, path, arch, labels_path)
+    return load(name, path, arch, labels_path, trusted)
 
 
 def class_labels(count: int) -> list[str]:

@@ -5,8 +5,9 @@ The grammar shapes the tree; this module only turns each rule into its dataclass
 becomes a one-line :class:`~kql.errors.KqlSyntaxError` (:mod:`kql.parse_errors`). Defaults are not filled in
 here: an omitted clause stays ``None`` and values are not range-checked, except what no
 later stage could hold: a whole number above :data:`MAX_WHOLE`, a number that is not finite
-as a float, and a file name the operating system cannot take (a NUL, a lone surrogate) are
-refused here, at their own line and column.
+as a float or is not 0 but below the smallest normal float (1e-320), and a file name the
+operating system cannot take (a NUL, a lone surrogate) are refused here, at their own line
+and column.
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ def _real(token: Token, keyword: str) -> float:
     if not math.isfinite(value):
         raise KqlSyntaxError(f"{keyword}: the number {shorten(token, 20)} is too large",
                              line=token.line, column=token.column)
+    if abs(value) < sys.float_info.min and token.lower().partition("e")[0].strip("0."):
+        # Below the smallest normal float: rounded to 0 or to a few bits, never what was meant.
+        raise KqlSyntaxError(f"{keyword}: the number {shorten(token, 20)} is too small (write 0, "
+                             f"or a number of at least {sys.float_info.min:.1e})",
+                             line=token.line, column=token.column)
     return value
 
 
@@ -184,10 +190,10 @@ class _ToAst(Transformer):
         return ast.Explain(statement=statement, analyze=analyze is not None, pos=_pos(meta))
 
     def load_model(self, meta, children):
-        name, path, arch, labels = children
+        name, path, arch, labels, trusted = children
         return ast.LoadModel(name=str(name), path=_path(path, "LOAD MODEL FROM"), arch=arch,
                              labels=None if labels is None else _path(labels, "LABELS"),
-                             pos=_pos(meta))
+                             trusted=trusted is not None, pos=_pos(meta))
 
     def load_image(self, meta, children):
         name, path = children
@@ -286,9 +292,9 @@ class _ToAst(Transformer):
         return _Clause("ray", _pos(meta), {"ray": True})
 
     def where_clause(self, meta, children):
-        column, op, value = children
-        return _Clause("where", _pos(meta), {"where": (str(column).lower(), str(op),
-                                                       _real(value, "WHERE"))})
+        column, op, value = children     # a number, or a quoted text for path and label
+        value = _unquote(value) if value.type == "STRING" else _real(value, "WHERE")
+        return _Clause("where", _pos(meta), {"where": (str(column).lower(), str(op), value)})
 
     def order_clause(self, meta, children):
         column, direction = children

@@ -51,8 +51,8 @@ KQL statements end with ';' and may span lines; '--' starts a comment; Tab compl
         <column>  probability, drop, seconds, target, path, label, height or width
   EXPLAIN [ANALYZE] OCCLUDE ...              the plan, one operator a line, a summary last
                                              (ANALYZE also runs it and shows the times)
-  LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>']
-      <file>    ONNX, TorchScript, or a state dict (.pt / safetensors) of ARCH
+  LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>'] [TRUSTED]
+      <file>    ONNX, TorchScript (code: only TRUSTED), or a state dict (.pt / safetensors) of ARCH
       <arch>    resnet18 (torchvision) | timm:<name> | 'package.module:factory' (your code)
   LOAD IMAGE <name> FROM '<file>'            one image
   LOAD IMAGES <name> FROM '<glob>'           an image table: every file the glob matches

@@ -26,9 +26,14 @@ def stage_one_stride(stride: int, fraction: float, speedup: float) -> int:
 
     >>> stage_one_stride(4, 0.25, 3.0), round(speedup_of((16, 16), (4, 4), 0.25), 2)   # eq 47: 13.9
     (16, 3.2)
+    >>> stage_one_stride(4, 1e-320, 0.75 / 1e-320)        # eq 47 overflows: one coarse cell
+    2147483644
     """
-    s1 = math.sqrt(speedup / (1.0 - fraction * speedup)) * stride
-    return stride * max(2, int(math.ceil(s1 / stride - 1e-9)))
+    share = fraction * speedup          # a tiny fraction's default speedup may overflow
+    steps = math.sqrt(speedup / (1.0 - share)) if share < 1.0 and math.isfinite(speedup) else math.inf
+    # Past 2**31 - 1 pixels every stride leaves one coarse cell: capped there, never inf or NaN.
+    steps = min(steps, max(2, (2**31 - 1) // stride))
+    return stride * max(2, int(math.ceil(steps - 1e-9)))
 
 
 def speedup_of(s1: tuple, s2: tuple, fraction: float) -> float:

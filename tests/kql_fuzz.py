@@ -8,7 +8,8 @@ for PATCH, a name for COLOR, a number for INTO). :func:`queries` joins one to th
 with odd spacing, comments and keyword case, then mutates the tokens (truncated, deleted,
 swapped, doubled, replaced by huge or negative numbers) and the characters (NUL, lone
 surrogates, ANSI escapes, any code point, cut anywhere), and sometimes blows one token up
-to 100 KB.
+to 100 KB. :func:`hostile_query` is round two (issue 32): a seeded generator of its own,
+aimed at numeric extremes, WHERE on text, clause order, unicode, nesting and root globs.
 
 >>> from hypothesis import find
 >>> text = find(queries(), lambda t: t.startswith("OCCLUDE") and "PATCH" in t)
@@ -241,3 +242,199 @@ def queries(draw, heavy_models: bool = True) -> str:
         word = case(token) if token.upper() in KEYWORDS else token
         text += word + draw(SEPARATOR)
     return draw(_mutate_text(text)) if mutated else text
+
+
+# -- round two (issue 32): a seeded generator of hostile statements -------------------------------
+#
+# Plain ``random.Random`` rather than hypothesis: case ``k`` of seed ``s`` is
+# ``hostile_query(s, k)`` on any machine, so a failure of the long run is replayed alone.
+# Where round one draws from the grammar and mutates a little, this one aims at what
+# round one missed: every numeric slot at its extremes (denormals, 1e308, 2**31 - 1 and
+# neighbours, 4,300 digits, signs, hex, underscores, nan/inf words), WHERE on text columns,
+# every clause in any order (and repeated), unicode look-alikes and invisible characters,
+# deep nesting, huge literals and many statements, globs from the disk's root.
+
+import random
+
+EXTREME_NUMBERS = [
+    "0", "00", "0.0", ".0", "0.", "0e0", "0E+99", "1e-300", "1e-320", "4.9e-324", "2.225e-308",
+    "2.2250738585072014e-308", "1e308", "1.7976931348623157e308", "1.8e308", "1e309",
+    "2147483646", "2147483647", "2147483648", "4294967296", "9223372036854775807",
+    "9223372036854775808", "1" + "0" * 4299, "1" + "0" * 4300, "0" * 10_000 + "1",
+    "1e+0000000000000000000000001", "1e-99999999999999999999", "123456789.123456789e-10",
+    "0.9999999999999999999", "1.0000000000000002", "-0", "-0.0", "-1", "+1", "1_000", "0x10",
+    "1e", "1e+", ".", "..5", "1..2", "nan", "inf", "NaN", "Infinity", "-inf", "1/2", "½",
+]
+PLAIN_WHOLE = ["1", "2", "3", "4", "5", "8", "16", "32"]           # PATCH, STRIDE, BATCH, ...
+PLAIN_REAL = ["0.5", "0.25", "0.9", "0.99", "0.1", "1", "2", "3"]   # SSIM, DRILLDOWN, COLOR, ...
+# Look-alikes and invisibles: a keyword or digit that is not one, spaces that are not spaces.
+UNICODE_BITS = ["\u00a0", "\u2007", "\u3000", "\u200b", "\u200d", "\u2060", "\ufeff", "\u202e",
+                "\u2066", "\u0301", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x00", "\ud800",
+                "\udfff", "\ue000", "\uffff", "\U0010ffff", "\U0001F431", "ｓ", "１６", "١٦", "²",
+                "𝟏𝟔", "Ⅻ", "ſ", "ǅ", "İ", "ﬁ", "\u212a"]
+LOOKALIKES = {"O": "Ο", "C": "С", "E": "Е", "A": "А", "P": "Р", "T": "Т", "X": "Х", "H": "Н",
+              "x": "х", "e": "е", "a": "а", "o": "о", "p": "р", "c": "с", "i": "і", "s": "ѕ"}
+COLUMNS = ["probability", "drop", "seconds", "target", "path", "label", "height", "width",
+           "ssim", "nope", "PATH", "Drop"]
+GLOBS = ["'shots/*.png'", "'shots/**/*.png'", "'**/*.png'", "'/**/*.png'", "'/*/**'",
+         "'/tmp/../**/*.png'", "'//**'", "'shots/[!s]*'", "'shots/*.nope'", "'shots/**'",
+         "'./shots/./*.png'", "'shots/*/../*.png'", "'shots/[a-'", "'*'", "'*/'", "'**'"]
+SETTING_NAMES = ["memory_limit", "confirm_seconds", "crossover", "tau", "max_image_pixels",
+                 "strategy", "gates", "layout", "engine", "overlay_alpha", "overlay_scale", "batch"]
+
+
+class _Hostile:
+    """The tokens of one case, drawn from one ``random.Random``."""
+
+    def __init__(self, rng: random.Random):
+        self.r = rng
+        # Half the cases are a storm (extreme numbers anywhere, odd spaces, mutations); the
+        # other half are well-formed but for one extreme number, so the checks behind the
+        # parser are reached: planning, ranking, drill-down, writing.
+        self.storm = rng.random() < 0.5
+        self.extreme = rng.choice([0.05, 0.2, 0.5]) if self.storm else 0.0
+        self.odd_spaces = self.storm and rng.random() < 0.2
+        self.numbers_drawn, self.fault_at = 0, rng.randrange(4)
+
+    def pick(self, items):
+        return items[self.r.randrange(len(items))]
+
+    def number(self, real: bool = False) -> str:
+        """A number for a slot of whole numbers (or of ``real`` ones), now and then extreme."""
+        self.numbers_drawn += 1
+        if self.numbers_drawn == self.fault_at + 1 and not self.storm:
+            return self.pick(EXTREME_NUMBERS)
+        if self.r.random() < self.extreme:
+            return self.pick(EXTREME_NUMBERS)
+        return self.pick(PLAIN_REAL if real else PLAIN_WHOLE)
+
+    def real(self) -> str:
+        return self.number(real=True)
+
+    def text(self) -> str:
+        bits = [self.pick(UNICODE_BITS) if self.r.random() < 0.3 else self.pick(list("ab.*/_ -'é猫"))
+                for _ in range(self.r.randrange(0, 12))]
+        return "'" + "".join(bits).replace("'", "''") + "'"
+
+    def numbers(self, count: int, real: bool = False) -> list:
+        depth = self.r.choice([1] * 12 + [2, 5, 50])        # deep nesting: ((((1, 2, 3))))
+        inner = sum(([self.number(real), ","] for _ in range(count)), [])[:-1]
+        return ["("] * depth + inner + [")"] * depth
+
+    def image(self) -> list:
+        return self.pick([["img"]] * 4 + [["tbl"], [self.pick(GLOBS)], [self.pick(GLOBS)],
+                          ["'shots/shot0.png'"], ["sample", "(", "'chelsea'", ")"],
+                          ["sample", "(", self.text(), ")"], [self.text()],
+                          ["sample", "(", "sample", "(", "'x'", ")", ")"]])
+
+    def target(self) -> list:
+        one = lambda: self.pick([[self.number()], [self.text()], ["PREDICTED"], ["'c'"]])  # noqa: E731
+        several = sum((one() + [","] for _ in range(self.r.randrange(1, 6))), [])[:-1]
+        return self.pick([one(), ["TOP", self.number()], ["(", *several, ")"]])
+
+    def size(self) -> list:
+        return [self.number()] + (["x", self.number()] if self.r.random() < 0.4 else [])
+
+    def where(self) -> list:
+        texts = [self.text(), "'c'", "'shots/shot1.png'"]
+        value = self.real() if self.r.random() < 0.5 else self.pick(texts)
+        return ["WHERE", self.pick(COLUMNS), self.pick([">", ">=", "<", "<="] * 3 + ["=", "!="]), value]
+
+    def clauses(self) -> list:
+        every = [lambda: ["TARGET", *self.target()], lambda: ["PATCH", *self.size()],
+                 lambda: ["STRIDE", *self.size()],
+                 lambda: ["COLOR", *self.pick([["gray"], ["mean"], self.numbers(3, real=True),
+                                               self.numbers(4, real=True)])],
+                 lambda: ["REGION", *self.numbers(self.pick([4, 4, 3]))],
+                 lambda: ["WITH", "SSIM", ">=", self.real()],
+                 lambda: ["DRILLDOWN", self.pick([self.real()] * 4 + ["1e-300", "1e-30", "0.999999"])]
+                 + (["SPEEDUP", self.real()] if self.r.random() < 0.5 else []),
+                 lambda: ["ON", self.pick(["CPU", "GPU", "AUTO", "RAY"])],
+                 lambda: ["BATCH", self.number()],
+                 lambda: ["INTO", self.pick(["'o.png'", "'o.npy'", "'o.parquet'", "'/proc/o.png'",
+                                             self.text()])],
+                 lambda: ["RESIZE", self.pick(["squash", "crop", "pad"])],
+                 lambda: ["OUTPUT", self.pick(["softmax", "sigmoid", "logits", "probability"])],
+                 self.where,
+                 lambda: ["ORDER", "BY", self.pick(COLUMNS)] + self.pick([[], ["ASC"], ["DESC"]]),
+                 lambda: ["LIMIT", self.number()]]
+        count = self.r.choice([0, 1, 2, 3, 4, 6, len(every)])
+        chosen = self.r.sample(every, count)                                  # any order
+        if chosen and self.r.random() < 0.1:
+            chosen.append(self.pick(chosen))                                  # a repeated clause
+        return sum((make() for make in chosen), [])
+
+    def statement(self) -> list:
+        occlude = ["OCCLUDE", *self.image(), "USING", self.pick(["net", "net", "nope", "ts"]),
+                   *self.clauses()]
+        return self.pick([
+            occlude, occlude, occlude, ["EXPLAIN"] + occlude, ["EXPLAIN", "ANALYZE"] + occlude,
+            ["SET", self.pick(SETTING_NAMES), "=", self.pick([self.real(), self.text(),
+                                                               f"'{self.real()} gb'", "auto"])],
+            ["LOAD", "MODEL", self.pick(["m1", "ts"]), "FROM",
+             self.pick(["'ts.pt'", "'missing.pt'", "'shots/shot0.png'", "'evil.pt'", self.text()])]
+            + self.pick([[], ["ARCH", "torchscript"], ["ARCH", "resnet18"]])
+            + self.pick([[], ["LABELS", self.text()]]) + self.pick([[], ["TRUSTED"], ["TRUSTED"]]),
+            ["LOAD", "IMAGES", "t2", "FROM", self.pick(GLOBS)],
+            ["LOAD", "IMAGE", "i2", "FROM", self.pick(["'shots/shot1.png'", self.text()])],
+            ["CALIBRATE", "net", "ON", self.pick(GLOBS + ["(img, img)"]), "PATCH", self.number()],
+            ["SHOW", self.pick(["MODELS", "IMAGES", "SETTINGS"])],
+        ])
+
+    def mutate(self, tokens: list) -> list:
+        for _ in range(self.r.choice([0, 1, 1, 2, 3])):
+            if not tokens:
+                break
+            i = self.r.randrange(len(tokens))
+            kind = self.pick(["swap", "drop", "double", "lookalike", "case", "glue", "number"])
+            if kind == "swap":
+                j = self.r.randrange(len(tokens))
+                tokens[i], tokens[j] = tokens[j], tokens[i]
+            elif kind == "drop":
+                del tokens[i]
+            elif kind == "double":
+                tokens.insert(i, tokens[i])
+            elif kind == "lookalike":
+                tokens[i] = "".join(LOOKALIKES.get(ch, ch) if self.r.random() < 0.5 else ch
+                                    for ch in tokens[i])
+            elif kind == "case":
+                tokens[i] = "".join(ch.swapcase() if self.r.random() < 0.5 else ch for ch in tokens[i])
+            elif kind == "glue" and i + 1 < len(tokens):
+                tokens[i:i + 2] = [tokens[i] + tokens[i + 1]]
+            else:
+                tokens[i] = self.number()
+        return tokens
+
+    def spacing(self) -> str:
+        if self.odd_spaces and self.r.random() < 0.2:
+            return self.pick(UNICODE_BITS[:9])
+        return self.pick([" "] * 20 + ["\n", "\t", " -- c\n", "\r\n", "  "])
+
+    def huge(self, tokens: list) -> list:
+        """One literal, list or statement run blown up (10 KB .. 200 KB of text)."""
+        n = self.pick([1_000, 10_000, 50_000])
+        return self.pick([
+            tokens + ["COLOR", "("] + ["1", ","] * n + ["1", ")"],
+            tokens + ["TARGET", "("] + ["PREDICTED", ","] * (n // 10) + ["0", ")"],
+            ["(" * n] + tokens, tokens + [";"] * n, tokens + ["INTO", "'" + "p" * n + ".png'"],
+            ["SHOW", "MODELS", ";"] * (n // 100) + tokens,
+            tokens + ["PATCH", "9" * n], tokens + ["WHERE", "label", ">", "'" + "é" * n + "'"],
+        ])
+
+
+def hostile_query(seed: int, k: int) -> str:
+    """Case ``k`` of seed ``seed``: one to three statements, mutated, sometimes huge."""
+    h = _Hostile(random.Random(f"kql-fuzz-2:{seed}:{k}"))
+    tokens = sum((h.statement() + [";"] for _ in range(h.pick([1, 1, 1, 2, 3]))), [])[:-1]
+    if not h.storm:
+        return " ".join(tokens)
+    tokens = h.mutate(tokens)
+    if h.r.random() < 0.06:
+        tokens = h.huge(tokens)
+    text = "".join(token + h.spacing() for token in tokens)
+    if h.r.random() < 0.15:                                  # a character anywhere
+        at = h.r.randrange(len(text) + 1)
+        text = text[:at] + h.pick(UNICODE_BITS) + text[at:]
+    if h.r.random() < 0.1:
+        text = text[:h.r.randrange(len(text) + 1)]           # cut anywhere
+    return text

@@ -93,7 +93,7 @@ def test_the_valid_fixtures_use_every_clause():
             for node in statement.walk() if isinstance(node, Occlude)
             for name, _ in node.clause_pos}
     assert used == {"target", "patch", "stride", "color", "region", "ssim", "drilldown",
-                    "device", "batch", "into"}
+                    "device", "batch", "into", "where"}
 
 
 # -- positions ------------------------------------------------------------------------------

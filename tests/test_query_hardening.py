@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -141,6 +142,178 @@ def test_the_output_check_refuses_what_a_python_built_statement_names(into, expe
     with pytest.raises(KqlPlanError, match=expected) as info:
         check_output.check(plan, None)
     assert (info.value.line, info.value.column) == (1, 23) and len(str(info.value)) < 200
+
+
+# -- issue 32: numbers at their extremes, WHERE on text, globs, positions of run-time failures --
+
+EXTREMES = ["0", "00", "0.0", "1e-300", "2.2250738585072014e-308", "1e308", "1.7976931348623157e308",
+            str(MAX_WHOLE), "0.5", "1"]
+_OCCLUDE = "EXPLAIN OCCLUDE img USING net "
+NUMERIC_SLOTS = [_OCCLUDE + clause for clause in (
+    "PATCH {v}", "STRIDE {v}", "PATCH 4 x {v}", "BATCH {v}", "DRILLDOWN {v}", "WITH SSIM >= {v}",
+    "DRILLDOWN 0.25 SPEEDUP {v}", "TARGET {v}", "TARGET TOP {v}", "TARGET ({v}, 1)",
+    "COLOR ({v}, 0, {v})", "REGION ({v}, 0, {v}, {v})")] + [
+    "EXPLAIN OCCLUDE 'shots/*.png' USING net LIMIT {v}",
+    "EXPLAIN OCCLUDE 'shots/*.png' USING net WHERE drop <= {v}", "CALIBRATE net ON (img) PATCH {v}",
+    "SET memory_limit = {v}", "SET confirm_seconds = {v}", "SET crossover = {v}", "SET tau = {v}",
+    "SET max_image_pixels = {v}", "SET memory_limit = '{v} MB'", "SET overlay_alpha = {v}"]
+
+
+def shots(folder: Path, count: int = 3) -> list:
+    """``count`` small PNG files in ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(count):
+        pixels = (smooth_noise_image(24, 30, seed=k).permute(1, 2, 0).numpy() * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"shot{k}.png")
+        paths.append(str(folder / f"shot{k}.png"))
+    return paths
+
+
+def test_every_numeric_slot_at_its_extremes_plans_or_fails_in_one_line_at_a_position(con, tmp_path):
+    shots(tmp_path / "shots")
+    outcomes = {"ok": 0, "error": 0}
+    for template in NUMERIC_SLOTS:
+        for value in EXTREMES:
+            query = "SHOW MODELS;\n  " + template.format(v=value)
+            try:
+                con.settings = type(con.settings)()
+                con.execute(query)
+                outcomes["ok"] += 1
+            except KqlError as err:
+                assert err.line == 2 and err.column is not None, (query, str(err))
+                assert "\n" not in str(err) and len(err.message) <= MESSAGE_LIMIT, query
+                outcomes["error"] += 1
+    assert outcomes["ok"] > 50 and outcomes["error"] > 50, outcomes     # both kinds were reached
+
+
+@pytest.mark.parametrize("literal", ["1e-320", "4.9e-324", "1e-400", "0.000000000000001e-309"])
+def test_a_number_below_the_smallest_normal_float_is_refused_where_it_is_written(con, literal):
+    query = f"EXPLAIN OCCLUDE img USING net\n  DRILLDOWN {literal}"
+    err = error_of(con, query)
+    assert isinstance(err, KqlSyntaxError) and "is too small" in str(err)
+    assert (err.line, err.column) == column_of(query, literal)
+    assert parse("OCCLUDE img USING net WITH SSIM >= 0.0e-999")[0].ssim == 0.0    # a zero stays 0
+
+
+def test_a_tiny_drilldown_fraction_refines_one_cell_of_one_coarse_cell(con):
+    # Was OverflowError (1e-300: the default SPEEDUP 0.75 / r, eq 47, a 150-digit stride).
+    plan = con.execute("EXPLAIN OCCLUDE img USING net PATCH 4 STRIDE 2 DRILLDOWN 1e-300").plan
+    assert "stage_one=1x1" in plan and "positions 1 + 1 of 154" in plan
+    result = con.execute("OCCLUDE img USING net PATCH 4 STRIDE 2 DRILLDOWN 1e-300")
+    exact = con.execute("OCCLUDE img USING net PATCH 4 STRIDE 2")
+    assert result.heatmap.shape == exact.heatmap.shape == (11, 14)
+
+
+@pytest.mark.parametrize("column", ["path", "label"])
+@pytest.mark.parametrize("sign", [">", ">=", "<", "<="])
+def test_where_on_a_text_column_with_a_number_is_one_line_at_the_clause(con, tmp_path, column, sign):
+    shots(tmp_path / "shots", 1)
+    query = f"OCCLUDE 'shots/*.png' USING net\n  WHERE {column} {sign} 0.5"     # was TypeError
+    err = error_of(con, query)
+    assert isinstance(err, KqlPlanError) and (err.line, err.column) == (2, 3)
+    assert f"WHERE {column} compares text: quote the value (WHERE {column} {sign} '0.5')" in str(err)
+
+
+def test_where_compares_text_with_text_and_numbers_with_numbers(con, tmp_path):
+    paths = shots(tmp_path / "shots")
+    everything = con.execute("OCCLUDE 'shots/*.png' USING net PATCH 8 STRIDE 8").rows
+    assert [r["path"] for r in everything] == paths
+    for query, keep in [(f"WHERE path >= '{paths[1]}'", lambda r: r["path"] >= paths[1]),
+                        (f"WHERE path < '{paths[1]}'", lambda r: r["path"] < paths[1]),
+                        ("WHERE label <= 'c'", lambda r: r["label"] <= "c"),
+                        ("WHERE label > 'c'", lambda r: r["label"] > "c")]:
+        rows = con.execute(f"OCCLUDE 'shots/*.png' USING net PATCH 8 STRIDE 8 {query}").rows
+        assert [r["path"] for r in rows] == [r["path"] for r in everything if keep(r)], query
+    err = error_of(con, "OCCLUDE 'shots/*.png' USING net WHERE drop > 'x'")
+    assert isinstance(err, KqlPlanError) and (err.line, err.column) == (1, 33)
+    assert "WHERE drop compares numbers, not the text 'x'" in str(err)
+
+
+@pytest.mark.parametrize("query,literal", [
+    ("OCCLUDE '/**/*.png' USING net LIMIT 1", "'/**/*.png'"),
+    ("OCCLUDE '//tmp/../**/x.png' USING net", "'//tmp/../**/x.png'"),
+    ("LOAD IMAGES everything FROM '/**'", "LOAD"),
+    ("CALIBRATE net ON '/*/**/*.png'", "'/*/**/*.png'"),
+    ("EXPLAIN OCCLUDE '/**/*.png' USING net", "'/**/*.png'"),
+])
+def test_a_recursive_glob_of_the_whole_file_system_is_refused_at_once(con, query, literal):
+    started = time.perf_counter()
+    err = error_of(con, query)                     # was a walk of every disk (> 60 s), then LIMIT
+    assert time.perf_counter() - started < 2
+    assert "would walk the whole file system: start the pattern at the folder" in str(err)
+    assert (err.line, err.column) == column_of(query, literal)
+
+
+def test_limit_stops_a_glob_s_walk_and_a_walk_is_bounded(con, tmp_path, monkeypatch):
+    from kql import globs
+
+    for k in range(30):                            # 30 folders of one image each
+        shots(tmp_path / "tree" / f"d{k:02}", 1)
+    everything = con.execute("OCCLUDE 'tree/**/*.png' USING net PATCH 8 STRIDE 8").rows
+    monkeypatch.setattr(globs, "MAX_FOLDERS", 5)
+    first = con.execute("OCCLUDE 'tree/**/*.png' USING net PATCH 8 STRIDE 8 LIMIT 2").rows
+    assert [r["path"] for r in first] == [r["path"] for r in everything[:2]]
+    query = "OCCLUDE 'tree/**/*.png' USING net PATCH 8 STRIDE 8 ORDER BY drop LIMIT 2"
+    err = error_of(con, query)                     # ranking needs every image: the bound holds
+    assert isinstance(err, KqlPlanError) and (err.line, err.column) == (1, 9)
+    assert "'tree/**/*.png' walked more than 5 folders without finishing" in str(err)
+
+
+def test_the_glob_walk_matches_python_s_glob_and_survives_a_link_loop(tmp_path, monkeypatch):
+    import glob as pyglob
+
+    from kql.globs import glob_files
+
+    names = ["a/x.png", "a.b/y.png", "a/deep/z.png", ".hidden/h.png", "a/.h.png", "b.png",
+             "c/sub/a/x.png", "[x]/q.png", "c/x.PNG", "é/k.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "fifo.png").parent.mkdir(exist_ok=True)
+    os.mkfifo(tmp_path / "fifo.png")               # not a regular file: never listed
+    monkeypatch.chdir(tmp_path)
+    for pattern in ["**/*.png", "*/*.png", "**", "a/**/*.png", "**/a/*", "*", "?/*", "[[]x]/*",
+                    "**/.h.png", ".hidden/**/*.png", "c/**", "**/**/*.png",
+                    str(tmp_path / "**" / "x.png")]:
+        expected = sorted({os.path.abspath(p) for p in pyglob.glob(pattern, recursive=True)
+                           if os.path.isfile(p)})
+        assert glob_files(pattern) == expected, pattern
+    before = glob_files("**/*.png")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "deep" / "back")      # a loop: not walked again
+    os.symlink(tmp_path / "c", tmp_path / "a" / "elsewhere")           # a link out: walked
+    outside = str(tmp_path / "a" / "elsewhere" / "sub" / "a" / "x.png")
+    assert glob_files("**/*.png") == sorted(before + [outside])
+
+
+def test_a_write_that_fails_points_at_into(con, tmp_path):
+    query = "OCCLUDE img USING net PATCH 8 STRIDE 8\n  INTO '/proc/kql-map.png'"    # no file there
+    err = error_of(con, query)
+    assert isinstance(err, KqlExecutionError) and (err.line, err.column) == (2, 3)
+    assert str(err) == "line 2, column 3: cannot write '/proc/kql-map.png': No such file or directory"
+    shots(tmp_path / "shots", 1)
+    err = error_of(con, "OCCLUDE 'shots/*.png' USING net PATCH 8 STRIDE 8\n  INTO '/proc/kql.parquet'")
+    assert (err.line, err.column) == (2, 3) and "cannot write '/proc/kql.parquet.partial'" in str(err)
+    err = error_of(con, "OCCLUDE 'shots/*.png' USING net INTO 'nowhere/t.parquet'")
+    assert isinstance(err, KqlPlanError) and (err.line, err.column) == (1, 33)
+    assert "directory" in str(err) and "does not exist" in str(err)
+    assert not (tmp_path / "nowhere").exists()     # it was made, with a journal in it
+
+
+def test_labels_that_do_not_fit_the_output_point_at_the_model(con, small_model):
+    con.register_model("two", small_model, labels=["a", "b"])           # it returns 5 classes
+    err = error_of(con, "SHOW MODELS;\nOCCLUDE img USING two PATCH 8 STRIDE 8")
+    assert str(err) == "line 2, column 19: model 'two' has 2 labels but returns 5 classes"
+
+
+@pytest.mark.parametrize("limit", ["1", "'100 kb'"])
+def test_a_query_over_memory_limit_points_at_the_statement(con, limit):
+    query = f"SET memory_limit = {limit};\nEXPLAIN OCCLUDE img USING net PATCH 4 STRIDE 2"
+    err = error_of(con, query)
+    assert "memory_limit is" in str(err) and err.line == 2 and err.column in (9, 17), str(err)
+    assert err.context().split("\n")[0] == "  EXPLAIN OCCLUDE img USING net PATCH 4 STRIDE 2"
 
 
 # -- messages ---------------------------------------------------------------------------------
