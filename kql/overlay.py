@@ -279,7 +279,8 @@ def figure(result, **options):
     w, h = (PANEL_INCHES, PANEL_INCHES * height / width) if width >= height else \
         (PANEL_INCHES * width / height, PANEL_INCHES)
     pixels = min(max(width, height, 640), 1280)   # about the photo's own resolution
-    fig = Figure(figsize=(w * 1.3 * count, h + 0.6), dpi=pixels / PANEL_INCHES)
+    # Constrained layout keeps each colour bar's ticks and label clear of the next panel.
+    fig = Figure(figsize=(w * 1.3 * count, h + 0.6), dpi=pixels / PANEL_INCHES, layout="constrained")
     axes = [fig.add_subplot(1, count, k + 1) for k in range(count)]
     if side:
         _plain_panel(axes.pop(0), result)

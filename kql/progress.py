@@ -18,6 +18,7 @@ statement; the next statement's first call makes a fresh bar.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Optional, TextIO
 
 
@@ -65,3 +66,43 @@ class ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RunProgress:
+    """The positions done of the query that runs, for someone who asks now and then (the
+    web viewer's ``GET /api/progress``): the ``progress(done, total)`` callback of
+    :meth:`kql.Connection.execute`, and :meth:`state`, the line a :class:`ProgressBar` shows."""
+
+    def __init__(self):
+        self.phase, self.done, self.total = "", 0, 0
+        self.started, self.running = 0.0, False
+
+    def start(self, phase: str) -> None:
+        self.phase, self.done, self.total = phase, 0, 0
+        self.started, self.running = time.monotonic(), True
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = int(done), int(total)
+
+    def stop(self) -> None:
+        self.running = False
+
+    def state(self) -> dict:
+        """What the page shows: the numbers and one line of text, as the shell's bar.
+
+        >>> p = RunProgress(); p.start("exact map"); p(0, 10)
+        >>> p.state()["text"]
+        'exact map: planning ...'
+        """
+        seconds = time.monotonic() - self.started if self.started else 0.0
+        rate = self.done / seconds if self.done and seconds > 0 else None
+        eta = (self.total - self.done) / rate if rate else None
+        if not self.total or not self.done:
+            text = f"{self.phase}: planning ..."
+        else:
+            text = (f"{self.phase}: {self.done:,}/{self.total:,} positions "
+                    f"({100 * self.done // self.total}%), {rate:,.0f} positions/s"
+                    + (f", about {eta:.0f} s left" if eta is not None and self.done < self.total else ""))
+        return {"running": self.running, "phase": self.phase, "done": self.done,
+                "total": self.total, "seconds": round(seconds, 3),
+                "eta_seconds": None if eta is None else round(eta, 3), "text": text}

@@ -4,17 +4,23 @@ The page picks a model and an image (or uploads one), draws a REGION with the mo
 runs OCCLUDE, shows the map over the image, the PNG overlay and the plan, a cell's value
 when it is clicked, and the exact and the approximate map side by side. Its JSON API:
 
+    GET  /api/session                the token every POST sends (X-KQL-Token) and the limits
     GET  /api/models                 the catalog's models (SHOW MODELS)
     GET  /api/images                 the catalog's images (SHOW IMAGES) and the sample names
     POST /api/upload                 a PNG/JPEG/DICOM file -> {name}, registered in the session
     POST /api/occlude                {model, image, patch, stride, region, ssim, compare}
+    GET  /api/progress               the positions done of the query that runs, and an ETA
     GET  /api/result/{id}/overlay.png
     GET  /api/image/{image}.png      the original image, for drawing a region on
 
 Every query runs through one :func:`kql.connect` connection, one at a time (the engine
-is not thread-safe). Query text is built only from checked parts: names from the
-catalog's lists or the sample names, numbers in range, file paths inside the catalog
-directory or the working directory. Errors come back as ``{"error": "one line"}``.
+is not thread-safe; a second is refused with 409). Query text is built only from checked
+parts: names from the catalog's lists or the sample names, numbers in range, file paths
+inside the catalog directory or the working directory (symbolic links resolved; a glob
+or a folder is refused: the viewer reads one image file). Uploads are read by the same
+bounded readers as every image file and kept in a bounded store; :mod:`kql.serve_guard`
+refuses cross-site requests and large bodies. Errors come back as
+``{"error": "one line"}`` with a 4xx status.
 
 >>> query_text(model="efficientnet_lite0", image="sample('chelsea')", patch=32, stride=16,
 ...            region=(0, 0, 100, 80), ssim=0.9)
@@ -23,6 +29,7 @@ directory or the working directory. Errors come back as ``{"error": "one line"}`
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import re
@@ -31,7 +38,6 @@ import socket
 import sys
 import tempfile
 import threading
-from collections import OrderedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,21 +48,19 @@ from starlette.exceptions import HTTPException
 
 from .errors import KqlError
 from .images import SAMPLES
+from .progress import RunProgress
+from .serve_guard import (TOKEN_HEADER, ApiError, BoundedStore, Guard, check_fields, check_flag,
+                          check_region, check_ssim, inside, new_token, shown, whole)
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 MAX_UPLOAD = 20 * 1024 * 1024           # bytes of one uploaded image file
 KEEP_RESULTS = 20                       # results kept in memory for their overlay PNG
-MAX_SIDE = 100_000                      # the largest patch, stride or region coordinate
+KEEP_UPLOADS = 16                       # uploaded images kept (the oldest is dropped)
+KEEP_BYTES = 512 << 20                  # bytes of the kept uploads, and of the kept results
+DECODE_BYTES = 16                       # peak bytes a pixel costs while a file is decoded
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SAMPLE = re.compile(r"(?:sample:|sample\(')([a-z_]+)(?:'\))?\Z")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-class ApiError(Exception):
-    """An answer other than 200: its HTTP status and a one-line message."""
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 # -- query text from checked parts ------------------------------------------------------------
@@ -69,73 +73,57 @@ def query_text(*, model: str, image: str, patch: int, stride: int, region=None, 
     return text + (f" WITH SSIM >= {ssim:g}" if ssim is not None else "")
 
 
-def whole(value, what: str, low: int, high: int = MAX_SIDE) -> int:
-    """``value`` as an int in [low, high], else a 400.
-
-    >>> whole(8, "patch", 1)
-    8
-    >>> whole("8", "patch", 1)
-    Traceback (most recent call last):
-    ...
-    kql.serve.ApiError: patch must be a whole number from 1 to 100000, not '8'
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or not low <= value <= high:
-        raise ApiError(400, f"{what} must be a whole number from {low} to {high}, not {value!r}")
-    return int(value)
-
-
-def check_region(region) -> tuple | None:
-    """``[x, y, w, h]`` (original pixels) as four ints, or None for the whole image.
-
-    >>> check_region([1, 2, 30, 40]), check_region(None)
-    ((1, 2, 30, 40), None)
-    """
-    if region is None:
-        return None
-    if not isinstance(region, (list, tuple)) or len(region) != 4:
-        raise ApiError(400, "region must be [x, y, width, height] in the image's pixels")
-    x, y, w, h = region
-    return (whole(x, "region x", 0), whole(y, "region y", 0),
-            whole(w, "region width", 1), whole(h, "region height", 1))
-
-
-def check_ssim(ssim) -> float | None:
-    """The quality target of WITH SSIM >= s: a number in (0, 1], or None."""
-    if ssim is None:
-        return None
-    if isinstance(ssim, bool) or not isinstance(ssim, (int, float)) or not 0 < ssim <= 1:
-        raise ApiError(400, f"ssim must be a number above 0 and at most 1, not {ssim!r}")
-    return float(ssim)
-
-
-def inside(path: str, roots: list) -> bool:
-    """Whether ``path`` (symbolic links followed) lies in one of the ``roots``.
-
-    >>> inside("/tmp/a/../b.png", ["/tmp"]), inside("/etc/passwd", ["/tmp"])
-    (True, False)
-    """
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root)
-               for root in roots)
-
-
 # -- the app ------------------------------------------------------------------------------------
 
 class Viewer:
-    """The server's state: one connection, its lock, the last results and uploads."""
+    """The server's state: one connection, its lock, the kept results and uploads (bounded
+    stores), the progress of the query that runs, the token of state-changing requests."""
 
-    def __init__(self, con, roots: list, max_upload: int = MAX_UPLOAD):
+    def __init__(self, con, roots: list, max_upload: int = MAX_UPLOAD,
+                 keep_uploads: int = KEEP_UPLOADS, keep_bytes: int = KEEP_BYTES):
         self.con, self.roots, self.max_upload = con, roots, max_upload
-        self.lock = threading.Lock()
-        self.results: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()            # the engine: one statement at a time
+        self.running = threading.Lock()         # one OCCLUDE request at a time (else 409)
+        self.decoding = threading.Lock()        # one upload decoded at a time (its peak)
+        self.token = new_token()
+        self.progress = RunProgress()
+        self.results = BoundedStore(KEEP_RESULTS, keep_bytes, _result_bytes)
+        self.uploads = BoundedStore(keep_uploads, keep_bytes, _tensor_bytes, self._forget_upload)
 
-    def execute(self, text: str):
+    def execute(self, text: str, phase: str | None = None):
+        """Run ``text``; with ``phase`` (an OCCLUDE), its progress is reported as it runs."""
         with self.lock:
+            if phase:
+                self.progress.start(phase)
             try:
-                return self.con.execute(text)
+                return self.con.execute(text, progress=self.progress if phase else None)
             except KqlError as exc:
                 raise ApiError(400, _one_line(exc)) from None
+            finally:
+                if phase:
+                    self.progress.stop()
+
+    def tables(self) -> set:
+        """The names of the catalog's image tables (LOAD IMAGES: many images each)."""
+        return {row["name"] for row in self.con.catalog.table_rows()}
+
+    def pixel_limit(self) -> tuple:
+        """``(pixels, why)``: the most pixels an image file the viewer decodes may have:
+        ``SET max_image_pixels``, and no more than ``SET memory_limit`` holds while it is
+        decoded (16 bytes a pixel at the peak); ``why`` names the memory limit when it is
+        the smaller, else ''."""
+        from .planner.memory import allowed, size_text
+
+        settings = self.con.settings
+        limit = allowed(settings["memory_limit"], "cpu")
+        pixels = max(1, limit // DECODE_BYTES)
+        if pixels >= int(settings["max_image_pixels"]):
+            return int(settings["max_image_pixels"]), ""
+        return pixels, f"memory_limit {size_text(limit)} decodes at most {pixels:,} pixels"
+
+    def _forget_upload(self, name: str, tensor) -> None:
+        with self.lock:
+            self.con.catalog.forget_image(name)
 
     def names(self, what: str) -> list:
         return [row["name"] for row in self.execute(f"SHOW {what}").rows]
@@ -151,33 +139,50 @@ class Viewer:
             return f"sample('{sample.group(1)}')"
         if image[0] in "'\"" and image[-1] == image[0] and len(image) > 2:
             return self._path_ref(image[1:-1])
-        if not _NAME.match(image) or image not in self.names("IMAGES"):
-            raise ApiError(400, f"unknown image {image!r}; GET /api/images lists them")
+        sources = {row["name"]: row["source"] for row in self.execute("SHOW IMAGES").rows}
+        if not _NAME.match(image) or image not in sources:
+            raise ApiError(400, f"unknown image {shown(image)}; GET /api/images lists them")
+        if image in self.tables():
+            raise ApiError(400, f"'{image}' is an image table: the viewer shows one image at a "
+                                "time (kql runs a query over many)")
+        if os.path.isabs(sources[image]) and not inside(sources[image], self.roots):
+            raise ApiError(403, f"image '{image}' is a file outside the catalog directory and the "
+                                "working directory")
         return image
 
     def _path_ref(self, path: str) -> str:
+        """A quoted path, symbolic links resolved, that names one file inside the roots;
+        nothing is opened (a glob is refused, not expanded)."""
         if any(c in path for c in "'\"") or any(ord(c) < 32 for c in path):
             raise ApiError(400, "an image path must not hold quotes or control characters")
+        try:
+            os.fsencode(path)
+        except UnicodeError:
+            raise ApiError(400, "an image path must be text the file system can encode") from None
         if not inside(path, self.roots):
             raise ApiError(403, "image files must lie in the catalog directory or the working directory")
-        return f"'{os.path.realpath(path)}'"
+        real = os.path.realpath(path)
+        if glob.has_magic(real) and not os.path.exists(real):
+            raise ApiError(400, "the viewer reads one image file: a path with *, ? or [...] is a "
+                                "glob of many (kql runs a query over them)")
+        if os.path.isdir(real):
+            raise ApiError(400, "the viewer reads one image file, not a folder")
+        return f"'{real}'"
 
     def model_ref(self, model) -> str:
         if not isinstance(model, str) or not _NAME.match(model) or model not in self.names("MODELS"):
-            raise ApiError(400, f"unknown model {model!r}; GET /api/models lists them")
+            raise ApiError(400, f"unknown model {shown(model)}; GET /api/models lists them")
         return model
 
     def keep(self, result) -> str:
         key = secrets.token_hex(8)
-        self.results[key] = {"result": result, "png": None}
-        while len(self.results) > KEEP_RESULTS:
-            self.results.popitem(last=False)
+        self.results.put(key, {"result": result, "png": None})
         return key
 
     def overlay(self, key: str) -> bytes:
         entry = self.results.get(key)
         if entry is None:
-            raise ApiError(404, f"no result '{key}' (only the last {KEEP_RESULTS} are kept)")
+            raise ApiError(404, f"no result {shown(key)} (only the last few are kept)")
         if entry["png"] is None:
             with self.lock:
                 entry["png"] = overlay_png(entry["result"])
@@ -185,19 +190,23 @@ class Viewer:
 
 
 def create_app(con=None, catalog_dir: str | None = None, *, max_upload: int = MAX_UPLOAD,
-               allowed_hosts: list | None = None) -> FastAPI:
+               allowed_hosts: list | None = None, keep_uploads: int = KEEP_UPLOADS,
+               keep_bytes: int = KEEP_BYTES) -> FastAPI:
     """The viewer around ``con`` (default: ``kql.connect(catalog_dir)``).
 
     File paths are allowed in the catalog directory and the working directory;
     ``allowed_hosts`` (e.g. ``["127.0.0.1", "localhost"]``) refuses other Host headers.
+    At most ``keep_uploads`` uploads and ``keep_bytes`` bytes of their pixels are kept (the
+    oldest go first), and as many bytes of results.
     """
     from . import api as kql_api
     con = con if con is not None else kql_api.connect(catalog_dir)
     folder = catalog_dir if catalog_dir is not None else getattr(con.catalog, "directory", None)
     roots = [os.getcwd()] + ([folder] if isinstance(folder, str) else [])
-    viewer = Viewer(con, roots, max_upload)
+    viewer = Viewer(con, roots, max_upload, keep_uploads, keep_bytes)
     app = FastAPI(title="KQL viewer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.viewer = viewer
+    app.add_middleware(Guard, token=viewer.token, upload_path="/api/upload", max_upload=max_upload)
     if allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
@@ -222,11 +231,20 @@ def _errors(app: FastAPI) -> None:
         return JSONResponse({"error": f"bad request: {first.get('msg', 'invalid body')}"},
                             status_code=400)
 
+    @app.exception_handler(Exception)
+    async def internal(request, exc: Exception):     # a bug, still one line, no traceback
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: "
+                                      f"{shown(_one_line(exc), 200)}"}, status_code=500)
+
 
 def _routes(app: FastAPI, viewer: Viewer) -> None:
     @app.get("/")
     def index():
         return FileResponse(os.path.join(WEB, "index.html"))
+
+    @app.get("/api/session")
+    def session():
+        return {"token": viewer.token, "header": TOKEN_HEADER, "max_upload": viewer.max_upload}
 
     @app.get("/api/models")
     def models():
@@ -234,11 +252,17 @@ def _routes(app: FastAPI, viewer: Viewer) -> None:
 
     @app.get("/api/images")
     def images():
-        return {"images": viewer.execute("SHOW IMAGES").rows, "samples": list(SAMPLES)}
+        tables = viewer.tables()
+        singles = [r for r in viewer.execute("SHOW IMAGES").rows if r["name"] not in tables]
+        return {"images": singles, "samples": list(SAMPLES)}
 
     @app.post("/api/occlude")
     def occlude(body: dict):
         return run_occlude(viewer, body)
+
+    @app.get("/api/progress")
+    def progress():
+        return viewer.progress.state()
 
     @app.post("/api/upload")
     async def upload(request: Request):
@@ -258,20 +282,54 @@ def _routes(app: FastAPI, viewer: Viewer) -> None:
 
 def run_occlude(viewer: Viewer, body: dict) -> dict:
     """POST /api/occlude: one map, or with ``compare`` the exact and the approximate one."""
+    check_fields(body)
     model = viewer.model_ref(body.get("model"))
     image = viewer.image_ref(body.get("image"))
     parts = dict(model=model, image=image, patch=whole(body.get("patch"), "patch", 1),
                  stride=whole(body.get("stride", body.get("patch")), "stride", 1),
                  region=check_region(body.get("region")))
     ssim = check_ssim(body.get("ssim"))
-    if not body.get("compare"):
-        return describe(viewer, viewer.execute(query_text(**parts, ssim=ssim)))
+    compare = check_flag(body.get("compare"), "compare")
+    if not viewer.running.acquire(blocking=False):
+        raise ApiError(409, "another query is running (GET /api/progress shows how far it is); "
+                            "run this one when it is done")
+    try:
+        if not compare:
+            return describe(viewer, viewer.execute(query_text(**parts, ssim=ssim), "heat map"))
+        return compare_maps(viewer, parts, ssim if ssim is not None else 0.9)
+    finally:
+        viewer.running.release()
+
+
+def compare_maps(viewer: Viewer, parts: dict, ssim: float) -> dict:
+    """The approximate map (WITH SSIM >= ``ssim``), the exact one and their SSIM; when the
+    planner made the approximate query exact, that one map (run once) and a ``note`` why."""
     from .planner.tuning import heatmap_ssim
-    exact = viewer.execute(query_text(**parts))
-    approx = viewer.execute(query_text(**parts, ssim=ssim if ssim is not None else 0.9))
+
+    approx = viewer.execute(query_text(**parts, ssim=ssim), "approximate map")
+    why = exact_anyway(approx, ssim)
+    if why:
+        return {"exact": describe(viewer, approx), "approx": None, "ssim": None, "note": why}
+    exact = viewer.execute(query_text(**parts), "exact map")
     same = exact.heatmap.shape == approx.heatmap.shape
     return {"exact": describe(viewer, exact), "approx": describe(viewer, approx),
-            "ssim": heatmap_ssim(exact.heatmap, approx.heatmap) if same else None}
+            "ssim": heatmap_ssim(exact.heatmap, approx.heatmap) if same else None, "note": None}
+
+
+def exact_anyway(result, ssim: float) -> str | None:
+    """Why the result of an OCCLUDE ... WITH SSIM is the exact map; None when it is not."""
+    from .operators.verified import WINDOW, checkable
+
+    if result.check is not None:
+        return f"{result.quality()}; it ran once" if result.check["exact"] else None
+    if result.tau < 1.0 or result.exactness.startswith("approximate"):
+        return None
+    rows, cols = result.heatmap.shape
+    if not checkable((rows, cols)):
+        return (f"this {rows}x{cols} map is too small for the approximate check (a check window "
+                f"is {WINDOW}x{WINDOW} cells): WITH SSIM >= {ssim:g} planned the exact map; it ran once")
+    return (f"WITH SSIM >= {ssim:g} planned the exact map for this {rows}x{cols} map (too small "
+            f"for the check to pay, or no approximation predicted cheaper); it ran once")
 
 
 def describe(viewer: Viewer, result) -> dict:
@@ -281,7 +339,7 @@ def describe(viewer: Viewer, result) -> dict:
     rows, cols = result.heatmap.shape
     picture = result.original if result.original is not None else result.image
     return {
-        "id": key, "query": result.query, "rows": rows, "cols": cols,
+        "id": key, "query": result.query, "rows": rows, "cols": cols, "positions": rows * cols,
         "values": result.heatmap.tolist(), "probability": result.probability,
         "label": result.label, "target": result.target, "plan": result.plan,
         "seconds": result.seconds, "tau": result.tau, "predicted_ssim": result.predicted_ssim,
@@ -302,6 +360,8 @@ async def _upload_bytes(request: Request, limit: int) -> bytes:
         raise ApiError(411, "an upload needs a Content-Length")
     if int(length) > limit + 64 * 1024:
         raise too_large
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "an upload is multipart/form-data with one 'file'")
     form = await request.form(max_files=1, max_fields=4)
     upload = next((v for v in form.values() if hasattr(v, "read")), None)
     if upload is None:
@@ -313,33 +373,43 @@ async def _upload_bytes(request: Request, limit: int) -> bytes:
 
 
 def register_upload(viewer: Viewer, data: bytes) -> dict:
-    """Decode an uploaded file (PNG, JPEG, DICOM, ...) and register it as ``upload_<hex>``."""
+    """Decode an uploaded file (PNG, JPEG, DICOM, ...) with the readers every image file goes
+    through, within :meth:`Viewer.pixel_limit`, one at a time; register it as
+    ``upload_<hex>`` and keep it in the bounded store (the oldest upload goes first)."""
     from .images import read_image
     name = f"upload_{secrets.token_hex(4)}"
-    with tempfile.TemporaryDirectory(prefix="kql-upload-") as folder:
+    pixels, why = viewer.pixel_limit()
+    with viewer.decoding, tempfile.TemporaryDirectory(prefix="kql-upload-") as folder:
         path = os.path.join(folder, "upload")
         with open(path, "wb") as fh:
             fh.write(data)
+        del data
         try:
-            tensor = read_image(path).tensor
+            tensor = read_image(path, max_pixels=pixels).tensor
         except KqlError as exc:
-            raise ApiError(400, _one_line(exc).replace(path, "the upload")) from None
+            message = _one_line(exc).replace(path, "the upload")
+            raise ApiError(400, message + (f" ({why})" if why and "max_image_pixels" in message
+                                           else "")) from None
+        except (ValueError, OSError, MemoryError, RuntimeError) as exc:   # a reader's slip
+            raise ApiError(400, f"cannot read the upload: {shown(_one_line(exc), 160)}") from None
     with viewer.lock:
         viewer.con.register_image(name, tensor)
+    viewer.uploads.put(name, tensor)
     return {"name": name, "height": int(tensor.shape[1]), "width": int(tensor.shape[2])}
 
 
 def image_png(viewer: Viewer, ref: str) -> bytes:
     """The image of a checked reference as a PNG, as the user gave it."""
     from . import images
+    pixels, _ = viewer.pixel_limit()
     with viewer.lock:
         try:
             if ref.startswith("sample("):
                 tensor = images.load_sample(ref[8:-2])
             elif ref.startswith("'"):
-                tensor = images.load_file(ref[1:-1])
+                tensor = images.load_file(ref[1:-1], max_pixels=pixels)
             else:
-                tensor = viewer.con.catalog.resolve_image(ref)
+                tensor = viewer.con.catalog.resolve_image(ref, max_pixels=pixels)
         except KqlError as exc:
             raise ApiError(400, _one_line(exc)) from None
     return tensor_png(tensor)
@@ -368,6 +438,18 @@ def overlay_png(result) -> bytes:
         path = result.save(os.path.join(folder, "overlay.png"))
         with open(path, "rb") as fh:
             return fh.read()
+
+
+def _tensor_bytes(tensor) -> int:
+    return tensor.element_size() * tensor.nelement()
+
+
+def _result_bytes(entry: dict) -> int:
+    """The bytes a kept result holds: its images and maps."""
+    result = entry["result"]
+    tensors = [t for t in (result.image, result.original) if t is not None]
+    maps = [m for m in (result.heatmap, result.heatmaps) if m is not None]
+    return sum(_tensor_bytes(t) for t in tensors) + sum(m.nbytes for m in maps)
 
 
 def _one_line(exc: Exception) -> str:

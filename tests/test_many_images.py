@@ -217,21 +217,98 @@ def test_kill_9_mid_way_then_resume(folder, tmp_path):
             np.testing.assert_allclose(np.array(a["heatmap"]), np.array(b["heatmap"]), atol=1e-5)
 
 
-def test_ray_gives_the_local_rows(net, folder):
+USER_MODULE = """
+import os
+import torch
+from torch import nn
+
+DRIVER = {driver}
+
+
+class UserNet(nn.Module):
+    \"\"\"A small CNN of the user's own, in a file no installed package provides.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _rebuilt(state):
+    if os.getpid() != DRIVER:
+        raise RuntimeError("this model cannot be rebuilt\\nin a worker")
+    net = UserNet()
+    net.load_state_dict(state)
+    return net
+
+
+class DriverOnlyNet(UserNet):
+    \"\"\"Unpickles in the driver only: its workers fail as they start.\"\"\"
+
+    def __reduce__(self):
+        return _rebuilt, (self.state_dict(),)
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_started():
+    """Ray as KQL starts it (``ON RAY`` with no cluster running); shut down after."""
     import ray                                  # the ray extra: `make test` installs it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": TESTS}})
-    try:
-        con = connect(net)
-        local = con.execute(f"OCCLUDE '{folder}/*.png' USING net {QUERY}")
-        on_ray = con.execute(f"OCCLUDE '{folder}/*.png' USING net {QUERY} ON RAY ORDER BY path")
-        assert [r["path"] for r in on_ray] == [r["path"] for r in local]
-        for a, b in zip(local.rows, on_ray.rows):
-            assert a["error"] == b["error"]
-            if a["heatmap"] is not None:
-                np.testing.assert_allclose(np.array(a["heatmap"]), np.array(b["heatmap"]), atol=1e-6)
-    finally:
-        ray.shutdown()
+    yield ray
+    ray.shutdown()
+
+
+def user_module(tmp_path):
+    """A module file of the user's own in ``tmp_path``, imported from that path."""
+    import importlib.util
+
+    path = tmp_path / "user_net.py"
+    path.write_text(USER_MODULE.format(driver=os.getpid()))
+    name = f"user_net_{os.getpid()}_{id(path)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module                  # as the importlib recipe does
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ray_gives_the_local_rows(net, folder, ray_started, capfd):
+    con = connect(net)
+    local = con.execute(f"OCCLUDE '{folder}/*.png' USING net {QUERY}")
+    on_ray = con.execute(f"OCCLUDE '{folder}/*.png' USING net {QUERY} ON RAY ORDER BY path")
+    assert [r["path"] for r in on_ray] == [r["path"] for r in local]
+    for a, b in zip(local.rows, on_ray.rows):
+        assert a["error"] == b["error"]
+        if a["heatmap"] is not None:
+            np.testing.assert_allclose(np.array(a["heatmap"]), np.array(b["heatmap"]), atol=1e-6)
+    noise = capfd.readouterr()
+    assert noise.out == "" and noise.err == "", noise        # Ray's logs stay out of the terminal
+
+
+def test_ray_runs_a_model_from_the_users_own_module_file(folder, tmp_path, ray_started, capfd):
+    module = user_module(tmp_path)
+    torch.manual_seed(0)
+    con = kql.connect()
+    con.register_model("mine", module.UserNet())
+    local = con.execute(f"OCCLUDE '{folder}/*.png' USING mine {QUERY}")
+    on_ray = con.execute(f"OCCLUDE '{folder}/*.png' USING mine {QUERY} ON RAY ORDER BY path")
+    assert [r["path"] for r in on_ray] == [r["path"] for r in local]
+    assert sum(r["heatmap"] is not None for r in on_ray) == 4
+    for a, b in zip(local.rows, on_ray.rows):
+        assert a["error"] == b["error"]
+        if a["heatmap"] is not None:
+            np.testing.assert_allclose(np.array(a["heatmap"]), np.array(b["heatmap"]), atol=1e-6)
+    torch.manual_seed(0)
+    con.register_model("fails", module.DriverOnlyNet())
+    capfd.readouterr()
+    with pytest.raises(kql.KqlError) as failed:
+        con.execute(f"OCCLUDE '{folder}/*.png' USING fails {QUERY} ON RAY")
+    message = str(failed.value)
+    assert "Ray" in message and "cannot be rebuilt" in message and "\n" not in message
+    assert capfd.readouterr().err == ""
 
 
 def test_on_ray_without_ray_says_how_to_install(net, folder, monkeypatch):

@@ -212,3 +212,24 @@ def test_settings_reach_the_overlay(drop_and_rise, tmp_path):
     red, _, blue = image[centre(drop_and_rise, 1, 1)]
     assert blue > red                           # the reversed map: drops blue
     drop_and_rise.save(str(tmp_path / "m.png"), **options)
+
+
+def test_colour_bar_labels_stay_clear_of_the_next_panel(net):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    result = occlude(net, smooth_noise_image(24, 30), QUERY + " TARGET TOP 3")
+    for options in ({}, {"panels": "side_by_side"}):
+        fig = overlay.figure(result, **options)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        photos = [ax for ax in fig.axes if ax.images]          # the panels, not the bars
+        bars = [ax for ax in fig.axes if not ax.images]
+        assert len(bars) == 3 and len(photos) == 3 + bool(options)
+        for bar in bars:
+            label = bar.yaxis.label.get_window_extent(renderer)
+            ticks = bar.yaxis.get_tightbbox(renderer)
+            right = [ax for ax in photos if ax.get_window_extent(renderer).x0 > bar.get_window_extent(renderer).x0]
+            for ax in right[:1]:
+                box = ax.get_window_extent(renderer)
+                assert not label.overlaps(box) and ticks.x1 <= box.x0, (options, label, box)

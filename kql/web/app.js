@@ -3,11 +3,19 @@
 
 const $ = (id) => document.getElementById(id);
 const FIT_W = 480, FIT_H = 360;              // the largest size an image is drawn at
-const state = { picture: null, scale: 1, region: null, drag: null };
+const CELL_HINT = "Click a cell of a map to see its value.";
+const POLL_MS = 300;                          // how often a run's progress is asked for
+const state = { picture: null, scale: 1, region: null, drag: null, token: "", header: "X-KQL-Token" };
 
 // -- talking to the server -------------------------------------------------------------------
 
+// Every POST carries the server's token (GET /api/session): a page of another origin can
+// neither read it nor send the header, so the server refuses its requests.
 async function api(path, options) {
+  options = Object.assign({}, options);
+  if (options.method && options.method !== "GET") {
+    options.headers = Object.assign({}, options.headers, { [state.header]: state.token });
+  }
   const response = await fetch(path, options);
   const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
@@ -28,6 +36,9 @@ function option(select, value, text) {
 }
 
 async function loadLists() {
+  const session = await api("/api/session");
+  state.token = session.token;
+  state.header = session.header;
   const models = (await api("/api/models")).models;
   for (const m of models) option($("model"), m.name, `${m.name} (${m.source})`);
   const lists = await api("/api/images");
@@ -141,29 +152,57 @@ function request() {
   return body;
 }
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// While a run is on: the server's progress line (positions done, rate, time left).
+async function watchProgress(run) {
+  while (!run.done) {
+    await sleep(POLL_MS);
+    try {
+      const progress = await api("/api/progress");
+      if (!run.done && progress.running) status(progress.text);
+    } catch (err) { /* the run's own answer says what went wrong */ }
+  }
+}
+
+function doneText(maps) {
+  const positions = maps.reduce((n, m) => n + m.positions, 0);
+  const seconds = maps.reduce((s, m) => s + m.seconds, 0);
+  return `done: ${positions.toLocaleString("en")} positions in ${seconds.toFixed(2)} s`;
+}
+
 async function run() {
   const picture = state.picture;
   $("run").disabled = true;
+  $("cell").textContent = CELL_HINT;            // the last run's read-out is gone with its maps
+  $("ssim-result").textContent = "";
+  $("panels").innerHTML = "";
   status("running ...");
+  const running = { done: false };
+  watchProgress(running);
   try {
     const data = await api("/api/occlude", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request()),
     });
-    $("panels").innerHTML = "";
-    if (data.exact) {
+    running.done = true;
+    if (data.exact && !data.approx) {           // the approximate query planned the exact map
+      addPanel("Exact (run once)", data.exact, picture);
+      $("ssim-result").textContent = data.note;
+      status(doneText([data.exact]));
+    } else if (data.exact) {
       addPanel("Exact", data.exact, picture);
       addPanel("Approximate (WITH SSIM)", data.approx, picture);
       $("ssim-result").textContent = data.ssim === null ? "" :
         `SSIM of the approximate map vs the exact one: ${data.ssim.toFixed(4)}`;
-      status(`done in ${(data.exact.seconds + data.approx.seconds).toFixed(2)} s`);
+      status(doneText([data.exact, data.approx]));
     } else {
       addPanel("Heat map", data, picture);
-      $("ssim-result").textContent = "";
-      status(`done in ${data.seconds.toFixed(2)} s`);
+      status(doneText([data]));
     }
   } catch (err) {
     status(err.message, true);
   } finally {
+    running.done = true;
     $("run").disabled = false;
   }
 }
@@ -188,11 +227,15 @@ function geometry(map) {
   };
 }
 
+// The half-width of the colour range: the map's largest change from the unoccluded score.
+function spreadOf(map) {
+  return map.values.flat().reduce((m, v) => Math.max(m, Math.abs(v - map.probability)), 0) || 1;
+}
+
 function drawMap(canvas, map, picture, picked) {
   const scale = fitScale(map.width, map.height);
   const ctx = drawPicture(canvas, picture, scale);
-  const g = geometry(map), flat = map.values.flat();
-  const spread = flat.reduce((m, v) => Math.max(m, Math.abs(v - map.probability)), 0) || 1;
+  const g = geometry(map), spread = spreadOf(map);
   for (let i = 0; i < map.rows; i++) {
     for (let j = 0; j < map.cols; j++) {
       ctx.fillStyle = diverging(map.values[i][j], map.probability, spread);
@@ -206,6 +249,25 @@ function drawMap(canvas, map, picture, picked) {
     ctx.lineWidth = 2;
     ctx.strokeRect(box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale);
   }
+}
+
+// The colour legend under a map: low (red: covering that spot lowers the score) to high
+// (blue), the unoccluded score marked in the middle.
+function drawLegend(panel, map) {
+  const spread = spreadOf(map), base = map.probability;
+  const canvas = panel.querySelector(".legend-bar"), ctx = canvas.getContext("2d");
+  for (let x = 0; x < canvas.width; x++) {
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(x, 0, 1, canvas.height);
+    ctx.fillStyle = diverging(base - spread + (2 * spread * (x + 0.5)) / canvas.width, base, spread);
+    ctx.fillRect(x, 0, 1, canvas.height);
+  }
+  ctx.fillStyle = "#000";
+  ctx.fillRect(canvas.width / 2 - 1, 0, 2, canvas.height);
+  const what = map.output === "logits" ? "logit" : "P";
+  panel.querySelector(".legend-low").textContent = `${(base - spread).toFixed(4)}: the patch lowers ${what}`;
+  panel.querySelector(".legend-mid").textContent = `${base.toFixed(4)} unoccluded`;
+  panel.querySelector(".legend-high").textContent = `${(base + spread).toFixed(4)}: raises it`;
 }
 
 function cellAt(map, x, y) {
@@ -234,6 +296,7 @@ function addPanel(title, map, picture) {
   panel.querySelector(".overlay").src = map.overlay_url;
   const canvas = panel.querySelector(".map-canvas");
   drawMap(canvas, map, picture, null);
+  drawLegend(panel, map);
   canvas.addEventListener("click", (e) => {
     const [x, y] = pixelAt(canvas, e, fitScale(map.width, map.height));
     const cell = cellAt(map, x, y);
