@@ -80,6 +80,10 @@ class PlanCache:
         entry = self._profiles.get((id(spec), image_digest(image), device, kind))
         return entry[2] if entry is not None and entry[0] is spec else None
 
+    def drop(self, spec, image, device: str, kind: str) -> None:
+        """Forget what is kept for (model, image, device, kind)."""
+        self._profiles.pop((id(spec), image_digest(image), device, kind), None)
+
     def forget(self, name: str) -> None:
         """Drop every graph and profile of the model registered as ``name``."""
         for kept in (self._profiles, self._graphs):

@@ -100,7 +100,11 @@ class PlanContext:
 
         def keep_graph(build):
             return cache.graph(model, model.name, device, build)[0]
-        profile, hit = self._kept(query, device, "profile", lambda: profile_model(query, device, keep_graph, limit))
+        build = lambda: profile_model(query, device, keep_graph, limit)     # noqa: E731
+        profile, hit = self._kept(query, device, "profile", build)
+        if hit and profile.shapes_only and (limit is None or profile.shapes_only <= limit):
+            self.cache.drop(model, query.image, device, "profile")    # views fit now: build them
+            profile, hit = self._kept(query, device, "profile", build)
         return profile, "profile" if hit else ("graph" if traced else "")
 
     def shapes(self, query, device: str) -> tuple:

@@ -260,6 +260,15 @@ def test_views_that_would_not_fit_are_not_built_and_the_plain_loop_is_planned(mo
     con.execute("SET strategy = 'incremental'")
     with pytest.raises(kql.KqlPlanError, match="materialized views"):
         con.execute("EXPLAIN OCCLUDE img USING net PATCH 16 STRIDE 16")
+    # The shapes-only profile is cached: a limit raised later builds the views after all
+    # (incremental inference on the cached meta tensors could not run).
+    con.execute("SET memory_limit = '1 GB'")
+    line = operator_line(con, "OCCLUDE img USING net PATCH 16 STRIDE 16")
+    assert line.strip().startswith("IncrementalOcclusion:") and "cache=profile" not in line, line
+    heat = con.execute("OCCLUDE img USING net PATCH 16 STRIDE 16").heatmap
+    con.execute("SET strategy = 'naive'")
+    np.testing.assert_allclose(heat, con.execute("OCCLUDE img USING net PATCH 16 STRIDE 16").heatmap,
+                               atol=1e-5)
 
 
 # -- 2. torch's out-of-memory errors -----------------------------------------------------------
