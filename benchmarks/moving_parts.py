@@ -102,7 +102,7 @@ def timed_query(spec, photo, size: int, query: str, layout: str = "auto", close:
     con = connect(spec, photo, size)
     con.execute(f"SET layout = '{layout}'")
     original = physical.CLOSE
-    physical.CLOSE = physical.CLOSE if close else 0.0
+    physical.CLOSE = physical.CLOSE if close else 1.0    # no ratio is within 1x
     try:
         start = time.perf_counter()
         con.execute(query)
