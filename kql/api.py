@@ -24,7 +24,7 @@ from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .models import ModelSpec, input_channels
 from .parser import parse_with_text, path_problem
 from .planner.cache import PlanCache
-from .planner.settings import Settings
+from .settings import Settings
 from .progress import ProgressBar
 from .result import Result
 

@@ -151,7 +151,7 @@ class KqlCompleter(Completer):
         """Names from ``con``'s catalog, the built-in model, the samples and settings."""
         from .images import SAMPLES
         from .models import BUILTIN
-        from .planner.settings import SETTINGS
+        from .settings import SETTINGS
 
         def rows(kind: str):
             return lambda: [r["name"] for r in _quietly(getattr(con.catalog, f"{kind}_rows"))]

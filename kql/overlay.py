@@ -35,10 +35,12 @@ puts the plain photo first. :func:`options_from` reads the ``overlay_*`` setting
 from __future__ import annotations
 
 import io
+from typing import Optional
 
 import numpy as np
 
 from .errors import KqlPlanError
+from .planner.settings import Setting, one_of
 
 OPTIONS = ("colormap", "alpha", "scale", "style", "panels", "contour", "base")
 DEFAULTS = {"colormap": "RdBu", "alpha": 0.8, "scale": "auto", "style": "smooth",
@@ -66,12 +68,11 @@ def checked(options: dict) -> dict:
     ...
     kql.errors.KqlPlanError: overlay_scale must be 'auto', 'absolute' or 'relative', got 'log'
     """
-    from .planner.settings import problem
-
+    rows = {s.name: s for s in SETTINGS}
     for name, value in options.items():
         if name not in OPTIONS:
             raise KqlPlanError(f"unknown overlay option '{name}'; options: {', '.join(OPTIONS)}")
-        why = problem(f"overlay_{name}", value)
+        why = rows[f"overlay_{name}"].check(value)
         if why:
             raise KqlPlanError(why)
     return {**DEFAULTS, **options}
@@ -300,3 +301,55 @@ def write_png(result, target, **options) -> None:
     """Write the overlay PNG to ``target`` (a path or a binary file)."""
     fig = figure(result, **options)
     fig.savefig(target, format="png", bbox_inches="tight", dpi=fig.dpi)
+
+
+# -- the overlay's session settings (SET overlay_<option>; kql.settings registers them) ---
+
+def _check_overlay_colormap(value) -> Optional[str]:
+    import matplotlib
+
+    if isinstance(value, str) and value.lower() in {n.lower() for n in matplotlib.colormaps}:
+        return None
+    return f"overlay_colormap must be a matplotlib colour map such as 'RdBu' or 'coolwarm', got {value!r}"
+
+
+def _check_overlay_alpha(value) -> Optional[str]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return None
+    return f"overlay_alpha must be a number from 0 to 1, got {value!r}"
+
+
+_check_overlay_scale = one_of("overlay_scale", "auto", "absolute", "relative")
+_check_overlay_style = one_of("overlay_style", "smooth", "blocks")
+_check_overlay_panels = one_of("overlay_panels", "overlay", "side_by_side")
+_check_overlay_contour = one_of("overlay_contour", "on", "off")
+
+
+def _check_overlay_base(value) -> Optional[str]:
+    if value in ("grey", "gray", "colour", "color"):
+        return None
+    return f"overlay_base must be 'grey' or 'colour', got {value!r}"
+
+
+
+SETTINGS = (
+    Setting("overlay_colormap", "RdBu", _check_overlay_colormap,
+            "the PNG overlay's colour map (matplotlib's name), centred on the unoccluded "
+            "score: with a diverging one such as 'RdBu', drops red and rises blue"),
+    Setting("overlay_alpha", 0.8, _check_overlay_alpha,
+            "the overlay's opacity where the score changes most (0..1); an unchanged cell "
+            "leaves the image as it is"),
+    Setting("overlay_scale", "auto", _check_overlay_scale,
+            "the overlay's colour range around the unoccluded score: 'auto' (the largest "
+            "change, at least 0.05 of probability or 0.5 logits), 'absolute' (all of 0..1; "
+            "logits: 4) or 'relative' (the largest change, however small)"),
+    Setting("overlay_style", "smooth", _check_overlay_style,
+            "the overlay between patch centres: 'smooth' (bilinear) or 'blocks' (one stride wide)"),
+    Setting("overlay_panels", "overlay", _check_overlay_panels,
+            "'overlay' (the map over the image) or 'side_by_side' (the plain image first)"),
+    Setting("overlay_contour", "on", _check_overlay_contour,
+            "'on': outline the cells whose drop is at least half the largest drop; 'off'"),
+    Setting("overlay_base", "grey", _check_overlay_base,
+            "the image under the overlay: 'grey' (its luminance, readable under any map) "
+            "or 'colour'"),
+)

@@ -37,7 +37,7 @@ from helpers import smooth_noise_image
 from kql import ast, executor
 from kql.errors import MESSAGE_LIMIT, KqlError, KqlSyntaxError
 from kql.parser import parse_with_text
-from kql.planner.settings import Settings
+from kql.settings import Settings
 
 EXAMPLES = int(os.environ.get("KQL_FUZZ_EXAMPLES", "300"))
 CASE_SECONDS = float(os.environ.get("KQL_FUZZ_CASE_SECONDS", "20"))

@@ -33,6 +33,9 @@ PLANNER_MUST_NOT_IMPORT = ("kql", "kql.shell", "kql.cli", "kql.__main__", "kql.p
                            "kql.api", "kql.executor", "kql.bench")
 
 
+LOWER_LAYERS = ("kql.planner", "kql.operators", "kql.cuda")
+
+
 def within(name: str, package: str) -> bool:
     """``name`` is ``package`` or one of its submodules."""
     return name == package or name.startswith(package + ".")
@@ -40,6 +43,8 @@ def within(name: str, package: str) -> bool:
 
 def rule_broken(importer: str, imported: str) -> str | None:
     """Why ``importer`` may not import ``imported``; None where it may."""
+    if within(imported, "matplotlib") and any(within(importer, p) for p in LOWER_LAYERS):
+        return "planner/, operators/ and cuda/ import no plotting library"
     if not within(imported, "kql"):
         return None                                    # torch, numpy, NVIDIA's cuda, ...
     if within(importer, "kql.cuda"):
@@ -247,3 +252,10 @@ def test_pyproject_check_finds_a_top_level_cuda(tmp_path):
     assert top_level_cuda(tomllib.loads(bad)["tool"]["setuptools"]) == ["cuda", "cuda"]
     found = {"packages": {"find": {"where": ["."]}}}
     assert top_level_cuda(found)
+
+
+def test_the_lower_layers_import_no_plotting_library():
+    """Display settings live with the overlay (kql.overlay), not in the planner."""
+    assert rule_broken("kql.planner.settings", "matplotlib") is not None
+    assert rule_broken("kql.operators.naive", "matplotlib.pyplot") is not None
+    assert rule_broken("kql.overlay", "matplotlib") is None

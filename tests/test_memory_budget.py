@@ -27,7 +27,7 @@ from kql import shell
 from kql.api import KqlWarning
 from kql.operators.task import OcclusionTask, scan
 from kql.planner import memory, shape_first
-from kql.planner.settings import Settings
+from kql.settings import Settings
 from kql.shell import Runner, Shell
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # small tensors: see conftest
