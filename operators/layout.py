@@ -51,21 +51,14 @@ def in_layout(t, layout: str):
 class LayoutTrial:
     """Picks the faster layout on a scan's own batches, measured in this process.
 
-    Which layout wins depends on the model and the map sizes (at 64x64, batch 16, 2
-    threads: ResNet18 ran channels-last 1.35x slower than contiguous, SqueezeNet1.1 1.45x,
-    GoogLeNet 1.6x faster), so the naive operator runs its first batch channels-last, its
-    second contiguous, each timed per item, and every later batch in the layout that took
-    less. Every item's logits are kept: nothing is computed twice, and the price is at most
-    one batch in the slower layout. The units are whole batches because a layout's speed
-    at one batch size does not tell it at another: ResNet18 at 64x64 ran channels-last
-    1.35x slower at batch 16 but 4x slower at batch 4 (the trial it replaces timed the two
-    halves of one batch and cost that scan 5-7%). Channels-last runs first, so the scan's
-    cold start (allocations) counts against it: the trial leans towards contiguous, a plain
-    loop's layout. A scan of fewer than :data:`MIN_BATCHES` batches runs contiguous, as a
-    plain loop does: no batch would be left to gain from the trial. A unit that never
-    reports its time (its batch ran out of memory and is retried smaller) ends the trial
-    in contiguous. An outcome measured while other work competed for the CPU
-    (:mod:`.contention`) serves this scan only: it is not kept.
+    Which layout wins depends on the model, the map sizes and the batch size (README,
+    *Layout* and *Fewer moving parts*), so the first batch runs channels-last and the
+    second contiguous, each timed per item, and every later batch runs in the faster.
+    Nothing is computed twice: the price is at most one batch in the slower layout.
+    A scan shorter than :data:`MIN_BATCHES` batches runs contiguous, as a plain loop
+    does; a unit that never reports its time (retried smaller after running out of
+    memory) ends the trial in contiguous. An outcome measured while other work competed
+    for the CPU (:mod:`.contention`) serves this scan only.
 
     >>> trial = LayoutTrial(batches=10)
     >>> trial.next()

@@ -1,22 +1,17 @@
 """Layout trial outcomes kept across processes, in ``layouts.json`` of the user's cache.
 
-A layout trial (:class:`~kql.operators.layout.LayoutTrial`) costs the first scan of a
-shape one batch in the slower layout, and a connection keeps its outcome only for its
-own life: every new process, a ``kql -c`` or a notebook restarted, paid it again. At
-64x64 that batch was ResNet18's whole margin over a plain loop (one of 11 batches run
-1.35x slower). The outcome depends on the machine and the model's layers, not on its
-weights, the image or the target, so it is kept per machine (:func:`calibrate.device_key`:
-cores and threads), torch version, the model's layers (:meth:`ModelSpec.structure`), image
-size, batch, device and plan (operator, crossover, patch), in the folder the calibration
-table lives in when the catalog is in memory (:func:`calibrate.cache_dir`; ``$KQL_CACHE_DIR``
-empty: nowhere). Layouts are machine facts, so a catalog folder never holds them.
+A layout trial (:class:`~kql.operators.layout.LayoutTrial`) costs a scan one batch in
+the slower layout; kept here, a new process (``kql -c``, a restarted notebook) skips it.
+The outcome is a fact of the machine and the model's layers, not of its weights or the
+image's content: it is keyed by :func:`calibrate.device_key`, torch version, the model's
+layers (:meth:`ModelSpec.structure`), image size, batch, device and plan, in the folder
+of the calibration table (:func:`calibrate.cache_dir`; ``$KQL_CACHE_DIR`` empty: nowhere),
+never in a catalog folder.
 
-Only a clear outcome measured on a quiet machine is written: the faster layout at least
-:data:`MARGIN` faster per item, and the load average no higher than the cores (another
-process busy on them skews the two batches unequally, the way a busy machine once set
-the thread count to one for good). Anything else stays in the connection only. A
-``CALIBRATE`` forgets the machine's entries. A file that cannot be read counts as empty;
-one that cannot be written keeps the outcome in the connection only.
+Only a clear outcome (the faster layout at least :data:`MARGIN` faster per item) measured
+on a quiet machine is written; anything else stays in the connection. ``CALIBRATE``
+forgets the machine's entries; an unreadable file counts as empty, an unwritable one
+keeps the outcome in the connection only.
 
 >>> import tempfile
 >>> store = LastingLayouts(tempfile.mkdtemp(), busy=lambda: False)

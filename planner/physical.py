@@ -46,8 +46,6 @@ CROSSOVER_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 # wrong simple one (naive < incremental < incremental with an earlier crossover). Against
 # naive the bar is higher: where incremental inference saves only a few layers (a model
 # whose squeeze-excitation makes every later layer full), its bookkeeping eats the gain.
-# EfficientNet-B0 is that case: predicted 10% cheaper, measured 0.87x and 0.96x of naive, as
-# projecting its 112x112 maps into full tensors ran at half the calibrated copy rate.
 MARGIN = 0.95
 NAIVE_MARGIN = 0.85
 # A close call between naive and incremental inference: the two predictions within this
@@ -66,7 +64,7 @@ SHORTCUT_SLOWER = 1.25
 class PlanContext:
     """What the planner may consult: session settings, the catalog directory, the machine."""
 
-    settings: Mapping = field(default_factory=dict)     # a planner.settings.Settings
+    settings: Mapping = field(default_factory=dict)     # a kql.settings.Settings (read by name)
     directory: Optional[str] = None
     tuning_lookup: Optional[Callable] = None            # (model name, key) -> record dict or None
     cache: Optional[PlanCache] = None                   # the connection's plan cache

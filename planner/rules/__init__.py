@@ -5,8 +5,8 @@ to go on with.
 The order matters and is fixed here:
 
 1. ``check_output``: a bad INTO path fails before anything expensive runs.
-2. ``check_quality``: range-check WITH SSIM / DRILLDOWN, then refuse them until the
-   approximate operators exist (never silently ignored).
+2. ``check_quality``: range-check WITH SSIM / DRILLDOWN and their companions (SPEEDUP),
+   so a bad target fails before a model is traced.
 3. ``resolve_device``: ON GPU needs a GPU; ON AUTO without one becomes CPU, with one it
    stays for the physical planner to price both devices. Last, so that the checks above
    report the same errors on machines with and without a GPU.
