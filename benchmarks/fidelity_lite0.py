@@ -6,7 +6,7 @@ Usage: .venv/bin/python benchmarks/fidelity_lite0.py ["PATCH 16 STRIDE 8"]
 import sys, time
 import numpy as np, torch, kql
 from kql.parser import parse_with_text
-from kql.planner.logical import bind
+from kql.binder import bind
 from kql.planner.tuning import heatmap_ssim
 
 G = sys.argv[1] if len(sys.argv) > 1 else "PATCH 16 STRIDE 8"

@@ -23,7 +23,7 @@ import torch
 
 import kql
 from kql.parser import parse_with_text
-from kql.planner.logical import bind
+from kql.binder import bind
 from kql.planner.tuning import heatmap_ssim
 
 ARGS = [a for a in sys.argv[1:] if not a.startswith("--calibrate=")]

@@ -18,7 +18,8 @@ from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
 from .globs import glob_files
 from .planner.devices import require_cuda
 from .planner.explain import exactness
-from .planner.logical import at_node, bind, fail
+from .binder import bind
+from .planner.logical import at_node, fail
 from .operators.task import out_of_memory
 from .planner.memory import size_text
 from .planner.physical import PlanContext, plan_query

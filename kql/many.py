@@ -28,7 +28,8 @@ from . import ast
 from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .fileio import atomic_write
 from .globs import iter_files
-from .planner.logical import at_node, bind, fail
+from .binder import bind
+from .planner.logical import at_node, fail
 from .planner.rules import check_output
 from .resultset import RANKABLE, ResultSet, error_row, ranked, row_of
 

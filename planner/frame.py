@@ -27,10 +27,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-import torch
-
-from kql import images
-
 RESIZES = ("squash", "crop", "pad")
 DEFAULT_RESIZE = "squash"
 
@@ -102,26 +98,3 @@ class Frame:
         if self.border != (0, 0):
             text += " ({} {}x{})".format("cut" if self.mode == "crop" else "border", *self.border)
         return text
-
-
-def fit(image: torch.Tensor, frame: Frame, fill: Optional[tuple] = None) -> torch.Tensor:
-    """``image`` [C, H, W] in the model's frame: resized, then cropped or padded with
-    ``fill`` (per channel; grey 0.5 when None).
-
-    >>> t = fit(torch.ones(1, 30, 60), Frame.fitting((30, 60), (10, 10), "pad"))
-    >>> tuple(t.shape), [round(v, 3) for v in t[0, :, 0].tolist()]
-    ((1, 10, 10), [0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
-    """
-    resized = images.resize(image, frame.resized)
-    (th, tw), (by, bx) = frame.size, frame.border
-    if frame.mode == "crop":
-        return resized[:, by:by + th, bx:bx + tw].contiguous()
-    if frame.mode == "pad" and tuple(resized.shape[1:]) != (th, tw):
-        rh, rw = resized.shape[1:]
-        channels = resized.shape[0]
-        value = torch.tensor(fill if fill is not None else (0.5,) * channels,
-                             dtype=resized.dtype).view(-1, 1, 1)
-        out = value.expand(channels, th, tw).clone()
-        out[:, by:by + rh, bx:bx + rw] = resized
-        return out
-    return resized

@@ -127,7 +127,7 @@ def test_drill_down_candidates_are_tuned_and_priced(con):
 
 def _bound(con, image):
     from kql.parser import parse_with_text
-    from kql.planner.logical import bind
+    from kql.binder import bind
 
     stmt, text = parse_with_text(QUERY.format(img=image))[0]
     return bind(stmt, text, con.catalog)

@@ -206,7 +206,8 @@ def square_connection(net, photo, mean=None):
 @pytest.mark.parametrize("mode, resized, border", [
     ("squash", (24, 24), (0, 0)), ("crop", (24, 40), (0, 8)), ("pad", (14, 24), (5, 0))])
 def test_resize_modes(net, photo, mode, resized, border):
-    from kql.planner.frame import Frame, fit
+    from kql.binder import fit
+    from kql.planner.frame import Frame
 
     frame = Frame.fitting((36, 60), (24, 24), mode)
     assert (frame.resized, frame.border) == (resized, border)

@@ -21,7 +21,7 @@ from PIL import Image
 import kql
 from kql import ast, models
 from kql.catalog import TUNING_FILE, Catalog
-from kql.planner.logical import bind
+from kql.binder import bind
 from helpers import smooth_noise_image
 from models_zoo import small_cnn
 

@@ -115,7 +115,7 @@ def test_tuning_records_the_checks_and_prices_them():
         c.register_image(f"i{i}", image)
     c.execute("CALIBRATE net ON (i0, i1) PATCH 12 STRIDE 2 COLOR black")
     from kql.parser import parse_with_text
-    from kql.planner.logical import bind
+    from kql.binder import bind
     from kql.planner.tuning import key
 
     stmt, text = parse_with_text("OCCLUDE i2 USING net PATCH 12 STRIDE 2 COLOR black")[0]

@@ -1,0 +1,176 @@
+"""The binder: an ``OCCLUDE`` statement resolved against the catalog into the logical plan.
+
+It reads the image (resized to the model's input), looks up the model, the target, the
+patch grid and the colour, and fills every default: the
+:class:`~kql.planner.logical.OcclusionQuery` the planner takes. It sits above the
+planner, as it reads the language's tree and the catalog's files; a clause at fault is
+named with its line and column.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Optional
+
+import torch
+
+from . import ast, images
+from .errors import KqlError
+from .planner.frame import DEFAULT_RESIZE, Frame
+from .planner.grid import OcclusionGrid
+from .planner.logical import OcclusionQuery, at_node, fail
+
+DEFAULT_PATCH = 16
+DEFAULT_STRIDE = 4
+NAMED_COLORS = {"black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "white": (1.0, 1.0, 1.0)}
+
+
+def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIXELS) -> OcclusionQuery:
+    """Resolve names and fill defaults; raises KqlError pointing at the clause at fault."""
+    try:
+        spec = catalog.resolve_model(stmt.model.name)
+    except KqlError as exc:
+        raise at_node(exc, stmt.model)
+    raw, label, info = _image(stmt.image, catalog, max_pixels)
+    raw, channel_note = _channels(stmt, raw, spec)
+    size = images.target_size(raw.shape[1], raw.shape[2], spec.input_size)
+    frame = Frame.fitting(tuple(raw.shape[1:]), size, stmt.resize or DEFAULT_RESIZE)
+    image = fit(raw, frame, spec.mean)
+    patch = stmt.patch or (DEFAULT_PATCH, DEFAULT_PATCH)
+    stride = stmt.stride or (DEFAULT_STRIDE, DEFAULT_STRIDE)
+    region = _region(stmt, frame)
+    grid = OcclusionGrid(int(image.shape[1]), int(image.shape[2]), patch, stride, region)
+    problem = grid.problem()
+    if problem:
+        clause = ("stride" if "stride" in problem else
+                  "region" if "region" in problem and stmt.region else "patch")
+        raise fail(stmt, clause, problem)
+    color, color_label = _color(stmt, image)
+    if stmt.batch is not None and stmt.batch < 1:
+        raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
+    targets, top = _targets(stmt, spec)
+    return OcclusionQuery(
+        statement=stmt, text=text, image_label=label, image=image, model=spec,
+        target=targets[0] if targets else None, grid=grid, color=color, color_label=color_label,
+        device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, ssim=stmt.ssim,
+        drilldown=stmt.drilldown, speedup=stmt.speedup,
+        notes=(channel_note,) if channel_note else (), targets=targets, top=top,
+        output=stmt.output, frame=frame, original=raw, image_info=info)
+
+
+def _region(stmt: ast.Occlude, frame: Frame) -> Optional[tuple]:
+    """REGION (in the original image's pixels) in the model's pixels."""
+    if stmt.region is None:
+        return None
+    r = stmt.region
+    region = (r.x, r.y, r.w, r.h)
+    (h, w) = frame.original
+    if r.w < 1 or r.h < 1:
+        raise fail(stmt, "region", f"region size must be at least 1 (got {r.w}x{r.h})")
+    if r.x + r.w > w or r.y + r.h > h:
+        raise fail(stmt, "region", f"region ({r.x}, {r.y}, {r.w}, {r.h}) is not inside the "
+                                   f"image ({w} wide, {h} high)")
+    return region if frame.identity else frame.region_in_model(region)
+
+
+def _channels(stmt: ast.Occlude, raw: torch.Tensor, spec) -> tuple[torch.Tensor, Optional[str]]:
+    try:
+        return images.match_channels(raw, spec.channels)
+    except KqlError as exc:
+        raise at_node(exc, stmt.image)
+
+
+def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str, dict]:
+    """The image's pixels, its label, and what its file's header says (a quoted file)."""
+    try:
+        if isinstance(ref, ast.SampleImage):
+            return images.load_sample(ref.name), f"sample('{ref.name}')", {}
+        if isinstance(ref, ast.ImageFile):
+            loaded = images.read_image(ref.path, max_pixels=max_pixels)
+            return loaded.tensor, f"'{ref.path}'", dict(loaded.info)
+        return catalog.resolve_image(ref.name, max_pixels), ref.name, {}
+    except KqlError as exc:
+        raise at_node(exc, ref)
+
+
+def _color(stmt: ast.Occlude, image: torch.Tensor) -> tuple[tuple, str]:
+    """The occlusion colour, one value per channel of ``image``, and its name."""
+    c, channels = stmt.color, int(image.shape[0])
+    if c is None:
+        return NAMED_COLORS["gray"][:1] * channels, "gray"
+    if isinstance(c, ast.ColorNamed):
+        if c.name == "mean":
+            m = image.mean(dim=(1, 2))
+            return tuple(float(v) for v in m), "mean"
+        return NAMED_COLORS[c.name][:1] * channels, c.name
+    rgb = (float(c.r), float(c.g), float(c.b))
+    if not all(0.0 <= v <= 1.0 for v in rgb):
+        raise fail(stmt, "color", f"colour components must lie in [0, 1] (pixel space), got "
+                                  f"({c.r:g}, {c.g:g}, {c.b:g}); e.g. COLOR (0.5, 0.5, 0.5)")
+    label = "({:g}, {:g}, {:g})".format(*rgb)
+    if channels == 3:
+        return rgb, label
+    if channels == 1:                   # a grey image: the colour's luma
+        return (sum(w * v for w, v in zip(images.LUMA, rgb)),), label
+    if len(set(rgb)) == 1:
+        return rgb[:1] * channels, label
+    raise fail(stmt, "color", f"an (r, g, b) colour needs a 3-channel image; the model takes "
+                              f"{channels} channels: use a named colour or equal components")
+
+
+def _targets(stmt: ast.Occlude, spec) -> tuple[tuple, Optional[int]]:
+    """The classes to map (None: the predicted one) and TOP k's k."""
+    t = stmt.target
+    if isinstance(t, ast.TargetTop):
+        if spec.labels is not None and t.k > len(spec.labels):
+            raise fail(stmt, "target", f"TARGET TOP {t.k}: model '{spec.name}' has only "
+                                       f"{len(spec.labels)} classes")
+        return (), t.k
+    singles = t.targets if isinstance(t, ast.TargetList) else (t,)
+    chosen = tuple(_target(stmt, spec, one) for one in singles)
+    if len(set(chosen)) != len(chosen):
+        raise fail(stmt, "target", "TARGET names the same class twice")
+    return chosen, None
+
+
+def _target(stmt: ast.Occlude, spec, t) -> Optional[int]:
+    if t is None or isinstance(t, ast.TargetPredicted):
+        return None
+    labels = spec.labels
+    if isinstance(t, ast.TargetIndex):
+        if labels is not None and not 0 <= t.index < len(labels):
+            raise fail(stmt, "target", f"target class {t.index} is out of range: model "
+                                       f"'{spec.name}' has {len(labels)} classes (0..{len(labels) - 1})")
+        return t.index
+    if labels is None:
+        raise fail(stmt, "target", f"model '{spec.name}' has no labels; name the class by "
+                                   f"index (TARGET 3) or register labels")
+    lowered = [lbl.lower() for lbl in labels]
+    if t.label.lower() in lowered:
+        return lowered.index(t.label.lower())
+    hint = difflib.get_close_matches(t.label.lower(), lowered, n=1)
+    extra = f"; did you mean '{labels[lowered.index(hint[0])]}'?" if hint else ""
+    raise fail(stmt, "target", f"unknown label '{t.label}' for model '{spec.name}'{extra}")
+
+
+def fit(image: torch.Tensor, frame: Frame, fill: Optional[tuple] = None) -> torch.Tensor:
+    """``image`` [C, H, W] in the model's frame: resized, then cropped or padded with
+    ``fill`` (per channel; grey 0.5 when None).
+
+    >>> t = fit(torch.ones(1, 30, 60), Frame.fitting((30, 60), (10, 10), "pad"))
+    >>> tuple(t.shape), [round(v, 3) for v in t[0, :, 0].tolist()]
+    ((1, 10, 10), [0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
+    """
+    resized = images.resize(image, frame.resized)
+    (th, tw), (by, bx) = frame.size, frame.border
+    if frame.mode == "crop":
+        return resized[:, by:by + th, bx:bx + tw].contiguous()
+    if frame.mode == "pad" and tuple(resized.shape[1:]) != (th, tw):
+        rh, rw = resized.shape[1:]
+        channels = resized.shape[0]
+        value = torch.tensor(fill if fill is not None else (0.5,) * channels,
+                             dtype=resized.dtype).view(-1, 1, 1)
+        out = value.expand(channels, th, tw).clone()
+        out[:, by:by + rh, bx:bx + rw] = resized
+        return out
+    return resized
