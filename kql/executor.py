@@ -23,7 +23,8 @@ from .planner.logical import at_node, fail
 from .operators.task import out_of_memory
 from .planner.memory import size_text
 from .planner.physical import PlanContext, plan_query
-from .planner.rules import optimize
+from .output import check_into
+from .planner.rules import RULES, optimize
 from .result import Result
 
 
@@ -42,7 +43,7 @@ def plan_bound(con, query, start: float = None):
     start = time.perf_counter() if start is None else start
     ctx = PlanContext(settings=con.settings.copy(), directory=con.catalog.directory,
                       tuning_lookup=con.catalog.tuning, cache=con.plan_cache)
-    physical = plan_query(optimize(query, ctx), ctx)
+    physical = plan_query(optimize(query, ctx, rules=(check_into, *RULES)), ctx)
     return dataclasses.replace(physical, planning_seconds=time.perf_counter() - start), ctx
 
 

@@ -30,7 +30,7 @@ from .fileio import atomic_write
 from .globs import iter_files
 from .binder import bind
 from .planner.logical import at_node, fail
-from .planner.rules import check_output
+from .output import check_into
 from .resultset import RANKABLE, ResultSet, error_row, ranked, row_of
 
 JOURNAL_SUFFIX = ".partial"
@@ -77,7 +77,7 @@ def _check(stmt: ast.Occlude) -> None:
     if stmt.into and not stmt.into.lower().endswith(".parquet"):
         raise fail(stmt, "into", "a many-image query writes a table: INTO '<file>.parquet'")
     if stmt.into:       # the folder exists, the name is one a file can have: as for one image
-        check_output.check(SimpleNamespace(statement=stmt, into=stmt.into), None)
+        check_into(SimpleNamespace(statement=stmt, into=stmt.into))
 
 
 # The columns of text (compared as text, with a quoted value); every other one is a number.

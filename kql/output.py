@@ -11,11 +11,14 @@ half-written.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
-from .errors import KqlExecutionError
+from .errors import KqlExecutionError, shorten
 from .fileio import atomic_write
+from .parser import path_problem
+from .planner.logical import fail
 from .overlay import extent as _extent  # noqa: F401  (where it was; tests import it)
 
 
@@ -65,3 +68,61 @@ def _png(result, tmp: str, options: dict) -> None:
 # The one list of output formats (the INTO check of the planner uses it too).
 WRITERS = {".png": _png, ".npy": _npy, ".parquet": _parquet}
 FORMATS = tuple(WRITERS)
+
+
+# -- the INTO check -------------------------------------------------------------------------
+
+def check_into(plan, ctx=None) -> None:
+    """Check a query's INTO before anything expensive runs (the front end runs it ahead of
+    the planner's rules): a .png, .npy or .parquet file in a directory that exists, that
+    the operating system can take (no NUL, encodable, not longer than the file system
+    allows). The parser refuses names no file could have at the string's own position;
+    this repeats it for statements built in Python, pointing at the INTO clause.
+
+    >>> from types import SimpleNamespace
+    >>> from kql.parser import parse
+    >>> stmt = parse("OCCLUDE img USING net INTO 'map.jpg'")[0]
+    >>> check_into(SimpleNamespace(statement=stmt, into=stmt.into), None)
+    Traceback (most recent call last):
+    ...
+    kql.errors.KqlPlanError: line 1, column 23: INTO 'map.jpg': unsupported file type '.jpg'; use .png, .npy or .parquet
+    >>> check_into(SimpleNamespace(statement=stmt, into="m" * 300 + ".png"), None)
+    Traceback (most recent call last):
+    ...
+    kql.errors.KqlPlanError: line 1, column 23: INTO 'mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm…': the file name is longer than 255 bytes
+    >>> check_into(SimpleNamespace(statement=stmt, into=None), None) is None     # no INTO: nothing to check
+    True
+    """
+    into = plan.into
+    if into is None:
+        return
+    problem = path_problem(into) or _too_long(into)
+    if problem is not None:
+        raise fail(plan.statement, "into", f"INTO '{shorten(into)}': {problem}")
+    ext = os.path.splitext(into)[1].lower()
+    if ext not in FORMATS:
+        raise fail(plan.statement, "into", f"INTO '{into}': unsupported file type "
+                                           f"'{ext or '(none)'}'; use {formats_text()}")
+    folder = os.path.dirname(os.path.abspath(into))
+    if not os.path.isdir(folder):
+        raise fail(plan.statement, "into", f"INTO '{into}': directory '{folder}' does not exist")
+    if os.path.isdir(into):
+        raise fail(plan.statement, "into", f"INTO '{into}' is a directory")
+
+
+def _too_long(path: str) -> Optional[str]:
+    """Why the file system would refuse ``path`` for its length, or None."""
+    limit_name, limit_path = _limits(os.path.dirname(os.path.abspath(path)))
+    if len(os.fsencode(os.path.abspath(path))) > limit_path:
+        return f"the path is longer than {limit_path} bytes"
+    if len(os.fsencode(os.path.basename(path))) > limit_name:
+        return f"the file name is longer than {limit_name} bytes"
+    return None
+
+
+def _limits(folder: str) -> tuple[int, int]:
+    """The longest file name and path, in bytes, where ``folder`` lies (POSIX defaults)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):   # no such folder yet, or not POSIX
+        return 255, 4096

@@ -30,6 +30,6 @@ def test_docstrings(name):
 
 def test_every_layer_is_collected():
     names = modules()
-    for module in ("kql.planner.physical", "kql.operators.incremental", "kql.planner.rules.check_output",
+    for module in ("kql.planner.physical", "kql.operators.incremental", "kql.output",
                    "kql.parser"):
         assert module in names

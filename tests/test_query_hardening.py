@@ -30,7 +30,7 @@ from kql import ast
 from kql.errors import (MESSAGE_LIMIT, KqlError, KqlExecutionError, KqlImageError, KqlModelError,
                         KqlPlanError, KqlSyntaxError, one_line)
 from kql.parser import MAX_WHOLE, parse
-from kql.planner.rules import check_output
+from kql.output import check_into
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = "1" + "0" * 5000                     # past int()'s 4,300-digit limit
@@ -140,7 +140,7 @@ def test_the_output_check_refuses_what_a_python_built_statement_names(into, expe
                        pos=ast.Pos(1, 1), clause_pos=(("into", ast.Pos(1, 23)),))
     plan = type("Plan", (), {"statement": stmt, "into": into})()
     with pytest.raises(KqlPlanError, match=expected) as info:
-        check_output.check(plan, None)
+        check_into(plan, None)
     assert (info.value.line, info.value.column) == (1, 23) and len(str(info.value)) < 200
 
 

@@ -2,12 +2,12 @@
 (it raises or returns None); a rewrite, ``rewrite(plan, ctx) -> plan``, returns the plan
 to go on with.
 
-The order matters and is fixed here:
+The order matters and is fixed here (the front end runs its own check of INTO,
+:func:`kql.output.check_into`, ahead of them):
 
-1. ``check_output``: a bad INTO path fails before anything expensive runs.
-2. ``check_quality``: range-check WITH SSIM / DRILLDOWN and their companions (SPEEDUP),
+1. ``check_quality``: range-check WITH SSIM / DRILLDOWN and their companions (SPEEDUP),
    so a bad target fails before a model is traced.
-3. ``resolve_device``: ON GPU needs a GPU; ON AUTO without one becomes CPU, with one it
+2. ``resolve_device``: ON GPU needs a GPU; ON AUTO without one becomes CPU, with one it
    stays for the physical planner to price both devices. Last, so that the checks above
    report the same errors on machines with and without a GPU.
 
@@ -18,9 +18,9 @@ The order matters and is fixed here:
 ['plan']
 """
 
-from . import check_output, check_quality, resolve_device
+from . import check_quality, resolve_device
 
-RULES = (check_output.check, check_quality.check, resolve_device.rewrite)
+RULES = (check_quality.check, resolve_device.rewrite)
 
 
 def optimize(plan, ctx, rules=RULES):
