@@ -90,7 +90,7 @@ def exactness(plan, actual: Optional[dict] = None) -> str:
         text = f"approximate: verified drill-down ({own['check']})"
         check = (actual or {}).get("check")
         if check is not None:
-            text += (f", check failed at every lattice: exact map" if check["exact"] else
+            text += (", check failed at every lattice: exact map" if check["exact"] else
                      f", measured SSIM >= {check['bound']:.3f} on lattice {check['lattice']}")
     elif plan.stages:
         text = f"approximate: drill-down fraction {own.get('fraction', '?')}"
