@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph import Local, classify, trace
-from .shapes import UNCHECKED_FACTOR, check_fits, peak_bytes
+from .shapes import check_fits, peak_bytes, unchecked
 from .task import check_logits
 
 
@@ -51,7 +51,7 @@ class ModelProfile:
         """The estimated bytes of the views when they would not fit ``limit`` (None: they
         fit, or were not estimated); :class:`.shapes.OverMemoryLimit` when a pass that
         keeps no views would not fit either."""
-        if limit is None or x.numel() * x.element_size() * UNCHECKED_FACTOR <= limit:
+        if unchecked(x, limit):
             return None
         views = peak_bytes(lambda v: self._run(v, keep=True), x, self.gm)
         if views is None or views <= limit:

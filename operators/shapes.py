@@ -118,7 +118,7 @@ def check_fits(run, x: torch.Tensor, limit: Optional[int], what: str,
     """The peak bytes of ``run(x)`` (:func:`peak_bytes`, None: not estimated); raises
     :class:`OverMemoryLimit` when they pass ``limit``. Not estimated without a limit or
     while ``x`` is too small for any CNN to reach it (:data:`UNCHECKED_FACTOR`)."""
-    if limit is None or _bytes(x) * UNCHECKED_FACTOR <= limit:
+    if unchecked(x, limit):
         return None
     needed = peak_bytes(run, x, module)
     if needed is not None and needed > limit:
@@ -225,6 +225,12 @@ def _maps(t) -> bool:
 
 def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def unchecked(x: torch.Tensor, limit: Optional[int]) -> bool:
+    """Whether no estimated pass is needed: no limit, or ``x`` too small for any CNN on it
+    to reach ``limit`` (:data:`UNCHECKED_FACTOR`)."""
+    return limit is None or _bytes(x) * UNCHECKED_FACTOR <= limit
 
 
 def _bytes(t) -> int:

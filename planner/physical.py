@@ -87,10 +87,14 @@ class PlanContext:
         return (self.settings.get("tau", "auto") in ("auto", 1, 1.0)
                 and self.settings.get("gates", "exact") == "exact")
 
+    def memory_limit(self, device: str) -> int:
+        """Bytes a plan (and planning's own passes) may use on ``device``."""
+        return memory.allowed(self.settings.get("memory_limit", "auto"), device)
+
     def profile(self, query, device: str) -> tuple:
         """``(profile, what came from the cache)``: of the query's model on its image;
         ``"profile"`` when all of it, ``"graph"`` when only its trace (another image)."""
-        limit = memory.allowed(self.settings.get("memory_limit", "auto"), device)
+        limit = self.memory_limit(device)
         if self.cache is None:
             return profile_model(query, device, limit=limit), ""
         cache, model = self.cache, query.model
@@ -107,7 +111,7 @@ class PlanContext:
 
     def shapes(self, query, device: str) -> tuple:
         """``(shape summary, from the cache?)`` of one forward pass of the query's model."""
-        limit = memory.allowed(self.settings.get("memory_limit", "auto"), device)
+        limit = self.memory_limit(device)
         return self._kept(query, device, "shapes", lambda: summarize_model(query, device, limit))
 
     def base_logits(self, query, device: str) -> torch.Tensor:
@@ -117,7 +121,7 @@ class PlanContext:
                 found = self.cache.peek(query.model, query.image, device, kind)
                 if found is not None:
                     return getattr(found, field_name)
-        limit = memory.allowed(self.settings.get("memory_limit", "auto"), device)
+        limit = self.memory_limit(device)
         return self._kept(query, device, "logits", lambda: unoccluded_logits(query, device, limit))[0]
 
     def _kept(self, query, device: str, kind: str, build) -> tuple:
@@ -388,7 +392,7 @@ def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=Non
     other of naive and incremental inference (else None), and whether the two are a close
     call. Predictions are corrected by earlier scans (:func:`_learned`) before they are
     compared. :class:`~.memory.MemoryLimitError` when no plan fits."""
-    cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
+    cap = ctx.memory_limit(device)
     if profile is None:                        # torch.fx cannot trace it: the plain loop
         return _learned(_untraced(query, device, threads, reason, cap), ctx, tp), None, False
     try:

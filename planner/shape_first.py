@@ -52,7 +52,7 @@ def decide(query, ctx, device: str, tp, margin: float) -> Optional[NaiveFromShap
     if not (gated or small or large):
         return None
     summary, hit = ctx.shapes(query, device)
-    cap = memory.allowed(ctx.settings.get("memory_limit", "auto"), device)
+    cap = ctx.memory_limit(device)
     views = 2 * summary.activation_bytes                  # the views and their padded copies
     per_item = 3 * summary.peak_bytes + memory.occluded_bytes(query.image.shape)
 
