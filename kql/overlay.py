@@ -331,7 +331,6 @@ def _check_overlay_base(value) -> Optional[str]:
     return f"overlay_base must be 'grey' or 'colour', got {value!r}"
 
 
-
 SETTINGS = (
     Setting("overlay_colormap", "RdBu", _check_overlay_colormap,
             "the PNG overlay's colour map (matplotlib's name), centred on the unoccluded "

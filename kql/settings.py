@@ -41,7 +41,6 @@ def _check_ray_address(value) -> Optional[str]:
     return f"ray_address must be 'local' or a Ray cluster address such as 'ray://host:10001', got {value!r}"
 
 
-
 ENGINE_ROWS = (
     Setting("engine", "local", _check_engine,
             "where many-image queries run: 'local' (this process) or 'ray' (a Ray Data "

@@ -245,21 +245,17 @@ def test_an_onnx_graph_that_makes_a_huge_tensor_is_refused_at_load(con, tmp_path
     import numpy as np
     from onnx import helper, numpy_helper
 
-    reps = numpy_helper.from_array(np.array([1, 1, 2000, 2000], np.int64), "reps")
-    path = onnx_net(tmp_path / "tile.onnx", [helper.make_node("Tile", ["x", "reps"], ["t"]),
-                                              helper.make_node("GlobalAveragePool", ["t"], ["p"]),
-                                              helper.make_node("Flatten", ["p"], ["y"])],
-                    ["n", 3, 8, 8], [reps])
+    def tiled(name: str, repeats: int):
+        reps = numpy_helper.from_array(np.array([1, 1, repeats, repeats], np.int64), "reps")
+        return onnx_net(tmp_path / name, [helper.make_node("Tile", ["x", "reps"], ["t"]),
+                                          helper.make_node("GlobalAveragePool", ["t"], ["p"]),
+                                          helper.make_node("Flatten", ["p"], ["y"])],
+                        ["n", 3, 8, 8], [reps])
     con.execute("SET memory_limit = '1 GB'")
-    message = error_of(con, f"LOAD MODEL m FROM '{path}'", kql.KqlModelError)
+    message = error_of(con, f"LOAD MODEL m FROM '{tiled('tile.onnx', 2000)}'", kql.KqlModelError)
     assert message.endswith("would take 5.7 GB in memory (the largest tensor of the ONNX graph on "
                             "two 8x8 images), more than memory_limit (1.0 GB)")
-    small = numpy_helper.from_array(np.array([1, 1, 2, 2], np.int64), "reps")
-    path = onnx_net(tmp_path / "small.onnx", [helper.make_node("Tile", ["x", "reps"], ["t"]),
-                                               helper.make_node("GlobalAveragePool", ["t"], ["p"]),
-                                               helper.make_node("Flatten", ["p"], ["y"])],
-                    ["n", 3, 8, 8], [small])
-    assert "(onnx, 3 classes)" in con.execute(f"LOAD MODEL s FROM '{path}'").message
+    assert "(onnx, 3 classes)" in con.execute(f"LOAD MODEL s FROM '{tiled('small.onnx', 2)}'").message
 
 
 def test_an_onnx_file_over_memory_limit_is_refused_before_parsing(con, tmp_path):
