@@ -47,7 +47,6 @@ def _without(table, **changes):
 
 ABLATIONS = {
     "cout": lambda t: _without(t, cout=None),
-    "stream": lambda t: _without(t, stream=None),
     "gather": lambda t: _without(t, gather_rate=t.bandwidth / 2),
     "node_overhead": lambda t: _without(t, node_overhead=25e-6),
     "depthwise": lambda t: _without(t, depthwise=[row for row in t.dense[0]]),
@@ -179,7 +178,6 @@ def row_seconds(device: str = "cpu") -> dict:
     return {
         "cout": timed(lambda: [calibrate._conv_rate(dev, batch, 576, c, 8, CHANNELS_LAST)
                                for c in calibrate.COUTS]),
-        "stream": timed(lambda: calibrate._stream_rates(dev, batch, 1e-5, 1e10)),
         "gather": timed(lambda: calibrate._gather_rate(dev, batch)),
         "node_overhead": timed(lambda: calibrate._engine_overhead(device)),
         "depthwise": timed(depthwise),

@@ -8,12 +8,9 @@ depthwise convolutions, max and average pooling, matrix products, memory bandwid
 gather that builds read-in contexts and the fixed cost of one operator call. The cost
 model turns MACs, window elements and bytes into seconds with it.
 
-Element-wise ops are priced as a forward pass runs them, not at the rate of one op
-repeated on one tensor: each writes a freshly allocated output amid the allocations and
-frees of other layers, and an output the allocator maps from the OS (on glibc, every one
-over 32 MB) pays a page fault per 4 KB. The ``stream`` row times ReLU over maps of
-several sizes in the order a forward pass allocates them (large to small); the cost of a
-fresh output above the sizes the convolution and pooling tables saw is added to theirs.
+Element-wise ops are priced at the copy bandwidth. A row of their own (ReLU into fresh
+outputs of several sizes, page faults included) changed 14 of 44 plans for 0.97x of the
+time and cost a third of a calibration round; README "Fewer moving parts" has the figures.
 
 Plans run on torch's current thread count, the one a user's plain PyTorch loop uses; a
 table is measured at that count and kept under it (:func:`device_key`). No thread
@@ -55,11 +52,9 @@ DEPTHS = (27, 144, 576, 2304, 4608)    # c_in/groups * kh * kw (27: an RGB stem)
 SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
 C_OUT = 128                            # output channels of the dense table
 COUTS = (16, 32, 64, 128, 256, 512)    # output channels of the correction row
-STREAM_SIDES = (7, 14, 28, 56, 80, 112)   # 64-channel maps: outputs 0.2 .. 51 MB at batch 16
-STREAM_CHANNELS = 64
 POOL_SIDE = 16                         # output side of the pooling benchmark (64 channels)
 BATCH = 16
-VERSION = 9                            # of the table's layout; other versions re-measure
+VERSION = 10                           # of the table's layout; other versions re-measure
 FILE = "calibration.json"
 MIN_ROUNDS, MAX_ROUNDS = 2, 3          # rounds of the micro-benchmarks (more while contended)
 BUSY_REPEAT = 2                        # repeats multiplied by this after a contended round
@@ -87,8 +82,6 @@ class Throughput:
     cout: list = None      # [len(COUTS)] rate relative to C_OUT output channels
     pool: float = 1e9      # window elements/s (outputs x kernel area) of max pooling (average
                            # pooling too: its own row moved no plan and no prediction over 2%)
-    stream: list = None    # [len(STREAM_SIDES)] bytes/s (read + written) of ReLU into a fresh
-                           # output of that size, as in a forward pass (call overhead excluded)
     version: int = VERSION
     trusted: bool = True   # a quiet round and a plausible shape (only such tables are stored)
     rounds: int = 1        # rounds measured; each entry is its best round's
@@ -140,29 +133,9 @@ class Throughput:
         scatters, building a batch."""
         return nbytes / self.bandwidth
 
-    def elementwise_seconds(self, nbytes: float, out_bytes: float) -> float:
-        """An element-wise op moving ``nbytes`` into a fresh output of ``out_bytes``, as
-        in a forward pass (exp/erf activations alike: a row of their own, SiLU's rate,
-        moved no plan and no prediction over 2% on the suite's 15 models)."""
-        return nbytes / self.elementwise_rate(out_bytes)
-
-    def fresh_seconds(self, out_bytes: float, kind: str = "conv") -> float:
-        """What writing a fresh output of ``out_bytes`` costs beyond what the ``kind``
-        table ('conv', 'depthwise', a pool) saw at its own largest output: nothing for
-        outputs up to that size, page faults for the large maps of early layers."""
-        channels = C_OUT if kind == "conv" else 64
-        side = POOL_SIDE if kind in ("maxpool", "avgpool") else SIDES[-1]
-        covered = self.batch * channels * side * side * 4
-        if not self.stream or out_bytes <= covered:
-            return 0.0
-        return max(0.0, 2 * out_bytes * (1 / self.elementwise_rate(out_bytes) - 1 / self.elementwise_rate(covered)))
-
-    def elementwise_rate(self, out_bytes: float) -> float:
-        """Bytes/s (read + written) of ReLU into a fresh output of ``out_bytes``."""
-        if not self.stream:
-            return self.bandwidth
-        sizes = [self.batch * STREAM_CHANNELS * s * s * 4 for s in STREAM_SIDES]
-        return _interp1(sizes, self.stream, max(out_bytes, 1.0))
+    def elementwise_seconds(self, nbytes: float) -> float:
+        """An element-wise op moving ``nbytes`` (exp/erf activations alike)."""
+        return nbytes / self.bandwidth
 
     def gather_seconds(self, context_bytes: float) -> float:
         return context_bytes / self.gather_rate
@@ -275,7 +248,7 @@ def _entries(table) -> dict:
     faster throughout); a dict for the prior, a Throughput otherwise."""
     get = table.get if isinstance(table, dict) else lambda k: getattr(table, k, None)
     out = {}
-    for name in ("dense", "depthwise", "stream"):
+    for name in ("dense", "depthwise"):
         rows = get(name)
         if not rows:
             continue
@@ -369,8 +342,6 @@ def _measure(device: str) -> Throughput:
     overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
     big = torch.randn(batch, 64, 56, 56, device=dev)
     bandwidth = 2 * big.numel() * 4 / _timed(lambda: torch.relu(big), device, repeat=5)
-    # First, before the other benchmarks leave the allocator holding their tensors' sizes.
-    stream = _stream_rates(dev, batch, overhead, bandwidth)
     dense = [[_conv_rate(dev, batch, depth, C_OUT, side, layout) for side in SIDES]
              for depth in DEPTHS]
     rates = [_conv_rate(dev, batch, 576, c, 8, layout) for c in COUTS]
@@ -388,35 +359,7 @@ def _measure(device: str) -> Throughput:
     gather_rate = _gather_rate(dev, batch)
     return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2,
                       node_overhead=_engine_overhead(device), batch=batch,
-                      gather_rate=gather_rate, cout=cout, pool=pool, stream=stream)
-
-
-def _stream_rates(dev, batch: int, overhead: float, bandwidth: float, rounds: int = 12) -> list:
-    """Bytes/s (read + written) of ReLU into a fresh output, per size of ``STREAM_SIDES``:
-    each round runs every size once, large to small as a forward pass allocates, on one of
-    two inputs in turn; the median of the rounds after the first two, less the call
-    overhead (at most the warm rate ``bandwidth``: small maps are all overhead)."""
-    device = str(dev.type)
-    maps = {s: [torch.randn(batch, STREAM_CHANNELS, s, s, device=dev) for _ in range(2)]
-            for s in STREAM_SIDES}
-    times: dict = {s: [] for s in STREAM_SIDES}
-    for r in range(rounds):
-        for side in reversed(STREAM_SIDES):
-            x = maps[side][r % 2]
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            y = torch.relu(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[side].append(time.perf_counter() - start)
-            del y
-    rates = []
-    for side in STREAM_SIDES:
-        seconds = sorted(times[side][2:])[len(times[side][2:]) // 2] - overhead
-        moved = 2 * batch * STREAM_CHANNELS * side * side * 4
-        rates.append(min(bandwidth, moved / seconds) if seconds > 0 else bandwidth)
-    return rates
+                      gather_rate=gather_rate, cout=cout, pool=pool)
 
 
 def _conv_rate(dev, batch: int, depth: int, c_out: int, side: int, layout: str) -> float:
@@ -564,11 +507,9 @@ def _sound(table: Throughput) -> bool:
     seconds = (table.conv_seconds(1e6, 27, 16), table.conv_seconds(1e6, 27, 16, True),
                table.matmul_seconds(1e6), table.bytes_seconds(1e6),
                table.gather_seconds(1e6), table.pool_seconds(1e6, "maxpool"),
-               table.elementwise_seconds(1e6, 1e8), table.fresh_seconds(1e8),
-               table.overhead, table.node_overhead)
+               table.elementwise_seconds(1e6), table.overhead, table.node_overhead)
     numbers = all(isinstance(s, (int, float)) and math.isfinite(s) and s >= 0 for s in seconds)
-    rows = table.stream is None or len(table.stream) == len(STREAM_SIDES)
-    return numbers and rows and isinstance(table.threads, int)
+    return numbers and isinstance(table.threads, int)
 
 
 def _store(path: str, key: str, table: dict) -> None:

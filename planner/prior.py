@@ -5,7 +5,7 @@ Its absolute speed says little about another CPU; its *shape* says a lot: a CPU 
 runs a dense convolution at some rate copies memory, pools and dispatches at rates
 within a small factor of the same proportions. A busy machine corrupts a table
 unevenly (beside six CPU-bound processes on two cores the convolution rates moved 2x
-while copy bandwidth fell 40-80x and the per-size stream rates 25x), so each entry is
+while copy bandwidth fell 40-80x), so each entry is
 compared with the prior scaled by the table's own convolution speed
 (:func:`kql.planner.calibrate.implausible`), and an entry far off is repaired from it.
 
@@ -27,5 +27,4 @@ CPU = {
     "node_overhead": 1e-4,
     "gather_rate": 4.6e9,
     "pool": 12e9,
-    "stream": [37e9, 43e9, 43e9, 42e9, 38e9, 1.2e9],
 }

@@ -47,7 +47,7 @@ def test_the_real_micro_benchmarks_measure_every_entry():
     rate, the rounds and their CPU share said (trust depends on the load: not asserted)."""
     tp = calibrate.measure("cpu")
     assert len(tp.dense) == len(calibrate.DEPTHS) and all(r > 0 for row in tp.dense for r in row)
-    assert len(tp.stream) == len(calibrate.STREAM_SIDES) and tp.gather_rate > 0
+    assert tp.gather_rate > 0 and tp.bandwidth > 0
     assert calibrate.MIN_ROUNDS <= tp.rounds <= calibrate.MAX_ROUNDS and 0 < tp.share
     assert calibrate._sound(tp) and ("trusted" in tp.verdict())
 
@@ -127,53 +127,28 @@ def _table(**fields) -> calibrate.Throughput:
                                 cout=[1.0] * 6, **fields)
 
 
-FORWARD_STREAM = [40e9, 40e9, 40e9, 30e9, 20e9, 8e9]     # large maps: page faults
+def test_element_wise_ops_are_priced_at_the_copy_bandwidth():
+    tp = _table()
+    assert tp.elementwise_seconds(1e8) == pytest.approx(1e8 / 40e9)
+    assert tp.bytes_seconds(1e8) == pytest.approx(1e8 / 40e9)
 
 
-def test_a_measured_table_holds_element_wise_rates_per_output_size():
-    tp = calibrate.throughput("cpu")
-    assert len(tp.stream) == len(calibrate.STREAM_SIDES)
-    assert all(0 < rate <= tp.bandwidth for rate in tp.stream)
-
-
-def test_element_wise_ops_are_priced_by_the_size_of_their_fresh_output():
-    tp = _table(stream=FORWARD_STREAM)
-    sizes = [tp.batch * calibrate.STREAM_CHANNELS * s * s * 4 for s in calibrate.STREAM_SIDES]
-    for size, rate in zip(sizes, FORWARD_STREAM):
-        assert tp.elementwise_seconds(2 * size, size) == pytest.approx(2 * size / rate)
-    big = sizes[-1]
-    assert tp.elementwise_seconds(2 * big, big) == pytest.approx(5 * tp.elementwise_seconds(2 * big, sizes[0]))
-    assert tp.bytes_seconds(1e8) == pytest.approx(1e8 / 40e9)       # copies: the warm rate
-    # A table measured before the stream row prices element-wise ops as copies.
-    assert _table().elementwise_seconds(1e8, 1e9) == pytest.approx(1e8 / 40e9)
-    assert _table().fresh_seconds(1e9) == 0.0
-
-
-def test_outputs_larger_than_a_table_saw_pay_for_fresh_memory():
-    tp = _table(stream=FORWARD_STREAM)
-    covered = tp.batch * calibrate.C_OUT * calibrate.SIDES[-1] ** 2 * 4
-    assert tp.fresh_seconds(covered) == 0.0 and tp.fresh_seconds(covered / 4) == 0.0
-    big = tp.batch * calibrate.STREAM_CHANNELS * 112 * 112 * 4
-    expected = 2 * big * (1 / 8e9 - 1 / tp.elementwise_rate(covered))
-    assert tp.fresh_seconds(big) == pytest.approx(expected) and expected > 0
-    # Pools were measured on smaller outputs than convolutions: more of a map is fresh.
-    assert tp.fresh_seconds(covered, "maxpool") > 0.0
-
-
-def test_a_table_with_a_stream_row_of_another_length_is_measured_again(tmp_path, monkeypatch):
+def test_a_table_of_an_older_version_is_measured_again(tmp_path, monkeypatch):
+    """A version 9 table (with its stream row) is not read as this version's."""
     directory = tmp_path / "cat"
     directory.mkdir()
-    stored = dataclasses.asdict(_table(stream=FORWARD_STREAM[:3]))
+    stored = dict(dataclasses.asdict(_table()), version=9, stream=[1e9] * 6)
     key = calibrate.device_key("cpu")
     (directory / calibrate.FILE).write_text(json.dumps({key: stored}))
     calibrate._cache.clear()
     calls = []
-    monkeypatch.setattr(calibrate, "measure", lambda device: calls.append(device) or _table(stream=FORWARD_STREAM))
-    assert calibrate.throughput("cpu", str(directory)).stream == FORWARD_STREAM and calls == ["cpu"]
+    monkeypatch.setattr(calibrate, "measure", lambda device: calls.append(device) or _table())
+    assert calibrate.throughput("cpu", str(directory)).version == calibrate.VERSION
+    assert calls == ["cpu"]
 
 
 def test_full_nodes_are_priced_as_a_forward_pass_runs_them():
-    """ReLU at the stream rate of its output's size, an identity in eval mode (dropout)
+    """ReLU at the copy bandwidth, an identity in eval mode (dropout)
     at one call's overhead, and the shape estimate summing every module's output."""
     from kql.operators import shapes
     from kql.operators.profile import ModelProfile
@@ -184,14 +159,15 @@ def test_full_nodes_are_priced_as_a_forward_pass_runs_them():
                                 torch.nn.Linear(8, 3)).eval()
     image = torch.rand(3, 40, 40)
     profile = ModelProfile(model, image, "cpu")
-    slow, fast = _table(stream=[r / 4 for r in FORWARD_STREAM]), _table(stream=FORWARD_STREAM)
+    slow = calibrate.Throughput("cpu", [[1e9] * 5] * 5, [1e9] * 5, 1e9, 10e9, 1e-5, cout=[1.0] * 6)
+    fast = _table()
     nodes = {n.target: n for n in profile.nodes}
     relu, dropout = nodes["2"], nodes["1"]
     out = 16 * 8 * 40 * 40 * FLOAT
     for tp in (slow, fast):
         assert full_node_cost(profile, dropout, tp, 16) == (0.0, tp.overhead)
         assert full_node_cost(profile, relu, tp, 16)[1] == pytest.approx(
-            tp.overhead + tp.elementwise_seconds(2 * out, out))
+            tp.overhead + tp.elementwise_seconds(2 * out))
     summary = shapes.summarize(model, image)
     assert sum(summary.output_bytes) == summary.activation_bytes
     assert len(summary.output_bytes) == len(model)

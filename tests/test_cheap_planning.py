@@ -128,8 +128,7 @@ def test_a_gate_s_bound_counts_the_seconds_of_the_large_maps_before_it():
     from kql.planner.cost import shape_ratio_bound
 
     def table(bandwidth):
-        return Throughput("cpu", [[1e10] * 5] * 5, [1e10] * 5, 1e10, bandwidth, 1e-6, cout=[1.0] * 6,
-                          stream=[bandwidth] * 6)
+        return Throughput("cpu", [[1e10] * 5] * 5, [1e10] * 5, 1e10, bandwidth, 1e-6, cout=[1.0] * 6)
     summary = shapes.summarize(WideStemGate().eval(), torch.rand(3, 64, 64))
     assert summary.gate == "gate" and summary.ratio_bound < 1.1     # 3% of the MACs come first
     assert summary.before_gate == (1, 3)                              # the stem conv; conv, ReLU, pool

@@ -24,8 +24,7 @@ from models_zoo import small_cnn
 # What a catalog's table measured beside other work held (the figures): copies
 # at 1 GB/s and a per-node overhead of 33 ms on a machine that measures 66 GB/s and
 # 0.1 ms quiet, and dense rates that jump between neighbouring sizes.
-POISON = dict(bandwidth=1.0e9, overhead=0.033, node_overhead=0.033,
-              stream=[1.7e9, 0.1e9, 0.4e9, 1.7e9, 1.7e9, 1.7e9])
+POISON = dict(bandwidth=1.0e9, overhead=0.033, node_overhead=0.033)
 
 
 def quiet_round(device="cpu") -> calibrate.Throughput:
@@ -107,7 +106,7 @@ def test_a_table_measured_under_contention_is_not_kept_on_disk(tmp_path, rounds)
     tp = calibrate.throughput("cpu", str(tmp_path))            # this process keeps it
     assert not tp.trusted and tp.quiet_rounds == 0
     # Its implausible entries were repaired from the prior, at the table's own speed.
-    assert {"bandwidth", "overhead", "node_overhead", "stream"} <= set(tp.repaired)
+    assert {"bandwidth", "overhead", "node_overhead"} <= set(tp.repaired)
     assert tp.bandwidth > 10e9 and tp.overhead < 1e-3 and tp.node_overhead < 1e-3
     assert calibrate.implausible(tp) == []
 
@@ -167,7 +166,7 @@ def test_a_slower_cpu_of_the_same_shape_is_plausible():
     slow = calibrate.Throughput(**{
         **dataclasses.asdict(table),
         "dense": [[r / 5 for r in row] for row in table.dense],
-        "depthwise": [r / 5 for r in table.depthwise], "stream": [r / 5 for r in table.stream],
+        "depthwise": [r / 5 for r in table.depthwise],
         **{k: getattr(table, k) / 5 for k in calibrate._RATES},
         **{k: getattr(table, k) * 5 for k in calibrate._SECONDS}})
     assert calibrate.implausible(slow) == []
