@@ -37,9 +37,10 @@ from unittest import mock
 import torch
 
 import kql
-from kql import bench, executor, images
-from kql.models import BUILTIN, default_input_size
-from kql.parser import parse
+from kql import bench, executor
+from kql.catalog import images
+from kql.catalog.models import BUILTIN, default_input_size
+from kql.language.parser import parse
 
 PATCH, STRIDE, BATCH, CONFIRM = 16, 4, 16, 3600
 BURN = ("import sys, time\n"                  # a burner: busy until its own deadline

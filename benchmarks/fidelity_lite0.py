@@ -5,7 +5,7 @@ Usage: .venv/bin/python benchmarks/fidelity_lite0.py ["PATCH 16 STRIDE 8"]
 """
 import sys, time
 import numpy as np, torch, kql
-from kql.parser import parse_with_text
+from kql.language.parser import parse_with_text
 from kql.binder import bind
 from kql.planner.tuning import heatmap_ssim
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import kql
-from kql.parser import parse_with_text
+from kql.language.parser import parse_with_text
 from kql.binder import bind
 from kql.planner.tuning import heatmap_ssim
 

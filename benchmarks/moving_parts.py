@@ -33,8 +33,9 @@ import time
 import torch
 
 import kql
-from kql import bench, images
-from kql.planner import calibrate, physical
+from kql import bench
+from kql.catalog import images
+from kql.planner import calibrate, micro_benchmarks, physical
 
 SUITE = ("vgg16,resnet18,inception_v3,mobilenet_v2,squeezenet1_1,regnet_y_400mf,regnet_x_400mf,"
          "mobilenet_v3_small,shufflenet_v2_x0_5,efficientnet_b0,efficientnet_lite0,googlenet,"
@@ -174,15 +175,15 @@ def row_seconds(device: str = "cpu") -> dict:
     def depthwise():
         for side in calibrate.SIDES:
             x = in_layout(torch.randn(batch, 64, side + 2, side + 2), CHANNELS_LAST)
-            calibrate._timed(lambda: F.conv2d(x, w, groups=64), device)
+            micro_benchmarks.timed(lambda: F.conv2d(x, w, groups=64), device)
     return {
-        "cout": timed(lambda: [calibrate._conv_rate(dev, batch, 576, c, 8, CHANNELS_LAST)
+        "cout": timed(lambda: [micro_benchmarks._conv_rate(dev, batch, 576, c, 8, CHANNELS_LAST)
                                for c in calibrate.COUTS]),
-        "gather": timed(lambda: calibrate._gather_rate(dev, batch)),
-        "node_overhead": timed(lambda: calibrate._engine_overhead(device)),
+        "gather": timed(lambda: micro_benchmarks._gather_rate(dev, batch)),
+        "node_overhead": timed(lambda: micro_benchmarks._engine_overhead(device)),
         "depthwise": timed(depthwise),
-        "matmul": timed(lambda: calibrate._timed(lambda: a @ m, device)),
-        "whole round": timed(lambda: calibrate._measure(device)),
+        "matmul": timed(lambda: micro_benchmarks.timed(lambda: a @ m, device)),
+        "whole round": timed(lambda: micro_benchmarks.one_round(device)),
     }
 
 

@@ -18,8 +18,9 @@ import time
 import torch
 import torch.fx as fx
 
-from kql import bench, images
-from kql.models import ModelSpec
+from kql import bench
+from kql.catalog import images
+from kql.catalog.models import ModelSpec
 from kql.operators.profile import ModelProfile
 from kql.operators.steps import Local
 from kql.planner.calibrate import throughput

@@ -13,7 +13,8 @@ Usage: .venv/bin/python benchmarks/plan_choices.py [--models vgg16,resnet18]
 import argparse
 
 import kql
-from kql import bench, images
+from kql import bench
+from kql.catalog import images
 
 SUITE = ("vgg16,resnet18,inception_v3,mobilenet_v2,squeezenet1_1,regnet_y_400mf,regnet_x_400mf,"
          "mobilenet_v3_small,shufflenet_v2_x0_5,efficientnet_b0,efficientnet_lite0,googlenet,"

@@ -15,10 +15,11 @@ Usage: .venv/bin/python benchmarks/shape_decisions.py [--models resnet18,shuffle
 import argparse
 
 import kql
-from kql import bench, executor, images
+from kql import bench, executor
+from kql.catalog import images
 from kql.operators.shapes import summarize
-from kql.parser import parse
-from kql.planner import calibrate, physical, shape_first
+from kql.language.parser import parse
+from kql.planner import calibrate, naive_shortcut, physical
 from kql.planner.cost import shape_incremental_floor, shape_naive_cost
 
 
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="64x64,80x96,112x112")
     args = parser.parse_args()
     tp = calibrate.throughput("cpu", None)
-    shape_first.SMALL_IMAGE = 0                  # the full planner, for comparison
+    naive_shortcut.SMALL_IMAGE = 0                  # the full planner, for comparison
     print(f"{'model':<20} {'size':<8} {'full planner':<12} {'naive s':>8} {'incr. s':>8} "
           f"{'shape naive':>11} {'floor':>7}  shortcut")
     for name in args.models.split(","):

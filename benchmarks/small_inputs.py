@@ -12,7 +12,7 @@ each engine once per round in the same order, on the whole map:
               cache kept, so the plan and the layout trial's outcome come from it,
   new process KQL as the first query of a new process on a machine where an earlier
               one ran it: the plan cache cleared, the layout trial's outcome read from
-              ``layouts.json`` (kql.planner.lasting; a temporary folder here) when the
+              ``layouts.json`` (kql.planner.layout_file; a temporary folder here) when the
               warm-up round wrote it (a clear outcome on a quiet machine).
 
 Random weights, patch 16, stride 4, batch 16, torch's default threads.
@@ -30,11 +30,12 @@ import tempfile
 import time
 
 import kql
-from kql import bench, executor, images
+from kql import bench, executor
+from kql.catalog import images
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
-from kql.parser import parse
-from kql.planner.lasting import FILE, LastingLayouts
+from kql.language.parser import parse
+from kql.planner.layout_file import FILE, LastingLayouts
 
 
 def main() -> None:

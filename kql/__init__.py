@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 # Each public name and the module it lives in.
 _EXPORTS = {
-    "Connection": "api", "connect": "api", "execute": "api", "parse": "parser",
-    "Result": "result", "ResultSet": "resultset", "KqlError": "errors", "KqlSyntaxError": "errors",
+    "Connection": "api", "connect": "api", "execute": "api", "parse": "language.parser",
+    "Result": "results.result", "ResultSet": "results.resultset", "KqlError": "errors", "KqlSyntaxError": "errors",
     "KqlPlanError": "errors", "KqlNotSupportedError": "errors", "KqlModelError": "errors",
     "KqlImageError": "errors", "KqlExecutionError": "errors", "KqlWarning": "api",
 }

@@ -19,14 +19,14 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-from .catalog import Catalog
+from .catalog.registry import Catalog
 from .errors import KqlError, KqlExecutionError, KqlPlanError
-from .models import ModelSpec, input_channels
-from .parser import parse_with_text, path_problem
+from .catalog.models import ModelSpec, input_channels
+from .language.parser import parse_with_text, path_problem
 from .planner.cache import PlanCache
 from .settings import Settings
 from .progress import ProgressBar
-from .result import Result
+from .results.result import Result
 
 
 class KqlWarning(UserWarning):
@@ -166,7 +166,7 @@ class Connection:
         handler = HANDLERS.get(type(stmt))
         if handler is None:
             raise KqlExecutionError(f"unsupported statement {type(stmt).__name__}")
-        from .images import memory_limit        # files it reads are held to SET memory_limit
+        from .catalog.images import memory_limit        # files it reads are held to SET memory_limit
 
         with modes_kept(self._modules.values()), memory_limit(self.settings["memory_limit"]):
             return handler(self, stmt, text, progress)

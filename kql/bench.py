@@ -86,7 +86,7 @@ def _trim():
 
 def build_model(name: str, classes: int = 1000):
     """A torchvision architecture with random weights (speed does not depend on weights)."""
-    from . import models
+    from .catalog import models
 
     if name == models.BUILTIN:
         spec = models.builtin_efficientnet_lite0()
@@ -203,7 +203,7 @@ def _parser():
 
 def _connection(args):
     from . import connect
-    from .models import BUILTIN
+    from .catalog.models import BUILTIN
 
     con = connect()
     spec, _ = build_model(args.model) if args.model != BUILTIN else (None, None)
@@ -232,7 +232,7 @@ def _size(text: str) -> tuple:
 
 
 def _check(args) -> None:
-    from .models import BUILTIN, torchvision_builders
+    from .catalog.models import BUILTIN, torchvision_builders
 
     if args.model != BUILTIN and args.model not in torchvision_builders():
         raise KqlError(f"unknown model '{args.model}': name a torchvision classifier "
@@ -252,7 +252,7 @@ def _check(args) -> None:
 
 def _bench(args) -> int:
     from . import executor
-    from .parser import parse
+    from .language.parser import parse
     from .planner import calibrate
 
     _check(args)
@@ -271,7 +271,7 @@ def _bench(args) -> int:
     device = "GPU" if args.device == "cuda" else "CPU"
     # The sample at the model's input size: the band's REGION, in the image's own pixels,
     # is then in the model's pixels too.
-    from . import images
+    from .catalog import images
 
     photo = images.match_channels(images.load_sample(args.image), spec.channels)[0]
     con.register_image("bench_image", images.resize(photo, (h, w)))

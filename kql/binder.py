@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from . import ast, images
+from .language import ast
+from .catalog import images
 from .errors import KqlError
 from .planner.frame import DEFAULT_RESIZE, Frame
 from .planner.grid import OcclusionGrid

@@ -149,8 +149,8 @@ class KqlCompleter(Completer):
     @classmethod
     def for_connection(cls, con) -> "KqlCompleter":
         """Names from ``con``'s catalog, the built-in model, the samples and settings."""
-        from .images import SAMPLES
-        from .models import BUILTIN
+        from .catalog.images import SAMPLES
+        from .catalog.models import BUILTIN
         from .settings import SETTINGS
 
         def rows(kind: str):

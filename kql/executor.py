@@ -13,19 +13,20 @@ import dataclasses
 import time
 from typing import Optional
 
-from . import ast
+from .language import ast
 from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
-from .globs import glob_files
+from .catalog.globs import glob_files
 from .planner.devices import require_cuda
 from .planner.explain import exactness
 from .binder import bind
 from .planner.logical import at_node, fail
-from .operators.task import out_of_memory
+from .operators.batches import out_of_memory
 from .planner.memory import size_text
-from .planner.physical import PlanContext, plan_query
-from .output import check_into
+from .planner.context import PlanContext
+from .planner.physical import plan_query
+from .results.output import check_into
 from .planner.rules import RULES, optimize
-from .result import Result
+from .results.result import Result
 
 
 def plan(con, stmt: ast.Occlude, text: str):
@@ -64,7 +65,7 @@ def run(physical, stmt: ast.Occlude, progress, profile=None):
 
 def _out_of_memory(physical) -> str:
     """The scan halves a batch that runs out of memory down to one position (see
-    :func:`kql.operators.task.scan`): what reaches here did not fit even then."""
+    :func:`kql.operators.batches.scan`): what reaches here did not fit even then."""
     predicted = size_text(physical.memory_bytes)
     tried = f"halved from {physical.batch}; " if physical.batch > 1 else ""
     return (f"out of memory running model '{physical.query.model.name}' even at batch 1 "
@@ -126,7 +127,7 @@ def occlude(con, stmt: ast.Occlude, text: str, progress) -> Result:
     result = _result(physical, out, text)
     result.seconds = time.perf_counter() - start
     if stmt.into:
-        from .overlay import options_from
+        from .results.overlay import options_from
 
         try:
             result.save(stmt.into, **options_from(con.settings))

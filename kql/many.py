@@ -24,14 +24,14 @@ import time
 from types import SimpleNamespace
 from typing import Optional
 
-from . import ast
+from .language import ast
 from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .fileio import atomic_write
-from .globs import iter_files
+from .catalog.globs import iter_files
 from .binder import bind
 from .planner.logical import at_node, fail
-from .output import check_into
-from .resultset import RANKABLE, ResultSet, error_row, ranked, row_of
+from .results.output import check_into
+from .results.resultset import RANKABLE, ResultSet, error_row, ranked, row_of
 
 JOURNAL_SUFFIX = ".partial"
 
@@ -153,7 +153,7 @@ class Journal:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .resultset import schema
+        from .results.resultset import schema
 
         name = "row-" + hashlib.sha1(row["path"].encode()).hexdigest()[:20] + ".parquet"
         table = pa.Table.from_pylist([row], schema=schema())

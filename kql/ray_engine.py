@@ -90,7 +90,7 @@ class _Worker:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from kql.resultset import schema
+        from kql.results.resultset import schema
 
         rows = [self.scanner.row(path) for path in batch.column("path").to_pylist()]
         return pa.Table.from_pylist(rows, schema=schema())

@@ -47,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .errors import KqlError
-from .images import SAMPLES
+from .catalog.images import SAMPLES
 from .progress import RunProgress
 from .serve_guard import (TOKEN_HEADER, ApiError, BoundedStore, Guard, check_fields, check_flag,
                           check_region, check_ssim, inside, new_token, shown, whole)
@@ -376,7 +376,7 @@ def register_upload(viewer: Viewer, data: bytes) -> dict:
     """Decode an uploaded file (PNG, JPEG, DICOM, ...) with the readers every image file goes
     through, within :meth:`Viewer.pixel_limit`, one at a time; register it as
     ``upload_<hex>`` and keep it in the bounded store (the oldest upload goes first)."""
-    from .images import read_image
+    from .catalog.images import read_image
     name = f"upload_{secrets.token_hex(4)}"
     pixels, why = viewer.pixel_limit()
     with viewer.decoding, tempfile.TemporaryDirectory(prefix="kql-upload-") as folder:
@@ -400,7 +400,7 @@ def register_upload(viewer: Viewer, data: bytes) -> dict:
 
 def image_png(viewer: Viewer, ref: str) -> bytes:
     """The image of a checked reference as a PNG, as the user gave it."""
-    from . import images
+    from .catalog import images
     pixels, _ = viewer.pixel_limit()
     with viewer.lock:
         try:
@@ -431,7 +431,7 @@ def tensor_png(tensor) -> bytes:
 
 
 def overlay_png(result) -> bytes:
-    """The result's PNG overlay (:meth:`kql.result.Result.save`) as bytes."""
+    """The result's PNG overlay (:meth:`kql.results.result.Result.save`) as bytes."""
     if hasattr(result, "_repr_png_"):
         return result._repr_png_()
     with tempfile.TemporaryDirectory(prefix="kql-serve-") as folder:

@@ -4,7 +4,7 @@
 :class:`Settings`, which refuses an unknown name or a bad value before anything changes.
 The rows come from the layer each setting steers: the planner's
 (:data:`kql.planner.settings.ROWS`), the many-image engine's (here) and the overlay's
-(:data:`kql.overlay.SETTINGS`). A new setting is one more row of its layer's table.
+(:data:`kql.results.overlay.SETTINGS`). A new setting is one more row of its layer's table.
 
 >>> s = Settings()
 >>> dict(s)  # doctest: +NORMALIZE_WHITESPACE
@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
-from . import overlay
+from .results import overlay
 from .errors import KqlPlanError
 from .planner import settings as planner
 from .planner.settings import Setting, one_of

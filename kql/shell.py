@@ -3,7 +3,7 @@
 :class:`Runner` runs KQL text on a connection and prints what happens: each statement's
 rendered result on stdout, errors on stderr as ``error: <message>`` plus the caret lines,
 never a traceback (``KQL_DEBUG=1`` adds one); in the shell, a heat map's picture and top
-regions follow it (:mod:`kql.preview`). :class:`Shell` is fed lines; it collects
+regions follow it (:mod:`kql.results.preview`). :class:`Shell` is fed lines; it collects
 them until the statement ends with ``;`` (:func:`is_complete`) and runs the backslash
 commands. On a terminal the lines come from prompt_toolkit (history, multi-line
 editing, Tab completion from :mod:`kql.completion`); from a pipe they are read plainly,
@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Callable, Optional, TextIO
 
-from . import preview
+from .results import preview
 from .errors import KqlError, KqlExecutionError
 from .progress import ProgressBar
 

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from .protocol import Approximation, Operator
 from .task import OcclusionResult, OcclusionTask, Progress
 
 
@@ -70,7 +71,7 @@ def interpolate(coarse: np.ndarray, cy: np.ndarray, cx: np.ndarray, ys: np.ndarr
     return top * (1 - ty) + bottom * ty
 
 
-class DrillDownOcclusion:
+class DrillDownOcclusion(Operator):
     """Physical operator: stage one on a coarse grid, stage two on the cells that matter."""
 
     name = "DrillDownOcclusion"
@@ -84,6 +85,9 @@ class DrillDownOcclusion:
 
     def describe(self) -> dict:
         return {"fraction": f"{self.fraction:.2f}", "stage_one": f"{self.rows}x{self.cols}"}
+
+    def approximation(self) -> Approximation:
+        return Approximation("drilldown", f"drill-down fraction {self.fraction:.2f}")
 
     def exact(self):
         return self.stage_two.exact()

@@ -21,11 +21,14 @@ import torch
 import torch.fx as fx
 
 from . import gather as g
+from .batches import scan
 from .graph import POOLS, Join, Local, Pointwise
 from .layout import ADAPTIVE, CHANNELS_LAST, CONTIGUOUS, Kept, LayoutTrial, in_layout, known_layout
 from .profile import ModelProfile
+from .protocol import Approximation, Operator
 from .steps import COVER, FROZEN, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
-from .task import OcclusionResult, OcclusionTask, Progress, check_logits, scan
+from .task import OcclusionResult, OcclusionTask, Progress
+from .user_model import check_logits
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Patch:
     x: Union[np.ndarray, torch.Tensor]
 
 
-class IncrementalOcclusion:
+class IncrementalOcclusion(Operator):
     """Physical operator: exact heat maps by incremental inference, batch by batch.
 
     Immutable once built: a model profile, the step table for the task's positions, a
@@ -46,6 +49,7 @@ class IncrementalOcclusion:
     """
 
     name = "IncrementalOcclusion"
+    learns_layout = True
 
     def __init__(self, profile: ModelProfile, steps: StepTable, batch_size: int = 16,
                  layout: str = CONTIGUOUS, kept: Optional[Kept] = None):
@@ -104,6 +108,13 @@ class IncrementalOcclusion:
             items["layout"] = (CHANNELS_LAST if self.layout == ADAPTIVE and not self._full_part
                                else known_layout(self.layout, self.kept))
         return items
+
+    def approximation(self) -> Optional[Approximation]:
+        if self.steps.tau < 1.0:
+            return Approximation("tau", f"tau={self.steps.tau:.2f}")
+        if self.steps.gates == "frozen":
+            return Approximation("frozen_gates", "frozen gates")
+        return None
 
     @torch.inference_mode()
     def run(self, task: OcclusionTask, progress: Progress = None,

@@ -104,7 +104,7 @@ class LayoutTrial:
                 self.kept.keep(self.chosen, dict(self.seconds))
 
     def batches(self, device: torch.device, run: Callable) -> Callable:
-        """``logits_of(items)`` for :func:`~kql.operators.task.scan`: each batch run as
+        """``logits_of(items)`` for :func:`~kql.operators.batches.scan`: each batch run as
         ``run(items, layout)`` in the layout the trial gives it, its trial batches timed
         (synchronised on CUDA, which returns at once)."""
         def logits_of(items: slice):
@@ -128,7 +128,7 @@ class Kept:
     after the first, or a query run again, skip the trial (and give the same bits).
 
     ``lasting``, when given, keeps outcomes beyond the connection (the planner's
-    :class:`~kql.planner.lasting.LastingLayouts` bound to this shape's key: ``get()`` and
+    :class:`~kql.planner.layout_file.LastingLayouts` bound to this shape's key: ``get()`` and
     ``keep(layout, seconds)``, which writes only clear outcomes): read when the connection
     has none, so the first query of a new process skips a trial an earlier one ran.
 

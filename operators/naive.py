@@ -12,13 +12,17 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .batches import occlude, scan
 from .layout import ADAPTIVE, CONTIGUOUS, Kept, LayoutTrial, in_layout, known_layout
-from .task import (OcclusionResult, OcclusionTask, Progress, check_logits, in_eval_mode, occlude,
-                   on_device, scan)
+from .protocol import Operator
+from .task import OcclusionResult, OcclusionTask, Progress
+from .user_model import check_logits, in_eval_mode, on_device
 
 
-class NaiveOcclusion:
+class NaiveOcclusion(Operator):
     name = "NaiveOcclusion"
+    plain_loop = True
+    learns_layout = True
 
     def __init__(self, batch_size: int = 16, base_logits: Optional[torch.Tensor] = None,
                  layout: str = CONTIGUOUS, kept: Optional[Kept] = None):

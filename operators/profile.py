@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .graph import Local, classify, trace
 from .shapes import check_fits, peak_bytes, unchecked
-from .task import check_logits
+from .user_model import check_logits
 
 
 class ModelProfile:

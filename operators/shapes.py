@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .task import check_logits
+from .user_model import check_logits
 
 # Below this many times the image's bytes, a memory limit is not checked by an estimated
 # pass: no CNN we know holds a thousand times its input at once (VGG16's views: ~100x).

@@ -39,13 +39,14 @@ import torch
 
 from . import contention
 from .layout import Kept
+from .protocol import Operator
 from .task import OcclusionResult, OcclusionTask, Progress, StopScan
 
 CHOSEN, OTHER = "chosen", "alternative"
 PROBE, SWITCH = "probe", "switch"          # why a watched part was stopped
 
 
-class OperatorTrial:
+class OperatorTrial(Operator):
     SWITCH = 0.90          # the other's seconds per item over the running one's, at most
     MIN_BATCHES = 8        # of the chosen operator's batch, for watching to pay
     PROBE_LEFT = 8         # batches of the running operator left, at least, for a probe
@@ -62,6 +63,13 @@ class OperatorTrial:
     @property
     def name(self) -> str:
         return self.chosen.name
+
+    @property
+    def plain_loop(self) -> bool:
+        return self.chosen.plain_loop
+
+    def approximation(self):
+        return self.chosen.approximation()
 
     @property
     def batch_size(self) -> int:

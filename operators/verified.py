@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 
 from .drilldown import interpolate, largest_drops
+from .protocol import Approximation, Operator
 from .task import OcclusionResult, OcclusionTask, Progress
 
 WINDOW = 7              # skimage's default SSIM window: the check's unit
@@ -189,7 +190,54 @@ def local_ssims(exact: np.ndarray, approx: np.ndarray, centres: list) -> list:
     return out
 
 
-class VerifiedDrillDown:
+def expected_cells(shape: tuple, step: int, fraction: float, tiles: int = TILES,
+                   bounds: Optional[dict] = None, target: float = 1.0) -> float:
+    """Cells a verified drill-down starting at ``step`` computes, on average over the
+    tuning images whose check ``bounds`` ({step: [bound per image]}) are known; with none,
+    the cells when the first check passes (what EXPLAIN calls the optimistic case). A
+    lattice whose check the tuning did not record is priced as failing."""
+    rows, cols = shape
+    total = rows * cols
+    cover = window_mask(shape, windows(shape, tiles))
+
+    def cells_at(tried: list) -> int:
+        known = cover.copy()
+        for s in tried:
+            lr, lc = lattice(shape, s)
+            known[np.ix_(lr, lc)] = True
+        done = int(known.sum())
+        return min(total, done + max(1, math.ceil(fraction * total)))
+
+    if not bounds:
+        return float(cells_at([(step, step)]))
+    images = len(next(iter(bounds.values())))
+    spent = []
+    for i in range(images):
+        tried = []
+        for s in levels(step):
+            if s == (1, 1):
+                spent.append(total)
+                break
+            tried.append(s)
+            key = s[0] if s[0] == s[1] else (max(s), 2)     # a first check, a refinement
+            if key in bounds and bounds[key][i] >= target:
+                spent.append(cells_at(tried))
+                break
+    return float(np.mean(spent))
+
+
+def check_bound(exact: np.ndarray, step: int, refine: bool = False) -> float:
+    """What a verified drill-down starting at lattice ``step`` measures on ``exact``
+    [rows, cols] in its first check, or with ``refine`` in its one-axis refinement (the
+    same windows, orientation and bound as :meth:`VerifiedDrillDown.run`; tuning records it)."""
+    lr, lc = lattice(exact.shape, step)
+    if refine:
+        lr, lc = lattice(exact.shape, orient(exact[np.ix_(lr, lc)][None], step))
+    approx = spread_lattice(exact, lr, lc)
+    return lower_bound(local_ssims(exact, approx, windows(exact.shape, TILES)), check_confidence(step))
+
+
+class VerifiedDrillDown(Operator):
     """Physical operator: a lattice, a check of its interpolation, detail where it drops."""
 
     name = "VerifiedDrillDown"
@@ -203,6 +251,15 @@ class VerifiedDrillDown:
     def describe(self) -> dict:
         return {"lattice": f"every {self.step}", "fraction": f"{self.fraction:.2f}",
                 "check": f"SSIM>={self.check.target:g} on {self.check.tiles} windows"}
+
+    def expected_cells(self, bounds: Optional[dict] = None) -> float:
+        """Cells it is expected to compute (:func:`expected_cells`), from the tuning's
+        check ``bounds`` where known."""
+        return expected_cells(self.shape, self.step, self.fraction, self.check.tiles, bounds,
+                              self.check.target)
+
+    def approximation(self) -> Approximation:
+        return Approximation("verified", f"verified drill-down ({self.describe()['check']})")
 
     def exact(self):
         return self.fine.exact()
@@ -221,7 +278,7 @@ class VerifiedDrillDown:
         in_windows = window_mask(self.shape, centres)
         cascade = levels(self.step)
         confidence = check_confidence(self.step)
-        tried = []
+        tried, lr, lc = [], None, None
         for n, step in enumerate(cascade):
             if step == (1, 1):
                 scan.compute(np.arange(rows * cols))

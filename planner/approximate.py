@@ -24,17 +24,18 @@ from kql.operators.task import OcclusionTask
 
 from . import memory
 from .tuning import Choice, TuningRecord, key
-from .unoccluded import profile_model
+from .model_passes import profile_model
 
 NO_TUNING = "default: no tuning for this model, patch, stride and colour; CALIBRATE <model> ON (...) tunes it"
 
 
-def choose_tau(query, settings, lookup) -> Optional[Choice]:
+def choose_tau(query, ctx) -> Optional[Choice]:
     """The threshold for ``query``, or None when the plan is exact and nobody asked.
 
-    ``lookup(model_name, key)`` returns the catalog's tuning record (a dict) or None.
+    ``ctx``: the :class:`~.context.PlanContext` (its ``tau`` setting and its
+    ``tuning_lookup(model_name, key)``, the catalog's tuning record as a dict or None).
     """
-    value = settings.get("tau", "auto")
+    value, lookup = ctx.tau, ctx.tuning_lookup
     record = _record(query, lookup) if query.ssim is not None or value != "auto" else None
     if value != "auto":
         tau = float(value)
@@ -47,17 +48,17 @@ def choose_tau(query, settings, lookup) -> Optional[Choice]:
     return record.choose(query.ssim)
 
 
-def tuned_candidates(query, settings, lookup) -> list:
+def tuned_candidates(query, ctx) -> list:
     """The tuned ways to meet the query's SSIM target (plain map at a tau, or drill-down
     at a tau), when the planner may choose among them: WITH SSIM, no DRILLDOWN clause, tau
     'auto', a tuning in the catalog. Empty otherwise."""
-    if query.ssim is None or query.drilldown is not None or settings.get("tau", "auto") != "auto":
+    if query.ssim is None or query.drilldown is not None or ctx.tau != "auto":
         return []
-    record = _record(query, lookup)
+    record = _record(query, ctx.tuning_lookup)
     return record.candidates(query.ssim) if record else []
 
 
-def verified_candidates(query, settings, lookup) -> list:
+def verified_candidates(query, ctx) -> list:
     """``[(step, fraction, bounds, source), ...]``: the verified drill-downs
     (:mod:`kql.operators.verified`) that may meet the query's SSIM target: WITH SSIM, tau
     'auto', exact gates, a map that holds a check window. From the tuning, every lattice
@@ -67,10 +68,10 @@ def verified_candidates(query, settings, lookup) -> list:
 
     from .drilldown import DEFAULT_STEP, VERIFIED_FRACTION, stage_strides
 
-    if (query.ssim is None or settings.get("tau", "auto") != "auto"
-            or settings.get("gates", "exact") != "exact" or not checkable(query.grid.shape)):
+    if (query.ssim is None or ctx.tau != "auto" or ctx.gates != "exact"
+            or not checkable(query.grid.shape)):
         return []
-    record = _record(query, lookup)
+    record = _record(query, ctx.tuning_lookup)
     bounds = record.check_bounds() if record else {}
     source = record.source if bounds else ""
     if query.drilldown is not None:
@@ -92,11 +93,9 @@ CHECK_SHARE = 0.6
 def _check_pays(query, step: int, fraction: float) -> bool:
     """Whether the first lattice, the check's windows and stage two leave enough of the map
     to interpolate (on small maps the windows alone cover most of it)."""
-    from kql.operators.verified import TILES
+    from kql.operators.verified import expected_cells
 
-    from .drilldown import expected_cells
-
-    return expected_cells(query.grid.shape, step, fraction, TILES) < CHECK_SHARE * query.grid.count
+    return expected_cells(query.grid.shape, step, fraction) < CHECK_SHARE * query.grid.count
 
 
 def _record(query, lookup) -> Optional[TuningRecord]:

@@ -34,7 +34,7 @@ import torch
 from kql.operators.layout import Kept
 
 from . import calibrate
-from .lasting import LastingLayouts
+from .layout_file import LastingLayouts
 
 PROFILES = 4          # profiles kept per connection
 GRAPHS = 8            # traced graphs kept per connection (they share the models' weights)
@@ -51,7 +51,7 @@ class PlanCache:
         self._profiles: OrderedDict = OrderedDict()    # key -> (spec, name, profile)
         self._graphs: OrderedDict = OrderedDict()      # (id(spec), device) -> (spec, name, graph)
         self.layouts: dict = {}     # (name, id(spec), ...) -> the layout a trial chose
-        # Trial outcomes beyond the connection (planner.lasting): the user's cache folder,
+        # Trial outcomes beyond the connection (planner.layout_file): the user's cache folder,
         # whatever the catalog; None keeps them in the connection only.
         self.lasting = LastingLayouts(calibrate.cache_dir())
         # Plans corrected by, and scans recorded into, planner.feedback; off: every plan

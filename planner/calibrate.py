@@ -1,5 +1,8 @@
 """Device throughput, measured once by micro-benchmarks and cached.
 
+The table is :class:`~.throughput.Throughput`; one round of its micro-benchmarks is
+:func:`.micro_benchmarks.one_round`; this module runs the rounds, checks and keeps them.
+
 FLOPs alone mislead: a convolution over many small patches runs at a lower rate than one
 over full images. The table here holds the achieved multiply-add rate of convolutions as
 a function of the GEMM reduction depth (input channels per group x kernel area) and the
@@ -37,24 +40,20 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
 from kql.fileio import read_json, update_json
 from kql.operators.contention import CpuMeter, contended
-from kql.operators.layout import CHANNELS_LAST, CONTIGUOUS, in_layout
 
-from . import prior
+from . import micro_benchmarks, prior
+from .throughput import BATCH, C_OUT, COUTS, DEPTHS, POOL_SIDE, SIDES, VERSION, Throughput
 
-DEPTHS = (27, 144, 576, 2304, 4608)    # c_in/groups * kh * kw (27: an RGB stem)
-SIDES = (2, 4, 8, 16, 32)              # output side: areas 4 .. 1024 (flat beyond)
-C_OUT = 128                            # output channels of the dense table
-COUTS = (16, 32, 64, 128, 256, 512)    # output channels of the correction row
-POOL_SIDE = 16                         # output side of the pooling benchmark (64 channels)
-BATCH = 16
-VERSION = 10                           # of the table's layout; other versions re-measure
+__all__ = ["BATCH", "C_OUT", "COUTS", "DEPTHS", "POOL_SIDE", "SIDES", "VERSION", "Throughput",
+           "measure", "throughput", "threads", "device_key", "cache_dir", "folder_of",
+           "implausible", "repair", "best_of"]
+
 FILE = "calibration.json"
 MIN_ROUNDS, MAX_ROUNDS = 2, 3          # rounds of the micro-benchmarks (more while contended)
 BUSY_REPEAT = 2                        # repeats multiplied by this after a contended round
@@ -64,110 +63,6 @@ SLUMP = 0.5                            # a rate that falls below this of a small
 RETRY_SECONDS = 300                    # an untrusted table is measured again after this
 UNTRUSTED = "#untrusted"               # the key suffix of the last untrusted table on file
 _cache: dict = {}
-_repeat_scale = [1]                    # BUSY_REPEAT while a round runs contended
-
-
-@dataclass
-class Throughput:
-    device: str
-    dense: list            # [len(DEPTHS)][len(SIDES)] MAC/s at batch BATCH, call overhead included
-    depthwise: list        # [len(SIDES)] MAC/s
-    matmul: float          # MAC/s of a [B, 4096] x [4096, 4096] product (weights streamed)
-    bandwidth: float       # bytes/s (read + written) of an element-wise op
-    overhead: float        # seconds per operator call (dispatch, Python)
-    threads: int = 1       # torch CPU threads the table was measured at (part of its key)
-    node_overhead: float = 25e-6   # incremental engine bookkeeping per node and batch
-    batch: int = BATCH     # the batch the convolution tables were measured at
-    gather_rate: float = 1e9   # context bytes/s produced by the batched gather (with paste)
-    cout: list = None      # [len(COUTS)] rate relative to C_OUT output channels
-    pool: float = 1e9      # window elements/s (outputs x kernel area) of max pooling (average
-                           # pooling too: its own row moved no plan and no prediction over 2%)
-    version: int = VERSION
-    trusted: bool = True   # a quiet round and a plausible shape (only such tables are stored)
-    rounds: int = 1        # rounds measured; each entry is its best round's
-    quiet_rounds: int = 1  # of them, rounds no other work competed in
-    share: float = 1.0     # the lowest CPU share per thread a round got (1.0: all of it)
-    repaired: list = field(default_factory=list)   # entries implausible, taken from the prior
-    measured_at: float = 0.0   # time.time() when measured
-
-    def verdict(self) -> str:
-        """Whether the table is trusted, and why, in a few words."""
-        rounds = f"{self.rounds} round{'s' if self.rounds != 1 else ''}"
-        fixed = f"; repaired from the prior: {', '.join(self.repaired)}" if self.repaired else ""
-        if self.trusted:
-            return f"trusted ({rounds}, {self.quiet_rounds} quiet)"
-        why = ("the machine was busy in every round" if not self.quiet_rounds
-               else "implausible entries")
-        return (f"NOT trusted: {why} (CPU share {self.share:.2f} per thread, {rounds}){fixed}; "
-                f"used until a quiet moment, never kept as trusted")
-
-    def conv_seconds(self, macs: float, depth: int, area: int, depthwise: bool = False,
-                     c_out: int = C_OUT) -> float:
-        return macs / self._conv_rate(depth, area, depthwise, c_out)
-
-    def _conv_rate(self, depth: int, area: int, depthwise: bool, c_out: int) -> float:
-        """MAC/s of a convolution of that shape, interpolated once per shape: a plan asks
-        for the same few shapes hundreds of times (0.5-1.5 ms a query otherwise)."""
-        key = (depth, area, depthwise, c_out)
-        rates = self.__dict__.setdefault("_rates", {})
-        if key not in rates:
-            side = math.sqrt(max(area, 1))
-            if depthwise:
-                rate = _interp1(SIDES, self.depthwise, side)
-            else:
-                rate = _interp2(DEPTHS, SIDES, self.dense, depth, side)
-                if self.cout:
-                    rate *= _interp1(COUTS, self.cout, c_out)
-            rates[key] = rate
-        return rates[key]
-
-    def pool_seconds(self, windows: float, kind: str) -> float:
-        """Seconds to reduce ``windows`` window elements by max or average pooling."""
-        return windows / self.pool
-
-    def matmul_seconds(self, macs: float) -> float:
-        return macs / self.matmul
-
-    def bytes_seconds(self, nbytes: float) -> float:
-        """Moving ``nbytes`` (read + written) into memory already written to: copies,
-        scatters, building a batch."""
-        return nbytes / self.bandwidth
-
-    def elementwise_seconds(self, nbytes: float) -> float:
-        """An element-wise op moving ``nbytes`` (exp/erf activations alike)."""
-        return nbytes / self.bandwidth
-
-    def gather_seconds(self, context_bytes: float) -> float:
-        return context_bytes / self.gather_rate
-
-
-def _interp1(xs, ys, x) -> float:
-    lx = math.log(min(max(x, xs[0]), xs[-1]))
-    for i in range(len(xs) - 1):
-        a, b = math.log(xs[i]), math.log(xs[i + 1])
-        if lx <= b:
-            t = (lx - a) / (b - a)
-            return math.exp((1 - t) * math.log(ys[i]) + t * math.log(ys[i + 1]))
-    return ys[-1]
-
-
-def _interp2(xs, ys, table, x, y) -> float:
-    rows = [_interp1(ys, row, y) for row in table]
-    return _interp1(xs, rows, x)
-
-
-def _timed(fn, device: str, repeat: int = 3) -> float:
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    best = math.inf
-    for _ in range(repeat * _repeat_scale[0]):
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @contextlib.contextmanager
@@ -195,19 +90,19 @@ def measure(device: str = "cpu") -> Throughput:
     try:
         for count in range(1, MAX_ROUNDS + 1):
             meter = CpuMeter(threads).start()
-            tables.append(_measure(device))
+            tables.append(micro_benchmarks.one_round(device))
             share = meter.share() if device == "cpu" else None
             shares.append(1.0 if share is None else share)
             busy = contended(share)
             quiet += not busy
-            _repeat_scale[0] = BUSY_REPEAT if busy else 1
+            micro_benchmarks.REPEAT_SCALE[0] = BUSY_REPEAT if busy else 1
             merged = best_of(tables)
             problems = implausible(merged)
             if count >= MIN_ROUNDS and (quiet and not problems
                                         or time.perf_counter() - began > BUDGET_SECONDS):
                 break
     finally:
-        _repeat_scale[0] = 1
+        micro_benchmarks.REPEAT_SCALE[0] = 1
     result = repair(merged, problems)
     result.threads = threads
     result.rounds, result.quiet_rounds, result.share = len(tables), quiet, min(shares)
@@ -330,84 +225,6 @@ def repair(table: Throughput, problems: list, reference: dict = None) -> Through
     fixed.repaired = sorted({k.split("[")[0] for k in problems})
     fixed.__dict__.pop("_rates", None)
     return fixed
-
-
-def _measure(device: str) -> Throughput:
-    """Convolutions and pools are timed in the layout the planner runs full-size batches in
-    on ``device`` (:mod:`kql.operators.layout`: channels-last on CPU)."""
-    dev = torch.device(device)
-    batch = BATCH if device == "cpu" else 4 * BATCH       # GPUs need bigger batches to fill
-    layout = CHANNELS_LAST if device == "cpu" else CONTIGUOUS
-    tiny = torch.randn(2, 2, device=dev)
-    overhead = _timed(lambda: [torch.relu(tiny) for _ in range(100)], device) / 100
-    big = torch.randn(batch, 64, 56, 56, device=dev)
-    bandwidth = 2 * big.numel() * 4 / _timed(lambda: torch.relu(big), device, repeat=5)
-    dense = [[_conv_rate(dev, batch, depth, C_OUT, side, layout) for side in SIDES]
-             for depth in DEPTHS]
-    rates = [_conv_rate(dev, batch, 576, c, 8, layout) for c in COUTS]
-    cout = [r / rates[COUTS.index(C_OUT)] for r in rates]
-    depthwise = []
-    for side in SIDES:
-        w = torch.randn(64, 1, 3, 3, device=dev)
-        x = in_layout(torch.randn(batch, 64, side + 2, side + 2, device=dev), layout)
-        depthwise.append(batch * 9 * 64 * side * side / _timed(lambda: F.conv2d(x, w, groups=64), device))
-    a, m = torch.randn(BATCH, 4096, device=dev), torch.randn(4096, 4096, device=dev)
-    matmul = BATCH * 4096 * 4096 / _timed(lambda: a @ m, device)
-    pooled = in_layout(torch.randn(batch, 64, POOL_SIDE + 2, POOL_SIDE + 2, device=dev), layout)
-    windows = batch * 64 * POOL_SIDE * POOL_SIDE * 9
-    pool = windows / _timed(lambda: F.max_pool2d(pooled, 3, 1), device, repeat=5)
-    gather_rate = _gather_rate(dev, batch)
-    return Throughput(device, dense, depthwise, matmul, bandwidth, max(overhead, 5e-6) * 2,
-                      node_overhead=_engine_overhead(device), batch=batch,
-                      gather_rate=gather_rate, cout=cout, pool=pool)
-
-
-def _conv_rate(dev, batch: int, depth: int, c_out: int, side: int, layout: str) -> float:
-    """MAC/s of a 3x3 convolution with reduction depth ``depth``."""
-    c_in, k = depth // 9, 3
-    w = torch.randn(c_out, c_in, k, k, device=dev)
-    x = in_layout(torch.randn(batch, c_in, side + k - 1, side + k - 1, device=dev), layout)
-    return batch * depth * c_out * side * side / _timed(lambda: F.conv2d(x, w), str(dev.type))
-
-
-def _gather_rate(dev, batch: int) -> float:
-    """Bytes/s of read-in contexts built by the engine's gather (windows + pasted patches)."""
-    import numpy as np
-
-    from kql.operators.gather import gather
-
-    base = torch.randn(1, 128, 58, 58, device=dev)
-    patches = torch.randn(batch, 128, 12, 12, device=dev)
-    rng = np.random.default_rng(0)
-    wy, wx = rng.integers(0, 44, batch), rng.integers(0, 44, batch)
-    seconds = _timed(lambda: gather(base, patches, wy + 1, wx + 1, wy, wx, (14, 14)), str(dev.type))
-    return batch * 128 * 14 * 14 * 4 / seconds
-
-
-def _engine_overhead(device: str) -> float:
-    """Seconds per node and batch of the incremental engine on a model too small to compute:
-    index building, host-to-device copies, dispatch."""
-    import numpy as np
-    from torch import nn
-
-    from kql.operators.incremental import IncrementalOcclusion
-    from kql.operators.profile import ModelProfile
-    from kql.operators.steps import plan_steps
-    from kql.operators.task import OcclusionTask
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
-    image = torch.rand(3, 24, 24)
-    profile = ModelProfile(model, image, device)
-    ys = np.arange(BATCH) % 20
-    xs = ys[::-1].copy()
-    steps = plan_steps(profile, ys, xs, (2, 2))
-    task = OcclusionTask(model, image, torch.full((3,), 0.5), (2, 2), ys, xs, device=device)
-    engine = IncrementalOcclusion(profile, steps, BATCH)
-    seconds = _timed(lambda: engine.run(task), device)
-    return seconds / max(1, len(profile.ops))
 
 
 def device_key(device: str) -> str:

@@ -10,16 +10,12 @@ requested grid, priced at the fraction of it that runs.
 With WITH SSIM, drill-down is verified instead (:func:`plan_verified`,
 :mod:`kql.operators.verified`): one plan for the requested grid computes the lattice, the
 check's windows and stage two, priced at the cells it is expected to compute
-(:func:`expected_cells`).
+(:meth:`~kql.operators.verified.VerifiedDrillDown.expected_cells`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Optional
-
-import numpy as np
 
 from kql.operators.drilldown import DrillDownOcclusion, speedup_of, stage_one_stride
 
@@ -67,44 +63,6 @@ DEFAULT_STEP = 4
 VERIFIED_FRACTION = 0.02
 
 
-def expected_cells(shape: tuple, step: int, fraction: float, tiles: int,
-                   bounds: Optional[dict] = None, target: float = 1.0) -> float:
-    """Cells a verified drill-down starting at ``step`` computes, on average over the
-    tuning images whose check ``bounds`` ({step: [bound per image]}) are known; with none,
-    the cells when the first check passes (what EXPLAIN calls the optimistic case). A
-    lattice whose check the tuning did not record is priced as failing."""
-    from kql.operators.verified import lattice, levels, window_mask, windows
-
-    rows, cols = shape
-    total = rows * cols
-    cover = window_mask(shape, windows(shape, tiles))
-
-    def cells_at(tried: list) -> int:
-        known = cover.copy()
-        for s in tried:
-            lr, lc = lattice(shape, s)
-            known[np.ix_(lr, lc)] = True
-        done = int(known.sum())
-        return min(total, done + max(1, math.ceil(fraction * total)))
-
-    if not bounds:
-        return float(cells_at([(step, step)]))
-    images = len(next(iter(bounds.values())))
-    spent = []
-    for i in range(images):
-        tried = []
-        for s in levels(step):
-            if s == (1, 1):
-                spent.append(total)
-                break
-            tried.append(s)
-            key = s[0] if s[0] == s[1] else (max(s), 2)     # a first check, a refinement
-            if key in bounds and bounds[key][i] >= target:
-                spent.append(cells_at(tried))
-                break
-    return float(np.mean(spent))
-
-
 def plan_verified(query, plan_single, step: int, fraction: float, bounds=None, source: str = ""):
     """The verified drill-down plan of ``query`` (WITH SSIM) from lattice ``step``."""
     from kql.operators.verified import Check, VerifiedDrillDown
@@ -114,7 +72,8 @@ def plan_verified(query, plan_single, step: int, fraction: float, bounds=None, s
     fine = plan_single(query.replace(drilldown=None, speedup=None))
     check = Check(float(query.ssim))
     shape = query.grid.shape
-    cells = expected_cells(shape, step, fraction, check.tiles, bounds, check.target)
+    operator = VerifiedDrillDown(fine.operator, shape, step, fraction, check)
+    cells = operator.expected_cells(bounds)
     seconds = None
     if fine.run_seconds is not None:
         scan = fine.run_seconds - fine.setup_seconds
@@ -126,7 +85,7 @@ def plan_verified(query, plan_single, step: int, fraction: float, bounds=None, s
                     f"checked on {check.tiles} windows of this map"
                     + (f"; {source}" if source else ""))
     return dataclasses.replace(
-        fine, operator=VerifiedDrillDown(fine.operator, shape, step, fraction, check),
+        fine, operator=operator,
         stages=(dataclasses.replace(fine, approximation=None),), stage_seconds=seconds,
         cost=None, approximation=choice,
         exact_seconds=fine.run_seconds,

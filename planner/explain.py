@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kql.operators.task import went_on_at
+from kql.operators.batches import went_on_at
 
 
 def _line(name: str, **items) -> str:
@@ -66,7 +66,7 @@ def summary(plan, actual: Optional[dict] = None) -> str:
         parts.append("no time predicted")
     else:
         naive = (f" (naive {_seconds(plan.naive_predicted_seconds)} s)"
-                 if plan.naive_seconds and plan.operator.name != "NaiveOcclusion" else "")
+                 if plan.naive_seconds and not plan.operator.plain_loop else "")
         parts.append(f"predicted {_seconds(plan.predicted_seconds)} s{naive}")
     if actual is not None:
         parts.append(f"actual {_seconds(actual['total'])} s")
@@ -85,23 +85,17 @@ def _seconds(value: float) -> str:
 
 def exactness(plan, actual: Optional[dict] = None) -> str:
     """``exact``, or how the map is approximated and how close it is predicted to be."""
-    own = plan.operator.describe()
-    if "check" in own:
-        text = f"approximate: verified drill-down ({own['check']})"
-        check = (actual or {}).get("check")
-        if check is not None:
-            text += (", check failed at every lattice: exact map" if check["exact"] else
-                     f", measured SSIM >= {check['bound']:.3f} on lattice {check['lattice']}")
-    elif plan.stages:
-        text = f"approximate: drill-down fraction {own.get('fraction', '?')}"
-    elif plan.approximation is not None and plan.approximation.tau < 1.0:
-        ssim = plan.approximation.predicted_ssim
-        text = (f"approximate: tau={plan.approximation.tau:.2f}, predicted SSIM "
-                + (_num(ssim, 3) if ssim is not None else "unknown"))
-    elif "frozen_gates" in own:
-        text = "approximate: frozen gates"
-    else:
+    how = plan.operator.approximation()
+    if how is None:
         return "exact"
+    text = f"approximate: {how.text}"
+    check = (actual or {}).get("check")
+    if how.kind == "verified" and check is not None:
+        text += (", check failed at every lattice: exact map" if check["exact"] else
+                 f", measured SSIM >= {check['bound']:.3f} on lattice {check['lattice']}")
+    elif how.kind == "tau":
+        ssim = plan.approximation.predicted_ssim if plan.approximation is not None else None
+        text += ", predicted SSIM " + (_num(ssim, 3) if ssim is not None else "unknown")
     if actual is not None and "ssim" in actual:
         text += f", achieved SSIM {actual['ssim']:.3f}"
     return text
@@ -174,7 +168,8 @@ def _approximation_items(plan, actual) -> dict:
     choice, items = plan.approximation, {}
     if choice is not None:
         items["ssim_target"] = _num(plan.query.ssim) if plan.query.ssim is not None else None
-        if "tau" not in plan.operator.describe():
+        how = plan.operator.approximation()
+        if how is None or how.kind != "tau":                 # the operator shows its own
             items["tau"] = _num(choice.tau)
         items["predicted_ssim"] = _num(choice.predicted_ssim, 3) if choice.predicted_ssim is not None else "unknown"
         if plan.exact_seconds and plan.predicted_seconds is not None:

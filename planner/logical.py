@@ -23,11 +23,11 @@ from .grid import OcclusionGrid
 class OcclusionQuery:
     """Logical plan of ``OCCLUDE``: every field resolved, every default filled in."""
 
-    statement: object                   # the kql.ast.Occlude it was bound from (positions)
+    statement: object                   # the kql.language.ast.Occlude it was bound from (positions)
     text: str
     image_label: str
     image: torch.Tensor                 # [3, H, W] after the model's resize, pixel space
-    model: object                       # kql.models.ModelSpec
+    model: object                       # kql.catalog.models.ModelSpec
     target: Optional[int]               # None: the arg-max class of the unoccluded image
     grid: OcclusionGrid
     color: Tuple[float, float, float]

@@ -9,32 +9,27 @@ and a batch size, each chosen by predicted cost (:mod:`.cost`).
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
-
-import torch
+from typing import Optional
 
 from kql.errors import KqlPlanError
 from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
-from kql.operators.pacing import paced
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
-from kql.operators.task import OcclusionResult, OcclusionTask, Progress
 from kql.operators.trial import OperatorTrial
 
-from . import calibrate, devices, memory, shape_first
-from .approximate import choose_tau, task_of, tuned_candidates, verified_candidates
-from .cache import PlanCache
-from .cost import PlanCost, incremental_cost, naive_cost, redundancy_ratio
+from . import calibrate, memory, naive_shortcut
+from .approximate import choose_tau, tuned_candidates, verified_candidates
+from .context import PlanContext, Planning
+from .cost import incremental_cost, naive_cost, redundancy_ratio
 from .drilldown import plan_drilldown, plan_verified
-from .feedback import Correction, Feedback, Learner, shape_key
-from .lasting import FILE
+from .feedback import Learner, shape_key
+from .layout_file import FILE
 from .logical import OcclusionQuery
+from .plan import PhysicalPlan
 from .tuning import Choice
-from .unoccluded import profile_model, scored, summarize_model, unoccluded_logits
+from .model_passes import scored
 
 # Fraction 1: a patch that has grown to its whole feature map is handed on as a full
 # tensor. It never costs more than pure incremental inference (the seed prototype's,
@@ -60,182 +55,10 @@ WATCH_BATCHES = 16
 SHORTCUT_SLOWER = 1.25
 
 
-@dataclass
-class PlanContext:
-    """What the planner may consult: session settings, the catalog directory, the machine."""
-
-    settings: Mapping = field(default_factory=dict)     # a kql.settings.Settings (read by name)
-    directory: Optional[str] = None
-    tuning_lookup: Optional[Callable] = None            # (model name, key) -> record dict or None
-    cache: Optional[PlanCache] = None                   # the connection's plan cache
-
-    def cuda_available(self) -> bool:
-        return devices.cuda_available()
-
-    @property
-    def strategy(self) -> str:
-        return str(self.settings.get("strategy", "auto"))
-
-    @property
-    def crossover(self):
-        return self.settings.get("crossover", "auto")
-
-    @property
-    def exact_settings(self) -> bool:
-        """Whether no setting asks for an approximate map: tau 1 or left to the query
-        ('auto'), global gates computed exactly."""
-        return (self.settings.get("tau", "auto") in ("auto", 1, 1.0)
-                and self.settings.get("gates", "exact") == "exact")
-
-    def memory_limit(self, device: str) -> int:
-        """Bytes a plan (and planning's own passes) may use on ``device``."""
-        return memory.allowed(self.settings.get("memory_limit", "auto"), device)
-
-    def profile(self, query, device: str) -> tuple:
-        """``(profile, what came from the cache)``: of the query's model on its image;
-        ``"profile"`` when all of it, ``"graph"`` when only its trace (another image)."""
-        limit = self.memory_limit(device)
-        if self.cache is None:
-            return profile_model(query, device, limit=limit), ""
-        cache, model = self.cache, query.model
-        traced = cache.has_graph(model, device)
-
-        def keep_graph(build):
-            return cache.graph(model, model.name, device, build)[0]
-        build = lambda: profile_model(query, device, keep_graph, limit)     # noqa: E731
-        profile, hit = self._kept(query, device, "profile", build)
-        if hit and profile.shapes_only and (limit is None or profile.shapes_only <= limit):
-            self.cache.drop(model, query.image, device, "profile")    # views fit now: build them
-            profile, hit = self._kept(query, device, "profile", build)
-        return profile, "profile" if hit else ("graph" if traced else "")
-
-    def shapes(self, query, device: str) -> tuple:
-        """``(shape summary, from the cache?)`` of one forward pass of the query's model."""
-        limit = self.memory_limit(device)
-        return self._kept(query, device, "shapes", lambda: summarize_model(query, device, limit))
-
-    def base_logits(self, query, device: str) -> torch.Tensor:
-        """The model's output on the unoccluded image: planning's, else one forward pass."""
-        if self.cache is not None:
-            for kind, field_name in (("profile", "base_logits"), ("shapes", "logits")):
-                found = self.cache.peek(query.model, query.image, device, kind)
-                if found is not None:
-                    return getattr(found, field_name)
-        limit = self.memory_limit(device)
-        return self._kept(query, device, "logits", lambda: unoccluded_logits(query, device, limit))[0]
-
-    def _kept(self, query, device: str, kind: str, build) -> tuple:
-        if self.cache is None:
-            return build(), False
-        return self.cache.profile(query.model, query.model.name, query.image, device, build, kind)
-
-    def throughput(self, device: str):
-        return calibrate.throughput(device, self.directory)
-
-    def feedback(self) -> Feedback:
-        """Observed/predicted ratios of earlier scans, kept with the calibration."""
-        if "_feedback" not in self.__dict__:
-            learning = self.cache.learning if self.cache is not None else True
-            self.__dict__["_feedback"] = Feedback(calibrate.folder_of(self.directory), learning)
-        return self.__dict__["_feedback"]
-
-
-@dataclass(frozen=True)
-class PhysicalPlan:
-    query: OcclusionQuery
-    operator: object
-    batch: int
-    device: str = "cpu"                       # torch device type: 'cpu' | 'cuda'
-    reason: str = ""
-    cost: Optional[PlanCost] = None           # predicted, per batch
-    setup_seconds: float = 0.0                # predicted, before the first batch
-    naive_seconds: Optional[float] = None     # predicted run of the naive plan (another plan's)
-    planning_seconds: float = 0.0             # measured: binding, tracing, views, costing
-    ratio: Optional[float] = None             # R, eqs 16-20
-    crossover: Optional[float] = None         # chosen fraction, None = pure incremental (seed)
-    memory_bytes: int = 0
-    batch_note: str = ""                      # why the BATCH asked for was lowered (memory)
-    threads: Optional[int] = None             # CPU threads to run with (torch's at planning)
-    approximation: Optional[Choice] = None    # tau and where it came from; None: exact, unasked
-    stages: tuple = ()                        # drill-down: the stage-one and stage-two plans
-    stage_seconds: Optional[float] = None     # drill-down: their predicted run, together
-    cached: tuple = ()                        # what planning took from the plan cache
-    exact_seconds: Optional[float] = None     # predicted run of the same plan at tau 1
-    correction: Correction = Correction()     # earlier scans' observed/predicted (feedback)
-    trusted: bool = True                      # from a trusted calibration, or this shape's scans
-    learner: Optional[Learner] = None         # records what the scan took against the prediction
-
-    @property
-    def batches(self) -> int:
-        return -(-self.query.grid.count // self.batch)
-
-    @property
-    def run_seconds(self) -> Optional[float]:
-        """The predicted run after planning: set-up and every batch (or the stages')."""
-        if self.stages:
-            return self.stage_seconds
-        if self.cost is None:
-            return None
-        return (self.setup_seconds + self.cost.seconds * self.batches) * self.correction.factor
-
-    @property
-    def run_range(self) -> Optional[tuple]:
-        """``(low, high)`` seconds the run may take: the spread of the ratios earlier scans
-        of this shape observed, else half to twice the prediction."""
-        run = self.run_seconds
-        if run is None:
-            return None
-        c = self.correction
-        if c.scope == "shape" and c.scans >= 2:
-            return run * c.low / c.factor, run * c.high / c.factor
-        return run / 2, run * 2
-
-    @property
-    def predicted_seconds(self) -> Optional[float]:
-        """Planning (already spent, measured) plus the predicted run."""
-        run = self.run_seconds
-        return None if run is None else self.planning_seconds + run
-
-    @property
-    def naive_predicted_seconds(self) -> Optional[float]:
-        return None if self.naive_seconds is None else self.planning_seconds + self.naive_seconds
-
-    def exact(self) -> "PhysicalPlan":
-        """The same plan computing the exact map (EXPLAIN ANALYZE compares the two)."""
-        return dataclasses.replace(self, operator=self.operator.exact(), approximation=None)
-
-    def task(self) -> OcclusionTask:
-        return task_of(self.query, self.device)
-
-    def run(self, progress: Progress = None, timings: Optional[dict] = None) -> OcclusionResult:
-        """The heat map; with ``timings``, seconds per node where the operator has nodes."""
-        with calibrate.threads(self.threads or torch.get_num_threads()):
-            # Fewer threads while other work holds the cores, for this scan only.
-            pacer = (None if timings is not None or self.stages else
-                     paced(torch.get_num_threads(), self.batches, self.device, progress))
-            began = time.perf_counter()
-            result = self.operator.run(self.task(), pacer or progress, timings)
-            seconds = time.perf_counter() - began
-        if pacer is not None and pacer.history:
-            result = dataclasses.replace(result, paced=tuple(pacer.history))
-        if self.learner is not None and timings is None:     # EXPLAIN ANALYZE's hooks cost
-            self.learner.learn(getattr(result, "ran", ()), seconds, self.query.grid.count)
-        return result
-
-    def explain(self, actual: Optional[dict] = None) -> list[str]:
-        from .explain import render
-
-        return render(self, actual)
-
-
 def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
     """Choose the operator, device and batch size for an optimized logical plan."""
     candidates = ["cuda", "cpu"] if query.device == "auto" else ["cuda" if query.device == "gpu" else "cpu"]
-    plans = []
-    for device in candidates:
-        tp = ctx.throughput(device)
-        threads = torch.get_num_threads() if device == "cpu" else None   # torch's, as a plain loop
-        plans.append(_plan_on(query, ctx, device, tp, threads))
+    plans = [_plan_on(Planning.on_device(query, ctx, device)) for device in candidates]
     best = min(plans, key=lambda p: p.predicted_seconds if p.predicted_seconds is not None else 0.0)
     # Drill-down and verified plans are priced from the table alone: trusted as it is.
     trusted = best.correction.settled or ctx.throughput(best.device).trusted
@@ -243,48 +66,51 @@ def plan_query(query: OcclusionQuery, ctx: PlanContext) -> PhysicalPlan:
                                trusted=trusted)
 
 
-def _shape_first(query, ctx, device, tp, threads) -> Optional[PhysicalPlan]:
+def _shape_first(p: Planning) -> Optional[PhysicalPlan]:
     """The plain loop planned from one forward pass's shapes, without a trace or views,
-    where :func:`.shape_first.decide` is certain of it; None otherwise."""
-    found = shape_first.decide(query, ctx, device, tp, NAIVE_MARGIN)
+    where :func:`.naive_shortcut.decide` is certain of it; None otherwise."""
+    found = naive_shortcut.decide(p, NAIVE_MARGIN)
     if found is None:
         return None
     fit = found.fit
-    plan = PhysicalPlan(query, NaiveOcclusion(fit.batch, found.summary.logits), fit.batch, device,
+    plan = PhysicalPlan(p.query, NaiveOcclusion(fit.batch, found.summary.logits), fit.batch, p.device,
                         reason=found.reason, cost=found.cost, setup_seconds=0.0,
-                        batch_note=fit.note, threads=threads, memory_bytes=found.memory_bytes,
+                        batch_note=fit.note, threads=p.threads, memory_bytes=found.memory_bytes,
                         cached=("shapes",) if found.from_cache else ())
-    plan = _learned(plan, ctx, tp)
+    plan = _learned(plan, p)
     if plan.correction.factor > SHORTCUT_SLOWER:
         return None            # scans found the plain loop slower than priced: cost both
-    return _in_layout(plan, ctx, device)
+    return _in_layout(plan, p)
 
 
-def _plan_on(query: OcclusionQuery, ctx: PlanContext, device: str, tp, threads) -> PhysicalPlan:
+def _plan_on(p: Planning) -> PhysicalPlan:
     # A model that cannot be traced cannot be hooked either (TorchScript): no shapes first.
-    untraceable = getattr(query.model, "naive_reason", None)
-    shortcut = None if untraceable else _shape_first(query, ctx, device, tp, threads)
+    untraceable = getattr(p.query.model, "naive_reason", None)
+    shortcut = None if untraceable else _shape_first(p)
     if shortcut is not None:
         return shortcut
-    profile, reason, hit = None, "", ""
+    hit = ""
     try:
-        profile, hit = ctx.profile(query, device)
+        profile, hit = p.ctx.profile(p.query, p.device)
+        p = dataclasses.replace(p, profile=profile)
     except TraceError as exc:
-        reason = _quote(str(exc))
-    plan = _plan_with(query, ctx, device, tp, threads, profile, reason)
+        p = dataclasses.replace(p, reason=_quote(str(exc)))
+    plan = _plan_with(p)
     return dataclasses.replace(plan, cached=((hit,) if hit else ()) + plan.cached)
 
 
-def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan:
-    candidates = tuned_candidates(query, ctx.settings, ctx.tuning_lookup) if profile else []
-    verified = verified_candidates(query, ctx.settings, ctx.tuning_lookup) if profile else []
+def _plan_with(p: Planning) -> PhysicalPlan:
+    query, ctx = p.query, p.ctx
+    candidates = tuned_candidates(query, ctx) if p.profile else []
+    verified = verified_candidates(query, ctx) if p.profile else []
+
+    def single(q):
+        return _single(p.of(q))
     if candidates or verified:                 # WITH SSIM: price every way to meet it
         plans, refused = [], None
-        single = lambda q: _single(q, ctx, device, tp, threads, profile, reason)
         if verified and not candidates and query.drilldown is None:
             plans.append(single(query))        # the exact map (no tuning) is one way
-        for make in ([lambda c=c: _plan_choice(query, ctx, device, tp, threads, profile, c)
-                      for c in candidates]
+        for make in ([lambda c=c: _plan_choice(p, c) for c in candidates]
                      + [lambda v=v: plan_verified(query, single, *v) for v in verified]):
             try:
                 plans.append(make())
@@ -292,33 +118,33 @@ def _plan_with(query, ctx, device, tp, threads, profile, reason) -> PhysicalPlan
                 refused = exc
         if not plans:
             raise refused
-        return min(plans, key=lambda p: p.predicted_seconds)
+        return min(plans, key=lambda plan: plan.predicted_seconds)
     if query.drilldown is not None:
-        return plan_drilldown(query, lambda q: _single(q, ctx, device, tp, threads, profile, reason))
-    return _single(query, ctx, device, tp, threads, profile, reason)
+        return plan_drilldown(query, single)
+    return _single(p)
 
 
-def _plan_choice(query, ctx, device, tp, threads, profile, choice) -> PhysicalPlan:
+def _plan_choice(p: Planning, choice: Choice) -> PhysicalPlan:
     if choice.drilldown is None:
-        return _single(query, ctx, device, tp, threads, profile, choice=choice)
+        return _single(p, choice)
     fraction, speedup = choice.drilldown
-    drilled = query.replace(drilldown=fraction, speedup=speedup)
-    plan = plan_drilldown(drilled, lambda q: _single(q, ctx, device, tp, threads, profile, choice=choice))
-    return dataclasses.replace(plan, query=query)
+    drilled = p.query.replace(drilldown=fraction, speedup=speedup)
+    plan = plan_drilldown(drilled, lambda q: _single(p.of(q), choice))
+    return dataclasses.replace(plan, query=p.query)
 
 
-def _single(query, ctx, device, tp, threads, profile, reason="", choice=None) -> PhysicalPlan:
-    plan, other, close = _single_plan(query, ctx, device, tp, threads, profile, reason, choice)
-    plan = _in_layout(plan, ctx, device)
+def _single(p: Planning, choice: Optional[Choice] = None) -> PhysicalPlan:
+    plan, other, close = _single_plan(p, choice)
+    plan = _in_layout(plan, p)
     least = OperatorTrial.MIN_BATCHES if close else WATCH_BATCHES
     if other is None or plan.batches < least:
         return plan                             # no alternative, or too short a scan to watch
-    other = _in_layout(other, ctx, device)
+    other = _in_layout(other, p)
     kept = None
-    if close and ctx.cache is not None:
+    if close and p.ctx.cache is not None:
         q = plan.query
-        kept = ctx.cache.kept_operator(q.model, device, plan.operator.name, tuple(q.image.shape),
-                                       q.grid, plan.batch, other.batch, plan.threads)
+        kept = p.ctx.cache.kept_operator(q.model, p.device, plan.operator.name, tuple(q.image.shape),
+                                         q.grid, plan.batch, other.batch, plan.threads)
     expected = (_per_item(plan), _per_item(other))
     learner = plan.learner
     if learner is not None and other.learner is not None:
@@ -334,23 +160,24 @@ def _per_item(plan: PhysicalPlan) -> float:
     return plan.cost.seconds / plan.batch * plan.correction.factor
 
 
-def _learned(plan: PhysicalPlan, ctx: PlanContext, tp) -> PhysicalPlan:
+def _learned(plan: PhysicalPlan, p: Planning) -> PhysicalPlan:
     """``plan`` with its prediction corrected by earlier scans of its shape (or of its
     operator kind, :mod:`.feedback`), and a learner that records what its scan takes.
     A prediction is trusted when the table is, or when scans of this shape corrected it."""
+    table = p.throughput
     if plan.cost is None:
-        return dataclasses.replace(plan, trusted=tp.trusted)
+        return dataclasses.replace(plan, trusted=table.trusted)
     q = plan.query
     own = sorted((k, v) for k, v in plan.operator.describe().items() if k != "layout")
     shape = shape_key(plan.operator.name, q.model.structure(), tuple(q.image.shape),
                       q.grid.patch, plan.batch, plan.device, plan.threads, own)
     # Ratios belong to the table they corrected: another table (measured again) starts afresh.
-    store, device = ctx.feedback(), f"{calibrate.device_key(plan.device)}@{tp.measured_at:.0f}"
+    store, device = p.ctx.feedback(), f"{calibrate.device_key(plan.device)}@{table.measured_at:.0f}"
     found = store.correction(device, plan.operator.name, shape)
     learner = Learner(store, device, ((plan.operator.name, shape, plan.cost.seconds / plan.batch,
                                        plan.batch),))
     return dataclasses.replace(plan, correction=found, learner=learner,
-                               trusted=tp.trusted or found.settled)
+                               trusted=table.trusted or found.settled)
 
 
 def _lent(plan: PhysicalPlan, peer: PhysicalPlan) -> PhysicalPlan:
@@ -364,64 +191,68 @@ def _lent(plan: PhysicalPlan, peer: PhysicalPlan) -> PhysicalPlan:
     return dataclasses.replace(plan, correction=peer.correction.for_peer())
 
 
-def _in_layout(plan: PhysicalPlan, ctx: PlanContext, device: str) -> PhysicalPlan:
+def _in_layout(plan: PhysicalPlan, p: Planning) -> PhysicalPlan:
     """The plan in the session's layout (:mod:`~kql.operators.layout`); 'auto' on CPU
     leaves the choice to the operator."""
-    layout = ctx.settings.get("layout", "auto")
+    layout, device, cache = p.ctx.layout, p.device, p.ctx.cache
     if layout == "auto" and device != "cpu":
         layout = CONTIGUOUS                     # measured on CPU only
     operator = plan.operator.in_layout(layout)
     cached = plan.cached
-    if layout == "auto" and ctx.cache is not None and hasattr(operator, "remembering"):
+    if layout == "auto" and cache is not None and operator.learns_layout:
         # The trial's outcome is kept for the next scan of this shape (Kept): another
         # target, colour or image, or the next image of a many-image query.
         q = plan.query
-        kept = ctx.cache.kept_layout(q.model, device, operator.name, tuple(q.image.shape),
-                                     plan.batch, plan.threads, device,
-                                     operator.describe().get("crossover"), q.grid.patch)
+        kept = cache.kept_layout(q.model, device, operator.name, tuple(q.image.shape),
+                                 plan.batch, plan.threads, device,
+                                 operator.describe().get("crossover"), q.grid.patch)
         operator = operator.remembering(kept)
         if kept.found is not None:
             cached += (FILE if kept.from_lasting else "layout",)
     return dataclasses.replace(plan, operator=operator, cached=cached)
 
 
-def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=None) -> tuple:
+def _single_plan(p: Planning, choice: Optional[Choice] = None) -> tuple:
     """``(plan, other, close)``: the cheapest plan computing every position of the
     query's grid (at the threshold of ``choice``; by default the one the settings and the
     tuning give) within the memory limit; for an exact plan of the default strategy the
     other of naive and incremental inference (else None), and whether the two are a close
     call. Predictions are corrected by earlier scans (:func:`_learned`) before they are
     compared. :class:`~.memory.MemoryLimitError` when no plan fits."""
-    cap = ctx.memory_limit(device)
-    if profile is None:                        # torch.fx cannot trace it: the plain loop
-        return _learned(_untraced(query, device, threads, reason, cap), ctx, tp), None, False
+    strategy = p.ctx.strategy
+    if p.profile is None:                      # torch.fx cannot trace it: the plain loop
+        return _learned(_untraced(p), p), None, False
     try:
-        naive_plan, too_big = _learned(_naive(query, profile, tp, device, threads, cap), ctx, tp), None
+        naive_plan, too_big = _learned(_naive(p), p), None
     except memory.MemoryLimitError as exc:
         naive_plan, too_big = None, exc
-    if ctx.strategy == "naive":
+    if strategy == "naive":
         if too_big is not None:
             raise too_big
         return dataclasses.replace(naive_plan, reason="strategy=naive"), None, False
     try:
-        best = _learned(_incremental(query, ctx, profile, tp, cap, device, threads, naive_plan,
-                                     choice), ctx, tp)
+        best = _learned(_incremental(p, naive_plan, choice), p)
         if naive_plan is not None:
             naive_plan, best = _lent(naive_plan, best), _lent(best, naive_plan)
             best = dataclasses.replace(best, naive_seconds=naive_plan.predicted_seconds)
     except memory.MemoryLimitError as exc:
-        if ctx.strategy == "incremental":
+        if strategy == "incremental":
             raise
         if naive_plan is None:                 # neither fits: say what the smaller one needs
             raise min(exc, too_big, key=lambda e: e.needed) from None
-        needed, allowed = memory.size_text(exc.needed), memory.size_text(cap)
+        needed, allowed = memory.size_text(exc.needed), memory.size_text(p.cap)
         return dataclasses.replace(naive_plan,
                                    reason=f"incremental needs {needed} > memory_limit {allowed}"), None, False
-    if naive_plan is None or ctx.strategy != "auto":
+    if naive_plan is None or strategy != "auto":
         return best, None, False
-    # Two exact plans of the default strategy: the scan is watched, and a close call tried.
+    return _naive_or_incremental(p, naive_plan, best)
+
+
+def _naive_or_incremental(p: Planning, naive_plan: PhysicalPlan, best: PhysicalPlan) -> tuple:
+    """Two exact plans of the default strategy: ``(chosen, other, close)``; the scan is
+    watched, and a close call tried."""
     ratio = best.predicted_seconds / max(naive_plan.predicted_seconds, 1e-12)
-    exact = best.approximation is None and ctx.exact_settings and query.drilldown is None
+    exact = best.approximation is None and p.ctx.exact_settings and p.query.drilldown is None
     close = exact and NAIVE_MARGIN / CLOSE < ratio < NAIVE_MARGIN * CLOSE
     if ratio > NAIVE_MARGIN:
         # The naive map is exact: a quality asked for is met at tau 1, from the same tuning.
@@ -431,41 +262,41 @@ def _single_plan(query, ctx, device, tp, threads, profile, reason="", choice=Non
     return best, naive_plan if exact else None, close
 
 
-
-def _untraced(query, device, threads, reason, cap) -> PhysicalPlan:
+def _untraced(p: Planning) -> PhysicalPlan:
     """The plain loop for a model torch.fx cannot trace: no activations to price, only the
     occluded batch is held to the limit."""
+    query = p.query
     per_item = memory.occluded_bytes(query.image.shape)
-    fit = memory.fit(0, per_item, cap, device, query.batch or 16, query.grid.count)
-    return PhysicalPlan(query, NaiveOcclusion(fit.batch), fit.batch, device, reason=reason,
-                        threads=threads, batch_note=fit.note if query.batch else "",
+    fit = memory.fit(0, per_item, p.cap, p.device, query.batch or 16, query.grid.count)
+    return PhysicalPlan(query, NaiveOcclusion(fit.batch), fit.batch, p.device, reason=p.reason,
+                        threads=p.threads, batch_note=fit.note if query.batch else "",
                         memory_bytes=fit.batch * per_item)
 
 
-def _naive(query, profile, tp, device, threads, cap) -> PhysicalPlan:
-    fit = memory.naive_fit(profile, cap, device, query.batch, query.grid.count)
-    return PhysicalPlan(query, NaiveOcclusion(fit.batch, profile.base_logits), fit.batch, device,
-                        cost=naive_cost(profile, tp, fit.batch), batch_note=fit.note,
+def _naive(p: Planning) -> PhysicalPlan:
+    query, profile = p.query, p.profile
+    fit = memory.naive_fit(profile, p.cap, p.device, query.batch, query.grid.count)
+    return PhysicalPlan(query, NaiveOcclusion(fit.batch, profile.base_logits), fit.batch, p.device,
+                        cost=naive_cost(profile, p.throughput, fit.batch), batch_note=fit.note,
                         ratio=redundancy_ratio(profile, query.grid.patch),
-                        memory_bytes=memory.naive_bytes(profile, fit.batch), threads=threads)
+                        memory_bytes=memory.naive_bytes(profile, fit.batch), threads=p.threads)
 
 
-def _incremental(query, ctx, profile, tp, cap, device, threads, naive_plan, choice) -> PhysicalPlan:
+def _incremental(p: Planning, naive_plan: Optional[PhysicalPlan], choice: Optional[Choice]) -> PhysicalPlan:
     """The cheapest incremental plan at the chosen threshold, with what EXPLAIN compares
     it to (the naive plan, the exact plan of an approximate one)."""
-    choice = choice or choose_tau(query, ctx.settings, ctx.tuning_lookup)
+    choice = choice or choose_tau(p.query, p.ctx)
     tau = choice.tau if choice is not None else 1.0
-    gates = ctx.settings.get("gates", "exact")
-    best = _best_incremental(query, ctx, profile, tp, cap, device, threads, tau, gates)
+    gates = p.ctx.gates
+    best = _best_incremental(p, tau, gates)
     exact_seconds = None
     if tau < 1.0 or gates != "exact":
         try:
-            exact_seconds = _best_incremental(query, ctx, profile, tp, cap, device,
-                                              threads).predicted_seconds
+            exact_seconds = _best_incremental(p).predicted_seconds
         except memory.MemoryLimitError:
             pass                               # the exact plan does not fit: no speedup to show
     return dataclasses.replace(
-        best, ratio=redundancy_ratio(profile, query.grid.patch), approximation=choice,
+        best, ratio=redundancy_ratio(p.profile, p.query.grid.patch), approximation=choice,
         naive_seconds=naive_plan.predicted_seconds if naive_plan is not None else None,
         exact_seconds=exact_seconds)
 
@@ -489,37 +320,36 @@ def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
     return tables
 
 
-def _best_incremental(query, ctx, profile, tp, cap, device, threads, tau=1.0,
-                      gates="exact") -> PhysicalPlan:
+def _best_incremental(p: Planning, tau: float = 1.0, gates: str = "exact") -> PhysicalPlan:
     """The cheapest crossover's plan. Kept with the profile per query shape: another
     target or colour on the same grid is the same plan for another query. (The key has
     the memory_limit setting, not its bytes: 'auto' reads the free memory anew each time.)"""
-    key = ("best", query.grid, tau, gates, ctx.crossover, query.batch, id(tp), device, threads,
-           ctx.settings.get("memory_limit", "auto"))
-    if key not in profile.memo:
-        profile.memo[key] = (_cheapest_crossover(query, ctx, profile, tp, cap, device, threads,
-                                                 tau, gates), tp)
-    return dataclasses.replace(profile.memo[key][0], query=query)
+    query, memo = p.query, p.profile.memo
+    key = ("best", query.grid, tau, gates, p.ctx.crossover, query.batch, id(p.throughput),
+           p.device, p.threads, p.ctx.memory_setting)
+    if key not in memo:
+        memo[key] = (_cheapest_crossover(p, tau, gates), p.throughput)
+    return dataclasses.replace(memo[key][0], query=query)
 
 
-def _cheapest_crossover(query, ctx, profile, tp, cap, device, threads, tau, gates) -> PhysicalPlan:
-    setting = ctx.crossover
+def _cheapest_crossover(p: Planning, tau: float, gates: str) -> PhysicalPlan:
+    query, profile, setting = p.query, p.profile, p.ctx.crossover
     fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
     plans, too_big = [], []
     for steps in crossover_candidates(profile, query.grid.positions(), query.grid.patch,
                                       fractions, tau, gates):
         try:
-            fit = memory.incremental_fit(profile, steps, cap, device, query.batch, query.grid.count)
+            fit = memory.incremental_fit(profile, steps, p.cap, p.device, query.batch, query.grid.count)
         except memory.MemoryLimitError as exc:
             too_big.append(exc)
             continue
         # The views were materialized while planning: no set-up left to predict.
         plans.append(PhysicalPlan(query, IncrementalOcclusion(profile, steps, fit.batch), fit.batch,
-                                  device, cost=incremental_cost(profile, steps, tp, fit.batch),
+                                  p.device, cost=incremental_cost(profile, steps, p.throughput, fit.batch),
                                   crossover=steps.crossover.fraction, batch_note=fit.note,
                                   memory_bytes=memory.incremental_bytes(profile, steps, fit.batch),
-                                  threads=threads))
+                                  threads=p.threads))
     if not plans:
         raise min(too_big, key=lambda e: e.needed)
     best = plans[0]                          # the reference: the first fraction asked for

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from .logical import OcclusionQuery
-from .physical import PhysicalPlan, PlanContext
-from .unoccluded import scored, unoccluded_logits
+from .context import PlanContext
+from .plan import PhysicalPlan
+from .model_passes import scored, unoccluded_logits
 
 
 def same_plan_fits(plan: PhysicalPlan, query: OcclusionQuery) -> bool:

@@ -140,3 +140,5 @@ ROWS = (
             "memory layout of full-size batches: 'auto' (channels_last on CPU, where oneDNN "
             "runs convolutions faster in it; contiguous on GPU), 'channels_last' or 'contiguous'"),
 )
+
+DEFAULTS = {row.name: row.default for row in ROWS}     # the one default of each setting

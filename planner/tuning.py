@@ -188,7 +188,7 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     """Exact and thresholded maps of every query (one per sample image); their SSIMs."""
     from kql.errors import KqlPlanError
     from kql.operators.graph import TraceError
-    from kql.operators.verified import checkable
+    from kql.operators.verified import check_bound, checkable
 
     from . import devices
     from .approximate import exact_and_thresholded
@@ -223,20 +223,6 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     refinements = tuple((step, tuple(b)) for step, b in refined.items() if b)
     return TuningRecord(tuple(taus), tuple(tuple(s) for s in ssims), len(queries),
                         time.perf_counter() - start, drills, checks, refinements)
-
-
-def check_bound(exact: np.ndarray, step: int, refine: bool = False) -> float:
-    """What a verified drill-down starting at lattice ``step`` measures on ``exact``
-    [rows, cols] in its first check, or with ``refine`` in its one-axis refinement (the
-    same windows, orientation and bound as :class:`~kql.operators.verified.VerifiedDrillDown`)."""
-    from kql.operators.verified import (TILES, check_confidence, lattice, local_ssims,
-                                        lower_bound, orient, spread_lattice, windows)
-
-    lr, lc = lattice(exact.shape, step)
-    if refine:
-        lr, lc = lattice(exact.shape, orient(exact[np.ix_(lr, lc)][None], step))
-    approx = spread_lattice(exact, lr, lc)
-    return lower_bound(local_ssims(exact, approx, windows(exact.shape, TILES)), check_confidence(step))
 
 
 def drilled_map(query, fine: np.ndarray, fraction: float, speedup: float) -> np.ndarray:

@@ -44,9 +44,9 @@ def no_lasting_layouts(monkeypatch):
     every machine counts as busy, and each test starts without the outcomes a CLI
     subprocess of an earlier test kept in the run's cache. Whether a plan runs a trial
     stays the test's own business, whatever the load of the machine."""
-    from kql.planner import lasting
+    from kql.planner import layout_file
 
-    monkeypatch.setattr(lasting, "machine_busy", lambda: True)
+    monkeypatch.setattr(layout_file, "machine_busy", lambda: True)
     path = os.path.join(os.environ["KQL_CACHE_DIR"], "layouts.json")
     if os.path.exists(path):
         os.remove(path)

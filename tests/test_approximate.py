@@ -126,7 +126,7 @@ def test_drill_down_candidates_are_tuned_and_priced(con):
 
 
 def _bound(con, image):
-    from kql.parser import parse_with_text
+    from kql.language.parser import parse_with_text
     from kql.binder import bind
 
     stmt, text = parse_with_text(QUERY.format(img=image))[0]

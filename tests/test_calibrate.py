@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kql
-from kql.planner import calibrate
+from kql.planner import calibrate, micro_benchmarks
 
 
 def quiet_table(device="cpu"):
@@ -21,7 +21,7 @@ def quiet_table(device="cpu"):
 def test_calibrate_writes_the_catalog_and_is_reused(tmp_path, monkeypatch):
     directory = str(tmp_path / "cat")
     con = kql.connect(directory)
-    monkeypatch.setattr(calibrate, "_measure", quiet_table)
+    monkeypatch.setattr(micro_benchmarks, "one_round", quiet_table)
     message = con.execute("CALIBRATE").message
     assert message.startswith("calibrated cpu: convolutions up to ")
     assert message.endswith("; trusted (2 rounds, 2 quiet)"), message

@@ -133,8 +133,8 @@ def test_threads_loading_at_once_keep_every_entry(assets, folder):
 
 
 def test_threads_saving_tunings_at_once_keep_every_record(folder):
-    from kql.catalog import Catalog
-    from kql.models import ModelSpec
+    from kql.catalog.registry import Catalog
+    from kql.catalog.models import ModelSpec
 
     net = torch.nn.Linear(2, 2)
     catalogs = [Catalog(folder) for _ in range(4)]
@@ -339,8 +339,8 @@ def test_a_damaged_calibration_file_is_measured_again(folder, monkeypatch):
 # -- modes ----------------------------------------------------------------------------------
 
 def test_files_get_the_mode_open_gives(assets, folder, monkeypatch, small_model):
-    from kql.catalog import Catalog
-    from kql.models import ModelSpec
+    from kql.catalog.registry import Catalog
+    from kql.catalog.models import ModelSpec
 
     old = os.umask(0o027)
     try:

@@ -14,7 +14,7 @@ from torch import nn
 import kql
 from helpers import calibrate_batchnorm, plain_heatmap, sensitive, smooth_noise_image
 from kql.operators import shapes
-from kql.planner import physical, shape_first, unoccluded
+from kql.planner import context, model_passes, naive_shortcut, physical
 from models_zoo import small_cnn
 
 QUERY = "OCCLUDE img USING net PATCH 8 STRIDE 4"
@@ -52,7 +52,7 @@ def operator(con, query=QUERY) -> str:
 def no_trace(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was traced")
-    monkeypatch.setattr(physical, "profile_model", refuse)
+    monkeypatch.setattr(context, "profile_model", refuse)
 
 
 def test_an_early_gate_plans_naive_without_tracing(no_trace):
@@ -87,7 +87,7 @@ def test_settings_that_want_more_than_the_exact_default_are_traced(setting):
 
 
 def test_a_model_without_a_gate_on_a_larger_image_never_runs_the_shape_pass(monkeypatch):
-    monkeypatch.setattr(unoccluded, "summarize", lambda *a, **k: pytest.fail("shape pass ran"))
+    monkeypatch.setattr(model_passes, "summarize", lambda *a, **k: pytest.fail("shape pass ran"))
     con = connection(small_cnn())
     con.register_image("img", smooth_noise_image(170, 160))          # past SMALL_IMAGE
     assert "planned without tracing" not in operator(con, "OCCLUDE img USING net PATCH 32 STRIDE 32")
@@ -186,7 +186,7 @@ def wide_shallow() -> nn.Module:
 def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(no_trace, monkeypatch):
     # The decision, not the estimate (tested below against the costed plans): a floor
     # above the naive plan's time.
-    monkeypatch.setattr(shape_first, "shape_incremental_floor", lambda *a: 10.0)
+    monkeypatch.setattr(naive_shortcut, "shape_incremental_floor", lambda *a: 10.0)
     image = smooth_noise_image(24, 28)
     model = sensitive(deep_narrow(), image, patch=(12, 12), color=(0.0, 0.0, 0.0))
     con = connection(model)
@@ -201,7 +201,7 @@ def test_a_small_input_where_incremental_cannot_pay_plans_naive_without_tracing(
 
 
 def test_a_small_input_the_shapes_cannot_price_is_traced(monkeypatch):
-    monkeypatch.setattr(shape_first, "shape_incremental_floor", lambda *a: None)
+    monkeypatch.setattr(naive_shortcut, "shape_incremental_floor", lambda *a: None)
     con = connection(deep_narrow())
     assert "planned without tracing" not in operator(con)
 
@@ -253,7 +253,7 @@ def test_the_incremental_floor_lies_below_the_costed_incremental_plan(arch, size
     """The shape estimate must never price incremental inference above what the full
     planner predicts for it, or a small input would go naive where incremental pays."""
     from kql import executor
-    from kql.parser import parse
+    from kql.language.parser import parse
     from kql.planner import calibrate
     from kql.planner.cost import shape_incremental_floor
     from models_zoo import torchvision_model

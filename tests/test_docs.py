@@ -8,7 +8,7 @@ import pytest
 
 
 
-PACKAGES = ("kql", "kql.grammar", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda")
+PACKAGES = ("kql", "kql.language", "kql.catalog", "kql.results", "kql.grammar", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda")
 
 
 def modules():
@@ -30,6 +30,6 @@ def test_docstrings(name):
 
 def test_every_layer_is_collected():
     names = modules()
-    for module in ("kql.planner.physical", "kql.operators.incremental", "kql.output",
-                   "kql.parser"):
+    for module in ("kql.planner.physical", "kql.operators.incremental", "kql.results.output",
+                   "kql.language.parser"):
         assert module in names

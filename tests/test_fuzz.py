@@ -34,9 +34,10 @@ from hypothesis import HealthCheck, example, given, settings
 import kql
 import kql_fuzz
 from helpers import smooth_noise_image
-from kql import ast, executor
+from kql.language import ast
+from kql import executor
 from kql.errors import MESSAGE_LIMIT, KqlError, KqlSyntaxError
-from kql.parser import parse_with_text
+from kql.language.parser import parse_with_text
 from kql.settings import Settings
 
 EXAMPLES = int(os.environ.get("KQL_FUZZ_EXAMPLES", "300"))

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import kql
-from kql import images, models
+from kql.catalog import images, models
 from helpers import Boom, state_dict_of
 from helpers import one_line_error as error_of
 from models_zoo import small_cnn

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import kql
-from kql import models
+from kql.catalog import models
 from helpers import Boom, state_dict_of
 from helpers import one_line_error as error_of
 from models_zoo import small_cnn

@@ -1,4 +1,4 @@
-"""Layout trials kept across processes (planner.lasting): a clear outcome measured on a
+"""Layout trials kept across processes (planner.layout_file): a clear outcome measured on a
 quiet machine spares the first query of the next connection its trial batch; a busy
 machine, a close call, a CALIBRATE, another model structure or an unreadable file do not
 carry one over."""
@@ -16,8 +16,8 @@ from helpers import sensitive, smooth_noise_image
 from kql.operators import layout
 from kql.planner import calibrate
 from kql.planner.cache import PlanCache
-from kql.planner.lasting import FILE, LastingLayouts
-from kql.planner.lasting import machine_busy as load_check   # conftest makes it always busy
+from kql.planner.layout_file import FILE, LastingLayouts
+from kql.planner.layout_file import machine_busy as load_check   # conftest makes it always busy
 from models_zoo import custom_model
 
 QUERY = "OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black BATCH 2"
@@ -148,9 +148,9 @@ def test_the_user_cache_holds_layouts_whatever_the_catalog(tmp_path, monkeypatch
 
 
 def test_the_oldest_entries_go_beyond_the_cap(tmp_path, monkeypatch):
-    from kql.planner import lasting
+    from kql.planner import layout_file
 
-    monkeypatch.setattr(lasting, "ENTRIES", 3)
+    monkeypatch.setattr(layout_file, "ENTRIES", 3)
     store = LastingLayouts(str(tmp_path), busy=lambda: False)
     for i in range(5):
         store.keep(("k", i), "contiguous", {"contiguous": 1.0, "channels_last": 2.0})
@@ -171,10 +171,10 @@ def test_the_load_average_against_the_cores_decides_busy(monkeypatch):
 
 
 def test_a_store_asks_the_load_check_at_each_keep(tmp_path, monkeypatch):
-    from kql.planner import lasting
+    from kql.planner import layout_file
 
     store = LastingLayouts(str(tmp_path))
     clear = {"contiguous": 1.0, "channels_last": 2.0}
     assert not store.keep(("k",), "contiguous", clear)          # this run: always busy
-    monkeypatch.setattr(lasting, "machine_busy", lambda: False)
+    monkeypatch.setattr(layout_file, "machine_busy", lambda: False)
     assert store.keep(("k",), "contiguous", clear) and store.get(("k",)) == "contiguous"

@@ -1,17 +1,16 @@
-"""The import layering: front end (kql.*) -> planner -> operators -> cuda, one way.
+"""The import layering, as a whitelist of the edges between layers.
 
-Every .py file of the packages in pyproject's ``package-dir`` is parsed with ``ast``;
-every import counts (top level, inside functions, relative ones resolved against that
-mapping, and ``importlib.import_module("...")`` with a literal name):
+Every .py file of the packages in pyproject's ``packages`` is parsed with ``ast``; every
+import counts (top level, inside functions, relative ones resolved against the package
+mapping, and ``importlib.import_module("...")`` with a literal name). Each module belongs
+to one layer (:func:`layer_of`), and a layer imports only the layers :data:`ALLOWED` names:
 
-- ``kql.operators.*`` imports only ``kql.operators`` and ``kql.cuda`` of the project:
-  neither the planner nor the front end (``kql`` itself or any other ``kql.<module>``);
-- ``kql.planner.*`` imports of the project only ``kql.errors``, ``kql.fileio`` and the
-  layers below it (not ``kql`` itself, which imports the API; not the language, the
-  catalog, the results or a front end);
-- ``kql.cuda.*`` imports only ``kql.cuda`` of the project.
+    front ends (kql/*.py) -> results, catalog, language -> planner -> operators -> cuda
 
-``cuda/`` is never a top-level package: it would shadow NVIDIA's ``cuda``.
+with ``kql.errors`` and ``kql.fileio`` the common base under the language, the catalog,
+the results and the planner. Within one floor only results -> language is an edge (the
+INTO check reuses the parser's path check). The planner, the operators and cuda import
+no plotting library. ``cuda/`` is never a top-level package: it would shadow NVIDIA's.
 """
 
 from __future__ import annotations
@@ -28,14 +27,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Importing ``kql`` itself runs kql/__init__.py, which imports the API: the same as
-# importing it. (``from kql import errors`` names the module kql.errors, not ``kql``.)
-# What the planner may import of the project: the common base (errors, file helpers) and
-# the layers below it. The language, the catalog, the results and the front ends sit above.
-PLANNER_MAY_IMPORT = ("kql.errors", "kql.fileio", "kql.planner", "kql.operators", "kql.cuda")
-
-
-LOWER_LAYERS = ("kql.planner", "kql.operators", "kql.cuda")
+LAYERS = ("kql.cuda", "kql.operators", "kql.planner", "kql.language", "kql.catalog",
+          "kql.results")
+BASE = ("kql.errors", "kql.fileio")
+BELOW_FLOOR = {"planner", "operators", "cuda", "base"}
+ALLOWED = {
+    "cuda": {"cuda"},
+    "operators": {"operators", "cuda"},
+    "planner": {"planner", "operators", "cuda", "base"},
+    "language": {"language", "base"},
+    "catalog": {"catalog"} | BELOW_FLOOR,
+    "results": {"results", "language"} | BELOW_FLOOR,
+    "base": {"base"},
+    "front end": {"front end", "results", "catalog", "language"} | BELOW_FLOOR,
+}
+NO_PLOTTING = ("planner", "operators", "cuda")
 
 
 def within(name: str, package: str) -> bool:
@@ -43,21 +49,24 @@ def within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+def layer_of(module: str) -> str:
+    """The layer of a ``kql`` module: its sub-package's, the base's, or a front end's
+    (``kql`` itself: its ``__init__`` imports the API)."""
+    for package in LAYERS:
+        if within(module, package):
+            return package.split(".")[1]
+    return "base" if module in BASE else "front end"
+
+
 def rule_broken(importer: str, imported: str) -> str | None:
     """Why ``importer`` may not import ``imported``; None where it may."""
-    if within(imported, "matplotlib") and any(within(importer, p) for p in LOWER_LAYERS):
+    if within(imported, "matplotlib") and layer_of(importer) in NO_PLOTTING:
         return "planner/, operators/ and cuda/ import no plotting library"
     if not within(imported, "kql"):
         return None                                    # torch, numpy, NVIDIA's cuda, ...
-    if within(importer, "kql.cuda"):
-        if not within(imported, "kql.cuda"):
-            return "cuda/ imports no other layer"
-    elif within(importer, "kql.operators"):
-        if not (within(imported, "kql.operators") or within(imported, "kql.cuda")):
-            return "operators/ imports neither the planner nor the front end"
-    elif within(importer, "kql.planner"):
-        if not any(within(imported, p) for p in PLANNER_MAY_IMPORT):
-            return "planner/ imports only errors, fileio and the layers below it"
+    source, target = layer_of(importer), layer_of(imported)
+    if target not in ALLOWED[source]:
+        return f"the {source} imports {', '.join(sorted(ALLOWED[source]))} only, not the {target}"
     return None
 
 
@@ -69,10 +78,15 @@ def setuptools_config(root: Path) -> dict:
 
 
 def project_modules(root: Path) -> dict[str, Path]:
-    """Module name -> file, for every .py file of every package in ``package-dir``."""
+    """Module name -> file, for every .py file of every package in ``packages`` (a package
+    not in ``package-dir`` lies under its parent's folder)."""
+    conf = setuptools_config(root)
+    folders = conf["package-dir"]
     out = {}
-    for package, folder in setuptools_config(root)["package-dir"].items():
-        for path in sorted((root / folder).glob("*.py")):
+    for package in conf["packages"]:
+        parent, _, leaf = package.rpartition(".")
+        folder = root / (folders[package] if package in folders else Path(folders[parent]) / leaf)
+        for path in sorted(folder.glob("*.py")):
             out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return out
 
@@ -146,7 +160,9 @@ def test_layering_holds():
 
 def test_every_layer_is_scanned():
     packages = {m for m, path in project_modules(ROOT).items() if path.stem == "__init__"}
-    assert {"kql", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda"} <= packages
+    assert {"kql", "kql.language", "kql.catalog", "kql.results", "kql.planner",
+            "kql.planner.rules", "kql.operators", "kql.cuda"} <= packages
+    assert {layer_of(m) for m in project_modules(ROOT)} == set(ALLOWED)
 
 
 def test_pyproject_never_maps_a_top_level_cuda():
@@ -172,23 +188,29 @@ def test_cuda_folder_is_not_importable_as_cuda(tmp_path):
 PYPROJECT = """\
 [tool.setuptools]
 package-dir = { "kql" = "kql", "kql.planner" = "planner", "kql.planner.rules" = "planner/rules", "kql.operators" = "operators", "kql.cuda" = "cuda" }
-packages = ["kql", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda"]
+packages = ["kql", "kql.language", "kql.catalog", "kql.results", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda"]
 """
 
 SYNTHETIC = {
     "kql/__init__.py": "from .api import connect\n",
     "kql/api.py": "from .planner import cost\nfrom .shell import run\n",   # front end: anything
-    "kql/errors.py": "",
+    "kql/errors.py": "from .planner import cost\n",                       # line 1: base, up
+    "kql/language/__init__.py": "",
+    "kql/language/parser.py": "from ..catalog import images\nfrom ..errors import KqlError\n",
+    "kql/catalog/__init__.py": "",
+    "kql/catalog/images.py": "from ..results import overlay\nfrom ..planner import cost\n",
+    "kql/results/__init__.py": "",
+    "kql/results/overlay.py": "from ..language import parser\nfrom .. import api\n",   # line 2
     "kql/shell.py": "",
     "planner/__init__.py": "",
     "planner/cost.py": """\
         from ..operators import naive                 # down: fine
-        from kql import errors                        # the errors module: fine
+        from kql import errors  # the errors module: fine
         from kql.errors import KqlError               # fine
         def price():
-            from kql import api                       # line 5: up, inside a function
+            from kql import api  # line 5: up, inside a function
             import kql                                # line 6: the package runs the API
-            from kql.images import read_image         # line 7: the catalog, above
+            from kql.catalog.images import read_image         # line 7: the catalog, above
         """,
     "planner/rules/__init__.py": "from .. import cost\nfrom ... import shell\n",   # line 2
     "operators/__init__.py": "",
@@ -220,13 +242,17 @@ def test_checker_finds_every_kind_of_violation(tmp_path):
     found = [v.split(" (")[0] for v in violations(make_tree(tmp_path, SYNTHETIC))]
     assert found == [
         "cuda/gather.py:2 imports kql.operators.gather",
+        "kql/catalog/images.py:1 imports kql.results.overlay",
+        "kql/errors.py:1 imports kql.planner.cost",
+        "kql/language/parser.py:1 imports kql.catalog.images",
+        "kql/results/overlay.py:2 imports kql.api",
         "operators/naive.py:1 imports kql.planner.cost",
         "operators/naive.py:2 imports kql.planner.cost",
         "operators/naive.py:7 imports kql.errors",
         "operators/naive.py:8 imports kql.planner.cost",
         "planner/cost.py:5 imports kql.api",
         "planner/cost.py:6 imports kql",
-        "planner/cost.py:7 imports kql.images",
+        "planner/cost.py:7 imports kql.catalog.images",
         "planner/rules/__init__.py:2 imports kql.shell",
     ]
 
@@ -258,7 +284,7 @@ def test_pyproject_check_finds_a_top_level_cuda(tmp_path):
 
 
 def test_the_lower_layers_import_no_plotting_library():
-    """Display settings live with the overlay (kql.overlay), not in the planner."""
+    """Display settings live with the overlay (kql.results.overlay), not in the planner."""
     assert rule_broken("kql.planner.settings", "matplotlib") is not None
     assert rule_broken("kql.operators.naive", "matplotlib.pyplot") is not None
-    assert rule_broken("kql.overlay", "matplotlib") is None
+    assert rule_broken("kql.results.overlay", "matplotlib") is None

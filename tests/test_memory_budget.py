@@ -25,8 +25,9 @@ import kql
 from helpers import smooth_noise_image
 from kql import shell
 from kql.api import KqlWarning
-from kql.operators.task import OcclusionTask, scan
-from kql.planner import memory, shape_first
+from kql.operators.batches import scan
+from kql.operators.task import OcclusionTask
+from kql.planner import memory, naive_shortcut
 from kql.settings import Settings
 from kql.shell import Runner, Shell
 
@@ -50,7 +51,7 @@ def operator_line(con, query: str) -> str:
 
 def planned(con, query: str):
     from kql import executor
-    from kql.parser import parse_with_text
+    from kql.language.parser import parse_with_text
 
     (stmt, text), = parse_with_text(query)
     return executor.plan(con, stmt, text)
@@ -115,7 +116,7 @@ def test_a_plan_that_does_not_fit_at_batch_1_is_refused(con, strategy):
 
 
 def test_views_that_do_not_fit_refuse_incremental_and_auto_falls_back_to_naive(con, monkeypatch):
-    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)        # the costed plans, not the shape floor
+    monkeypatch.setattr(naive_shortcut, "SMALL_IMAGE", 0)        # the costed plans, not the shape floor
     con.execute("SET strategy = 'naive'")
     naive = planned(con, QUERY + " BATCH 1").memory_bytes
     con.execute("SET strategy = 'incremental'")
@@ -253,7 +254,7 @@ def test_views_that_would_not_fit_are_not_built_and_the_plain_loop_is_planned(mo
     con = kql.connect()
     con.register_model("net", net)
     con.register_image("img", image)
-    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)        # the costed plans, not the shape floor
+    monkeypatch.setattr(naive_shortcut, "SMALL_IMAGE", 0)        # the costed plans, not the shape floor
     con.execute("SET memory_limit = '24 MB'")
     line = operator_line(con, "OCCLUDE img USING net PATCH 16 STRIDE 16")
     assert line.strip().startswith("NaiveOcclusion:") and "incremental needs" in line, line

@@ -148,7 +148,7 @@ class Reshaping(nn.Module):
 def test_a_newer_opset_is_converted_down_for_onnx2torch(tmp_path):
     """onnx2torch 1.5 lacks Constant 19: the model is converted to opset 18 first."""
     path = export_onnx(Reshaping(), tmp_path / "new.onnx", opset_version=20)
-    spec = kql.models.load_model_file("m", path)
+    spec = kql.catalog.models.load_model_file("m", path)
     x = torch.rand(3, 3, *SIZE)
     with torch.no_grad():
         np.testing.assert_allclose(spec.module(x).numpy(), onnxruntime_logits(path, x), atol=1e-4)

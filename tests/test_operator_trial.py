@@ -16,7 +16,7 @@ from kql import executor
 from helpers import calibrate_batchnorm, plain_heatmap, sensitive, smooth_noise_image
 from kql.operators import trial
 from kql.operators.trial import OperatorTrial
-from kql.planner import physical, shape_first
+from kql.planner import naive_shortcut, physical
 from models_zoo import small_cnn
 
 IMAGE = (40, 44)
@@ -34,7 +34,7 @@ def model():
 def close(monkeypatch):
     """Every traced exact plan counts as a close call (and this small input is traced)."""
     monkeypatch.setattr(physical, "CLOSE", 1e9)
-    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)
+    monkeypatch.setattr(naive_shortcut, "SMALL_IMAGE", 0)
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def parts(monkeypatch):
 
 
 def _parsed(text: str) -> tuple:
-    from kql.parser import parse
+    from kql.language.parser import parse
     return parse(text)[0], text
 
 
@@ -127,7 +127,7 @@ def test_short_scans_and_explain_analyze_run_the_chosen_operator_alone(model, cl
 
 
 def test_a_clear_decision_has_no_trial(model, monkeypatch):
-    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)
+    monkeypatch.setattr(naive_shortcut, "SMALL_IMAGE", 0)
     monkeypatch.setattr(physical, "CLOSE", 1.0)               # no prediction is close
     assert "trial=" not in operator_line(connection(model))
 

@@ -257,7 +257,7 @@ def test_png_is_drawn_on_the_original_image(net, photo, tmp_path):
     con = square_connection(net, photo)
     result = occlude(con, "RESIZE pad", model="sq")
     assert tuple(result.original.shape) == (3, 36, 60)
-    from kql.output import _extent
+    from kql.results.output import _extent
 
     # The 36x60 photo became 14x24 on 5 border rows above and below: the map, in the
     # photo's pixels (2.5 per model pixel), reaches past its top and bottom edges.

@@ -1,4 +1,4 @@
-"""Overlays a person can read (kql/overlay.py): the map over the photo at its own
+"""Overlays a person can read (kql/results/overlay.py): the map over the photo at its own
 resolution, coloured around the unoccluded score, honest about noise.
 
 Maps are set by hand on a real result (a drop here, a rise there, noise) so that the
@@ -17,7 +17,7 @@ from PIL import Image
 
 import kql
 from helpers import smooth_noise_image
-from kql import overlay
+from kql.results import overlay
 from kql.errors import KqlPlanError
 from models_zoo import sensitive_small_cnn
 

@@ -105,7 +105,7 @@ def test_a_paced_scan_is_the_plain_loop_s_map_and_restores_the_threads(monkeypat
             np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
             assert torch.get_num_threads() == before
             if before > 1:
-                plan = kql.executor.plan(con, kql.parser.parse(
+                plan = kql.executor.plan(con, kql.language.parser.parse(
                     "OCCLUDE img USING net PATCH 8 STRIDE 2 BATCH 8 COLOR black")[0], "")
                 out = plan.run()
                 assert out.paced and out.paced[0][1:] == (before, 1, "probe (contended)")

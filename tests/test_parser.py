@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from kql import parser
-from kql.ast import (ColorRGB, Explain, ImageName, ModelName, Node, Occlude, Pos, Region,
+from kql.language import parser
+from kql.language.ast import (ColorRGB, Explain, ImageName, ModelName, Node, Occlude, Pos, Region,
                      SampleImage, ShowModels, TargetIndex)
 from kql.errors import KqlError, KqlSyntaxError
-from kql.parser import parse, parse_with_text
+from kql.language.parser import parse, parse_with_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parser"
 

@@ -58,11 +58,11 @@ def test_re_registering_the_model_or_the_image_invalidates(con):
 
 
 def test_another_image_reuses_the_models_trace_and_gets_its_own_map(con, monkeypatch):
-    from kql.planner import unoccluded
+    from kql.planner import model_passes
 
     traces = []
-    real = unoccluded.trace
-    monkeypatch.setattr(unoccluded, "trace", lambda *a: traces.append(1) or real(*a))
+    real = model_passes.trace
+    monkeypatch.setattr(model_passes, "trace", lambda *a: traces.append(1) or real(*a))
     con.execute(QUERY)
     maps = {}
     for seed in (3, 4):

@@ -1,4 +1,4 @@
-"""The terminal preview of a heat map (kql/preview.py) and the shell's use of it."""
+"""The terminal preview of a heat map (kql/results/preview.py) and the shell's use of it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import kql
-from kql import preview
+from kql.results import preview
 from kql.shell import Runner
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

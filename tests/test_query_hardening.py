@@ -26,11 +26,11 @@ import torch
 
 import kql
 from helpers import smooth_noise_image
-from kql import ast
+from kql.language import ast
 from kql.errors import (MESSAGE_LIMIT, KqlError, KqlExecutionError, KqlImageError, KqlModelError,
                         KqlPlanError, KqlSyntaxError, one_line)
-from kql.parser import MAX_WHOLE, parse
-from kql.output import check_into
+from kql.language.parser import MAX_WHOLE, parse
+from kql.results.output import check_into
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = "1" + "0" * 5000                     # past int()'s 4,300-digit limit
@@ -248,7 +248,7 @@ def test_a_recursive_glob_of_the_whole_file_system_is_refused_at_once(con, query
 
 
 def test_limit_stops_a_glob_s_walk_and_a_walk_is_bounded(con, tmp_path, monkeypatch):
-    from kql import globs
+    from kql.catalog import globs
 
     for k in range(30):                            # 30 folders of one image each
         shots(tmp_path / "tree" / f"d{k:02}", 1)
@@ -265,7 +265,7 @@ def test_limit_stops_a_glob_s_walk_and_a_walk_is_bounded(con, tmp_path, monkeypa
 def test_the_glob_walk_matches_python_s_glob_and_survives_a_link_loop(tmp_path, monkeypatch):
     import glob as pyglob
 
-    from kql.globs import glob_files
+    from kql.catalog.globs import glob_files
 
     names = ["a/x.png", "a.b/y.png", "a/deep/z.png", ".hidden/h.png", "a/.h.png", "b.png",
              "c/sub/a/x.png", "[x]/q.png", "c/x.PNG", "é/k.png"]

@@ -17,7 +17,7 @@ import pytest
 
 import kql
 from helpers import sensitive, smooth_noise_image
-from kql.planner import calibrate, feedback, prior
+from kql.planner import calibrate, feedback, micro_benchmarks, prior
 from kql.shell import Runner
 from models_zoo import small_cnn
 
@@ -55,7 +55,7 @@ def rounds(monkeypatch, tmp_path):
                 self.ran += 1
                 monkeypatch.setenv("KQL_CONTENTION", "busy" if busy else "quiet")
                 return make(device)
-            monkeypatch.setattr(calibrate, "_measure", measure_round)
+            monkeypatch.setattr(micro_benchmarks, "one_round", measure_round)
     calibrate._cache.clear()
     yield Rounds()
     calibrate._cache.clear()
@@ -236,14 +236,14 @@ def test_feedback_moves_predictions_toward_observed_times(con):
     con.execute("SET strategy = 'incremental'")        # one kind: the choice is not the subject
     line, corrected = _predicted(con)
     assert corrected is None and "corrected=" not in line
-    plan = kql.executor.plan(con, kql.parser.parse(QUERY)[0], QUERY)
+    plan = kql.executor.plan(con, kql.language.parser.parse(QUERY)[0], QUERY)
     base = plan.run_seconds
     assert plan.learner is not None and plan.correction.scans == 0
     kind, shape, per_item, _ = plan.learner.expected[0]
     count = plan.query.grid.count * 100             # three long scans, as a fake clock times them
     for ratio in (4.0, 2.0, 3.0):
         plan.learner.learn((), ratio * per_item * count, count)
-    again = kql.executor.plan(con, kql.parser.parse(QUERY)[0], QUERY)
+    again = kql.executor.plan(con, kql.language.parser.parse(QUERY)[0], QUERY)
     assert again.correction.scans == 3 and again.correction.factor == pytest.approx(3.0)
     assert again.run_seconds == pytest.approx(3.0 * base, rel=1e-6)
     assert _predicted(con)[1] == (3.0, 3)
@@ -265,7 +265,7 @@ def test_a_real_scan_records_its_ratio(con, monkeypatch):
 
 
 def test_a_short_scan_teaches_nothing(con):
-    plan = kql.executor.plan(con, kql.parser.parse(QUERY)[0], QUERY)
+    plan = kql.executor.plan(con, kql.language.parser.parse(QUERY)[0], QUERY)
     assert plan.learner.learn((), feedback.MIN_SECONDS / 2, plan.query.grid.count) == []
     assert plan.learner.learn((), feedback.MIN_SECONDS * 2, plan.query.grid.count) != []
 
@@ -320,24 +320,24 @@ def test_calibrate_forgets_the_feedback_of_the_old_table(tmp_path, rounds):
 def _plans(con, text) -> tuple:
     """The naive plan (forced) and the default plan of ``text``."""
     con.execute("SET strategy = 'naive'")
-    naive = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    naive = kql.executor.plan(con, kql.language.parser.parse(text)[0], text)
     con.execute("SET strategy = 'auto'")
-    return naive, kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    return naive, kql.executor.plan(con, kql.language.parser.parse(text)[0], text)
 
 
 def test_the_other_operator_borrows_a_correction_under_load(con, monkeypatch):
     """Scans timed only the chosen plan, 4x slower than priced (a busy machine slows every
     plan alike): the other plan is corrected as much, and the choice stands."""
-    from kql.planner import shape_first
+    from kql.planner import naive_shortcut
 
-    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)      # traced: both plans priced
+    monkeypatch.setattr(naive_shortcut, "SMALL_IMAGE", 0)      # traced: both plans priced
     text = QUERY.replace("STRIDE 4", "STRIDE 1")            # 77 batches: a watched scan
-    before = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    before = kql.executor.plan(con, kql.language.parser.parse(text)[0], text)
     assert before.operator.describe()["watch"] in ("naive", "incremental")
     name, shape, _, _ = before.learner.expected[0]
     for _ in range(3):
         before.learner.store.record(before.learner.device, name, shape, 4.0)
-    after = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    after = kql.executor.plan(con, kql.language.parser.parse(text)[0], text)
     assert after.operator.name == before.operator.name
     assert after.operator.expected == pytest.approx(tuple(4 * e for e in before.operator.expected))
     assert "corrected=x4.00 (3 scans)" in after.explain()[1]
@@ -346,14 +346,14 @@ def test_the_other_operator_borrows_a_correction_under_load(con, monkeypatch):
 def test_a_kind_s_correction_is_lent_too(con, monkeypatch):
     """Busy scans of other models' incremental plans (a kind corrected x12) and no naive
     scan yet: the naive plan of a new model borrows x12; the choice is the cost model's."""
-    from kql.planner import shape_first
+    from kql.planner import naive_shortcut
 
-    monkeypatch.setattr(shape_first, "SMALL_IMAGE", 0)
+    monkeypatch.setattr(naive_shortcut, "SMALL_IMAGE", 0)
     text = QUERY.replace("STRIDE 4", "STRIDE 1")
-    before = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    before = kql.executor.plan(con, kql.language.parser.parse(text)[0], text)
     for n in range(3):
         before.learner.store.record(before.learner.device, "IncrementalOcclusion", f"other {n}", 12.0)
-    after = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    after = kql.executor.plan(con, kql.language.parser.parse(text)[0], text)
     assert after.operator.name == before.operator.name
     assert after.operator.expected == pytest.approx(tuple(12 * e for e in before.operator.expected))
 
@@ -369,7 +369,7 @@ def test_feedback_flips_a_plan_the_cost_model_got_wrong(con):
     for n in range(3):
         store.record(device, "NaiveOcclusion", shape, 10.0)
         store.record(device, "IncrementalOcclusion", f"another shape {n}", 1.0)
-    flipped = kql.executor.plan(con, kql.parser.parse(text)[0], text)
+    flipped = kql.executor.plan(con, kql.language.parser.parse(text)[0], text)
     assert flipped.operator.name == "IncrementalOcclusion"
     assert flipped.correction.scope == "kind"
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import kql
 from helpers import sensitive
-from kql import images
+from kql.catalog import images
 from models_zoo import small_cnn
 
 

@@ -19,8 +19,8 @@ from kql.operators import trial
 from kql.operators.layout import Kept
 from kql.operators.task import StopScan
 from kql.operators.trial import OTHER, OperatorTrial
-from kql.parser import parse
-from kql.planner import physical, shape_first
+from kql.language.parser import parse
+from kql.planner import naive_shortcut, physical
 from models_zoo import small_cnn
 from test_operator_trial import connection
 
@@ -40,7 +40,7 @@ def plan(model):
     """A close call's plan: its task and both exact operators (batch 4)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(physical, "CLOSE", 1e9)
-        mp.setattr(shape_first, "SMALL_IMAGE", 0)
+        mp.setattr(naive_shortcut, "SMALL_IMAGE", 0)
         planned = executor.plan(connection(model), parse(QUERY)[0], QUERY)
     assert isinstance(planned.operator, OperatorTrial)
     assert planned.operator.chosen.batch_size == planned.operator.other.batch_size == 4

@@ -253,7 +253,7 @@ def test_progress_reports_positions_and_time_left(con):
 
 
 def test_globs_folders_and_links_out_of_the_folders_open_nothing(tmp_path, monkeypatch):
-    from kql import images
+    from kql.catalog import images
 
     outside, folder = tmp_path / "outside", tmp_path / "catalog"
     outside.mkdir(), folder.mkdir(), (folder / "sub").mkdir()

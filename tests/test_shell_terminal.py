@@ -19,7 +19,7 @@ from prompt_toolkit.document import Document
 import kql
 from kql.completion import KEYWORDS, KqlCompleter, context
 from kql.errors import KqlSyntaxError
-from kql.parser import parse
+from kql.language.parser import parse
 
 pexpect = pytest.importorskip("pexpect")
 PROMPT = "kql>"

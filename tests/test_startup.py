@@ -8,7 +8,7 @@ import textwrap
 def test_shipped_labels_are_torchvision_s():
     from torchvision.models import ResNet18_Weights
 
-    from kql.models import imagenet_labels
+    from kql.catalog.models import imagenet_labels
 
     assert imagenet_labels() == list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 import kql
-from kql import ast, models
-from kql.catalog import TUNING_FILE, Catalog
+from kql.language import ast
+from kql.catalog import models
+from kql.catalog.registry import TUNING_FILE, Catalog
 from kql.binder import bind
 from helpers import smooth_noise_image
 from models_zoo import small_cnn

@@ -11,9 +11,8 @@ import pytest
 
 import kql
 from helpers import blob_image, calibrate_batchnorm, residual_connection, sensitive
-from kql.operators.verified import WINDOW, lattice, windows
-from kql.planner.drilldown import expected_cells
-from kql.planner.tuning import TuningRecord, check_bound, heatmap_ssim
+from kql.operators.verified import WINDOW, check_bound, expected_cells, lattice, windows
+from kql.planner.tuning import TuningRecord, heatmap_ssim
 from models_zoo import custom_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +113,7 @@ def test_tuning_records_the_checks_and_prices_them():
     for i, image in enumerate(images):
         c.register_image(f"i{i}", image)
     c.execute("CALIBRATE net ON (i0, i1) PATCH 12 STRIDE 2 COLOR black")
-    from kql.parser import parse_with_text
+    from kql.language.parser import parse_with_text
     from kql.binder import bind
     from kql.planner.tuning import key
 

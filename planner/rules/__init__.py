@@ -3,7 +3,7 @@
 to go on with.
 
 The order matters and is fixed here (the front end runs its own check of INTO,
-:func:`kql.output.check_into`, ahead of them):
+:func:`kql.results.output.check_into`, ahead of them):
 
 1. ``check_quality``: range-check WITH SSIM / DRILLDOWN and their companions (SPEEDUP),
    so a bad target fails before a model is traced.

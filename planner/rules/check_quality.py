@@ -4,7 +4,7 @@ WITH SSIM is planned by projective-field thresholding (the physical planner pick
 DRILLDOWN by adaptive drill-down (``planner/drilldown.py``).
 
 >>> from types import SimpleNamespace
->>> from kql.parser import parse
+>>> from kql.language.parser import parse
 >>> def plan(text):
 ...     s = parse(text)[0]
 ...     return SimpleNamespace(statement=s, ssim=s.ssim, drilldown=s.drilldown, speedup=s.speedup)

@@ -5,7 +5,7 @@ on both devices and keeps the cheaper. ON GPU without a GPU is an error.
 
 >>> import torch
 >>> from types import SimpleNamespace
->>> from kql.parser import parse
+>>> from kql.language.parser import parse
 >>> from kql.planner.grid import OcclusionGrid
 >>> from kql.planner.logical import OcclusionQuery
 >>> stmt = parse("OCCLUDE img USING net ON AUTO")[0]

@@ -34,7 +34,7 @@ class NaiveFromShapes:
     memory_bytes: int
 
 
-def decide(query, ctx, device: str, tp, margin: float) -> Optional[NaiveFromShapes]:
+def decide(p, margin: float) -> Optional[NaiveFromShapes]:
     """The plain loop from the shapes (a) when a global gate early in the network caps
     what exact incremental inference could save below what it must save to be chosen
     (``margin``), for the exact plan of the default strategy; (b) for that plan too, when
@@ -42,7 +42,9 @@ def decide(query, ctx, device: str, tp, margin: float) -> Optional[NaiveFromShap
     (:func:`~.cost.shape_incremental_floor`) is not that much cheaper than the plain loop;
     (c) when the image is large and its materialized views would not fit the memory limit
     (building them could exhaust the machine), for any exact query (SET strategy =
-    'incremental' is then refused). None when none of them is certain."""
+    'incremental' is then refused). None when none of them is certain. ``p``: the
+    :class:`~.context.Planning` of the query on its device."""
+    query, ctx, device, tp = p.query, p.ctx, p.device, p.throughput
     plain = query.ssim is None and query.drilldown is None
     default = plain and ctx.exact_settings and ctx.strategy == "auto"
     gated = default and may_have_gate(query.model.composed())
@@ -52,7 +54,7 @@ def decide(query, ctx, device: str, tp, margin: float) -> Optional[NaiveFromShap
     if not (gated or small or large):
         return None
     summary, hit = ctx.shapes(query, device)
-    cap = ctx.memory_limit(device)
+    cap = p.cap
     views = 2 * summary.activation_bytes                  # the views and their padded copies
     per_item = 3 * summary.peak_bytes + memory.occluded_bytes(query.image.shape)
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import KqlImageError
+from ..errors import KqlImageError
 from .images import check_bytes, check_pixels, exception_text, reading_limit
 
 MAGIC_OFFSET = 128      # a 128-byte preamble, then b"DICM"
@@ -188,7 +188,7 @@ def _deflated(fh, path: str, limit: int):
     size = sum(len(out) for out in _inflated(fh, counted))     # counted, not kept
     over = "more than " if size > counted else ""
     size = min(size, counted)
-    from .planner.memory import size_text
+    from ..planner.memory import size_text
 
     check_bytes(path, "image file", 2 * size + bool(over), limit, f"its deflated DICOM data "
                 f"set inflates to {over}{size_text(size)}, held twice while read", more=bool(over))

@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import KqlModelError
+from ..errors import KqlModelError
+from ..operators.shapes import OverMemoryLimit, check_fits
+from ..operators.user_model import check_logits
 from .images import check_bytes, exception_text, open_regular_file, reading_limit
 from .models import InputSize, input_channels, num_classes
-from .operators.shapes import OverMemoryLimit, check_fits
-from .operators.task import check_logits
 from .weights import check_finite, check_unpacked_size
 
 # onnx2torch 1.5 converts most operators up to these opsets (not Constant 19, for one):

@@ -1,8 +1,8 @@
 """Query text to AST: a Lark LALR parser over grammar/kql.lark and a thin Transformer.
 
 The grammar shapes the tree; this module only turns each rule into its dataclass from
-:mod:`kql.ast` (with the 1-based position of the rule's first token); every Lark error
-becomes a one-line :class:`~kql.errors.KqlSyntaxError` (:mod:`kql.parse_errors`). Defaults are not filled in
+:mod:`kql.language.ast` (with the 1-based position of the rule's first token); every Lark error
+becomes a one-line :class:`~kql.errors.KqlSyntaxError` (:mod:`kql.language.parse_errors`). Defaults are not filled in
 here: an omitted clause stays ``None`` and values are not range-checked, except what no
 later stage could hold: a whole number above :data:`MAX_WHOLE`, a number that is not finite
 as a float or is not 0 but below the smallest normal float (1e-320), and a file name the
@@ -24,10 +24,10 @@ from typing import Optional, Union
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
-from kql import ast
-from kql.ast import Pos, Statement
+from kql.language import ast
+from kql.language.ast import Pos, Statement
 from kql.errors import KqlSyntaxError, shorten
-from kql.parse_errors import syntax_error
+from kql.language.parse_errors import syntax_error
 
 __all__ = ["parse", "parse_with_text", "path_problem", "MAX_WHOLE"]
 
@@ -80,7 +80,7 @@ def _grammar_text() -> str:
     try:
         return (importlib.resources.files("kql.grammar") / "kql.lark").read_text()
     except ModuleNotFoundError:  # a source checkout that is not installed
-        return (Path(__file__).resolve().parent.parent / "grammar" / "kql.lark").read_text()
+        return (Path(__file__).resolve().parents[2] / "grammar" / "kql.lark").read_text()
 
 
 # -- tree to AST ---------------------------------------------------------------------------

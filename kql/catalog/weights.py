@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .errors import KqlModelError, strip_ansi
+from ..errors import KqlModelError, strip_ansi
 from .images import check_bytes, exception_text, open_regular_file, reading_limit
 
 # Deflate's largest ratio is 1032:1; a zip member declaring more is damaged or lies.
@@ -65,7 +65,7 @@ def check_unpacked_size(fh, path: str, limit: int) -> None:
                                 f"{m.compress_size:,}, more than deflate inflates to)")
     declared, size = sum(m.file_size for m in members), os.fstat(fh.fileno()).st_size
     if declared > BOMB_BYTES and declared > BOMB_RATIO * size:
-        from .planner.memory import size_text
+        from ..planner.memory import size_text
 
         raise KqlModelError(f"model file '{path}' is a zip bomb: its members declare "
                             f"{size_text(declared)} from a {size_text(size)} file "

@@ -2,7 +2,7 @@
 
 ``kql.connect("dir")`` keeps ``dir/catalog.json``: what ``LOAD MODEL`` and ``LOAD IMAGE``
 registered (file paths, architecture, labels), so a later session finds them again, and
-a session running at the same time sees them too (:mod:`kql.catalog_store`: every change
+a session running at the same time sees them too (:mod:`kql.catalog.store`: every change
 is merged into the file under a lock). Modules and arrays registered from Python live
 only as long as the connection, and come first when a name is resolved.
 
@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from . import images as img
-from .catalog_store import CATALOG_FILE, TUNING_FILE, CatalogFile
-from .errors import KqlError, KqlImageError, KqlModelError
+from .store import CATALOG_FILE, TUNING_FILE, CatalogFile
+from ..errors import KqlError, KqlImageError, KqlModelError
 from .model_files import TORCHSCRIPT, file_digest
 from .models import BUILTIN, ModelSpec, builtin_efficientnet_lite0, load_model_file, torchvision_builders
 
@@ -109,7 +109,7 @@ class Catalog:
         for other weights than those of the model now registered under that name.
 
         >>> import torch
-        >>> from kql.models import ModelSpec
+        >>> from kql.catalog.models import ModelSpec
         >>> cat = Catalog()
         >>> cat.register_model(ModelSpec("net", torch.nn.Linear(2, 2)))
         >>> cat.save_tuning("net", "16x16/4x4", {"tau": 0.5})
@@ -273,7 +273,7 @@ def _close(name: str, names: list) -> Optional[str]:
 
 def glob_files(pattern: str) -> list[str]:
     """The regular files ``pattern`` matches (``**`` recursive), sorted, absolute; a walk
-    of the whole disk is refused (:mod:`kql.globs`)."""
+    of the whole disk is refused (:mod:`kql.catalog.globs`)."""
     from .globs import glob_files as files
 
     return files(pattern)

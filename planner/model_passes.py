@@ -14,11 +14,12 @@ from typing import Optional
 import torch
 
 from kql.errors import KqlError, KqlExecutionError, KqlModelError
+from kql.operators.batches import out_of_memory
 from kql.operators.graph import TraceError, trace
 from kql.operators.profile import ModelProfile
 from kql.operators.shapes import OverMemoryLimit, ShapeSummary, check_fits, summarize
-from kql.operators.task import (check_logits, detect_output, on_device, out_of_memory,
-                                resolve_targets, top_classes)
+from kql.operators.task import detect_output, resolve_targets, top_classes
+from kql.operators.user_model import check_logits, on_device
 
 from . import memory
 from .logical import OcclusionQuery, at_node, fail

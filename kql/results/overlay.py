@@ -39,8 +39,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import KqlPlanError
-from .planner.settings import Setting, one_of
+from ..errors import KqlPlanError
+from ..planner.settings import Setting, one_of
 
 OPTIONS = ("colormap", "alpha", "scale", "style", "panels", "contour", "base")
 DEFAULTS = {"colormap": "RdBu", "alpha": 0.8, "scale": "auto", "style": "smooth",

@@ -1,7 +1,7 @@
 """Model files as users have them: told apart by their content, never by their extension.
 
 * ONNX (a protobuf ``ModelProto``): converted by onnx2torch into a torch.fx GraphModule,
-  which KQL's incremental engine traces like any PyTorch model (:mod:`kql.graph_files`);
+  which KQL's incremental engine traces like any PyTorch model (:mod:`kql.catalog.graph_files`);
 * TorchScript (``torch.jit.save``'s zip archive, with ``code/`` and ``constants.pkl``, or
   a mobile flatbuffer): code, which runs when it is loaded (KQL runs its forward to learn
   the class count), so only with ``TRUSTED`` (:func:`require_trust`); told from the zip's
@@ -34,7 +34,7 @@ from typing import Callable, Optional, Union
 from torch import nn
 
 from . import models
-from .errors import KqlModelError, shorten
+from ..errors import KqlModelError, shorten
 from .images import exception_text, open_regular_file
 from .weights import class_count, read_safetensors, read_state_dict
 

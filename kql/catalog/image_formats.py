@@ -1,7 +1,7 @@
 """Decoders of the image files Pillow reads, and of .npy arrays: pixels as numpy arrays.
 
 Each returns HxW (grey) or HxWx3 (colour) pixels, uint8, uint16 or float32 in [0, 1],
-and what the header says (``format``, ``mode``, ``bits``); :func:`kql.images.read_image`
+and what the header says (``format``, ``mode``, ``bits``); :func:`kql.catalog.images.read_image`
 makes them a tensor. Pillow's modes: grey (``1``, ``L``, ``I;16``, ``I``, ``F``) stays
 grey, ``LA`` loses its alpha, ``RGBA`` too; palette, CMYK, YCbCr, LAB become RGB. 16-bit
 samples are divided by 65535 (Pillow decodes a 16-bit RGB PNG to 8 bits a sample); a
@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import KqlImageError
+from ..errors import KqlImageError
 from .images import array_problem, check_bytes, check_pixels, exception_text, reading_limit
 
 

@@ -7,7 +7,7 @@ its first layer takes (:func:`match_channels`) and :func:`resize` the size it ex
 (still pixel space, before normalisation). Integer pixels are divided by their largest
 value (255, 65535 for 16 bits), whatever the image holds; DICOM scans are rescaled and
 windowed. :func:`read_image` knows a file's kind from its content and hands it to a
-decoder: Pillow's kinds and .npy in :mod:`kql.image_formats`, DICOM in :mod:`kql.dicom`.
+decoder: Pillow's kinds and .npy in :mod:`kql.catalog.image_formats`, DICOM in :mod:`kql.catalog.dicom`.
 
 Files are checked before they are read: a regular file (a FIFO would block ``open()``
 forever), its size from the header (Pillow opens lazily; a .npy header is read alone;
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import KqlImageError, strip_ansi
+from ..errors import KqlImageError, strip_ansi
 
 # The largest image file read, in pixels (height x width). 64 megapixels holds every
 # phone's and camera's full-resolution photo up to 61 MP (a 50 MP phone: 8160x6120; a
@@ -244,7 +244,7 @@ def reading_limit(limit: Optional[int] = None) -> int:
     ...     reading_limit(), reading_limit(5)
     (1073741824, 5)
     """
-    from .planner.memory import allowed
+    from ..planner.memory import allowed
 
     return int(limit) if limit is not None else allowed(_MEMORY_LIMIT.get(), "cpu")
 
@@ -261,7 +261,7 @@ def check_bytes(path: str, what: str, needed: int, limit: int, why: str = "",
     """
     if needed <= limit:
         return
-    from .planner.memory import size_text
+    from ..planner.memory import size_text
 
     because = f" ({why})" if why else ""
     raise error(f"{what} '{path}' would take {'more than ' if more else ''}{size_text(needed)} "

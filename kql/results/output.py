@@ -1,4 +1,4 @@
-"""Writing heat maps: a PNG overlay (drawn by :mod:`kql.overlay`), raw .npy, or a Parquet row.
+"""Writing heat maps: a PNG overlay (drawn by :mod:`kql.results.overlay`), raw .npy, or a Parquet row.
 
 Every writer goes through :func:`kql.fileio.atomic_write`: the data lands in a temporary
 file in the target directory and is renamed into place, so a failure leaves nothing
@@ -15,16 +15,16 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import KqlExecutionError, shorten
-from .fileio import atomic_write
-from .parser import path_problem
-from .planner.logical import fail
+from ..errors import KqlExecutionError, shorten
+from ..fileio import atomic_write
+from ..language.parser import path_problem
+from ..planner.logical import fail
 from .overlay import extent as _extent  # noqa: F401  (where it was; tests import it)
 
 
 def save(result, path: str, **overlay_options) -> str:
     """Write ``result`` (a :class:`kql.api.Result` of OCCLUDE) to .png, .npy or .parquet;
-    ``overlay_options`` (:data:`kql.overlay.OPTIONS`, checked for every format) draw the PNG."""
+    ``overlay_options`` (:data:`kql.results.overlay.OPTIONS`, checked for every format) draw the PNG."""
     from .overlay import checked
 
     ext = os.path.splitext(path)[1].lower()
@@ -59,7 +59,7 @@ def _parquet(result, tmp: str, options: dict) -> None:
 
 
 def _png(result, tmp: str, options: dict) -> None:
-    """The overlay of :mod:`kql.overlay`: each map over the image as the user gave it."""
+    """The overlay of :mod:`kql.results.overlay`: each map over the image as the user gave it."""
     from .overlay import write_png
 
     write_png(result, tmp, **options)
@@ -80,7 +80,7 @@ def check_into(plan, ctx=None) -> None:
     this repeats it for statements built in Python, pointing at the INTO clause.
 
     >>> from types import SimpleNamespace
-    >>> from kql.parser import parse
+    >>> from kql.language.parser import parse
     >>> stmt = parse("OCCLUDE img USING net INTO 'map.jpg'")[0]
     >>> check_into(SimpleNamespace(statement=stmt, into=stmt.into), None)
     Traceback (most recent call last):

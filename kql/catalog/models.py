@@ -3,7 +3,7 @@
 A :class:`ModelSpec` is everything the planner needs to run a classifier on an image:
 the module, how the image is resized and normalised, and the class labels. Model files
 (ONNX, TorchScript, safetensors, ``torch.save`` state dicts) are told apart and read by
-:mod:`kql.model_files`; state dicts by :mod:`kql.weights` (``torch.load(...,
+:mod:`kql.catalog.model_files`; state dicts by :mod:`kql.catalog.weights` (``torch.load(...,
 weights_only=True)``: a pickle never runs code) and checked before a module is built (a
 regular file, finite weights, at least one class); a torchvision module is first built on
 the meta device, so a state dict that does not fit its architecture is refused before any
@@ -20,8 +20,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import KqlModelError
-from .operators.task import in_eval_mode
+from ..errors import KqlModelError
+from ..operators.user_model import in_eval_mode
 from .images import exception_text, open_regular_file
 from .weights import class_count, read_state_dict, with_metadata
 
@@ -114,7 +114,7 @@ class ModelSpec:
     def structure(self) -> str:
         """The model's layers and normalisation, not its weights, as a hex digest: what
         decides how fast it runs (the key of layout trials kept across processes,
-        :mod:`~kql.planner.lasting`). Kept for the life of this spec, like
+        :mod:`~kql.planner.layout_file`). Kept for the life of this spec, like
         :meth:`fingerprint`.
 
         >>> a, b = ModelSpec("a", nn.Conv2d(3, 4, 3)), ModelSpec("b", nn.Conv2d(3, 4, 3))
@@ -241,7 +241,7 @@ def load_model_file(name: str, path: str, arch: Optional[str] = None,
                     labels_path: Optional[str] = None, trusted=False) -> ModelSpec:
     """``LOAD MODEL name FROM path [ARCH arch] [LABELS labels_path] [TRUSTED]``: an ONNX,
     TorchScript, safetensors or ``torch.save`` file, told apart by its content (see
-    :func:`kql.model_files.load`; ``ARCH 'package.module:factory'`` imports and runs the
+    :func:`kql.catalog.model_files.load`; ``ARCH 'package.module:factory'`` imports and runs the
     user's own Python code, a TorchScript file runs its own and needs ``trusted``)."""
     from .model_files import load
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from .operators.task import went_on_at
+from ..operators.batches import went_on_at
 
 
 @dataclass
@@ -109,8 +109,8 @@ class Result:
 
     def save(self, path: str, **overlay_options) -> str:
         """Write the heat map to ``path`` (.png overlay, .npy array or .parquet row);
-        ``overlay_options`` draw the PNG (:mod:`kql.overlay`: ``scale='absolute'``, ...)."""
-        from .errors import KqlExecutionError
+        ``overlay_options`` draw the PNG (:mod:`kql.results.overlay`: ``scale='absolute'``, ...)."""
+        from ..errors import KqlExecutionError
         from .output import save
 
         if self.kind != "occlude":

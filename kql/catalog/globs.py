@@ -32,7 +32,7 @@ import heapq
 import os
 from typing import Iterator, Optional
 
-from .errors import KqlPlanError, shorten
+from ..errors import KqlPlanError, shorten
 
 # A walk stops past this many folders: the disk of a whole workstation holds 50,000-300,000,
 # a dataset a few thousand (ImageNet's training set: 1,000).

@@ -55,7 +55,7 @@ def schema():
 
 
 def row_of(path: str, result, seconds: float) -> dict:
-    """The table row of one image's :class:`~kql.result.Result` (its first target)."""
+    """The table row of one image's :class:`~kql.results.result.Result` (its first target)."""
     drop = result.drop
     i, j = np.unravel_index(int(np.argmax(drop)), drop.shape)
     x, y, w, h = result.box(int(i), int(j))
@@ -130,8 +130,8 @@ class ResultSet:
 
     def save(self, path: str) -> str:
         """Write the table to a .parquet file (atomically: a failure leaves nothing)."""
-        from .errors import KqlExecutionError
-        from .fileio import atomic_write
+        from ..errors import KqlExecutionError
+        from ..fileio import atomic_write
 
         if not path.lower().endswith(".parquet"):
             raise KqlExecutionError(f"cannot save a many-image result to '{path}': use a .parquet file")

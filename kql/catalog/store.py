@@ -32,8 +32,8 @@ import json
 import os
 from typing import Callable, Optional
 
-from .errors import KqlError
-from .fileio import atomic_write, locked, read_json, sweep
+from ..errors import KqlError
+from ..fileio import atomic_write, locked, read_json, sweep
 
 CATALOG_FILE = "catalog.json"
 TUNING_FILE = "tuning.json"
