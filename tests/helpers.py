@@ -1,4 +1,5 @@
-"""Shared test helpers: test images, sensitive random networks, the plain occlusion loop.
+"""Shared test helpers: test images, sensitive random networks, the plain occlusion loop;
+connections, checks and in-memory image files that several suites share.
 
 A randomly initialised CNN gives an almost uniform softmax, so its occlusion map is flat
 and any wrong engine matches it. ``calibrate_batchnorm`` gives BatchNorm statistics of
@@ -11,7 +12,10 @@ The models themselves live in ``models_zoo``.
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -301,3 +305,101 @@ class Boom:
 
     def __reduce__(self):
         return (os.system, (f"touch '{self.marker}'",))
+
+
+# -- connections -------------------------------------------------------------------------------
+
+SMALL_QUERY = "OCCLUDE img USING net PATCH 8 STRIDE 4"     # a 5x6 map of image_connection's image
+
+
+def image_connection(directory=None, image=None, model=None):
+    """``kql.connect(directory)`` with ``model`` (when given) as "net" and ``image`` as
+    "img", by default the 24x30 noise image ``sensitive_small_cnn`` is made sensitive on:
+    the model-format and memory suites' set-up."""
+    con = kql.connect(directory)
+    if model is not None:
+        con.register_model("net", model)
+    con.register_image("img", smooth_noise_image(24, 30) if image is None else image)
+    return con
+
+
+def small_cnn_connection():
+    """A connection with ``small_cnn`` as "net" and no image: the hostile-file suites' set-up."""
+    from models_zoo import small_cnn
+
+    con = kql.connect()
+    con.register_model("net", small_cnn())
+    return con
+
+
+# -- checks of the model-format suites ----------------------------------------------------------
+
+def model_error(con, query: str) -> str:
+    """The message of the KqlModelError ``query`` fails with, asserting it is one line (no
+    newline, no traceback)."""
+    with pytest.raises(kql.KqlModelError) as info:
+        con.execute(query)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def moving(heatmap) -> bool:
+    """Whether a map moves: a broken engine on a flat map would pass a comparison."""
+    return float(heatmap.max() - heatmap.min()) > 1e-6
+
+
+def incremental_equals_naive(con, query: str):
+    """``query``'s map planned incrementally (EXPLAIN says so) and naively: equal and not
+    flat; returns the naive map."""
+    con.execute("SET strategy = 'incremental'")
+    assert "IncrementalOcclusion" in con.execute(f"EXPLAIN {query}").plan.splitlines()[1]
+    fast = con.execute(query).heatmap
+    con.execute("SET strategy = 'naive'")
+    slow = con.execute(query).heatmap
+    assert moving(slow)
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    return slow
+
+
+# -- image files, made in memory -----------------------------------------------------------------
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: its length, kind, data and CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of its header alone (no pixel data): what a decompression bomb starts with."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
+
+
+def encoded(image, fmt: str, **options) -> bytes:
+    """``image`` (a PIL image) saved as ``fmt``, in memory."""
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def gradient(height=12, width=16) -> np.ndarray:
+    """An RGB uint8 picture: red down, green across, grey blue."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([ys * 255 // max(1, height - 1), xs * 255 // max(1, width - 1),
+                     np.full_like(ys, 128)], -1).astype(np.uint8)
+
+
+MB = 1 << 20
+
+
+def deflated(head: bytes, zeros: int, middle: bytes = b"", more_zeros: int = 0) -> bytes:
+    """A raw deflate stream of ``head``, ``zeros`` zero bytes, ``middle``, ``more_zeros``
+    zero bytes, made in milliseconds: after a full flush every MB of zeros compresses to
+    the same block, so a 2 GB stream is one block repeated."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    out = [c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)]
+    block = c.compress(bytes(MB)) + c.flush(zlib.Z_FULL_FLUSH)
+    for count, after in ((zeros, middle), (more_zeros, b"")):
+        out.append(block * (count // MB) + c.compress(bytes(count % MB) + after))
+        out.append(c.flush(zlib.Z_FULL_FLUSH))
+    return b"".join(out) + c.flush()

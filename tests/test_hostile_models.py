@@ -1,7 +1,7 @@
 """Model files as users have them on disk: each loads or is refused in one line
 (KqlModelError), never a raw exception, a memory blow-up or code run from a pickle. Every
 hostile file is made here, in ``tmp_path``; the image and file-system cases are in
-``test_hostile_files``.
+``test_hostile_files`` and ``test_image_files``.
 """
 
 import io
@@ -20,7 +20,7 @@ from kql.catalog import models
 from helpers import Boom, state_dict_of
 from helpers import one_line_error as error_of
 from models_zoo import small_cnn
-from test_hostile_files import deflated
+from helpers import deflated
 
 
 @pytest.fixture
