@@ -19,14 +19,14 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
+from .catalog.models import ModelSpec, input_channels
 from .catalog.registry import Catalog
 from .errors import KqlError, KqlExecutionError, KqlPlanError
-from .catalog.models import ModelSpec, input_channels
 from .language.parser import parse_with_text, path_problem
 from .planner.cache import PlanCache
-from .settings import Settings
 from .progress import ProgressBar
 from .results.result import Result
+from .settings import Settings
 
 
 class KqlWarning(UserWarning):

@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from .language import ast
 from .catalog import images
 from .errors import KqlError
+from .language import ast
 from .planner.frame import DEFAULT_RESIZE, Frame
 from .planner.grid import OcclusionGrid
 from .planner.logical import OcclusionQuery, at_node, fail

@@ -13,19 +13,19 @@ import dataclasses
 import time
 from typing import Optional
 
-from .language import ast
-from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
+from .binder import bind
 from .catalog.globs import glob_files
+from .errors import KqlError, KqlExecutionError, KqlModelError, KqlPlanError
+from .language import ast
+from .operators.batches import out_of_memory
+from .planner.context import PlanContext
 from .planner.devices import require_cuda
 from .planner.explain import exactness
-from .binder import bind
 from .planner.logical import at_node, fail
-from .operators.batches import out_of_memory
 from .planner.memory import size_text
-from .planner.context import PlanContext
 from .planner.physical import plan_query
-from .results.output import check_into
 from .planner.rules import RULES, optimize
+from .results.output import check_into
 from .results.result import Result
 
 
@@ -94,7 +94,7 @@ def confirm_run(con, physical, stmt) -> None:
     KqlError (the shell's answer no, or KQL text with no one to ask). A prediction from
     an untrusted calibration (measured under load) refuses nothing: the run goes on after
     ``on_warning(message)``."""
-    limit = con.settings.get("confirm_seconds", "none")
+    limit = con.settings["confirm_seconds"]
     seconds = physical.run_seconds
     if limit == "none" or seconds is None or seconds <= limit:
         return

@@ -24,11 +24,11 @@ import time
 from types import SimpleNamespace
 from typing import Optional
 
-from .language import ast
+from .binder import bind
+from .catalog.globs import iter_files
 from .errors import KqlError, KqlExecutionError, KqlPlanError
 from .fileio import atomic_write
-from .catalog.globs import iter_files
-from .binder import bind
+from .language import ast
 from .planner.logical import at_node, fail
 from .results.output import check_into
 from .results.resultset import RANKABLE, ResultSet, error_row, ranked, row_of

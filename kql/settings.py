@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
-from .results import overlay
 from .errors import KqlPlanError
 from .planner import settings as planner
 from .planner.settings import Setting, one_of
+from .results import overlay
 
 _check_engine = one_of("engine", "local", "ray")
 

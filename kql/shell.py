@@ -19,9 +19,9 @@ import time
 import traceback
 from typing import Callable, Optional, TextIO
 
-from .results import preview
 from .errors import KqlError, KqlExecutionError
 from .progress import ProgressBar
+from .results import preview
 
 HELP = """\
 KQL statements end with ';' and may span lines; '--' starts a comment; Tab completes.
