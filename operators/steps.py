@@ -8,7 +8,9 @@ re-derives it. A :class:`Crossover` is the policy that moves the switch to full 
 
 The changed region of a node is a patch of one size for the whole query (the largest
 over its positions, so every position fits) at a per-position corner (seed paper 000,
-eqs 21-38, generalised to dilation and asymmetric pads).
+eqs 21-38, generalised to dilation and asymmetric pads). Each position's own region,
+clipped at the map's border, is kept too (:attr:`Step.span`): a patch near the border
+changes less, which :mod:`kql.planner.position_groups` turns into tables of their own.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Step:
     size: Optional[tuple] = None
     y: Optional[np.ndarray] = None
     x: Optional[np.ndarray] = None
+    span: Optional[tuple] = None        # ((top, height), (left, width)): each position's own region
 
     @property
     def hands_on_patch(self) -> bool:
@@ -167,7 +170,9 @@ def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover()
 def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover, tau: float,
           frozen: frozenset) -> Step:
     if n.op == "placeholder":
-        return Step(n, INPUT, size=tuple(patch), y=ys, x=xs)
+        ones = np.ones_like(ys)
+        return Step(n, INPUT, size=tuple(patch), y=ys, x=xs,
+                    span=((ys, ones * patch[0]), (xs, ones * patch[1])))
     if n.op == "output":
         return Step(n, OUTPUT)
     inputs = [steps[a] for a in n.all_input_nodes if steps[a].mode not in (VIEW, FROZEN)]
@@ -181,19 +186,27 @@ def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover,
     op = profile.ops.get(n)
     if op is None or len(patched) < len(inputs) or n in crossover.nodes:
         return Step(n, PROJECT if patched else FULL)
-    y, x, size = _region(profile, n, op, patched)
+    span = _span(profile, n, op, patched)
+    y, x, size = _region(profile, n, op, patched, span)
     if tau < 1.0 and not isinstance(op, Pointwise):
         y, x, size = threshold(y, x, size, profile.map_size(n), tau)
+        span = None                      # thresholded: one size for every position
     covers = size == profile.map_size(n)
-    return Step(n, COVER if crossover.covered and covers else PATCH, op, size, y, x)
+    return Step(n, COVER if crossover.covered and covers else PATCH, op, size, y, x, span)
 
 
-def _region(profile, n: fx.Node, op, patched: list) -> tuple:
-    """Corners and size of the region ``n`` changes, from its inputs' regions."""
+def _region(profile, n: fx.Node, op, patched: list, span: Optional[tuple]) -> tuple:
+    """Corners and size of the region ``n`` changes: a point-wise op runs on its input's
+    region; otherwise the largest of the positions' own regions (``span``), each moved
+    inside the map, or, without them, the bound from the inputs' regions."""
     h, w = profile.map_size(n)
     if isinstance(op, Pointwise):
         src = patched[0]
         return src.y, src.x, src.size
+    if span is not None:
+        (ty, th), (tx, tw) = span
+        ph, pw = max(1, min(int(th.max()), h)), max(1, min(int(tw.max()), w))
+        return np.clip(ty, 0, h - ph), np.clip(tx, 0, w - pw), (ph, pw)
     if isinstance(op, Local):
         src = patched[0]
         top, _, left, _ = op.pad
@@ -203,6 +216,40 @@ def _region(profile, n: fx.Node, op, patched: list) -> tuple:
     uy, uh = union_geometry([s.y for s in patched], [s.size[0] for s in patched], h)
     ux, uw = union_geometry([s.x for s in patched], [s.size[1] for s in patched], w)
     return uy, ux, (uh, uw)
+
+
+def _span(profile, n: fx.Node, op, patched: list) -> Optional[tuple]:
+    """Each position's own changed region at ``n`` (clipped at the border), from its
+    inputs' own regions; None where an input has none (a thresholded one)."""
+    if any(s.span is None for s in patched):
+        return None
+    h, w = profile.map_size(n)
+    if isinstance(op, Pointwise):
+        return patched[0].span
+    if isinstance(op, Local):
+        (ty, th), (tx, tw) = patched[0].span
+        top, _, left, _ = op.pad
+        return (clipped_span(ty, th, op.kernel[0], op.stride[0], op.dilation[0], top, h),
+                clipped_span(tx, tw, op.kernel[1], op.stride[1], op.dilation[1], left, w))
+    out = []
+    for axis in (0, 1):
+        lo = np.min(np.stack([s.span[axis][0] for s in patched]), axis=0)
+        hi = np.max(np.stack([s.span[axis][0] + s.span[axis][1] for s in patched]), axis=0)
+        out.append((lo, hi - lo))
+    return tuple(out)
+
+
+def clipped_span(y: np.ndarray, p: np.ndarray, k: int, s: int, d: int, pad: int, out: int):
+    """``(first, count)`` per item: the output rows that read an input row in ``y ..
+    y+p-1`` (each item its own ``p``), clipped to the output (eqs 21-24 without the
+    shift: a region at the border is cut, not moved).
+
+    >>> clipped_span(np.array([0, 5, 9]), np.array([2, 2, 1]), 3, 1, 1, 1, 10)
+    (array([0, 4, 8]), array([3, 4, 2]))
+    """
+    lo = np.maximum(_ceil_div(y + pad - (k - 1) * d, s), 0)
+    hi = np.minimum((y + p - 1 + pad) // s, out - 1)
+    return lo, np.maximum(hi - lo + 1, 0)
 
 
 def threshold(y: np.ndarray, x: np.ndarray, size: tuple, out: tuple, tau: float) -> tuple:
