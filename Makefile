@@ -10,7 +10,7 @@ else
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test fuzz bench clean
+.PHONY: install demo test fuzz bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,18 @@ test: install
 # prints "fuzz: <cases> cases in <s> s ...; raw exceptions <n>, hangs <n>".
 fuzz: install
 	KQL_FUZZ_EXAMPLES=10000 KQL_FUZZ_KEEP_GOING=1 $(PY) -m pytest -q tests/test_fuzz.py
+
+# On a machine with a CUDA GPU (under 8 minutes): the kernel and engine tests on the
+# device, then kql bench on it for VGG16, ResNet18 and InceptionV3, exact (against naive
+# and Captum on the same GPU) and approximate (tau 0.5). Never run in this repository's
+# sessions so far (no GPU was lent): run it whenever one is at hand.
+gpu-check: install
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
+	$(PY) -m pytest -q tests/test_cuda_kernels.py tests/test_position_groups.py tests/test_incremental.py -k "not slow"
+	for m in vgg16 resnet18 inception_v3; do \
+	  $(VENV)/bin/kql bench --model $$m --device cuda --positions 512 --repeat 2 ; \
+	  $(VENV)/bin/kql bench --model $$m --device cuda --positions 512 --tau 0.5 --no-captum ; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Protocol, runtime_checkable
 
+import numpy as np
+
 from .task import OcclusionResult, OcclusionTask, Progress
 
 
@@ -51,6 +53,10 @@ class OcclusionOperator(Protocol):
     def remembering(self, kept) -> "OcclusionOperator":
         """The same operator, its layout trial kept in (and read from) ``kept``."""
 
+    def position_order(self, ys, xs) -> Optional[np.ndarray]:
+        """The order it scans positions in where that is not the task's (a permutation of
+        their indices), so that a watched scan stopped early has done a prefix; None."""
+
     def run(self, task: OcclusionTask, progress: Progress = None,
             timings: Optional[dict] = None) -> OcclusionResult:
         """The heat map; with ``timings``, seconds per node where it has nodes."""
@@ -80,3 +86,6 @@ class Operator:
 
     def remembering(self, kept):
         return self
+
+    def position_order(self, ys, xs):
+        return None

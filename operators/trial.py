@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import contention
+from .grouped import unordered
 from .layout import Kept
 from .protocol import Operator
 from .task import OcclusionResult, OcclusionTask, Progress, StopScan
@@ -115,7 +116,19 @@ class OperatorTrial(Operator):
             result = self.chosen.run(task, progress)
             return dataclasses.replace(
                 result, ran=((self.chosen.name, task.count, self.clock() - began),))
-        return _Watch(self, task, progress).run()
+        order = self.position_order(task.ys, task.xs)
+        if order is None:
+            return _Watch(self, task, progress).run()
+        # Positions in the order a grouped operator scans them: every part a prefix of it.
+        ordered = dataclasses.replace(task, ys=task.ys[order], xs=task.xs[order])
+        return unordered(_Watch(self, ordered, progress).run(), order)
+
+    def position_order(self, ys, xs):
+        for op in (self.chosen, self.other):
+            order = op.position_order(ys, xs)
+            if order is not None:
+                return order
+        return None
 
 
 class _Watch:

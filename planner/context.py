@@ -58,6 +58,11 @@ class PlanContext:
         return str(self.setting("layout"))
 
     @property
+    def position_groups(self) -> str:
+        """'auto' or 'off'."""
+        return str(self.setting("position_groups"))
+
+    @property
     def memory_setting(self):
         """The ``memory_limit`` setting as given ('auto', a size, bytes)."""
         return self.setting("memory_limit")

@@ -9,6 +9,7 @@ and a batch size, each chosen by predicted cost (:mod:`.cost`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from kql.errors import KqlPlanError
@@ -19,7 +20,7 @@ from kql.operators.naive import NaiveOcclusion
 from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.trial import OperatorTrial
 
-from . import calibrate, memory, naive_shortcut
+from . import calibrate, memory, naive_shortcut, position_groups
 from .approximate import choose_tau, tuned_candidates, verified_candidates
 from .context import PlanContext, Planning
 from .cost import incremental_cost, naive_cost, redundancy_ratio
@@ -50,6 +51,13 @@ CLOSE = 1.3
 # A clear decision's scan is still watched (:class:`~kql.operators.trial.OperatorTrial`,
 # ``upfront=False``): from this many batches on, the alternative can be probed mid-scan.
 WATCH_BATCHES = 16
+# Positions grouped by region size (:mod:`.position_groups`) must be predicted this much
+# cheaper than one table for all: each group adds calls and a partial batch.
+GROUPS_MARGIN = MARGIN
+# Images up to this many pixels are not grouped: the shape-first floor that decides small
+# inputs (naive_shortcut, cost.shape_incremental_floor) prices one region for all
+# positions, and grouping could bring the incremental plan under that floor.
+GROUPS_MIN_PIXELS = naive_shortcut.SMALL_IMAGE
 # The shape-first shortcut to the plain loop is taken only while scans have not found it
 # slower than priced by more than this (they correct naive and incremental alike).
 SHORTCUT_SLOWER = 1.25
@@ -326,7 +334,7 @@ def _best_incremental(p: Planning, tau: float = 1.0, gates: str = "exact") -> Ph
     the memory_limit setting, not its bytes: 'auto' reads the free memory anew each time.)"""
     query, memo = p.query, p.profile.memo
     key = ("best", query.grid, tau, gates, p.ctx.crossover, query.batch, id(p.throughput),
-           p.device, p.threads, p.ctx.memory_setting)
+           p.device, p.threads, p.ctx.memory_setting, p.ctx.position_groups)
     if key not in memo:
         memo[key] = (_cheapest_crossover(p, tau, gates), p.throughput)
     return dataclasses.replace(memo[key][0], query=query)
@@ -357,7 +365,23 @@ def _cheapest_crossover(p: Planning, tau: float, gates: str) -> PhysicalPlan:
         bar = MARGIN if best is plans[0] else 1.0
         if plan.predicted_seconds < bar * best.predicted_seconds:
             best = plan
-    return best
+    return _grouped(p, best)
+
+
+def _grouped(p: Planning, plan: PhysicalPlan) -> PhysicalPlan:
+    """``plan`` with its positions grouped by the region they change
+    (:mod:`.position_groups`) where that is predicted cheaper by the margin."""
+    query, steps = p.query, plan.operator.steps
+    if p.ctx.position_groups == "off" or math.prod(query.image.shape[1:]) <= GROUPS_MIN_PIXELS:
+        return plan
+    ys, xs = query.grid.positions()
+    found = position_groups.group(p.profile, steps, ys, xs, p.throughput, plan.batch)
+    if found is None:
+        return plan
+    single = position_groups.scan_seconds(p.profile, steps, p.throughput, plan.batch, len(ys))
+    if found.seconds >= GROUPS_MARGIN * single:
+        return plan
+    return dataclasses.replace(plan, operator=found.operator, cost=found.cost)
 
 
 def crossover_at(profile, natural: StepTable, fraction: Optional[float]) -> Crossover:

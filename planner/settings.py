@@ -136,6 +136,9 @@ ROWS = (
     Setting("max_image_pixels", 64_000_000, _check_max_image_pixels,
             "the largest image file read, in pixels (height x width): a larger one is refused "
             "from its header, before it is decoded"),
+    Setting("position_groups", "auto", one_of("position_groups", "auto", "off"),
+            "incremental inference in groups of positions, each with its own region sizes "
+            "(smaller near the border): 'auto' (where predicted cheaper) or 'off' (one size for all)"),
     Setting("layout", "auto", _check_layout,
             "memory layout of full-size batches: 'auto' (channels_last on CPU, where oneDNN "
             "runs convolutions faster in it; contiguous on GPU), 'channels_last' or 'contiguous'"),

@@ -1,0 +1,147 @@
+"""Positions in groups, each group with a step table of its own.
+
+A patch near the image border changes a smaller region at every layer than one in the
+middle, but one step table runs every position at the largest region. Grouped by bands
+of rows and columns (:mod:`kql.planner.position_groups` chooses them), each group's
+table is planned for its own positions, and the border groups run smaller regions. The
+map is the same, position by position: every group is exact incremental inference.
+
+A scan runs the positions in group order (:meth:`GroupedOcclusion.position_order`), one
+group after another, and hands the map back in the task's order. A watched scan
+(:class:`~.trial.OperatorTrial`) orders its task so first: then a part of it is a run of
+whole groups, and a part stopped early is a prefix, as the watcher expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from .layout import ADAPTIVE, Kept
+from .protocol import Approximation, Operator
+from .task import OcclusionResult, OcclusionTask, Progress
+
+
+class GroupedOcclusion(Operator):
+    """Physical operator: incremental inference per band of rows and columns."""
+
+    name = "IncrementalOcclusion"          # the same engine, in groups (EXPLAIN: groups=N)
+    learns_layout = True
+
+    def __init__(self, edges: tuple, members: dict, kept: Optional[Kept] = None):
+        """``edges``: ``(rows, columns)``, the pixel coordinates where a band starts (after
+        the first); ``members``: ``{(row band, column band): IncrementalOcclusion}``, each
+        planned for the positions of its group (re-targeted when a scan's differ)."""
+        self.edges = tuple(np.asarray(e, np.int64) for e in edges)
+        self.members = dict(members)
+        self.kept = kept
+
+    @property
+    def _largest(self):
+        return max(self.members.values(), key=lambda op: _cells(op.steps))
+
+    @property
+    def batch_size(self) -> int:
+        return self._largest.batch_size
+
+    @property
+    def layout(self) -> str:
+        return self._largest.layout
+
+    def describe(self) -> dict:
+        items = dict(self._largest.describe())
+        items["groups"] = len(self.members)
+        return items
+
+    def approximation(self) -> Optional[Approximation]:
+        return self._largest.approximation()
+
+    def rebind(self, profile) -> "GroupedOcclusion":
+        return self._each(lambda op: op.rebind(profile), self.kept)
+
+    def in_layout(self, layout: str) -> "GroupedOcclusion":
+        return self._each(lambda op: op.in_layout(layout), None)
+
+    def remembering(self, kept: Kept) -> "GroupedOcclusion":
+        """Every group reads and keeps one layout trial's outcome: the first group's."""
+        return GroupedOcclusion(self.edges, self.members, kept)
+
+    def _each(self, change, kept) -> "GroupedOcclusion":
+        return GroupedOcclusion(self.edges, {g: change(op) for g, op in self.members.items()}, kept)
+
+    def groups_of(self, ys, xs) -> np.ndarray:
+        """The group of each position, as one number (row band x columns + column band)."""
+        rows = np.searchsorted(self.edges[0], np.asarray(ys), side="right")
+        cols = np.searchsorted(self.edges[1], np.asarray(xs), side="right")
+        return rows * (len(self.edges[1]) + 1) + cols
+
+    def position_order(self, ys, xs) -> Optional[np.ndarray]:
+        """The order to scan the positions in (group by group), None when they are."""
+        groups = self.groups_of(ys, xs)
+        if np.all(groups[1:] >= groups[:-1]):
+            return None
+        return np.argsort(groups, kind="stable")
+
+    def run(self, task: OcclusionTask, progress: Progress = None,
+            timings: Optional[dict] = None) -> OcclusionResult:
+        """Each group in turn on its positions; the map in the task's order. Stopped by
+        ``progress`` (:class:`~.task.StopScan`), the positions done are a prefix of the
+        task's, which is ordered by group then."""
+        order = self.position_order(task.ys, task.xs)
+        if order is not None:
+            ordered = dataclasses.replace(task, ys=task.ys[order], xs=task.xs[order])
+            return unordered(self.run(ordered, progress, timings), order)
+        kept = self.kept
+        if kept is None and self.layout == ADAPTIVE:
+            kept = Kept({}, "groups")          # this scan's: the first trial decides for all
+        groups = self.groups_of(task.ys, task.xs)
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        parts, done = [], 0
+        for start, stop in zip(starts, np.r_[starts[1:], len(groups)]):
+            op = self._member(groups[start], task.ys[start:stop], task.xs[start:stop])
+            part = dataclasses.replace(task, ys=task.ys[start:stop], xs=task.xs[start:stop])
+            report = None if progress is None else _offset(progress, done, task.count)
+            result = (op.remembering(kept) if kept is not None else op).run(part, report, timings)
+            parts.append(result)
+            done += result.scores.shape[1]
+            if done < stop:
+                break                          # stopped: the positions so far
+        return joined(parts)
+
+    def _member(self, group: int, ys, xs):
+        """The group's operator for patches at ``ys, xs``: as planned, or re-targeted."""
+        rows, cols = divmod(int(group), len(self.edges[1]) + 1)
+        op = self.members.get((rows, cols)) or self._largest
+        planned = op.steps[op.profile.image_node]
+        if np.array_equal(planned.y, ys) and np.array_equal(planned.x, xs):
+            return op
+        return op.at(ys, xs)
+
+
+def _cells(steps) -> int:
+    return sum(s.size[0] * s.size[1] for s in steps if s.incremental)
+
+
+def _offset(progress, done: int, total: int):
+    return lambda n, _count: progress(done + n, total)
+
+
+def joined(parts: list) -> OcclusionResult:
+    """One result of the parts' positions in order (the first part's targets and base)."""
+    head = parts[0]
+    return dataclasses.replace(
+        head, scores=np.concatenate([p.scores for p in parts], axis=1),
+        all_logits=np.concatenate([p.all_logits for p in parts], axis=1),
+        halved=tuple(h for p in parts for h in p.halved),
+        paced=tuple(x for p in parts for x in p.paced))
+
+
+def unordered(result: OcclusionResult, order: np.ndarray) -> OcclusionResult:
+    """``result`` of positions taken in ``order``, back in the task's order."""
+    if result.scores.shape[1] != len(order):
+        raise RuntimeError("a scan in group order stopped early: its positions are not a prefix")
+    scores, logits = np.empty_like(result.scores), np.empty_like(result.all_logits)
+    scores[:, order], logits[:, order] = result.scores, result.all_logits
+    return dataclasses.replace(result, scores=scores, all_logits=logits)

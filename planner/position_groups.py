@@ -1,0 +1,173 @@
+"""Grouping a query's positions by the size of the region they change.
+
+A position's own region at each node (:attr:`~kql.operators.steps.Step.span`) depends
+on its row for the height and on its column for the width, and shrinks near the border.
+Rows are cut into contiguous bands, columns too, by a small dynamic programme over a
+proxy of the work (each band priced at its largest region, weighted by the node's work
+per output cell); the best few cuts are then planned for real, one step table per group
+(row band x column band), and priced by the cost model, batches per group included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kql.operators.graph import Local
+from kql.operators.grouped import GroupedOcclusion
+from kql.operators.incremental import IncrementalOcclusion
+from kql.operators.steps import plan_steps
+
+from .cost import NodeCost, PlanCost, incremental_cost
+
+MAX_BANDS = 4              # per axis: 16 groups at most
+MAX_COORDINATES = 128      # an axis with more distinct coordinates is pooled into this many
+GROUP_BUDGETS = (4, 9, 16)     # the best cut of at most this many groups is planned for real
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """A grouped incremental operator and its predicted cost (per batch of the plan)."""
+
+    operator: GroupedOcclusion
+    cost: PlanCost
+    seconds: float             # the whole scan
+
+
+def scan_seconds(profile, table, tp, batch: int, count: int) -> float:
+    """Predicted seconds of ``count`` positions under ``table`` in batches of ``batch``,
+    the last one partial (priced at its own size)."""
+    full, rest = divmod(count, batch)
+    seconds = full * incremental_cost(profile, table, tp, batch).seconds if full else 0.0
+    return seconds + (incremental_cost(profile, table, tp, rest).seconds if rest else 0.0)
+
+
+def group(profile, steps, ys, xs, tp, batch: int):
+    """The cheapest grouping of positions ``ys, xs`` under ``steps`` (their one table),
+    or None when no grouping is possible (a thresholded table, one coordinate per axis).
+    Its ``seconds`` are comparable with :func:`scan_seconds` of ``steps``."""
+    sized = [s for s in steps if s.incremental]
+    if not sized or any(s.span is None for s in sized):
+        return None
+    work = np.array([_work(profile, s) for s in sized])
+    axes = [_axis(np.asarray(c), [s.span[a][1] for s in sized]) for a, c in enumerate((ys, xs))]
+    if all(len(coords) < 2 for coords, _, _ in axes):
+        return None
+    cuts = [_cuts(counts, sizes, work * _mean_other(axes[1 - a], len(sized)))
+            for a, (_, counts, sizes) in enumerate(axes)]
+    best = None
+    for budget in GROUP_BUDGETS:
+        pairs = [(ky, kx) for ky in range(1, len(cuts[0]) + 1) for kx in range(1, len(cuts[1]) + 1)
+                 if 1 < ky * kx <= budget]
+        if not pairs:
+            continue
+        # A cut that saves nothing is no cut: each group costs a little (calls, a partial batch).
+        ky, kx = min(pairs, key=lambda k: _proxy(axes, cuts, k, work) * (1 + 1e-3 * k[0] * k[1]))
+        found = _planned(profile, steps, ys, xs, tp, batch,
+                         (axes[0][0][cuts[0][ky - 1]], axes[1][0][cuts[1][kx - 1]]))
+        if best is None or found.seconds < best.seconds:
+            best = found
+    return best
+
+
+def _work(profile, step) -> float:
+    """Work per output cell of a step: multiply-adds for a window op, channels otherwise."""
+    channels = profile.views[step.node].shape[1]
+    op = step.op
+    return float(op.macs_per_output() * channels) if isinstance(op, Local) else float(channels)
+
+
+def _axis(coords: np.ndarray, sizes: list) -> tuple:
+    """``(distinct coordinates, positions at each, sizes [nodes, coordinates])`` of one
+    axis; a node's size at a coordinate is its largest there (one per coordinate)."""
+    values, inverse, counts = np.unique(coords, return_inverse=True, return_counts=True)
+    table = np.zeros((len(sizes), len(values)))
+    for n, size in enumerate(sizes):
+        np.maximum.at(table[n], inverse, np.asarray(size, np.float64))
+    if len(values) > MAX_COORDINATES:         # pooled: each chunk at its largest
+        chunks = np.array_split(np.arange(len(values)), MAX_COORDINATES)
+        values = np.array([values[c[0]] for c in chunks])
+        counts = np.array([counts[c].sum() for c in chunks])
+        table = np.stack([table[:, c].max(axis=1) for c in chunks], axis=1)
+    return values, counts, table
+
+
+def _mean_other(axis: tuple, nodes: int) -> np.ndarray:
+    _, counts, sizes = axis
+    return (sizes * counts).sum(axis=1) / max(counts.sum(), 1) if sizes.size else np.ones(nodes)
+
+
+def _cuts(counts: np.ndarray, sizes: np.ndarray, weight: np.ndarray) -> list:
+    """For k = 1 .. MAX_BANDS bands: the indices where bands start (the first band's,
+    0, left out), minimising the sum over bands of its positions x its weighted largest
+    sizes (``sizes``: [nodes, coordinates]).
+
+    >>> sizes = np.array([[2.0, 3, 3, 3, 3, 2]])          # smaller at both borders
+    >>> [c.tolist() for c in _cuts(np.ones(6), sizes, np.ones(1))]
+    [[], [1], [1, 5], [1, 2, 5]]
+    """
+    m = sizes.shape[1]
+    band = np.full((m, m), np.inf)              # band[i, j]: coordinates i .. j as one band
+    for i in range(m):
+        peak = np.maximum.accumulate(sizes[:, i:], axis=1)
+        band[i, i:] = np.cumsum(counts[i:]) * (weight @ peak)
+    best, starts, out = band[0], [], [np.array([], np.int64)]
+    for _ in range(2, min(MAX_BANDS, m) + 1):
+        before = np.r_[np.inf, best[:-1]]       # the bands before one starting at i
+        cand = before[:, None] + band
+        starts.append(np.argmin(cand, axis=0))
+        best = cand[starts[-1], np.arange(m)]
+        cut, j = [], m - 1
+        for start in reversed(starts):
+            cut.append(int(start[j]))
+            j = cut[-1] - 1
+        out.append(np.array(sorted(cut), np.int64))
+    return out
+
+
+def _proxy(axes, cuts, k: tuple, work: np.ndarray) -> float:
+    """The work proxy of ``k`` = (row bands, column bands): every group at its largest."""
+    peaks = []
+    for (_, counts, sizes), starts in zip(axes, (cuts[0][k[0] - 1], cuts[1][k[1] - 1])):
+        bounds = np.r_[0, starts, sizes.shape[1]]
+        peaks.append([(counts[a:b].sum(), sizes[:, a:b].max(axis=1))
+                      for a, b in zip(bounds[:-1], bounds[1:])])
+    return sum(ny * nx * float(work @ (hy * wx)) for ny, hy in peaks[0] for nx, wx in peaks[1])
+
+
+def _planned(profile, steps, ys, xs, tp, batch: int, edges: tuple) -> Grouping:
+    """One step table per group of ``edges`` (band starts, pixel coordinates), priced."""
+    rows = np.searchsorted(edges[0], ys, side="right")
+    cols = np.searchsorted(edges[1], xs, side="right")
+    members, costs, seconds = {}, [], 0.0
+    for key in sorted(set(zip(rows.tolist(), cols.tolist()))):
+        at = (rows == key[0]) & (cols == key[1])
+        table = plan_steps(profile, ys[at], xs[at], steps.patch, steps.crossover, steps.tau, steps.gates)
+        members[key] = IncrementalOcclusion(profile, table, batch)
+        count = int(at.sum())
+        costs.append((incremental_cost(profile, table, tp, batch), count / batch))
+        seconds += scan_seconds(profile, table, tp, batch, count)
+    return Grouping(GroupedOcclusion(edges, members), _combined(costs, math.ceil(len(ys) / batch)),
+                    seconds)
+
+
+def _combined(costs: list, batches: int) -> PlanCost:
+    """The groups' costs as one per batch of the whole scan (``batches`` of them): each
+    node's work summed over the groups, shown at the largest group's step."""
+    largest = max(costs, key=lambda c: c[0].macs)[0]
+    nodes = {c.node: [c.step, 0.0, 0.0, 0.0] for c in largest.nodes}
+    for cost, n in costs:
+        for c in cost.nodes:
+            entry = nodes.setdefault(c.node, [c.step, 0.0, 0.0, 0.0])
+            entry[1] += c.macs * n / batches
+            entry[2] += c.gather_bytes * n / batches
+            entry[3] += c.seconds * n / batches
+    out = PlanCost(gather_bytes=0.0)
+    for step, macs, gathered, seconds in nodes.values():
+        out.nodes.append(NodeCost(step, macs, gathered, seconds))
+        out.macs += macs
+        out.gather_bytes += gathered
+        out.seconds += seconds
+    return out
