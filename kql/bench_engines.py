@@ -161,7 +161,7 @@ def _captum_engine(con, args, spec, band_query, rows):
 def _crossover_settings(con, stmt, text, settings) -> list:
     """Add one engine setting per distinct crossover the planner costs; their names."""
     from . import executor
-    from .planner.physical import CROSSOVER_FRACTIONS, crossover_candidates
+    from .planner.crossover import CROSSOVER_FRACTIONS, crossover_candidates
 
     con.settings.update(settings[PURE])
     plan = executor.plan(con, stmt, text)

@@ -17,12 +17,12 @@ from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
-from kql.operators.steps import INPUT, PURE, Crossover, StepTable, plan_steps
 from kql.operators.trial import OperatorTrial
 
 from . import calibrate, memory, naive_shortcut, position_groups
 from .approximate import choose_tau, tuned_candidates, verified_candidates
 from .context import PlanContext, Planning
+from .crossover import CROSSOVER_FRACTIONS, crossover_candidates
 from .cost import incremental_cost, naive_cost, redundancy_ratio
 from .drilldown import plan_drilldown, plan_verified
 from .feedback import Learner, shape_key
@@ -32,11 +32,6 @@ from .plan import PhysicalPlan
 from .tuning import Choice
 from .model_passes import scored
 
-# Fraction 1: a patch that has grown to its whole feature map is handed on as a full
-# tensor. It never costs more than pure incremental inference (the seed prototype's,
-# ``SET crossover = 'none'``), which gathers full-sized contexts there instead, so the
-# planner starts from it and only costs the earlier crossovers against it.
-CROSSOVER_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 # A more elaborate plan must be predicted this much cheaper than the simpler one before it
 # is chosen: predictions carry ~20% error, and a wrong elaborate plan costs more than a
 # wrong simple one (naive < incremental < incremental with an earlier crossover). Against
@@ -309,25 +304,6 @@ def _incremental(p: Planning, naive_plan: Optional[PhysicalPlan], choice: Option
         exact_seconds=exact_seconds)
 
 
-def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
-                         tau: float = 1.0, gates: str = "exact") -> list:
-    """``[StepTable, ...]``: the step table for patches at ``positions`` (ys, xs) under
-    each crossover fraction, one per distinct policy (several fractions often cut the
-    network at the same nodes); fraction None is pure incremental inference. ``tau``:
-    the projective-field threshold of every table."""
-    ys, xs = positions
-    natural = plan_steps(profile, ys, xs, patch, Crossover(), tau, gates)
-    tables, seen = [], set()
-    for fraction in fractions:
-        cross = crossover_at(profile, natural, fraction)
-        if cross not in seen:
-            seen.add(cross)
-            same = cross == natural.crossover          # no node cut: the natural steps
-            tables.append(dataclasses.replace(natural, crossover=cross) if same
-                          else plan_steps(profile, ys, xs, patch, cross, tau, gates))
-    return tables
-
-
 def _best_incremental(p: Planning, tau: float = 1.0, gates: str = "exact") -> PhysicalPlan:
     """The cheapest crossover's plan. Kept with the profile per query shape: another
     target or colour on the same grid is the same plan for another query. (The key has
@@ -382,22 +358,6 @@ def _grouped(p: Planning, plan: PhysicalPlan) -> PhysicalPlan:
     if found.seconds >= GROUPS_MARGIN * single:
         return plan
     return dataclasses.replace(plan, operator=found.operator, cost=found.cost)
-
-
-def crossover_at(profile, natural: StepTable, fraction: Optional[float]) -> Crossover:
-    """The crossover before every node whose changed region (``natural``: the steps with
-    the crossover at fraction 1) covers at least ``fraction`` of its feature map; None: pure."""
-    if fraction is None:
-        return PURE
-    chosen = set()
-    for step in natural:
-        size = natural.changed_size(step.node)
-        if size is None or step.mode == INPUT:
-            continue
-        h, w = profile.map_size(step.node)
-        if size[0] * size[1] >= fraction * h * w:
-            chosen.add(step.node)
-    return Crossover(frozenset(chosen), fraction=fraction)
 
 
 def _quote(text: str) -> str:

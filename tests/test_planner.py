@@ -13,7 +13,7 @@ from kql.operators import steps as modes
 from kql.operators.steps import PURE, Crossover, plan_steps
 from kql.planner import calibrate
 from kql.planner.cost import centre, incremental_cost
-from kql.planner.physical import CROSSOVER_FRACTIONS, crossover_at, crossover_candidates
+from kql.planner.crossover import CROSSOVER_FRACTIONS, crossover_at, crossover_candidates
 
 
 def tapering_cnn() -> nn.Module:
