@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kql.operators.drilldown import DrillDownOcclusion
+from kql.operators.grouped import GroupedOcclusion
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.profile import ModelProfile
@@ -42,10 +43,12 @@ def operators() -> dict:
         "trial": OperatorTrial(inc, naive),
         "drilldown": DrillDownOcclusion(naive, inc, coarse, 0.25),
         "verified": VerifiedDrillDown(inc, (20, 20), 4, 0.02, Check(0.9)),
+        "grouped": GroupedOcclusion(([8], []), {(0, 0): inc, (1, 0): incremental()}),
     }
 
 
-@pytest.mark.parametrize("name", ["naive", "incremental", "trial", "drilldown", "verified"])
+@pytest.mark.parametrize("name", ["naive", "incremental", "trial", "drilldown", "verified",
+                                  "grouped"])
 def test_every_operator_has_the_whole_protocol(name):
     op = operators()[name]
     assert isinstance(op, OcclusionOperator)
@@ -73,6 +76,9 @@ def test_plain_loop_and_layout_learning_are_asked_not_inferred():
     assert OperatorTrial(ops["naive"], ops["incremental"]).plain_loop
     assert not ops["trial"].plain_loop
     assert ops["naive"].learns_layout and ops["incremental"].learns_layout
+    assert ops["grouped"].learns_layout and not ops["grouped"].plain_loop
+    assert ops["grouped"].position_order(np.array([9, 0]), np.array([0, 0])).tolist() == [1, 0]
+    assert ops["incremental"].position_order(np.array([9, 0]), np.array([0, 0])) is None
     assert not ops["drilldown"].learns_layout and not ops["verified"].learns_layout
 
 
