@@ -18,7 +18,7 @@ import numpy as np
 from kql.operators.graph import Local
 from kql.operators.grouped import GroupedOcclusion
 from kql.operators.incremental import IncrementalOcclusion
-from kql.operators.steps import plan_steps
+from kql.operators.steps import COVER, Crossover, plan_steps
 
 from .cost import NodeCost, PlanCost, incremental_cost
 
@@ -65,10 +65,11 @@ def group(profile, steps, ys, xs, tp, batch: int):
             continue
         # A cut that saves nothing is no cut: each group costs a little (calls, a partial batch).
         ky, kx = min(pairs, key=lambda k: _proxy(axes, cuts, k, work) * (1 + 1e-3 * k[0] * k[1]))
-        found = _planned(profile, steps, ys, xs, tp, batch,
-                         (axes[0][0][cuts[0][ky - 1]], axes[1][0][cuts[1][kx - 1]]))
-        if best is None or found.seconds < best.seconds:
-            best = found
+        edges = (axes[0][0][cuts[0][ky - 1]], axes[1][0][cuts[1][kx - 1]])
+        for cross in {steps.crossover, _whole_from(steps)}:
+            found = _planned(profile, steps, ys, xs, tp, batch, edges, cross)
+            if best is None or found.seconds < best.seconds:
+                best = found
     return best
 
 
@@ -137,20 +138,32 @@ def _proxy(axes, cuts, k: tuple, work: np.ndarray) -> float:
     return sum(ny * nx * float(work @ (hy * wx)) for ny, hy in peaks[0] for nx, wx in peaks[1])
 
 
-def _planned(profile, steps, ys, xs, tp, batch: int, edges: tuple) -> Grouping:
-    """One step table per group of ``edges`` (band starts, pixel coordinates), priced."""
+def _planned(profile, steps, ys, xs, tp, batch: int, edges: tuple, cross=None) -> Grouping:
+    """One step table per group of ``edges`` (band starts, pixel coordinates) under the
+    crossover ``cross`` (by default that of ``steps``), priced."""
     rows = np.searchsorted(edges[0], ys, side="right")
     cols = np.searchsorted(edges[1], xs, side="right")
     members, costs, seconds = {}, [], 0.0
+    cross = cross or steps.crossover
     for key in sorted(set(zip(rows.tolist(), cols.tolist()))):
         at = (rows == key[0]) & (cols == key[1])
-        table = plan_steps(profile, ys[at], xs[at], steps.patch, steps.crossover, steps.tau, steps.gates)
+        table = plan_steps(profile, ys[at], xs[at], steps.patch, cross, steps.tau, steps.gates)
         members[key] = IncrementalOcclusion(profile, table, batch)
         count = int(at.sum())
         costs.append((incremental_cost(profile, table, tp, batch), count / batch))
         seconds += scan_seconds(profile, table, tp, batch, count)
     return Grouping(GroupedOcclusion(edges, members), _combined(costs, math.ceil(len(ys) / batch)),
                     seconds)
+
+
+def _whole_from(steps) -> Crossover:
+    """The crossover of ``steps`` with every node it hands on whole (its region covers the
+    map) among the crossover nodes: a group's smaller region would otherwise stay a patch
+    there, gathered and projected on maps of a few cells (priced both ways: ResNet18's
+    7x7 maps run whole cheaper, VGG16's 14x14 ones as patches)."""
+    covered = frozenset(s.node for s in steps if s.mode == COVER)
+    cross = steps.crossover
+    return Crossover(cross.nodes | covered, cross.covered, cross.fraction) if covered else cross
 
 
 def _combined(costs: list, batches: int) -> PlanCost:

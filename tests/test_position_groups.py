@@ -172,3 +172,28 @@ def test_the_setting_is_checked():
     con = kql.connect()
     with pytest.raises(kql.KqlPlanError, match="position_groups must be 'auto' or 'off'"):
         con.execute("SET position_groups = 'always'")
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_groups_whole_where_the_one_table_covers_the_map_are_exact(forced, whole):
+    """Both crossovers the grouping prices: the one table's, and with every node it hands
+    on whole among the crossover nodes (a border group's region stays smaller there)."""
+    image = smooth_noise_image(40, 40)
+    net = sensitive_model("max_pools", image, (8, 8))
+    profile = ModelProfile(net, image, "cpu")
+    ys, xs = grid_positions((40, 40), (8, 8), (2, 2))
+    one = plan_steps(profile, ys, xs, (8, 8))
+    cross = position_groups._whole_from(one) if whole else one.crossover
+    assert (cross != one.crossover) == whole                   # the model covers its map
+    grouped = position_groups._planned(profile, one, ys, xs, TABLE, 8,
+                                       (np.array([8, 24]), np.array([8, 24])), cross).operator
+    task = executor_task(net, image, ys, xs)
+    expected, _ = plain_heatmap(net, image, (8, 8), (2, 2), (0.0, 0.0, 0.0))
+    assert np.ptp(expected) >= 0.02
+    result = grouped.run(task)
+    assert np.abs(result.probabilities - expected.ravel()).max() <= TOL
+
+
+def executor_task(net, image, ys, xs):
+    from kql.operators.task import OcclusionTask
+    return OcclusionTask(net, image, torch.zeros(3), (8, 8), ys, xs, device="cpu")
