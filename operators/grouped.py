@@ -21,7 +21,7 @@ import numpy as np
 
 from .layout import ADAPTIVE, Kept
 from .protocol import Approximation, Operator
-from .task import OcclusionResult, OcclusionTask, Progress
+from .task import OcclusionResult, OcclusionTask, Progress, joined, unordered
 
 
 class GroupedOcclusion(Operator):
@@ -37,10 +37,7 @@ class GroupedOcclusion(Operator):
         self.edges = tuple(np.asarray(e, np.int64) for e in edges)
         self.members = dict(members)
         self.kept = kept
-
-    @property
-    def _largest(self):
-        return max(self.members.values(), key=lambda op: _cells(op.steps))
+        self._largest = max(self.members.values(), key=lambda op: _cells(op.steps))
 
     @property
     def batch_size(self) -> int:
@@ -126,22 +123,3 @@ def _cells(steps) -> int:
 
 def _offset(progress, done: int, total: int):
     return lambda n, _count: progress(done + n, total)
-
-
-def joined(parts: list) -> OcclusionResult:
-    """One result of the parts' positions in order (the first part's targets and base)."""
-    head = parts[0]
-    return dataclasses.replace(
-        head, scores=np.concatenate([p.scores for p in parts], axis=1),
-        all_logits=np.concatenate([p.all_logits for p in parts], axis=1),
-        halved=tuple(h for p in parts for h in p.halved),
-        paced=tuple(x for p in parts for x in p.paced))
-
-
-def unordered(result: OcclusionResult, order: np.ndarray) -> OcclusionResult:
-    """``result`` of positions taken in ``order``, back in the task's order."""
-    if result.scores.shape[1] != len(order):
-        raise RuntimeError("a scan in group order stopped early: its positions are not a prefix")
-    scores, logits = np.empty_like(result.scores), np.empty_like(result.all_logits)
-    scores[:, order], logits[:, order] = result.scores, result.all_logits
-    return dataclasses.replace(result, scores=scores, all_logits=logits)

@@ -3,6 +3,7 @@ and how a model's outputs become the map's scores."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -150,3 +151,23 @@ def top_classes(base: torch.Tensor, k: int, output: str) -> tuple:
     """
     values = score(base.view(1, -1).float(), torch.arange(base.numel()), output)[:, 0]
     return tuple(int(i) for i in torch.argsort(values, descending=True, stable=True)[:k])
+
+
+def joined(parts: list) -> OcclusionResult:
+    """One result of the parts' positions in order (the first part's targets and base):
+    the parts a watched or grouped scan ran."""
+    head = parts[0]
+    return dataclasses.replace(
+        head, scores=np.concatenate([p.scores for p in parts], axis=1),
+        all_logits=np.concatenate([p.all_logits for p in parts], axis=1),
+        halved=tuple(h for p in parts for h in p.halved),
+        paced=tuple(x for p in parts for x in p.paced))
+
+
+def unordered(result: OcclusionResult, order: np.ndarray) -> OcclusionResult:
+    """``result`` of positions taken in ``order``, back in the task's order."""
+    if result.scores.shape[1] != len(order):
+        raise RuntimeError("a scan in group order stopped early: its positions are not a prefix")
+    scores, logits = np.empty_like(result.scores), np.empty_like(result.all_logits)
+    scores[:, order], logits[:, order] = result.scores, result.all_logits
+    return dataclasses.replace(result, scores=scores, all_logits=logits)

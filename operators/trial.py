@@ -34,14 +34,12 @@ import statistics
 import time
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from . import contention
-from .grouped import unordered
 from .layout import Kept
 from .protocol import Operator
-from .task import OcclusionResult, OcclusionTask, Progress, StopScan
+from .task import OcclusionResult, OcclusionTask, Progress, StopScan, joined, unordered
 
 CHOSEN, OTHER = "chosen", "alternative"
 PROBE, SWITCH = "probe", "switch"          # why a watched part was stopped
@@ -161,7 +159,7 @@ class _Watch:
                 start, why = self._probe(_swapped(running), start)
             if why == SWITCH:
                 running, self.recent = _swapped(running), []
-        return dataclasses.replace(_joined(self.parts), ran=tuple(self.ran))
+        return dataclasses.replace(joined(self.parts), ran=tuple(self.ran))
 
     def _now(self) -> float:
         if self.cuda:
@@ -267,12 +265,3 @@ def _part(operator, task: OcclusionTask, start: int, stop: int,
     part = dataclasses.replace(task, ys=ys, xs=xs)
     report = None if progress is None else (lambda done, _total: progress(start + done, task.count))
     return operator.at(ys, xs).run(part, report)
-
-
-def _joined(parts: list) -> OcclusionResult:
-    """One result of the parts' positions in order (the first part's targets and base)."""
-    head = parts[0]
-    return dataclasses.replace(
-        head, scores=np.concatenate([p.scores for p in parts], axis=1),
-        all_logits=np.concatenate([p.all_logits for p in parts], axis=1),
-        halved=tuple(h for p in parts for h in p.halved))
