@@ -324,7 +324,7 @@ def _sound(table: Throughput) -> bool:
     seconds = (table.conv_seconds(1e6, 27, 16), table.conv_seconds(1e6, 27, 16, True),
                table.matmul_seconds(1e6), table.bytes_seconds(1e6),
                table.gather_seconds(1e6), table.pool_seconds(1e6, "maxpool"),
-               table.elementwise_seconds(1e6), table.overhead, table.node_overhead)
+               table.overhead, table.node_overhead)
     numbers = all(isinstance(s, (int, float)) and math.isfinite(s) and s >= 0 for s in seconds)
     return numbers and isinstance(table.threads, int)
 

@@ -129,7 +129,7 @@ def _shape_seconds(convs, output_bytes, tp, batch: int) -> float:
     module outputs ``output_bytes`` (per image) each written into fresh memory and read."""
     return (sum(conv_call_seconds(tp, c.macs, c.depth, c.area, c.depthwise, c.out_channels, batch)
                 for c in convs)
-            + sum(tp.elementwise_seconds(2 * batch * out) for out in output_bytes))
+            + sum(tp.bytes_seconds(2 * batch * out) for out in output_bytes))
 
 
 def shape_ratio_bound(summary, tp, batch: int) -> float:
@@ -215,7 +215,7 @@ def _full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
     if _is_view(n) or _aliases_input(profile, n, out):
         return 0.0, tp.overhead
     moved = sum(_numel(profile.views.get(a)) for a in n.all_input_nodes) + _numel(out)
-    return 0.0, tp.overhead + tp.elementwise_seconds(batch * moved * FLOAT)
+    return 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
 
 
 def _aliases_input(profile, n: fx.Node, out) -> bool:
@@ -303,7 +303,7 @@ def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> 
     c_out = profile.views[n].shape[1]
     if isinstance(op, Pointwise):
         moved = 2 * c_out * h * w
-        return 0.0, 0.0, tp.overhead + tp.elementwise_seconds(batch * moved * FLOAT)
+        return 0.0, 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
     if isinstance(op, Local):
         c_in = profile.views[n.args[0]].shape[1]
         ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \
@@ -322,4 +322,4 @@ def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> 
     gathered = batch * moved * FLOAT
     combined = batch * c_out * h * w * FLOAT
     return 0.0, gathered, (tp.gather_seconds(gathered) + tp.overhead
-                           + tp.elementwise_seconds(2 * combined))
+                           + tp.bytes_seconds(2 * combined))

@@ -81,12 +81,8 @@ class Throughput:
         return macs / self.matmul
 
     def bytes_seconds(self, nbytes: float) -> float:
-        """Moving ``nbytes`` (read + written) into memory already written to: copies,
-        scatters, building a batch."""
-        return nbytes / self.bandwidth
-
-    def elementwise_seconds(self, nbytes: float) -> float:
-        """An element-wise op moving ``nbytes`` (exp/erf activations alike)."""
+        """Moving ``nbytes`` (read + written): copies, scatters, building a batch, and
+        element-wise ops (exp/erf activations alike)."""
         return nbytes / self.bandwidth
 
     def gather_seconds(self, context_bytes: float) -> float:

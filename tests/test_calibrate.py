@@ -127,9 +127,8 @@ def _table(**fields) -> calibrate.Throughput:
                                 cout=[1.0] * 6, **fields)
 
 
-def test_element_wise_ops_are_priced_at_the_copy_bandwidth():
+def test_copies_and_element_wise_ops_are_priced_at_the_copy_bandwidth():
     tp = _table()
-    assert tp.elementwise_seconds(1e8) == pytest.approx(1e8 / 40e9)
     assert tp.bytes_seconds(1e8) == pytest.approx(1e8 / 40e9)
 
 
@@ -167,7 +166,7 @@ def test_full_nodes_are_priced_as_a_forward_pass_runs_them():
     for tp in (slow, fast):
         assert full_node_cost(profile, dropout, tp, 16) == (0.0, tp.overhead)
         assert full_node_cost(profile, relu, tp, 16)[1] == pytest.approx(
-            tp.overhead + tp.elementwise_seconds(2 * out))
+            tp.overhead + tp.bytes_seconds(2 * out))
     summary = shapes.summarize(model, image)
     assert sum(summary.output_bytes) == summary.activation_bytes
     assert len(summary.output_bytes) == len(model)
