@@ -38,6 +38,19 @@ def seed_calibration() -> None:
 
 
 @pytest.fixture(autouse=True)
+def seeded_tables():
+    """Each test ends with this process's calibration tables as it found them: a test of
+    measuring that leaves its own (a flat synthetic table, a measured one) in the cache
+    would otherwise price the plans of the tests after it."""
+    from kql.planner import calibrate
+
+    before = dict(calibrate._cache)
+    yield
+    calibrate._cache.clear()
+    calibrate._cache.update(before)
+
+
+@pytest.fixture(autouse=True)
 def no_lasting_layouts(monkeypatch):
     """No layout trial outcome is kept across connections unless a test asks for it
     (tests/test_lasting_layouts.py passes its own quiet-machine check): in this process
