@@ -55,6 +55,10 @@ class GroupedOcclusion(Operator):
     def approximation(self) -> Optional[Approximation]:
         return self._largest.approximation()
 
+    def exact(self) -> "GroupedOcclusion":
+        """Every group without its approximation (frozen gates), for EXPLAIN ANALYZE."""
+        return self if self.approximation() is None else self._each(lambda op: op.exact(), self.kept)
+
     def rebind(self, profile) -> "GroupedOcclusion":
         return self._each(lambda op: op.rebind(profile), self.kept)
 

@@ -197,3 +197,19 @@ def test_groups_whole_where_the_one_table_covers_the_map_are_exact(forced, whole
 def executor_task(net, image, ys, xs):
     from kql.operators.task import OcclusionTask
     return OcclusionTask(net, image, torch.zeros(3), (8, 8), ys, xs, device="cpu")
+
+
+def test_the_exact_form_of_a_grouped_frozen_gates_plan_is_exact():
+    """EXPLAIN ANALYZE compares a plan with its exact form: a grouping of tables with
+    frozen gates must give every group's exact table, not itself."""
+    net = custom_model("squeeze_excite").eval()
+    profile = ModelProfile(net, torch.rand(3, 40, 40), "cpu")
+    ys, xs = grid_positions((40, 40), (8, 8), (4, 4))
+    frozen = plan_steps(profile, ys, xs, (8, 8), gates="frozen")
+    grouped = position_groups._planned(profile, frozen, ys, xs, TABLE, 8,
+                                       (np.array([16]), np.array([16]))).operator
+    assert grouped.approximation().kind == "frozen_gates"
+    exact = grouped.exact()
+    assert exact.approximation() is None
+    assert all(op.steps.gates == "exact" for op in exact.members.values())
+
