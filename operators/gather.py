@@ -60,8 +60,17 @@ def windows(base: torch.Tensor, wy, wx, size: tuple, scale: tuple = (1, 1)) -> t
         return gpu.windows(base, *_on(base.device, wy, wx), size, scale)
     r, rw = size
     wy, wx = _host(wy) * scale[0], _host(wx) * scale[1]
+    iy, ix = _index(wy, base.device), _index(wx, base.device)
+    if _channels_last(base):             # pixels of C values: copied as such, channels-last
+        view = base[0].permute(1, 2, 0).unfold(0, r, 1).unfold(1, rw, 1)   # [H', W', C, R, Rw]
+        return view.permute(0, 1, 3, 4, 2)[iy, ix].permute(0, 3, 1, 2)
     view = base[0].unfold(1, r, 1).unfold(2, rw, 1)          # [C, H-R+1, W-Rw+1, R, Rw]
-    return view.permute(1, 2, 0, 3, 4)[_index(wy, base.device), _index(wx, base.device)]
+    return view.permute(1, 2, 0, 3, 4)[iy, ix]
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous()
 
 
 def _on(device, *corners) -> list:
@@ -101,6 +110,35 @@ def paste_clipped(dst: torch.Tensor, patches: torch.Tensor, oy: np.ndarray, ox: 
     vals = patches[items, :, _index(pr.clip(0, ph - 1), dev)[:, :, None],
                    _index(pc.clip(0, pw - 1), dev)[:, None, :]].permute(0, 3, 1, 2)
     return torch.where(inside.to(dev)[:, None], vals, dst)
+
+
+def add_at(dst: torch.Tensor, patches: torch.Tensor, oy, ox) -> torch.Tensor:
+    """``dst`` [B, C, R, Rw] (a fresh copy: added to in place) plus each item's patch
+    ``patches`` [B, C, ph, pw] at offset ``(oy, ox)``, keeping only the part inside ``dst``
+    (offsets may be negative).
+
+    >>> dst = torch.zeros(2, 1, 2, 3)
+    >>> add_at(dst, torch.ones(2, 1, 2, 2), np.array([0, -1]), np.array([1, 0]))[:, 0].tolist()
+    [[[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]
+    """
+    oy, ox = _host(oy), _host(ox)
+    b, c, ph, pw = patches.shape
+    r, rw = dst.shape[2:]
+    if (oy == 0).all() and (ox == 0).all() and (ph, pw) == (r, rw):
+        return dst.add_(patches)
+    # Zeros around the patches so that every item's window of dst's size lies inside,
+    # pixels of C values (channels-last) so that each copy moves a pixel's channels.
+    top, left = max(0, int(oy.max())), max(0, int(ox.max()))
+    bottom, right = max(0, int((r - oy - ph).max())), max(0, int((rw - ox - pw).max()))
+    dev = dst.device
+    padded = patches.new_zeros(b, top + ph + bottom, left + pw + right, c)
+    padded[:, top:top + ph, left:left + pw] = patches.permute(0, 2, 3, 1)
+    rows = _index((top - oy)[:, None] + np.arange(r), dev)
+    cols = _index((left - ox)[:, None] + np.arange(rw), dev)
+    items = torch.arange(b, device=dev)[:, None, None]
+    change = padded[items, rows[:, :, None], cols[:, None, :]]          # [B, R, Rw, C]
+    dst.permute(0, 2, 3, 1).add_(change)
+    return dst
 
 
 def gather(padded: torch.Tensor, patches: torch.Tensor, py, px, wy, wx, size: tuple,

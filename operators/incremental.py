@@ -72,7 +72,7 @@ class IncrementalOcclusion(Operator):
 
     def _with(self, ys, xs, tau: float, gates: str) -> "IncrementalOcclusion":
         t = self.steps
-        steps = plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau, gates)
+        steps = plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau, gates, t.deltas)
         return IncrementalOcclusion(self.profile, steps, self.batch_size, self.layout, self.kept)
 
     def rebind(self, profile) -> "IncrementalOcclusion":
@@ -104,6 +104,9 @@ class IncrementalOcclusion(Operator):
             items["tau"] = f"{self.steps.tau:.2f}"
         if self.steps.gates == "frozen":
             items["frozen_gates"] = self.steps.count(FROZEN)
+        deltas = sum(1 for s in self.steps if s.delta)
+        if deltas:
+            items["delta_convs"] = deltas
         if self.layout != CONTIGUOUS:               # adaptive only where a full part is run
             items["layout"] = (CHANNELS_LAST if self.layout == ADAPTIVE and not self._full_part
                                else known_layout(self.layout, self.kept))
@@ -217,6 +220,8 @@ class _Batch(fx.Interpreter):
         y, x = self._corners(step)
         if isinstance(step.op, Pointwise):
             data = self._pointwise(n, step.op)
+        elif step.delta:
+            data = self._delta(n, step, y, x)
         elif isinstance(step.op, Local):
             data = self._local(n, step, y, x)
         else:
@@ -269,6 +274,22 @@ class _Batch(fx.Interpreter):
         elif op.kind == "avgpool":
             out = out / float(kh * kw)
         return out
+
+    def _delta(self, n: fx.Node, step, oy, ox) -> torch.Tensor:
+        """A delta convolution: the view over the region plus the change the input's
+        changed values make (:class:`~.graph.DeltaConv`)."""
+        op: Local = step.op
+        src = n.args[0]
+        p = self.env[src]
+        views = self.views if g.kernels(self.profile.device) else None
+        view = views[src] if views else self.profile.pixel_view(src)
+        dx = p.data - g.windows(view, p.y, p.x, tuple(p.data.shape[2:]))
+        change = op.delta(dx)
+        top, _, left, _ = op.pad
+        zy = p.y + (top - (op.kernel[0] - 1) * op.dilation[0])    # the change's first output row
+        zx = p.x + (left - (op.kernel[1] - 1) * op.dilation[1])
+        view = views[n] if views else self.profile.pixel_view(n)
+        return g.add_at(g.windows(view, oy, ox, step.size), change, zy - oy, zx - ox)
 
     def _join(self, n: fx.Node, step, uy, ux) -> torch.Tensor:
         op: Join = step.op

@@ -143,6 +143,14 @@ class ModelProfile:
 
     # -- what the engine reads -------------------------------------------------------------
 
+    def pixel_view(self, node: fx.Node) -> torch.Tensor:
+        """The view of ``node`` channels-last (cached): a delta convolution copies its
+        windows as pixels of C values (:func:`~.gather.windows`)."""
+        key = (node, "channels_last")
+        if key not in self._padded:
+            self._padded[key] = self.views[node].contiguous(memory_format=torch.channels_last)
+        return self._padded[key]
+
     def padded_view(self, node: fx.Node, op: Local) -> torch.Tensor:
         """The view of ``node`` padded as ``op`` reads it (cached: the windows of every
         batch are cut from it)."""

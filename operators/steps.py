@@ -11,10 +11,16 @@ over its positions, so every position fits) at a per-position corner (seed paper
 eqs 21-38, generalised to dilation and asymmetric pads). Each position's own region,
 clipped at the map's border, is kept too (:attr:`Step.span`): a patch near the border
 changes less, which :mod:`kql.planner.position_groups` turns into tables of their own.
+
+A stride-1 convolution among :attr:`StepTable.deltas` computes the change of its output
+instead of its new values (:attr:`Step.delta`, :class:`~.graph.DeltaConv`): from the
+input's changed region alone, no read-in halo; the planner picks those nodes where it
+pays (:func:`delta_gain` is its work ratio).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -74,6 +80,7 @@ class Step:
     y: Optional[np.ndarray] = None
     x: Optional[np.ndarray] = None
     span: Optional[tuple] = None        # ((top, height), (left, width)): each position's own region
+    delta: bool = False                 # a delta convolution: view + the change (DeltaConv)
 
     @property
     def hands_on_patch(self) -> bool:
@@ -93,6 +100,8 @@ class Step:
     def explain_name(self) -> Optional[str]:
         """The EXPLAIN line this step belongs to; None: no work worth a line."""
         if self.incremental:
+            if self.delta:
+                return "DeltaConv"
             if isinstance(self.op, Local):
                 return _LOCAL_NAMES[self.op.kind]
             return "IncrementalJoin" if isinstance(self.op, Join) else "IncrementalPointwise"
@@ -116,6 +125,7 @@ class StepTable:
     patch: tuple
     tau: float = 1.0                    # projective-field threshold; 1: exact
     gates: str = "exact"                # 'frozen': global gates keep their unoccluded values
+    deltas: frozenset = frozenset()     # convolutions run as delta convolutions where they can
 
     def __getitem__(self, node: fx.Node) -> Step:
         return self.steps[node]
@@ -133,7 +143,7 @@ class StepTable:
 
 
 def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover(),
-               tau: float = 1.0, gates: str = "exact") -> StepTable:
+               tau: float = 1.0, gates: str = "exact", deltas: frozenset = frozenset()) -> StepTable:
     """The step of every node of ``profile`` for patches ``patch`` at corners ``ys, xs``.
 
     ``tau`` < 1 thresholds the projective field (seed paper 000, section 4.2): no node's
@@ -145,6 +155,9 @@ def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover()
     pooling of a squeeze-excitation block, whose 1x1 output rescales a feature map again)
     at its unoccluded value, so the changed region stays a patch through the block instead
     of making every later layer full (an approximation; 'exact' computes them).
+
+    ``deltas``: the convolutions (nodes) to run as delta convolutions where their step
+    allows it (:func:`can_delta`); the others compute their region's new values.
 
     >>> import torch
     >>> from torch import nn
@@ -163,8 +176,37 @@ def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover()
     steps: dict = {}
     frozen = profile.gates if gates == "frozen" else frozenset()
     for n in profile.nodes:
-        steps[n] = _step(profile, n, steps, ys, xs, patch, crossover, tau, frozen)
-    return StepTable(steps, crossover, tuple(patch), tau, gates)
+        step = _step(profile, n, steps, ys, xs, patch, crossover, tau, frozen)
+        if n in deltas and can_delta(step, steps):
+            step = dataclasses.replace(step, delta=True)
+        steps[n] = step
+    return StepTable(steps, crossover, tuple(patch), tau, gates, frozenset(deltas))
+
+
+def can_delta(step: Step, steps: dict) -> bool:
+    """Whether ``step`` can run as a delta convolution: a stride-1 convolution computed on
+    its changed region from an input handed on as a patch."""
+    if not step.incremental or not isinstance(step.op, Local) or step.op.delta is None:
+        return False
+    return steps[step.node.args[0]].hands_on_patch
+
+
+def delta_gain(step: Step, steps: dict) -> float:
+    """How many times fewer multiply-adds a delta convolution does than the window
+    convolution of ``step``: its region's outputs over the changed inputs
+    (:func:`can_delta` steps; the same weights and depth per output either way).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from kql.operators.profile import ModelProfile
+    >>> net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(), nn.Linear(128, 2))
+    >>> profile = ModelProfile(net, torch.rand(3, 8, 8))
+    >>> table = plan_steps(profile, [2], [2], (2, 2))
+    >>> round(delta_gain(table[profile.nodes[1]], table.steps), 2)       # 4x4 outputs, 2x2 inputs
+    4.0
+    """
+    h, w = steps[step.node.args[0]].size
+    return step.size[0] * step.size[1] / (h * w)
 
 
 def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover, tau: float,

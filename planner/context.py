@@ -63,6 +63,11 @@ class PlanContext:
         return str(self.setting("position_groups"))
 
     @property
+    def delta_convolutions(self) -> str:
+        """'auto', 'on' or 'off'."""
+        return str(self.setting("delta_convolutions"))
+
+    @property
     def memory_setting(self):
         """The ``memory_limit`` setting as given ('auto', a size, bytes)."""
         return self.setting("memory_limit")

@@ -9,6 +9,7 @@ prices MACs and bytes with the device's calibrated :class:`~.calibrate.Throughpu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -304,6 +305,8 @@ def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> 
     if isinstance(op, Pointwise):
         moved = 2 * c_out * h * w
         return 0.0, 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
+    if step.delta:
+        return _delta_node(profile, step, steps, tp, batch)
     if isinstance(op, Local):
         c_in = profile.views[n.args[0]].shape[1]
         ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \
@@ -323,3 +326,27 @@ def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> 
     combined = batch * c_out * h * w * FLOAT
     return 0.0, gathered, (tp.gather_seconds(gathered) + tp.overhead
                            + tp.bytes_seconds(2 * combined))
+
+
+def _delta_node(profile, step: Step, steps: StepTable, tp, batch: int) -> tuple:
+    """A delta convolution: the input's view under its changed region copied and
+    subtracted, the transposed convolution over that change alone, the output's view
+    under the region copied and the change added."""
+    n, op = step.node, step.op
+    h, w = step.size
+    ih, iw = steps[n.args[0]].size
+    c_in, c_out = profile.views[n.args[0]].shape[1], profile.views[n].shape[1]
+    moved = c_in * ih * iw + c_out * h * w
+    gathered = batch * moved * FLOAT
+    macs = op.macs_per_output() * c_out * ih * iw
+    secs = (tp.gather_seconds(gathered) + 2 * tp.overhead + tp.bytes_seconds(2 * gathered)
+            + _conv_seconds(tp, op, macs, h * w, batch))
+    return batch * macs, gathered, secs
+
+
+def delta_seconds(profile, step: Step, steps: StepTable, tp, batch: int) -> tuple:
+    """(as a window convolution, as a delta convolution): predicted seconds per batch of
+    ``step``, a convolution that can run either way (:func:`~kql.operators.steps.can_delta`)."""
+    window = _incremental_node(profile, dataclasses.replace(step, delta=False), steps, tp, batch)
+    delta = _delta_node(profile, step, steps, tp, batch)
+    return window[2], delta[2]

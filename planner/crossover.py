@@ -16,13 +16,14 @@ CROSSOVER_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 
 
 def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
-                         tau: float = 1.0, gates: str = "exact") -> list:
+                         tau: float = 1.0, gates: str = "exact",
+                         deltas: frozenset = frozenset()) -> list:
     """``[StepTable, ...]``: the step table for patches at ``positions`` (ys, xs) under
     each crossover fraction, one per distinct policy (several fractions often cut the
     network at the same nodes); fraction None is pure incremental inference. ``tau``:
-    the projective-field threshold of every table."""
+    the projective-field threshold of every table; ``deltas``: its delta convolutions."""
     ys, xs = positions
-    natural = plan_steps(profile, ys, xs, patch, Crossover(), tau, gates)
+    natural = plan_steps(profile, ys, xs, patch, Crossover(), tau, gates, deltas)
     tables, seen = [], set()
     for fraction in fractions:
         cross = crossover_at(profile, natural, fraction)
@@ -30,7 +31,7 @@ def crossover_candidates(profile, positions: tuple, patch: tuple, fractions,
             seen.add(cross)
             same = cross == natural.crossover          # no node cut: the natural steps
             tables.append(dataclasses.replace(natural, crossover=cross) if same
-                          else plan_steps(profile, ys, xs, patch, cross, tau, gates))
+                          else plan_steps(profile, ys, xs, patch, cross, tau, gates, deltas))
     return tables
 
 

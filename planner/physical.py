@@ -19,7 +19,7 @@ from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
 from kql.operators.trial import OperatorTrial
 
-from . import calibrate, memory, naive_shortcut, position_groups
+from . import calibrate, deltas, memory, naive_shortcut, position_groups
 from .approximate import choose_tau, tuned_candidates, verified_candidates
 from .context import PlanContext, Planning
 from .crossover import CROSSOVER_FRACTIONS, crossover_candidates
@@ -310,7 +310,8 @@ def _best_incremental(p: Planning, tau: float = 1.0, gates: str = "exact") -> Ph
     the memory_limit setting, not its bytes: 'auto' reads the free memory anew each time.)"""
     query, memo = p.query, p.profile.memo
     key = ("best", query.grid, tau, gates, p.ctx.crossover, query.batch, id(p.throughput),
-           p.device, p.threads, p.ctx.memory_setting, p.ctx.position_groups)
+           p.device, p.threads, p.ctx.memory_setting, p.ctx.position_groups,
+           p.ctx.delta_convolutions)
     if key not in memo:
         memo[key] = (_cheapest_crossover(p, tau, gates), p.throughput)
     return dataclasses.replace(memo[key][0], query=query)
@@ -321,8 +322,11 @@ def _cheapest_crossover(p: Planning, tau: float, gates: str) -> PhysicalPlan:
     fractions = CROSSOVER_FRACTIONS if setting == "auto" else (
         (None,) if setting == "none" else (float(setting),))
     plans, too_big = [], []
+    chosen = deltas.choose(profile, query.grid.positions(), query.grid.patch, p.throughput,
+                           query.batch or memory.MAX_BATCH[p.device], p.ctx.delta_convolutions,
+                           tau, gates)
     for steps in crossover_candidates(profile, query.grid.positions(), query.grid.patch,
-                                      fractions, tau, gates):
+                                      fractions, tau, gates, chosen):
         try:
             fit = memory.incremental_fit(profile, steps, p.cap, p.device, query.batch, query.grid.count)
         except memory.MemoryLimitError as exc:

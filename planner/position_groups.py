@@ -147,7 +147,8 @@ def _planned(profile, steps, ys, xs, tp, batch: int, edges: tuple, cross=None) -
     cross = cross or steps.crossover
     for key in sorted(set(zip(rows.tolist(), cols.tolist()))):
         at = (rows == key[0]) & (cols == key[1])
-        table = plan_steps(profile, ys[at], xs[at], steps.patch, cross, steps.tau, steps.gates)
+        table = plan_steps(profile, ys[at], xs[at], steps.patch, cross, steps.tau, steps.gates,
+                           steps.deltas)
         members[key] = IncrementalOcclusion(profile, table, batch)
         count = int(at.sum())
         costs.append((incremental_cost(profile, table, tp, batch), count / batch))

@@ -139,6 +139,10 @@ ROWS = (
     Setting("position_groups", "auto", one_of("position_groups", "auto", "off"),
             "incremental inference in groups of positions, each with its own region sizes "
             "(smaller near the border): 'auto' (where predicted cheaper) or 'off' (one size for all)"),
+    Setting("delta_convolutions", "auto", one_of("delta_convolutions", "auto", "on", "off"),
+            "stride-1 convolutions of incremental inference compute the change of their output "
+            "from their input's change (no read-in halo; exact): 'auto' (each where predicted "
+            "cheaper), 'on' (wherever they can) or 'off'"),
     Setting("layout", "auto", _check_layout,
             "memory layout of full-size batches: 'auto' (channels_last on CPU, where oneDNN "
             "runs convolutions faster in it; contiguous on GPU), 'channels_last' or 'contiguous'"),
