@@ -82,7 +82,9 @@ ENGINE = textwrap.dedent("""
     for name, settings in [("conv_dilation2", []), ("conv_stride2", []), ("padding_same", []),
                            ("max_pools", []), ("avg_pools", []), ("adaptive_avg_uneven", []),
                            ("residual_two_rf", []), ("residual_two_rf", ["SET tau = 0.6"]),
-                           ("cat_inception", []), ("squeeze_excite", ["SET gates = 'frozen'"])]:
+                           ("cat_inception", []), ("squeeze_excite", ["SET gates = 'frozen'"]),
+                           ("residual_two_rf", ["SET delta_convolutions = 'on'"]),
+                           ("conv_dilation2", ["SET delta_convolutions = 'on'"])]:
         torch.manual_seed(0)
         net = sensitive(calibrate_batchnorm(custom_model(name), H, W), image, (8, 8))
         maps = {}
@@ -97,6 +99,9 @@ ENGINE = textwrap.dedent("""
             before = len(launches)
             maps[kernels] = con.execute("OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black BATCH 16").heatmap
             assert (len(launches) > before) == (kernels == "triton"), (name, kernels)
+            if any("delta" in s for s in settings):      # the delta path's windows and adds
+                plan = con.execute("EXPLAIN OCCLUDE img USING net PATCH 8 STRIDE 4 COLOR black BATCH 16").plan
+                assert "DeltaConv:" in plan, plan
         assert np.ptp(maps["torch"]) > 1e-3, name       # a map that moves: a wrong engine fails
         np.testing.assert_allclose(maps["triton"], maps["torch"], atol=1e-6, err_msg=name)
         if torch.cuda.is_available():                    # the real thing: the GPU against CPU naive
@@ -126,4 +131,4 @@ def test_context_kernel_matches_torch_on_random_geometries():
 
 
 def test_incremental_engine_on_the_kernels_equals_the_torch_path():
-    assert _run(ENGINE) == "ok 10"
+    assert _run(ENGINE) == "ok 12"
