@@ -126,7 +126,8 @@ class IncrementalOcclusion(Operator):
         ``timings[node.name]``. The task's positions must be the step table's."""
         ph, pw = task.patch
         device = self.profile.device
-        patch = task.color.to(device, torch.float32).view(-1, 1, 1).expand(-1, ph, pw)
+        patch = (task.fill if task.fill is not None else      # each patch its own content
+                 task.color.to(device, torch.float32).view(-1, 1, 1).expand(-1, ph, pw))
         corners = device_corners(self.steps, device) if g.kernels(device) else None
         batch = _Batch(self.profile, self.steps, patch, timings, self.layout, corners)
         if self.layout != ADAPTIVE or not self._full_part:
@@ -193,8 +194,11 @@ class _Batch(fx.Interpreter):
     # -- the steps -----------------------------------------------------------------------------
 
     def _input(self, n, step):
+        y, x = self._corners(step)
+        if callable(self.patch):             # OcclusionTask.fill: the content at each corner
+            return Patch(self.patch(y, x).to(self.profile.device, torch.float32), y, x)
         data = self.patch.unsqueeze(0).expand(self.b, *self.patch.shape)
-        return Patch(data, *self._corners(step))
+        return Patch(data, y, x)
 
     def _view(self, n, step):
         return self.views[n]

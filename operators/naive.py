@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .batches import occlude, scan
+from .gather import project
 from .layout import ADAPTIVE, CONTIGUOUS, Kept, LayoutTrial, in_layout, known_layout
 from .protocol import Operator
 from .task import OcclusionResult, OcclusionTask, Progress
@@ -73,8 +74,12 @@ class NaiveOcclusion(Operator):
                  if self.layout == ADAPTIVE else None)
 
         def run_in(items, layout):
-            return check_logits(model(in_layout(occlude(image, color, ys[items], xs[items],
-                                                        task.patch), layout)))
+            y, x = ys[items], xs[items]
+            if task.fill is None:
+                batch = occlude(image, color, y, x, task.patch)
+            else:                              # each patch its own content
+                batch = project(image.unsqueeze(0), task.fill(y, x).to(device, image.dtype), y, x)
+            return check_logits(model(in_layout(batch, layout)))
         logits_of = (trial.batches(device, run_in) if trial is not None
                      else lambda items: run_in(items, self.layout))
         with autotuned(device):

@@ -37,6 +37,10 @@ class OcclusionTask:
     unoccluded image; empty: that class alone); ``target`` is the one-class spelling.
     ``output``: one of :data:`OUTPUTS`, or None to detect it from the unoccluded output
     (:func:`detect_output`).
+    ``fill``: what a patch holds where it is not one colour, ``fill(ys, xs)`` ->
+    ``[B, C, ph, pw]`` for the patches at those corners (numpy arrays, or int64 tensors on
+    the device): a baseline image's windows (Captum's tensor baselines), or the image's
+    own pixels rescaled (MONAI's modes). None: every patch is ``color``.
     """
 
     model: nn.Module
@@ -49,6 +53,7 @@ class OcclusionTask:
     device: str = "cpu"
     targets: tuple = ()
     output: Optional[str] = None
+    fill: Optional[Callable] = None
 
     @property
     def count(self) -> int:

@@ -8,7 +8,8 @@ import pytest
 
 
 
-PACKAGES = ("kql", "kql.language", "kql.catalog", "kql.results", "kql.grammar", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda")
+PACKAGES = ("kql", "kql.language", "kql.catalog", "kql.results", "kql.grammar", "kql.planner", "kql.planner.rules", "kql.operators", "kql.cuda",
+            "kql.integrations")
 
 
 def modules():

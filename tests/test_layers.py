@@ -161,7 +161,7 @@ def test_layering_holds():
 def test_every_layer_is_scanned():
     packages = {m for m, path in project_modules(ROOT).items() if path.stem == "__init__"}
     assert {"kql", "kql.language", "kql.catalog", "kql.results", "kql.planner",
-            "kql.planner.rules", "kql.operators", "kql.cuda"} <= packages
+            "kql.planner.rules", "kql.operators", "kql.cuda", "kql.integrations"} <= packages
     assert {layer_of(m) for m in project_modules(ROOT)} == set(ALLOWED)
 
 

@@ -68,6 +68,30 @@ class Result:
             return None
         return np.asarray(self.base_scores, np.float32)[:, None, None] - self.heatmaps
 
+    @property
+    def attributions(self) -> Optional[np.ndarray]:
+        """float32 ``[targets, H, W]`` at the model's input (:attr:`image`, the image's own
+        size unless the model resizes it), in Captum's convention: each pixel the mean of
+        :attr:`drops` over the cells whose patch covers it (``OUTPUT logits`` on a grid
+        Captum's ``Occlusion`` also slides gives its map); NaN where no patch covers it
+        (a stride larger than the patch, the border a stride leaves, outside REGION)."""
+        if self.heatmaps is None or self.image is None:
+            return None
+        from .attribution import window_mean
+
+        drops = self.drops
+        (rows, cols), (sy, sx), (r0, c0) = drops.shape[1:], self.stride, self.offset
+        ys, xs = np.meshgrid((r0 + np.arange(rows)) * sy, (c0 + np.arange(cols)) * sx, indexing="ij")
+        mean = window_mean(drops.reshape(len(drops), -1), ys.ravel(), xs.ravel(), self.patch,
+                           tuple(self.image.shape[-2:]))
+        return mean.numpy().astype(np.float32)
+
+    @property
+    def attribution(self) -> Optional[np.ndarray]:
+        """``[H, W]``: :attr:`attributions` of the first target."""
+        maps = self.attributions
+        return None if maps is None else maps[0]
+
     def box(self, row: int, col: int) -> tuple:
         """``(x, y, w, h)`` of map cell (row, col)'s patch in the original image's pixels
         (floats: the model's pixels scaled back)."""
