@@ -163,12 +163,12 @@ def explain(con, stmt: ast.Explain, text: str, progress) -> Result:
         profile["halved"] = out.halved
     exact_plan = physical.exact()
     if exact_plan.operator is not physical.operator:   # approximate: verify against the exact map
-        from .planner.tuning import heatmap_ssim
+        from .planner.quality import map_quality
 
         exact = run(exact_plan, stmt.statement, None)
         shape = physical.query.grid.shape
-        profile["ssim"] = heatmap_ssim(exact.probabilities.reshape(shape),
-                                       out.probabilities.reshape(shape))
+        profile.update(map_quality(exact.probabilities.reshape(shape),
+                                   out.probabilities.reshape(shape)))
     return Result("explain", text, plan="\n".join(physical.explain(profile)))
 
 

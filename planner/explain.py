@@ -97,7 +97,8 @@ def exactness(plan, actual: Optional[dict] = None) -> str:
         ssim = plan.approximation.predicted_ssim if plan.approximation is not None else None
         text += ", predicted SSIM " + (_num(ssim, 3) if ssim is not None else "unknown")
     if actual is not None and "ssim" in actual:
-        text += f", achieved SSIM {actual['ssim']:.3f}"
+        text += (f", achieved SSIM {actual['ssim']:.3f}, Spearman {actual['spearman']:.3f}, "
+                 f"top-10% IoU {actual['top10_iou']:.2f}")
     return text
 
 
@@ -181,6 +182,8 @@ def _approximation_items(plan, actual) -> dict:
         items["cells"] = f"{check['cells']}/{plan.query.grid.count}"
     if actual is not None and "ssim" in actual:
         items["achieved_ssim"] = _num(actual["ssim"], 3)
+        items["achieved_spearman"] = _num(actual["spearman"], 3)
+        items["achieved_top10_iou"] = _num(actual["top10_iou"], 2)
     if choice is not None:
         items["tuning"] = '"' + choice.source + '"'
     return items
