@@ -2,7 +2,7 @@
 
 "pure incremental" is the seed prototype's engine: patches run up to the global boundary
 (``SET crossover = 'none'``), one region size for every position (``SET position_groups =
-'off'``); the FLOP ratio line compares its GFLOPs with the chosen plan's; "chosen plan" is what the optimizer picks (``auto``), and
+'off'``), every convolution over its window (``SET delta_convolutions = 'off'``); the FLOP ratio line compares its GFLOPs with the chosen plan's; "chosen plan" is what the optimizer picks (``auto``), and
 ``--crossovers`` adds every crossover the planner costs.
 
 The engines compute the same patch positions (a band of whole grid rows around the
@@ -170,7 +170,8 @@ def _bench(args) -> int:
     _register_image(con, args, spec)
     stmt, text, queries = _queries(con, args, full, w, (y0, y1))
     settings = {"naive": {"strategy": "naive"},
-                PURE: {"strategy": "incremental", "crossover": "none", "position_groups": "off"},
+                PURE: {"strategy": "incremental", "crossover": "none", "position_groups": "off",
+                       "delta_convolutions": "off"},
                 "chosen plan": {"strategy": "auto", "crossover": "auto", "gates": args.gates,
                                 "tau": args.tau if args.tau is not None else "auto"}}
     engines, plans, planning = build_engines(con, args, spec, (stmt, text), queries, settings, (y0, y1))

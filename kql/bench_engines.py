@@ -137,7 +137,8 @@ def _planned_runner(con, name, query, setting, plans, planning):
     from . import executor
 
     def run():
-        con.settings.update({"tau": "auto", "gates": "exact", "position_groups": "auto", **setting})
+        con.settings.update({"tau": "auto", "gates": "exact", "position_groups": "auto",
+                             "delta_convolutions": "auto", **setting})
         con.plan_cache.clear()                     # each round plans as a first query would
         start = time.perf_counter()
         plans[name] = executor.plan(con, *query)   # planning (trace, views, costing) is timed too
