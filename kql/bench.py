@@ -1,4 +1,4 @@
-"""``kql bench``: naive, incremental and Captum occlusion, side by side in one process.
+"""``kql bench``: naive, incremental, Captum and MONAI occlusion, side by side in one process.
 
 "pure incremental" is the seed prototype's engine: patches run up to the global boundary
 (``SET crossover = 'none'``), one region size for every position (``SET position_groups =
@@ -11,18 +11,22 @@ round in a rotated order); the median time of each is reported with the speedup 
 naive, the peak memory each added to the process, and the theoretical redundancy ratio R
 (seed paper 000, eqs 16-20).
 Captum's ``Occlusion`` is given the band as its input and pastes it back into the image
-inside the forward function, so it visits exactly the same positions.
+inside the forward function, so it visits the same positions. ``--captum`` and ``--monai``
+add KQL's drop-ins for Captum and MONAI (:mod:`kql.integrations`) and MONAI itself on the
+band the same way, and print how far each drop-in's output is from its library's
+(:mod:`.bench_libraries`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 import torch
 
-from .bench_engines import (PLAIN, PURE, PeakMemory, build_engines, captum_runner, measure,
-                            plain_loop_runner)
+from .bench_engines import PLAIN, PURE, PeakMemory, build_engines, measure, plain_loop_runner
+from .bench_libraries import captum_runner
 from .bench_report import flop_ratio, plan_gflops, report
 from .errors import KqlError
 
@@ -86,6 +90,13 @@ def _parser():
                    help="torch CPU threads of every engine (default: torch's own, as a user's loop)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-captum", action="store_true", help="skip Captum")
+    p.add_argument("--captum", action="store_true",
+                   help="also time KQL's drop-in Captum Occlusion (kql.integrations.captum) on "
+                        "Captum's windows, and print how far its attribution is from Captum's")
+    p.add_argument("--monai", action="store_true",
+                   help="also time MONAI's OcclusionSensitivity (mask = patch, n_batch = --batch, "
+                        "the overlap whose step is the stride) and KQL's drop-in for it, and print "
+                        "how far their maps are apart")
     p.add_argument("--tau", type=float, default=None,
                    help="approximate: the chosen plan runs with SET tau = TAU")
     p.add_argument("--ssim", type=float, default=None,
@@ -145,6 +156,14 @@ def _check(args) -> None:
     for name in ("patch", "stride", "positions", "batch", "repeat"):
         if getattr(args, name) < 1:
             raise KqlError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.captum and args.no_captum:
+        raise KqlError("--captum compares KQL with Captum: leave out --no-captum")
+    if args.monai:
+        from .bench_libraries import monai_overlap
+
+        monai_overlap(args.patch, args.stride)          # a stride MONAI's windows can take
+        if importlib.util.find_spec("monai") is None:
+            raise KqlError("--monai needs MONAI: pip install monai")
     if args.threads is not None and args.threads < 1:
         raise KqlError(f"--threads must be at least 1, got {args.threads}")
     if args.plan_batch not in (None, "auto") and not (args.plan_batch.isdigit() and int(args.plan_batch) >= 1):

@@ -1,5 +1,6 @@
-"""The engines ``kql bench`` times (KQL's plans, a plain PyTorch loop, Captum) and the
-timed rounds: medians of rotated rounds and the peak memory each engine adds."""
+"""The engines ``kql bench`` times (KQL's plans, a plain PyTorch loop; Captum, MONAI and
+KQL's drop-ins for them: :mod:`.bench_libraries`) and the timed rounds: medians of rotated
+rounds and the peak memory each engine adds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 from types import SimpleNamespace
 
 import torch
+
+from .bench_libraries import library_engines
 
 PURE = "pure incremental"
 PLAIN = "plain loop"
@@ -65,27 +68,6 @@ def _trim():
         pass
 
 
-def captum_runner(model, image, patch, stride, color, target, batch, y0, y1):
-    from captum.attr import Occlusion
-
-    top, bottom = image[:, :, :y0], image[:, :, y1:]
-
-    def forward(strip):
-        full = torch.cat([top.expand(len(strip), -1, -1, -1), strip,
-                          bottom.expand(len(strip), -1, -1, -1)], dim=2)
-        return torch.softmax(model(full), dim=1)
-
-    occ = Occlusion(forward)
-    strip = image[:, :, y0:y1]
-    baseline = torch.full_like(strip, float(color[0]))   # a tensor on the input's device
-
-    def run():
-        with torch.inference_mode():
-            occ.attribute(strip, sliding_window_shapes=(3, *patch), strides=(3, *stride),
-                          baselines=baseline, target=target, perturbations_per_eval=batch)
-    return run
-
-
 def plain_loop_runner(task, batch: int):
     """The loop a user writes without KQL: copy the image, paint the patch, batch the
     copies, softmax; torch's default threads, no planning, nothing reused."""
@@ -126,8 +108,8 @@ def build_engines(con, args, spec, band_query, queries, settings, rows):
     if args.crossovers:
         for name in _crossover_settings(con, *band_query, settings):
             runners[name] = planned(name)
-    if not args.no_captum:
-        runners["captum"] = _captum_engine(con, args, spec, band_query, rows)
+    if not args.no_captum or args.captum or args.monai:
+        runners.update(_library_engines(con, args, spec, band_query, rows, planning))
     return runners, plans, planning
 
 
@@ -147,16 +129,17 @@ def _planned_runner(con, name, query, setting, plans, planning):
     return run
 
 
-def _captum_engine(con, args, spec, band_query, rows):
-    """Captum's ``Occlusion`` on the band, at the class the model predicts for the image."""
+def _library_engines(con, args, spec, band_query, rows, planning):
+    """Captum, MONAI and KQL's drop-ins for them on the band (:mod:`.bench_libraries`),
+    Captum at the class the model predicts for the image."""
     from . import executor
 
     q = executor.plan(con, *band_query).query
     model = spec.composed().to(args.device)
+    image = q.image[None].to(args.device)
     with torch.inference_mode():
-        target = int(model(q.image[None].to(args.device)).argmax())
-    return captum_runner(model, q.image[None].to(args.device), (args.patch,) * 2,
-                         (args.stride,) * 2, torch.tensor(q.color), target, args.batch, *rows)
+        target = int(model(image).argmax())
+    return library_engines(args, model, image, q.color, target, rows, planning)
 
 
 def _crossover_settings(con, stmt, text, settings) -> list:

@@ -1,5 +1,6 @@
 """What ``kql bench`` prints: the engines' table (speedups, peak memory, maps against
-naive), the chosen plan's prediction, the FLOP ratios and the crossover sweep."""
+naive), KQL's drop-ins against Captum and MONAI, the chosen plan's prediction, the FLOP
+ratios and the crossover sweep."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Optional
 import numpy as np
 
 from .bench_engines import PLAIN, PURE
+from .bench_libraries import CAPTUM, DROP_INS, MONAI, library_differences
+
+LIBRARY_TOLERANCE = 1e-4     # KQL's drop-ins against Captum and MONAI (their own tests' bound)
 
 
 def plan_gflops(plan) -> Optional[float]:
@@ -42,6 +46,7 @@ def report(args, spec, size, plans, full, rows, times, peaks, results, thread_co
     if reference != "naive":
         print(f"naive timed on {count['naive']} of the positions; maps compared with {reference} (exact)")
     _engine_table(full, chosen.query.grid.shape, times, peaks, results, planning, count, reference)
+    _against_libraries(results)
     _chosen_plan(args, chosen, times)
     _flop_ratios(plans)
     _crossover_table(plans, times, chosen)
@@ -86,6 +91,19 @@ def _against_reference(result, reference, n, shape) -> tuple:
     ref = reference.probabilities
     return (f"{np.abs(mine - ref).max():.1e}",
             f"{heatmap_ssim(ref.reshape(shape), mine.reshape(shape)):.3f}")
+
+
+def _against_libraries(results):
+    """With ``--captum`` / ``--monai``: how far KQL's drop-ins' outputs are from the
+    libraries' on the same windows."""
+    differences = library_differences(results)
+    if not differences:
+        return
+    what = {CAPTUM: "attribution", MONAI: "occlusion map"}
+    print(f"against the libraries (same windows, same forward; target max |diff| <= {LIBRARY_TOLERANCE:g}):")
+    for library, diff in differences.items():
+        verdict = "ok" if diff <= LIBRARY_TOLERANCE else "OVER THE TARGET"
+        print(f"  {DROP_INS[library]} vs {library}: max |{what[library]} diff| {diff:.1e} ({verdict})")
 
 
 def _chosen_plan(args, chosen, times):

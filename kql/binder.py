@@ -10,13 +10,14 @@ named with its line and column.
 from __future__ import annotations
 
 import difflib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .catalog import images
 from .errors import KqlError
 from .language import ast
+from .operators import fills
 from .planner.frame import DEFAULT_RESIZE, Frame
 from .planner.grid import OcclusionGrid
 from .planner.logical import OcclusionQuery, at_node, fail
@@ -24,6 +25,9 @@ from .planner.logical import OcclusionQuery, at_node, fail
 DEFAULT_PATCH = 16
 DEFAULT_STRIDE = 4
 NAMED_COLORS = {"black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "white": (1.0, 1.0, 1.0)}
+# The COLOR forms that paint the image's own pixels under each patch: MONAI's gaussian mode
+# (the window times 1 - a Gaussian centred on it) and each channel's mean of the window.
+CONTENTS = {"gaussian": fills.gaussian, "mean_patch": fills.PatchMean}
 
 
 def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIXELS) -> OcclusionQuery:
@@ -46,7 +50,7 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
         clause = ("stride" if "stride" in problem else
                   "region" if "region" in problem and stmt.region else "patch")
         raise fail(stmt, clause, problem)
-    color, color_label = _color(stmt, image)
+    color, color_label, fill = _color(stmt, image, patch)
     if stmt.batch is not None and stmt.batch < 1:
         raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
     targets, top = _targets(stmt, spec)
@@ -56,7 +60,7 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
         device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, ssim=stmt.ssim,
         drilldown=stmt.drilldown, speedup=stmt.speedup,
         notes=(channel_note,) if channel_note else (), targets=targets, top=top,
-        output=stmt.output, frame=frame, original=raw, image_info=info)
+        output=stmt.output, frame=frame, original=raw, image_info=info, fill=fill)
 
 
 def _region(stmt: ast.Occlude, frame: Frame) -> Optional[tuple]:
@@ -94,27 +98,31 @@ def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str, dict]:
         raise at_node(exc, ref)
 
 
-def _color(stmt: ast.Occlude, image: torch.Tensor) -> tuple[tuple, str]:
-    """The occlusion colour, one value per channel of ``image``, and its name."""
+def _color(stmt: ast.Occlude, image: torch.Tensor, patch: tuple) -> tuple[tuple, str, Optional[Callable]]:
+    """The occlusion colour, one value per channel of ``image``, its name, and the patch's
+    content per position where it is not one colour (None otherwise; the colour then
+    unused, zeros)."""
     c, channels = stmt.color, int(image.shape[0])
     if c is None:
-        return NAMED_COLORS["gray"][:1] * channels, "gray"
+        return NAMED_COLORS["gray"][:1] * channels, "gray", None
     if isinstance(c, ast.ColorNamed):
         if c.name == "mean":
             m = image.mean(dim=(1, 2))
-            return tuple(float(v) for v in m), "mean"
-        return NAMED_COLORS[c.name][:1] * channels, c.name
+            return tuple(float(v) for v in m), "mean", None
+        if c.name in CONTENTS:
+            return (0.0,) * channels, c.name, CONTENTS[c.name](image, patch)
+        return NAMED_COLORS[c.name][:1] * channels, c.name, None
     rgb = (float(c.r), float(c.g), float(c.b))
     if not all(0.0 <= v <= 1.0 for v in rgb):
         raise fail(stmt, "color", f"colour components must lie in [0, 1] (pixel space), got "
                                   f"({c.r:g}, {c.g:g}, {c.b:g}); e.g. COLOR (0.5, 0.5, 0.5)")
     label = "({:g}, {:g}, {:g})".format(*rgb)
     if channels == 3:
-        return rgb, label
+        return rgb, label, None
     if channels == 1:                   # a grey image: the colour's luma
-        return (sum(w * v for w, v in zip(images.LUMA, rgb)),), label
+        return (sum(w * v for w, v in zip(images.LUMA, rgb)),), label, None
     if len(set(rgb)) == 1:
-        return rgb[:1] * channels, label
+        return rgb[:1] * channels, label, None
     raise fail(stmt, "color", f"an (r, g, b) colour needs a 3-channel image; the model takes "
                               f"{channels} channels: use a named colour or equal components")
 

@@ -36,7 +36,9 @@ KQL statements end with ';' and may span lines; '--' starts a comment; Tab compl
         RESIZE squash|crop|pad                    fit a photo to the model (default squash)
         PATCH <h> [x <w>]                         patch size in pixels (default 16)
         STRIDE <h> [x <w>]                        step between positions (default 4)
-        COLOR black|gray|white|mean|(r, g, b)     patch colour
+        COLOR black|gray|white|mean|(r, g, b)     patch colour (default gray)
+        COLOR mean_patch|gaussian                 the image under the patch: its mean,
+                                                  or times 1 - a Gaussian
         REGION (x, y, w, h)                       occlude only inside this box (image pixels)
         WITH SSIM >= <t>                          approximate, keeping SSIM >= t
         DRILLDOWN <fraction> [SPEEDUP <s>]        coarse pass, then refine the hot part

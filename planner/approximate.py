@@ -109,7 +109,8 @@ def task_of(query, device: str) -> OcclusionTask:
     return OcclusionTask(model=query.model.composed(), image=query.image,
                          color=torch.tensor(query.color, dtype=torch.float32),
                          patch=query.grid.patch, ys=ys, xs=xs, target=query.target, device=device,
-                         targets=query.resolved or query.targets, output=query.output)
+                         targets=query.resolved or query.targets, output=query.output,
+                         fill=query.fill)
 
 
 def exact_and_thresholded(query, device: str, taus) -> tuple:

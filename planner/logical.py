@@ -2,14 +2,14 @@
 
 :class:`OcclusionQuery` is made by the binder (:mod:`kql.binder`), which resolves an
 ``OCCLUDE`` statement against the catalog: the image (resized to the model's input), the
-model, the target, the patch grid and the colour. It says nothing about *how* the map is
-computed; that is the physical planner's job.
+model, the target, the patch grid and the colour (or the patch's content per position). It
+says nothing about *how* the map is computed; that is the physical planner's job.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -45,6 +45,9 @@ class OcclusionQuery:
     frame: Optional[Frame] = None       # how the original image became ``image``
     original: Optional[torch.Tensor] = None   # [C, H, W] before the resize, the user's pixels
     image_info: dict = field(default_factory=dict)   # the file's header: format, pixel spacing, ...
+    # What a patch holds where it is not one colour (COLOR gaussian, mean_patch; a Captum
+    # baseline image): fill(ys, xs) -> [B, C, ph, pw] (kql.operators.fills); None: ``color``.
+    fill: Optional[Callable] = None
     # Settled by the physical planner from the unoccluded output (physical.scored):
     resolved: Tuple[int, ...] = ()      # the class of every map, in order
     output_note: str = ""               # why the output scoring was detected ('' : as asked)

@@ -69,7 +69,8 @@ def key(query) -> str:
 
     The SSIM a threshold keeps depends on how large the patch is against the maps, how
     dense the grid is and what the patch paints."""
-    color = "mean" if query.color_label == "mean" else ",".join(f"{c:.4f}" for c in query.color)
+    named = query.color_label == "mean" or query.fill is not None   # the image's own pixels
+    color = query.color_label if named else ",".join(f"{c:.4f}" for c in query.color)
     return "patch={}x{};stride={}x{};color={}".format(*query.grid.patch, *query.grid.stride, color)
 
 

@@ -44,6 +44,9 @@ def test_bench_chosen_plan_at_its_own_batch(capsys):
     (["--model", "nope"], "unknown model 'nope'"),
     (["--model", "squeezenet1_1", "--patch", "300"], "patch 300x300 is larger than the image"),
     (["--model", "squeezenet1_1", "--batch", "0"], "--batch must be at least 1"),
+    (["--model", "squeezenet1_1", "--captum"], "--captum compares KQL with Captum: leave out --no-captum"),
+    (["--model", "squeezenet1_1", "--monai", "--patch", "16", "--stride", "20"],
+     "--monai needs --stride <= --patch"),
 ])
 def test_bench_errors(capsys, args, message):
     assert bench.main(args + ["--no-captum"]) == 1
@@ -80,3 +83,24 @@ def test_bench_approximate_mode_reports_tau_and_ssim(capsys):
     assert "approximation: tau 0.30 (user)" in out
     ssim = re.search(r"^chosen plan%s\s+\S+\s+([0-9.]+)$" % COLUMNS, out, re.M)
     assert ssim and 0.0 <= float(ssim.group(1)) <= 1.0
+
+
+def test_bench_against_captum_and_monai(capsys):
+    code = bench.main(["--model", "squeezenet1_1", "--patch", "64", "--stride", "40",
+                       "--positions", "4", "--batch", "4", "--threads", "1", "--captum", "--monai"])
+    out = capsys.readouterr().out
+    assert code == 0
+    names = re.findall(r"^(captum|kql captum|monai|kql monai)%s" % COLUMNS, out, re.M)
+    assert names == ["captum", "kql captum", "monai", "kql monai"]
+    diffs = dict(re.findall(r"^  kql (captum|monai) vs \1: max \|[a-z ]+ diff\| (\S+) \(ok\)$", out, re.M))
+    assert set(diffs) == {"captum", "monai"}, out
+    assert all(float(d) <= 1e-4 for d in diffs.values())
+
+
+def test_bench_monai_alone_keeps_captum_out(capsys):
+    code = bench.main(["--model", "squeezenet1_1", "--patch", "64", "--stride", "64",
+                       "--positions", "3", "--batch", "4", "--threads", "1", "--no-captum", "--monai"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert not re.search(r"^(kql )?captum ", out, re.M)
+    assert re.search(r"^  kql monai vs monai: max \|occlusion map diff\| \S+ \(ok\)$", out, re.M), out

@@ -13,10 +13,11 @@ Every mode is exact, each as one KQL scan of the image (planned by KQL's planner
 its engine; ``plans`` keeps the physical plans of the last call):
 
 * a float, ``mean_img``: one colour, KQL's plain patch;
-* ``gaussian``: the window's pixels times ``1 - Gaussian`` (MONAI's kernel), and the
-  windows blended with MONAI's Gaussian weights;
-* ``mean_patch``: as MONAI computes it, the window's pixels times their mean (MONAI's
-  source multiplies by the mean where its docstring says "replaced with");
+* ``gaussian``: the window's pixels times ``1 - Gaussian`` (MONAI's kernel, the content
+  of KQL's ``COLOR gaussian``), and the windows blended with MONAI's Gaussian weights;
+* ``mean_patch``: as MONAI computes it, the window's pixels times their mean over every
+  channel (MONAI's source multiplies by the mean where its docstring says "replaced
+  with"; KQL's ``COLOR mean_patch`` is the documented meaning, each channel's mean);
 * a callable ``mode(x, window)``: its result is the window's content (called once per
   window, as MONAI calls it).
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kql.operators import fills
 from kql.operators.gather import windows
 from kql.progress import ProgressBar
 from kql.results.attribution import window_sums
@@ -139,13 +141,10 @@ class OcclusionSensitivity:
             return (float(mode),) * channels, None
         if mode == "mean_img":
             return (image.mean().item(),) * channels, None
+        if mode == "gaussian":                 # KQL's COLOR gaussian
+            return None, fills.gaussian(image, mask)
         base = image.unsqueeze(0).contiguous()
-        if mode == "gaussian":
-            kernel = _occlusion_kernel(mask, image.dtype).to(image.device)
-
-            def fill(ys, xs):
-                return windows(base, ys, xs, mask) * kernel
-        elif mode == "mean_patch":
+        if mode == "mean_patch":
             def fill(ys, xs):
                 w = windows(base, ys, xs, mask)
                 return w * w.mean(dim=(1, 2, 3), keepdim=True)
@@ -198,33 +197,6 @@ def _starts(size: int, window: int, overlap: float) -> np.ndarray:
     step = window if window == size else max(int(window * (1 - overlap)), 1)
     count = next((d for d in range(math.ceil(size / step)) if d * step + window >= size), 0) + 1
     return np.array([min(d * step, size - window) for d in range(count)], np.int64)
-
-
-def _gaussian_1d(sigma: float) -> torch.Tensor:
-    """MONAI's ``gaussian_1d(sigma, truncated=4.0, approx="erf")``, unnormalised."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float)
-    tail = int(max(float(sigma) * 4.0, 0.5) + 0.5)
-    x = torch.arange(-tail, tail + 1, dtype=torch.float)
-    t = 0.70710678 / torch.abs(sigma)
-    return (0.5 * ((t * (x + 0.5)).erf() - (t * (x - 0.5)).erf())).clamp(min=0)
-
-
-def _occlusion_kernel(mask: tuple, dtype) -> torch.Tensor:
-    """``[h, w]``: MONAI's ``gaussian_occlusion`` multiplier, ``1 - Gaussian`` scaled to
-    [0, 1]: a unit impulse at the centre smoothed by a Gaussian of sigma mask/4 (zero
-    padding), negated and min-max scaled."""
-    axes = []
-    for m in mask:
-        g = _gaussian_1d(m * 0.25)
-        tail = (len(g) - 1) // 2
-        at = torch.arange(m) - m // 2 + tail        # the impulse response at each pixel
-        inside = (at >= 0) & (at < len(g))
-        axes.append(torch.where(inside, g[at.clamp(0, len(g) - 1)], torch.zeros(())))
-    smooth = -(axes[0][:, None] * axes[1][None, :])
-    low, high = smooth.min(), smooth.max()
-    if low == high:
-        return torch.zeros(mask, dtype=dtype)
-    return ((smooth - low) / (high - low)).to(dtype)
 
 
 def _blend_weights(mask: tuple) -> torch.Tensor:

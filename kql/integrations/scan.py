@@ -11,8 +11,9 @@ a logical :class:`~kql.planner.logical.OcclusionQuery`, lets the planner choose 
   own grid, with a region around them;
 * other positions are run by the planned operator re-targeted at them
   (:meth:`~kql.operators.protocol.OcclusionOperator.at`, as a drill-down's stage two);
-* a content that is not one colour is the task's ``fill`` (``fill(ys, xs)`` ->
-  ``[B, C, h, w]``), which the naive and incremental operators paint per position.
+* a content that is not one colour is the query's ``fill`` (``fill(ys, xs)`` ->
+  ``[B, C, h, w]``, :mod:`kql.operators.fills`), which the naive and incremental operators
+  paint per position.
 
 Every scan returns the raw outputs (``OUTPUT logits``) of the classes asked for.
 """
@@ -31,7 +32,7 @@ from kql.api import Connection, modes_kept
 from kql.catalog.models import ModelSpec
 from kql.executor import plan_bound
 from kql.language import ast
-from kql.operators.gather import windows
+from kql.operators.fills import Windows
 from kql.operators.task import OcclusionResult
 from kql.planner.grid import OcclusionGrid
 from kql.planner.logical import OcclusionQuery
@@ -40,15 +41,13 @@ from kql.planner.plan import PhysicalPlan
 
 @dataclass(frozen=True)
 class _Positioned(PhysicalPlan):
-    """A physical plan run at the scanner's corners and with its patch content."""
+    """A physical plan run at the scanner's corners, off the query's grid."""
 
-    ys: Optional[np.ndarray] = None           # None: the query's grid
+    ys: Optional[np.ndarray] = None
     xs: Optional[np.ndarray] = None
-    fill: Optional[Callable] = None
 
     def task(self):
-        task = dataclasses.replace(super().task(), fill=self.fill)
-        return task if self.ys is None else dataclasses.replace(task, ys=self.ys, xs=self.xs)
+        return dataclasses.replace(super().task(), ys=self.ys, xs=self.xs)
 
 
 class Scanner:
@@ -92,16 +91,14 @@ class Scanner:
         query = OcclusionQuery(statement=stmt, text="", image_label="input",
                                image=image.detach(), model=self.spec, target=targets[0], grid=grid,
                                color=color, color_label="fill" if fill else "baseline",
-                               device=device, targets=tuple(targets), output="logits")
+                               device=device, targets=tuple(targets), output="logits", fill=fill)
         with modes_kept([self.module]):
-            physical, _ = plan_bound(self.connection, query)
-            ys, xs = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
-            fields = {f.name: getattr(physical, f.name) for f in dataclasses.fields(PhysicalPlan)}
-            if regular:
-                run = _Positioned(**fields, fill=fill)
-            else:                              # no feedback: its per-position time is another grid's
-                fields.update(operator=physical.operator.at(ys, xs), learner=None)
-                run = _Positioned(**fields, ys=ys, xs=xs, fill=fill)
+            run, _ = plan_bound(self.connection, query)
+            if not regular:                    # no feedback: its per-position time is another grid's
+                ys, xs = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
+                fields = {f.name: getattr(run, f.name) for f in dataclasses.fields(PhysicalPlan)}
+                fields.update(operator=run.operator.at(ys, xs), learner=None)
+                run = _Positioned(**fields, ys=ys, xs=xs)
             self.plans.append(run)
             return run.run(progress)
 
@@ -138,5 +135,4 @@ def _step(starts: np.ndarray) -> int:
 
 def baseline_fill(baseline: torch.Tensor, size: tuple) -> Callable:
     """``fill`` whose patch at each corner is ``baseline``'s ([C, H, W]) window there."""
-    base = baseline.detach().unsqueeze(0).contiguous()
-    return lambda ys, xs: windows(base, ys, xs, tuple(size))
+    return Windows(baseline, size)

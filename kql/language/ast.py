@@ -131,7 +131,9 @@ Target = Union[TargetPredicted, TargetIndex, TargetLabel, TargetList, TargetTop]
 
 @dataclass(frozen=True)
 class ColorNamed(Node):
-    """``black``, ``gray`` (or ``grey``, stored as ``gray``), ``white`` or ``mean``."""
+    """``black``, ``gray`` (or ``grey``, stored as ``gray``), ``white``, ``mean`` (the
+    image's per-channel mean), ``mean_patch`` (the per-channel mean of the image under each
+    patch) or ``gaussian`` (the image under each patch times 1 - a Gaussian)."""
     name: str
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 

@@ -21,7 +21,7 @@ _VALUES = frozenset({"NAME", "STRING", "NUMBER", "COLOR_NAME", "DEVICE"})
 # What each terminal is, in the user's words; a keyword not listed here is its own name.
 _WORDS = {
     "NAME": "a name", "STRING": "a quoted string", "NUMBER": "a number",
-    "COLOR_NAME": "a colour (black, gray, white, mean or (r, g, b))",
+    "COLOR_NAME": "a colour (black, gray, white, mean, mean_patch, gaussian or (r, g, b))",
     "DEVICE": "CPU, GPU or AUTO", "RESIZE_MODE": "SQUASH, CROP or PAD",
     "OUTPUT_MODE": "SOFTMAX, SIGMOID, LOGITS or PROBABILITY", "_COLON": "':'",
     "COMPARISON": "a comparison (>=, <=, > or <)", "DIRECTION": "ASC or DESC",
@@ -32,7 +32,7 @@ _WORDS = {
 # The words of the terminals that are a choice of keywords, for "did you mean".
 _CHOICES = {"DEVICE": ("CPU", "GPU", "AUTO"), "RESIZE_MODE": ("SQUASH", "CROP", "PAD"),
             "OUTPUT_MODE": ("SOFTMAX", "SIGMOID", "LOGITS", "PROBABILITY"),
-            "DIRECTION": ("ASC", "DESC"), "COLOR_NAME": ("BLACK", "GRAY", "WHITE", "MEAN")}
+            "DIRECTION": ("ASC", "DESC"), "COLOR_NAME": ("BLACK", "GRAY", "WHITE", "MEAN", "MEAN_PATCH", "GAUSSIAN")}
 # A name right after these keywords is a particular kind of name.
 _NAME_AFTER = {"_USING": "a model name", "_MODEL": "a model name", "_IMAGE": "an image name",
                "_ARCH": "an architecture (resnet18, timm:resnet18 or 'module:factory')", "_SET": "a setting name",
