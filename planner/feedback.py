@@ -7,7 +7,9 @@ cost model predicted for it (:meth:`Feedback.record`), under two keys: the query
 alone. A later plan multiplies its prediction by the median of the last :data:`KEEP`
 ratios of its shape (:meth:`Feedback.correction`), or, for a shape never run, by the
 kind's median once :data:`KIND_SCANS` scans of that kind were seen (a calibration that
-prices a whole kind wrong, say one measured under load, is then corrected everywhere).
+prices a whole kind wrong, say one measured under load, is then corrected everywhere),
+for :data:`KIND_TTL` seconds after the kind's last scan (a busy spell passes; a shape's
+own ratios stay, they also carry what the cost model misprices in that model).
 A median of a few bounded ratios moves with the machine's state within three scans, and
 one wild scan cannot swing it; each ratio is clipped to [1/:data:`CLIP`, :data:`CLIP`].
 
@@ -53,6 +55,9 @@ CLIP = 100.0        # one scan's ratio is clipped to this far either way
 ENTRIES = 512       # keys kept per file; the least recently written go first
 MIN_SECONDS = 0.25  # a shorter scan teaches nothing: fixed costs (first calls, allocation)
                     # swamp its per-position time, and its plan hardly matters anyway
+KIND_TTL = 900.0    # seconds a kind's correction outlives its last scan: the machine's state
+                    # passes (a burst of niced scans beside other work taught x58 here, and
+                    # every unseen shape's prediction then read 58x its time long after)
 _memory: dict = {}  # path (or None) -> entries written in this process
 
 
@@ -111,8 +116,10 @@ class Feedback:
         own = _ratios(entries.get(_key(device, kind, shape)))
         if own:
             return _median(own, "shape")
-        every = _ratios(entries.get(_key(device, kind, "*")))
-        if len(every) >= KIND_SCANS:
+        entry = entries.get(_key(device, kind, "*"))
+        every = _ratios(entry)
+        fresh = isinstance(entry, dict) and time.time() - _number(entry.get("at")) <= KIND_TTL
+        if len(every) >= KIND_SCANS and fresh:
             return _median(every, "kind")
         return Correction()
 
@@ -178,6 +185,10 @@ def _ratios(entry) -> list:
         return []
     return [float(r) for r in entry["ratios"]
             if isinstance(r, (int, float)) and math.isfinite(r) and 1 / CLIP <= r <= CLIP]
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
 
 
 def _median(ratios: list, scope: str) -> Correction:

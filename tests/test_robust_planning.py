@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -289,6 +290,20 @@ def test_a_whole_kind_is_corrected_after_enough_scans():
     store.record("cpu", "IncrementalOcclusion", "d", 0.1)
     assert store.correction("cpu", "IncrementalOcclusion", "c") == feedback.Correction(0.1, 3, "kind", 0.1, 0.1)
     assert store.correction("cpu", "NaiveOcclusion", "c").scans == 0
+
+
+def test_a_kind_s_correction_expires_a_shape_s_stays(tmp_path, monkeypatch):
+    """Scans slowed x50 by a busy spell teach the kind; once the spell is KIND_TTL past,
+    unseen shapes are predicted by the table again, while the shapes that ran keep theirs."""
+    store = feedback.Feedback(str(tmp_path))
+    for shape in "abc":
+        store.record("cpu", "IncrementalOcclusion", shape, 50.0)
+    assert store.correction("cpu", "IncrementalOcclusion", "unseen").factor == 50.0
+    later = time.time() + feedback.KIND_TTL + 1
+    monkeypatch.setattr(feedback.time, "time", lambda: later)
+    fresh = feedback.Feedback(str(tmp_path))
+    assert fresh.correction("cpu", "IncrementalOcclusion", "unseen").scans == 0
+    assert fresh.correction("cpu", "IncrementalOcclusion", "a").factor == 50.0
 
 
 def test_feedback_files_that_cannot_be_read_or_written(tmp_path):
