@@ -7,7 +7,7 @@ import sys, time
 import numpy as np, torch, kql
 from kql.language.parser import parse_with_text
 from kql.binder import bind
-from kql.planner.tuning import heatmap_ssim
+from kql.planner.quality import map_quality
 
 G = sys.argv[1] if len(sys.argv) > 1 else "PATCH 16 STRIDE 8"
 con = kql.connect()
@@ -41,6 +41,8 @@ for name in test:
         q = f"OCCLUDE sample('{name}') USING efficientnet_lite0 {G} WITH SSIM >= {target}"
         t0 = time.perf_counter(); a = con.execute(q); ta = time.perf_counter() - t0
         how = a.plan.splitlines()[1].split(":")[0].strip()
+        got = map_quality(ref, a.heatmap)
         print(f"{name:10s} target {target}: {how} tau {a.tau:.2f} predicted {a.predicted_ssim:.3f} "
-              f"achieved {heatmap_ssim(ref, a.heatmap):.3f}  plain loop {tp:.1f}s kql {ta:.1f}s "
+              f"achieved {got['ssim']:.3f} (Spearman {got['spearman']:.3f}, top-10% IoU "
+              f"{got['top10_iou']:.2f})  plain loop {tp:.1f}s kql {ta:.1f}s "
               f"speedup {tp / ta:.2f}x", flush=True)

@@ -24,7 +24,7 @@ import torch
 import kql
 from kql.language.parser import parse_with_text
 from kql.binder import bind
-from kql.planner.tuning import heatmap_ssim
+from kql.planner.quality import map_quality
 
 ARGS = [a for a in sys.argv[1:] if not a.startswith("--calibrate=")]
 TUNE = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--calibrate=")]
@@ -91,18 +91,21 @@ for name in PHOTOS:
     exact_speed.append(speed)
     line = [f"{name:21s} plain {plain:5.1f} s  exact {speed:4.2f}x"]
     for t, (a, speedup, _) in answers.items():
-        achieved = heatmap_ssim(exact.heatmap, a.heatmap)
+        quality = map_quality(exact.heatmap, a.heatmap)
+        achieved = quality["ssim"]
         how = (("exact" if a.check["exact"] else f"lattice {a.check['lattice']}") if a.check
                else f"tau {a.tau:.2f}" if a.tau < 1 else a.plan.splitlines()[1].split(":")[0].strip()[:9])
-        rows[t].append((achieved, speedup))
+        rows[t].append((achieved, speedup, quality["spearman"], quality["top10_iou"]))
         line.append(f"| {t}: {how:9s} bound {a.predicted_ssim:.3f} achieved {achieved:.3f} "
+                    f"rho {quality['spearman']:.3f} top-10% IoU {quality['top10_iou']:.2f} "
                     f"{speedup:5.2f}x")
     print(" ".join(line), flush=True)
 
 print(f"\nexact (incremental) against the plain loop: median {np.median(exact_speed):.2f}x")
-print("target | maps | reached target | lowest SSIM | median speedup | speedups", flush=True)
+print("target | maps | reached target | lowest SSIM | lowest Spearman | lowest top-10% IoU | "
+      "median speedup | speedups", flush=True)
 for t, got in rows.items():
-    ssims = np.array([s for s, _ in got])
-    speed = np.array([v for _, v in got])
+    ssims, speed, rho, iou = (np.array(column) for column in zip(*got))
     print(f"{t} | {len(got)} | {(ssims >= t).sum()} of {len(got)} | {ssims.min():.3f} | "
-          f"{np.median(speed):.2f}x | {speed.min():.2f}x - {speed.max():.2f}x", flush=True)
+          f"{rho.min():.3f} | {iou.min():.2f} | {np.median(speed):.2f}x | "
+          f"{speed.min():.2f}x - {speed.max():.2f}x", flush=True)
