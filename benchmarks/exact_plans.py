@@ -49,15 +49,21 @@ def model_of(name: str):
     return getattr(torchvision.models, name)(**kwargs).eval()
 
 
-def plans_of(name: str) -> tuple:
+def connection(name: str) -> tuple:
+    """``(side, connection, statement, text)``: the model as "net", chelsea at its input
+    size as "img", and the whole-map query."""
     side = 299 if name == "inception_v3" else 224
     con = kql.connect()
     con.register_model("net", model_of(name))
     photo = images.match_channels(images.load_sample("chelsea"), 3)[0]
     con.register_image("img", images.resize(photo, (side, side)))
     text = f"OCCLUDE img USING net PATCH {PATCH} STRIDE {STRIDE} BATCH {BATCH}"
-    stmt = parse(text)[0]
-    plans, full = {}, None
+    return side, con, parse(text)[0], text
+
+
+def plans_of(name: str) -> tuple:
+    side, con, stmt, text = connection(name)
+    plans = {}
     for variant, settings in VARIANTS.items():
         for key, value in settings.items():
             con.execute(f"SET {key} = '{value}'")

@@ -16,21 +16,10 @@ import statistics
 import time
 
 import torch
-import torchvision
 
-import kql
+from exact_plans import BATCH, PATCH, STRIDE, connection   # the same models, image and query
 from kql import executor
 from kql.bench_engines import plain_loop_runner
-from kql.catalog import images
-from kql.language.parser import parse
-
-PATCH, STRIDE, BATCH = 16, 4, 16
-
-
-def model_of(name: str):
-    kwargs = {"aux_logits": False, "init_weights": False} if name == "inception_v3" else {}
-    torch.manual_seed(0)
-    return getattr(torchvision.models, name)(**kwargs).eval()
 
 
 def main() -> None:
@@ -42,13 +31,7 @@ def main() -> None:
     print(f"position_groups: torch {torch.__version__} on {torch.get_num_threads()} threads, "
           f"PATCH {PATCH} STRIDE {STRIDE} BATCH {BATCH}, whole map")
     for name in args.models.split(","):
-        side = 299 if name == "inception_v3" else 224
-        con = kql.connect()
-        con.register_model("net", model_of(name))
-        photo = images.match_channels(images.load_sample("chelsea"), 3)[0]
-        con.register_image("img", images.resize(photo, (side, side)))
-        text = f"OCCLUDE img USING net PATCH {PATCH} STRIDE {STRIDE} BATCH {BATCH}"
-        stmt = parse(text)[0]
+        side, con, stmt, text = connection(name)
         plans = {}
         for setting in ("off", "auto"):
             con.execute(f"SET position_groups = '{setting}'")

@@ -212,6 +212,18 @@ def _top_probability_scale(model: nn.Module, image, top_probability: float) -> S
 
 
 @torch.no_grad()
+def scaled(model: nn.Module, factor: float, seed: int = 0) -> nn.Module:
+    """``model`` with fresh random weights (``seed``), each conv and linear weight times
+    ``factor`` so its outputs move with the image: the drop-in suites' models."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+            with torch.no_grad():
+                m.weight.mul_(factor)
+    return model.eval()
+
+
 def sensitive(model: nn.Module, image: torch.Tensor, patch=None, color=(0.0, 0.0, 0.0),
               target=None, top_probability: float = 0.6) -> Scaled:
     """``model`` (BatchNorm already calibrated) wrapped so occluding ``image`` moves the target.

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import kql
-from helpers import blob_image, calibrate_batchnorm, chelsea, plain_heatmap, sensitive
+from helpers import (blob_image, calibrate_batchnorm, chelsea, image_connection, plain_heatmap,
+                     sensitive)
 from kql.operators import gather as g
 from kql.operators.graph import DeltaConv
 from kql.operators.profile import ModelProfile
@@ -84,9 +85,7 @@ def test_channels_last_windows_are_the_same_windows():
 # -- the maps ----------------------------------------------------------------------------------
 
 def forced_connection(net, image):
-    con = kql.connect()
-    con.register_model("net", net)
-    con.register_image("img", image)
+    con = image_connection(image=image, model=net)
     con.execute("SET delta_convolutions = 'on'")
     return con
 

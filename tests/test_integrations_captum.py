@@ -14,6 +14,7 @@ from captum.attr import Occlusion as CaptumOcclusion
 from torch import nn
 
 import kql
+from helpers import scaled
 from kql.integrations.captum import Occlusion
 
 TOLERANCE = 1e-4
@@ -34,16 +35,6 @@ class Residual(nn.Module):
         y = self.pool(torch.relu(self.stem(x)))
         y = torch.relu(y + self.body(y))
         return self.out(self.head(y.flatten(1)))
-
-
-def scaled(model: nn.Module, factor: float, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.reset_parameters()
-            with torch.no_grad():
-                m.weight.mul_(factor)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

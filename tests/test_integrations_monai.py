@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import scaled
 from kql.integrations.monai import OcclusionSensitivity
 
 monai_visualize = pytest.importorskip("monai.visualize")
@@ -36,16 +37,6 @@ class Net(nn.Module):
         for conv in self.body:
             y = y + torch.relu(conv(y))
         return self.out(self.head(self.pool(y).flatten(1)))
-
-
-def scaled(model: nn.Module, factor: float, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.reset_parameters()
-            with torch.no_grad():
-                m.weight.mul_(factor)
-    return model.eval()
 
 
 def image(channels: int = 3, height: int = 20, width: int = 18, seed: int = 0) -> torch.Tensor:

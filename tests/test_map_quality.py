@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-import kql
-from helpers import blob_image, calibrate_batchnorm, sensitive
+from helpers import blob_image, calibrate_batchnorm, image_connection, sensitive
 from kql.planner.quality import map_quality, spearman, top_cells, top_overlap
 from models_zoo import custom_model
 
@@ -37,9 +36,7 @@ def test_top_overlap_counts_the_strongest_drops():
 def test_explain_analyze_reports_all_three_against_the_exact_map():
     image = blob_image(48, 56, seed=2)
     net = sensitive(calibrate_batchnorm(custom_model("residual_two_rf"), 48, 56), image, (8, 8))
-    con = kql.connect()
-    con.register_model("net", net)
-    con.register_image("img", image)
+    con = image_connection(image=image, model=net)
     con.execute("SET strategy = 'incremental'")
     query = "OCCLUDE img USING net PATCH 8 STRIDE 2 COLOR black"
     exact = con.execute(query).heatmap

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kql
-from helpers import calibrate_batchnorm, plain_heatmap, sensitive, smooth_noise_image
+from helpers import calibrate_batchnorm, image_connection, plain_heatmap, sensitive, smooth_noise_image
 from kql.language.parser import parse
 from kql import executor
 from kql.operators.grouped import GroupedOcclusion
@@ -44,9 +44,7 @@ def forced(monkeypatch):
 
 
 def connection(net, image):
-    con = kql.connect()
-    con.register_model("net", net)
-    con.register_image("img", image)
+    con = image_connection(image=image, model=net)
     con.execute("SET strategy = 'incremental'")
     return con
 

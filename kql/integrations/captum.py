@@ -41,25 +41,15 @@ from torch import nn
 from kql.progress import ProgressBar
 from kql.results.attribution import window_sums
 
-from .scan import Scanner, baseline_fill
+from .scan import ScannedFront, Scanner, baseline_fill
 
 
-class Occlusion:
+class Occlusion(ScannedFront):
     """``captum.attr.Occlusion`` with KQL's engine underneath (see the module's text)."""
 
     def __init__(self, forward_func: Callable[..., torch.Tensor]) -> None:
         self.forward_func = forward_func
         self.scanner = Scanner(forward_func, "captum_model")
-
-    @property
-    def connection(self):
-        """The KQL connection the scans run in (its settings apply)."""
-        return self.scanner.connection
-
-    @property
-    def plans(self) -> list:
-        """The physical plans of the last :meth:`attribute` (``plan.explain()``: EXPLAIN)."""
-        return self.scanner.plans
 
     def attribute(self, inputs, sliding_window_shapes, strides=None, baselines=None,
                   target=None, additional_forward_args=None, perturbations_per_eval: int = 1,

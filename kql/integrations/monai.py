@@ -42,12 +42,12 @@ from kql.operators.gather import windows
 from kql.progress import ProgressBar
 from kql.results.attribution import window_sums
 
-from .scan import Scanner
+from .scan import ScannedFront, Scanner
 
 MODES = ("gaussian", "mean_patch", "mean_img")
 
 
-class OcclusionSensitivity:
+class OcclusionSensitivity(ScannedFront):
     """``monai.visualize.OcclusionSensitivity`` with KQL's engine underneath."""
 
     def __init__(self, nn_module: nn.Module, mask_size=16, n_batch: int = 16,
@@ -64,15 +64,6 @@ class OcclusionSensitivity:
                                       f"got {mode!r}")
         self.mode = mode
         self.scanner = Scanner(nn_module, "monai_model")
-
-    @property
-    def connection(self):
-        """The KQL connection the scans run in (its settings apply)."""
-        return self.scanner.connection
-
-    @property
-    def plans(self) -> list:
-        return self.scanner.plans
 
     def __call__(self, x: torch.Tensor, b_box: Optional[Sequence] = None, **kwargs):
         self._check(x, kwargs)

@@ -103,6 +103,22 @@ class Scanner:
             return run.run(progress)
 
 
+class ScannedFront:
+    """What both drop-ins expose of their :class:`Scanner` (``self.scanner``)."""
+
+    scanner: Scanner
+
+    @property
+    def connection(self) -> Connection:
+        """The KQL connection the scans run in (its settings apply)."""
+        return self.scanner.connection
+
+    @property
+    def plans(self) -> list:
+        """The physical plans of the last call (``plan.explain()``: EXPLAIN)."""
+        return self.scanner.plans
+
+
 class _Forward(nn.Module):
     """A plain callable as a module (torch.fx traces through it where it can)."""
 
