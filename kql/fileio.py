@@ -36,7 +36,8 @@ import time
 from typing import Callable, Optional
 
 # Every prefix a temporary file of KQL starts with (the sweep knows no other).
-PREFIXES = (".kql-", ".catalog-", ".tuning-", ".calibration-", ".layouts-", ".feedback-")
+PREFIXES = (".kql-", ".catalog-", ".tuning-", ".calibration-", ".layouts-", ".feedback-",
+            ".precision-")
 # A temporary file without a pid (written by KQL before pids were in the name) counts as
 # left over once it is this old (seconds).
 LEGACY_AGE = 3600

@@ -10,7 +10,8 @@ The rows come from the layer each setting steers: the planner's
 >>> dict(s)  # doctest: +NORMALIZE_WHITESPACE
 {'strategy': 'auto', 'crossover': 'auto', 'tau': 'auto', 'gates': 'exact',
  'memory_limit': 'auto', 'confirm_seconds': 600, 'max_image_pixels': 64000000,
- 'position_groups': 'auto', 'delta_convolutions': 'auto', 'layout': 'auto', 'engine': 'local',
+ 'position_groups': 'auto', 'delta_convolutions': 'auto', 'precision': 'auto', 'layout': 'auto',
+ 'engine': 'local',
  'ray_address': 'local', 'overlay_colormap': 'RdBu',
  'overlay_alpha': 0.8, 'overlay_scale': 'auto', 'overlay_style': 'smooth',
  'overlay_panels': 'overlay', 'overlay_contour': 'on', 'overlay_base': 'grey'}
@@ -60,7 +61,7 @@ def problem(name: str, value) -> Optional[str]:
     >>> problem("strategy", "naive") is None
     True
     >>> problem("colour", 1)
-    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels, position_groups, delta_convolutions, layout, engine, ray_address, overlay_colormap, overlay_alpha, overlay_scale, overlay_style, overlay_panels, overlay_contour, overlay_base"
+    "unknown setting 'colour'; settings: strategy, crossover, tau, gates, memory_limit, confirm_seconds, max_image_pixels, position_groups, delta_convolutions, precision, layout, engine, ray_address, overlay_colormap, overlay_alpha, overlay_scale, overlay_style, overlay_panels, overlay_contour, overlay_base"
     """
     setting = SETTINGS.get(name)
     if setting is None:

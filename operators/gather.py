@@ -85,6 +85,7 @@ def paste(dst: torch.Tensor, patches: torch.Tensor, oy: np.ndarray, ox: np.ndarr
 
     Every patch must lie inside ``dst`` (see :func:`paste_clipped` otherwise).
     """
+    patches = patches.to(dst.dtype)                  # a reduced-precision scan's values
     b, c, ph, pw = patches.shape
     r, rw = dst.shape[2:]
     flat = (oy[:, None, None] + np.arange(ph)[None, :, None]) * rw + ox[:, None, None] + np.arange(pw)
@@ -122,6 +123,7 @@ def add_at(dst: torch.Tensor, patches: torch.Tensor, oy, ox) -> torch.Tensor:
     [[[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]
     """
     oy, ox = _host(oy), _host(ox)
+    patches = patches.to(dst.dtype)
     b, c, ph, pw = patches.shape
     r, rw = dst.shape[2:]
     if (oy == 0).all() and (ox == 0).all() and (ph, pw) == (r, rw):

@@ -129,7 +129,10 @@ class IncrementalOcclusion(Operator):
         patch = (task.fill if task.fill is not None else      # each patch its own content
                  task.color.to(device, torch.float32).view(-1, 1, 1).expand(-1, ph, pw))
         corners = device_corners(self.steps, device) if g.kernels(device) else None
-        batch = _Batch(self.profile, self.steps, patch, timings, self.layout, corners)
+        profile = self.profile
+        if torch.is_autocast_enabled(device.type):           # a reduced-precision scan
+            profile = profile.in_dtype(torch.get_autocast_dtype(device.type))
+        batch = _Batch(profile, self.steps, patch, timings, self.layout, corners)
         if self.layout != ADAPTIVE or not self._full_part:
             return scan(task, self.profile.base_logits, self.batch_size, batch.run, progress)
         trial = LayoutTrial(-(-task.count // self.batch_size), self.kept)

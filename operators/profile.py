@@ -15,6 +15,7 @@ so it is never chosen. A pass that would not fit even without its views is refus
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -142,6 +143,21 @@ class ModelProfile:
         return max(kept, self.shapes_only or 0)
 
     # -- what the engine reads -------------------------------------------------------------
+
+    def in_dtype(self, dtype: torch.dtype) -> "ModelProfile":
+        """The same profile with its floating-point views in ``dtype`` (kept with this
+        one): a scan in reduced precision (:mod:`.precision`) gathers its windows at half
+        the bytes and casts nothing per call. The unoccluded logits stay float32."""
+        if dtype == torch.float32:
+            return self
+        kept = self.__dict__.setdefault("_in_dtype", {})
+        if dtype not in kept:
+            other = copy.copy(self)
+            other.views = {n: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                           else v for n, v in self.views.items()}
+            other._padded, other._in_dtype = {}, {}
+            kept[dtype] = other
+        return kept[dtype]
 
     def pixel_view(self, node: fx.Node) -> torch.Tensor:
         """The view of ``node`` channels-last (cached): a delta convolution copies its

@@ -25,7 +25,12 @@ then to every 2nd cell. Each lattice holds the one before, so starting coarse co
 nothing when a check sends the scan on. The checks share :data:`CONFIDENCE` (Bonferroni:
 three checks at 96.7% each), so the bound of the map a scan ends with holds at 90%.
 
-The check compares against exact values, so the stages run at tau 1.
+The check compares against exact values, so the stages run at tau 1. With a ``checker``
+(the float32 operator of a ``fine`` one that runs in reduced precision,
+:mod:`.precision`), the check's windows are computed in float32 first and the lattice and
+detail in the reduced precision: the bound then measures interpolation and arithmetic
+together against the float32 map; a scan whose every check fails computes the whole map
+in float32 (the reduced cells again too), so it ends exact as without one.
 """
 
 from __future__ import annotations
@@ -242,15 +247,26 @@ class VerifiedDrillDown(Operator):
 
     name = "VerifiedDrillDown"
 
-    def __init__(self, fine, shape: tuple, step: int, fraction: float, check: Check):
+    def __init__(self, fine, shape: tuple, step: int, fraction: float, check: Check,
+                 checker=None):
         """``fine``: an operator for the requested grid (``shape`` rows x cols, row-major),
-        re-targeted at the cells each round needs (:meth:`at`)."""
+        re-targeted at the cells each round needs (:meth:`at`); ``checker``: the one the
+        check's windows run on where ``fine`` is not exact arithmetic (None: ``fine``)."""
         self.fine, self.shape, self.step = fine, tuple(shape), int(step)
         self.fraction, self.check = float(fraction), check
+        self.checker = checker
 
     def describe(self) -> dict:
-        return {"lattice": f"every {self.step}", "fraction": f"{self.fraction:.2f}",
-                "check": f"SSIM>={self.check.target:g} on {self.check.tiles} windows"}
+        items = {"lattice": f"every {self.step}", "fraction": f"{self.fraction:.2f}",
+                 "check": f"SSIM>={self.check.target:g} on {self.check.tiles} windows"}
+        if self.checker is not None:
+            low = self.fine.describe().get("precision", "reduced")
+            items["precision"] = f"{low}, check windows in float32"
+        return items
+
+    def check_cells(self) -> int:
+        """Cells of the check's windows (the float32 part of a reduced-precision scan)."""
+        return int(window_mask(self.shape, windows(self.shape, self.check.tiles)).sum())
 
     def expected_cells(self, bounds: Optional[dict] = None) -> float:
         """Cells it is expected to compute (:func:`expected_cells`), from the tuning's
@@ -262,17 +278,18 @@ class VerifiedDrillDown(Operator):
         return Approximation("verified", f"verified drill-down ({self.describe()['check']})")
 
     def exact(self):
-        return self.fine.exact()
+        return (self.checker or self.fine).exact()
 
     def at(self, ys, xs):
         return self.fine.at(ys, xs)
 
     def rebind(self, profile) -> "VerifiedDrillDown":
+        checker = self.checker.rebind(profile) if self.checker is not None else None
         return VerifiedDrillDown(self.fine.rebind(profile), self.shape, self.step,
-                                 self.fraction, self.check)
+                                 self.fraction, self.check, checker)
 
     def run(self, task: OcclusionTask, progress: Progress = None, timings=None) -> OcclusionResult:
-        scan = _Scan(self.fine, task, progress, timings)
+        scan = _Scan(self.fine, task, progress, timings, self.checker)
         centres = windows(self.shape, self.check.tiles)
         rows, cols = self.shape
         in_windows = window_mask(self.shape, centres)
@@ -281,7 +298,7 @@ class VerifiedDrillDown(Operator):
         tried, lr, lc = [], None, None
         for n, step in enumerate(cascade):
             if step == (1, 1):
-                scan.compute(np.arange(rows * cols))
+                scan.compute(np.arange(rows * cols), exact=True)
                 return scan.result(dict(lattice="1x1", bound=1.0, windows=len(centres),
                                         exact=True, tried=tried, target=self.check.target))
             if step[0] != step[1]:
@@ -289,7 +306,13 @@ class VerifiedDrillDown(Operator):
             tried.append(label(step))
             lr, lc = lattice(self.shape, step)
             cells = (lr[:, None] * cols + lc[None, :]).ravel()
-            scan.compute(cells if n else np.union1d(cells, np.flatnonzero(in_windows)))
+            if n:
+                scan.compute(cells)
+            elif self.checker is None:
+                scan.compute(np.union1d(cells, np.flatnonzero(in_windows)))
+            else:                                      # the check's windows exact, first
+                scan.compute(np.flatnonzero(in_windows), exact=True)
+                scan.compute(cells)
             approx = scan.interpolated(lr, lc, self.shape)
             exact = scan.scores.reshape(-1, rows, cols)
             bound = min(lower_bound(local_ssims(e, a, centres), confidence)
@@ -308,25 +331,32 @@ class VerifiedDrillDown(Operator):
 
 
 class _Scan:
-    """The exact cells computed so far, over the requested grid."""
+    """The cells computed so far, over the requested grid: by ``fine``, or where asked for
+    exact ones by ``checker`` (None: ``fine``, whose cells are exact)."""
 
-    def __init__(self, fine, task: OcclusionTask, progress, timings):
+    def __init__(self, fine, task: OcclusionTask, progress, timings, checker=None):
         self.fine, self.task, self.progress, self.timings = fine, task, progress, timings
+        self.checker = checker
         self.known = np.zeros(task.count, bool)
+        self.reduced = np.zeros(task.count, bool)    # computed by fine where it is not exact
         self.first: Optional[OcclusionResult] = None
         self.scores = self.logits = None
         self.halved: tuple = ()          # batch sizes that ran out of memory (scan's)
 
-    def compute(self, cells: np.ndarray) -> None:
+    def compute(self, cells: np.ndarray, exact: bool = False) -> None:
+        """Compute ``cells`` not known yet; with ``exact`` (and a checker), in exact
+        arithmetic, the reduced ones computed before included."""
         cells = np.asarray(cells, np.int64)
-        cells = cells[~self.known[cells]]
+        by_checker = exact and self.checker is not None
+        cells = cells[~self.known[cells] | (self.reduced[cells] if by_checker else False)]
         if not len(cells):
             return
+        operator = self.checker if by_checker else self.fine
         ys, xs = self.task.ys[cells], self.task.xs[cells]
         task = dataclasses.replace(self.task, ys=ys, xs=xs)
         if self.first is not None:
             task = dataclasses.replace(task, targets=self.first.targets, output=self.first.output)
-        out = self.fine.at(ys, xs).run(task, None, self.timings)
+        out = operator.at(ys, xs).run(task, None, self.timings)
         if self.first is None:
             self.first = out
             shape = (len(out.targets), self.task.count)
@@ -335,6 +365,7 @@ class _Scan:
         self.scores[:, cells] = out.scores
         self.logits[:, cells] = out.all_logits
         self.known[cells] = True
+        self.reduced[cells] = self.checker is not None and not by_checker
         self.halved += out.halved
         if self.progress is not None:
             self.progress(int(self.known.sum()), self.task.count)

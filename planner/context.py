@@ -68,6 +68,11 @@ class PlanContext:
         return str(self.setting("delta_convolutions"))
 
     @property
+    def precision(self) -> str:
+        """'auto', 'float32', 'bfloat16', 'float16' or 'int8'."""
+        return str(self.setting("precision"))
+
+    @property
     def memory_setting(self):
         """The ``memory_limit`` setting as given ('auto', a size, bytes)."""
         return self.setting("memory_limit")
@@ -146,6 +151,13 @@ class Planning:
     threads: Optional[int] = None        # CPU threads (torch's, as a plain loop); None on GPU
     profile: object = None               # the traced model and its views; None: not traced
     reason: str = ""                     # why it is not traced (quoted), where it cannot be
+    precision: Optional[str] = None      # the arithmetic, where a candidate sets its own
+                                         # (a verified scan's); None: the session's
+
+    @property
+    def arithmetic(self) -> str:
+        """The precision setting this planning follows: its own, else the session's."""
+        return self.precision or self.ctx.precision
 
     @classmethod
     def on_device(cls, query: OcclusionQuery, ctx: PlanContext, device: str) -> "Planning":

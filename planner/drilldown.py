@@ -63,30 +63,44 @@ DEFAULT_STEP = 4
 VERIFIED_FRACTION = 0.02
 
 
-def plan_verified(query, plan_single, step: int, fraction: float, bounds=None, source: str = ""):
-    """The verified drill-down plan of ``query`` (WITH SSIM) from lattice ``step``."""
+def plan_verified(query, plan_single, step: int, fraction: float, bounds=None, source: str = "",
+                  low=None):
+    """The verified drill-down plan of ``query`` (WITH SSIM) from lattice ``step``; with
+    ``low`` (a ``plan_single`` in reduced precision), its lattice and detail run in that
+    and the check's windows in ``plan_single``'s float32."""
     from kql.operators.verified import Check, VerifiedDrillDown
 
     from .tuning import Choice
 
-    fine = plan_single(query.replace(drilldown=None, speedup=None))
+    whole = query.replace(drilldown=None, speedup=None)
+    fine = plan_single(whole)
+    quick = low(whole) if low is not None else None
     check = Check(float(query.ssim))
     shape = query.grid.shape
-    operator = VerifiedDrillDown(fine.operator, shape, step, fraction, check)
+    operator = VerifiedDrillDown((quick or fine).operator, shape, step, fraction, check,
+                                 checker=fine.operator if quick is not None else None)
     cells = operator.expected_cells(bounds)
     seconds = None
-    if fine.run_seconds is not None:
-        scan = fine.run_seconds - fine.setup_seconds
-        seconds = fine.setup_seconds + scan * cells / query.grid.count
+    runs = fine if quick is None else quick
+    if runs.run_seconds is not None and fine.run_seconds is not None:
+        total = query.grid.count
+        per_cell = (runs.run_seconds - runs.setup_seconds) / total
+        if quick is None:
+            seconds = runs.setup_seconds + per_cell * cells
+        else:                                  # the windows in float32, the rest reduced
+            windows = min(cells, operator.check_cells())
+            exact_cell = (fine.run_seconds - fine.setup_seconds) / total
+            seconds = runs.setup_seconds + exact_cell * windows + per_cell * (cells - windows)
     how = (f"expected {cells:.0f} of {query.grid.count} cells ({source})" if bounds
            else f"{cells:.0f} of {query.grid.count} cells if the first check passes, "
                 f"all {query.grid.count} if every check fails")
     choice = Choice(1.0, check.target,
                     f"checked on {check.tiles} windows of this map"
+                    + (" in float32" if quick is not None else "")
                     + (f"; {source}" if source else ""))
     return dataclasses.replace(
-        fine, operator=operator,
-        stages=(dataclasses.replace(fine, approximation=None),), stage_seconds=seconds,
+        runs, operator=operator,
+        stages=(dataclasses.replace(runs, approximation=None),), stage_seconds=seconds,
         cost=None, approximation=choice,
         exact_seconds=fine.run_seconds,
         reason=f"lattice every {step} cells, {how}")

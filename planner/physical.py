@@ -17,9 +17,10 @@ from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
+from kql.operators.precision import FLOAT32, INT8, ReducedPrecision, quantized
 from kql.operators.trial import OperatorTrial
 
-from . import calibrate, deltas, memory, naive_shortcut, position_groups
+from . import calibrate, deltas, memory, naive_shortcut, position_groups, precision
 from .approximate import choose_tau, tuned_candidates, verified_candidates
 from .context import PlanContext, Planning
 from .crossover import CROSSOVER_FRACTIONS, crossover_candidates
@@ -80,7 +81,7 @@ def _shape_first(p: Planning) -> Optional[PhysicalPlan]:
                         reason=found.reason, cost=found.cost, setup_seconds=0.0,
                         batch_note=fit.note, threads=p.threads, memory_bytes=found.memory_bytes,
                         cached=("shapes",) if found.from_cache else ())
-    plan = _learned(plan, p)
+    plan = _learned(_in_precision(plan, p), p)
     if plan.correction.factor > SHORTCUT_SLOWER:
         return None            # scans found the plain loop slower than priced: cost both
     return _in_layout(plan, p)
@@ -109,12 +110,23 @@ def _plan_with(p: Planning) -> PhysicalPlan:
 
     def single(q):
         return _single(p.of(q))
+
+    def single_in(arithmetic):
+        return lambda q: _single(dataclasses.replace(p.of(q), precision=arithmetic))
     if candidates or verified:                 # WITH SSIM: price every way to meet it
         plans, refused = [], None
         if verified and not candidates and query.drilldown is None:
             plans.append(single(query))        # the exact map (no tuning) is one way
+        # Verified scans in reduced precision check their windows in float32; in float32
+        # unless the session asked for a precision.
+        low = precision.for_ssim(query, ctx, p.device) if verified else None
+        exact_single = single_in(FLOAT32) if low is not None else single
+        ways = [] if ctx.precision not in ("auto", FLOAT32) and low is not None else [None]
+        ways += [low] if low is not None else []
         for make in ([lambda c=c: _plan_choice(p, c) for c in candidates]
-                     + [lambda v=v: plan_verified(query, single, *v) for v in verified]):
+                     + [lambda v=v, w=w: plan_verified(query, exact_single, *v,
+                                                       low=single_in(w) if w else None)
+                        for v in verified for w in ways]):
             try:
                 plans.append(make())
             except KqlPlanError as exc:        # no stage one on this grid, or over memory_limit
@@ -255,7 +267,10 @@ def _naive_or_incremental(p: Planning, naive_plan: PhysicalPlan, best: PhysicalP
     """Two exact plans of the default strategy: ``(chosen, other, close)``; the scan is
     watched, and a close call tried."""
     ratio = best.predicted_seconds / max(naive_plan.predicted_seconds, 1e-12)
-    exact = best.approximation is None and p.ctx.exact_settings and p.query.drilldown is None
+    # Trying both mixes their positions in one map: only where both compute the same one
+    # (exact, or the same reduced arithmetic: not int8's plain loop beside bfloat16).
+    same = p.arithmetic != INT8
+    exact = best.approximation is None and p.ctx.exact_settings and p.query.drilldown is None and same
     close = exact and NAIVE_MARGIN / CLOSE < ratio < NAIVE_MARGIN * CLOSE
     if ratio > NAIVE_MARGIN:
         # The naive map is exact: a quality asked for is met at tau 1, from the same tuning.
@@ -271,18 +286,20 @@ def _untraced(p: Planning) -> PhysicalPlan:
     query = p.query
     per_item = memory.occluded_bytes(query.image.shape)
     fit = memory.fit(0, per_item, p.cap, p.device, query.batch or 16, query.grid.count)
-    return PhysicalPlan(query, NaiveOcclusion(fit.batch), fit.batch, p.device, reason=p.reason,
-                        threads=p.threads, batch_note=fit.note if query.batch else "",
-                        memory_bytes=fit.batch * per_item)
+    return _in_precision(PhysicalPlan(query, NaiveOcclusion(fit.batch), fit.batch, p.device,
+                                      reason=p.reason, threads=p.threads,
+                                      batch_note=fit.note if query.batch else "",
+                                      memory_bytes=fit.batch * per_item), p)
 
 
 def _naive(p: Planning) -> PhysicalPlan:
     query, profile = p.query, p.profile
     fit = memory.naive_fit(profile, p.cap, p.device, query.batch, query.grid.count)
-    return PhysicalPlan(query, NaiveOcclusion(fit.batch, profile.base_logits), fit.batch, p.device,
-                        cost=naive_cost(profile, p.throughput, fit.batch), batch_note=fit.note,
-                        ratio=redundancy_ratio(profile, query.grid.patch),
-                        memory_bytes=memory.naive_bytes(profile, fit.batch), threads=p.threads)
+    return _in_precision(PhysicalPlan(
+        query, NaiveOcclusion(fit.batch, profile.base_logits), fit.batch, p.device,
+        cost=naive_cost(profile, p.throughput, fit.batch), batch_note=fit.note,
+        ratio=redundancy_ratio(profile, query.grid.patch),
+        memory_bytes=memory.naive_bytes(profile, fit.batch), threads=p.threads), p)
 
 
 def _incremental(p: Planning, naive_plan: Optional[PhysicalPlan], choice: Optional[Choice]) -> PhysicalPlan:
@@ -311,9 +328,9 @@ def _best_incremental(p: Planning, tau: float = 1.0, gates: str = "exact") -> Ph
     query, memo = p.query, p.profile.memo
     key = ("best", query.grid, tau, gates, p.ctx.crossover, query.batch, id(p.throughput),
            p.device, p.threads, p.ctx.memory_setting, p.ctx.position_groups,
-           p.ctx.delta_convolutions)
+           p.ctx.delta_convolutions, p.arithmetic)
     if key not in memo:
-        memo[key] = (_cheapest_crossover(p, tau, gates), p.throughput)
+        memo[key] = (_in_precision(_cheapest_crossover(p, tau, gates), p), p.throughput)
     return dataclasses.replace(memo[key][0], query=query)
 
 
@@ -362,6 +379,36 @@ def _grouped(p: Planning, plan: PhysicalPlan) -> PhysicalPlan:
     if found.seconds >= GROUPS_MARGIN * single:
         return plan
     return dataclasses.replace(plan, operator=found.operator, cost=found.cost)
+
+
+def _in_precision(plan: PhysicalPlan, p: Planning) -> PhysicalPlan:
+    """``plan`` in the session's precision (:mod:`.precision`), priced from the measured
+    ratio of float32 to it on the convolutions its operator runs; a precision the device
+    cannot run (or int8 for a model torch.ao cannot quantize) is a stated fallback."""
+    chosen, note = precision.resolve(p.arithmetic, p.device)
+    if chosen == FLOAT32 and not note:
+        return plan
+    plain = plan.operator.plain_loop
+    if chosen == INT8 and plain:
+        try:
+            quantized(plan.query.model.composed(), plan.query.image)
+        except Exception as exc:       # torch.ao's tracer or a layer it cannot quantize
+            chosen, note = FLOAT32, "int8: " + _first_line(exc)
+    elif chosen == INT8:
+        chosen, note = "bfloat16", "int8: plain loop only"
+    operator = ReducedPrecision(plan.operator, chosen, note)
+    if plan.cost is None or chosen == FLOAT32:
+        return dataclasses.replace(plan, operator=operator)
+    # An incremental scan runs bfloat16 or float16 over windows: the model's own ratio
+    # (its mix of layers) prices it.
+    factor = 1.0 / precision.speedup(chosen, p.device, plan.query.model, plan.query.image,
+                                     p.ctx.directory)
+    return dataclasses.replace(plan, operator=operator, cost=precision.priced(plan.cost, factor))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
 
 
 def _quote(text: str) -> str:

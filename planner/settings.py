@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from kql.operators.layout import LAYOUTS
+from kql.operators.precision import PRECISIONS
 
 STRATEGIES = ("auto", "naive", "incremental")
 
@@ -143,6 +144,10 @@ ROWS = (
             "stride-1 convolutions of incremental inference compute the change of their output "
             "from their input's change (no read-in halo; exact): 'auto' (each where predicted "
             "cheaper), 'on' (wherever they can) or 'off'"),
+    Setting("precision", "auto", one_of("precision", "auto", *PRECISIONS),
+            "arithmetic of the scans: 'float32' (exact), 'bfloat16', 'float16' or 'int8' "
+            "(approximate, checked by EXPLAIN ANALYZE against float32; int8 in the plain loop "
+            "only, incremental scans run bfloat16); 'auto': float32"),
     Setting("layout", "auto", _check_layout,
             "memory layout of full-size batches: 'auto' (channels_last on CPU, where oneDNN "
             "runs convolutions faster in it; contiguous on GPU), 'channels_last' or 'contiguous'"),

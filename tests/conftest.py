@@ -67,6 +67,22 @@ def no_lasting_layouts(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def float32_pace(monkeypatch):
+    """Reduced precision measured as fast as float32 (``$KQL_PRECISION_RATIO``, inherited
+    by the CLI subprocesses), none kept from an earlier test: a WITH SSIM plan, which may
+    run bfloat16 where it pays, does not depend on this CPU's bfloat16 or its load.
+    tests/test_precision.py measures and injects its own ratios."""
+    from kql.planner import precision
+
+    monkeypatch.setenv("KQL_PRECISION_RATIO", "1")
+    precision._cache.clear()
+    path = os.path.join(os.environ["KQL_CACHE_DIR"], precision.FILE)
+    if os.path.exists(path):
+        os.remove(path)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def no_scan_feedback(monkeypatch):
     """Each test starts without the observed/predicted ratios of earlier tests' scans
     (planner/feedback.py), and measures as on a quiet machine (operators/contention.py)

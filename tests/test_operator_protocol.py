@@ -16,6 +16,7 @@ from kql.operators.drilldown import DrillDownOcclusion
 from kql.operators.grouped import GroupedOcclusion
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.naive import NaiveOcclusion
+from kql.operators.precision import ReducedPrecision
 from kql.operators.profile import ModelProfile
 from kql.operators.protocol import OcclusionOperator
 from kql.operators.steps import plan_steps
@@ -44,11 +45,12 @@ def operators() -> dict:
         "drilldown": DrillDownOcclusion(naive, inc, coarse, 0.25),
         "verified": VerifiedDrillDown(inc, (20, 20), 4, 0.02, Check(0.9)),
         "grouped": GroupedOcclusion(([8], []), {(0, 0): inc, (1, 0): incremental()}),
+        "precision": ReducedPrecision(inc, "bfloat16"),
     }
 
 
 @pytest.mark.parametrize("name", ["naive", "incremental", "trial", "drilldown", "verified",
-                                  "grouped"])
+                                  "grouped", "precision"])
 def test_every_operator_has_the_whole_protocol(name):
     op = operators()[name]
     assert isinstance(op, OcclusionOperator)
@@ -66,6 +68,12 @@ def test_operators_say_how_their_map_is_approximate():
     verified = ops["verified"].approximation()
     assert verified.kind == "verified" and "SSIM>=0.9 on 8 windows" in verified.text
     assert incremental(tau=0.5).approximation().text == "tau=0.50"
+    # Reduced precision: its own, unless what it wraps is approximate already; exact in
+    # float32 (a stated fallback is float32 and exact).
+    assert ops["precision"].approximation().text == "bfloat16"
+    assert ReducedPrecision(incremental(tau=0.5), "bfloat16").approximation().kind == "tau"
+    assert ops["precision"].exact() is ops["incremental"]
+    assert ReducedPrecision(ops["naive"], "float32", "bfloat16: none").approximation() is None
     # A trial answers for the operator it chose.
     assert OperatorTrial(incremental(tau=0.5), NaiveOcclusion(4)).approximation().kind == "tau"
 
@@ -80,6 +88,8 @@ def test_plain_loop_and_layout_learning_are_asked_not_inferred():
     assert ops["grouped"].position_order(np.array([9, 0]), np.array([0, 0])).tolist() == [1, 0]
     assert ops["incremental"].position_order(np.array([9, 0]), np.array([0, 0])) is None
     assert not ops["drilldown"].learns_layout and not ops["verified"].learns_layout
+    assert ops["precision"].learns_layout and not ops["precision"].plain_loop
+    assert ReducedPrecision(ops["naive"], "int8").plain_loop
 
 
 def test_verified_drill_down_prices_its_own_lattice():
