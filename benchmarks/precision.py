@@ -10,9 +10,9 @@ against the float32 map: SSIM, Spearman rank correlation of the cells, IoU of th
 top-10% drop regions (:mod:`kql.planner.quality`).
 
 EfficientNet-Lite0 has real ImageNet weights (the built-in model, on sample photos).
-ResNet18 and VGG16 have random weights, with the logits scaled so the unoccluded
-image's top class has p ~ 0.6 (a random network's softmax is flat otherwise, and any
-map would match a flat one).
+ResNet18 and VGG16 have random weights, ResNet18's BatchNorm statistics taken from eight
+sample photos and the logits scaled so the unoccluded image's top class has p ~ 0.6 (a
+random network's softmax is flat otherwise, and any map would match a flat one).
 
 Usage (README's table):
   .venv/bin/python benchmarks/precision.py [--models efficientnet_lite0,resnet18,vgg16]
@@ -63,6 +63,28 @@ def moving(body: nn.Module, image: torch.Tensor, top: float = 0.6) -> nn.Module:
     return Scaled(body, float(low)).eval()
 
 
+PHOTOS = ("astronaut", "coffee", "rocket", "camera", "retina", "horse", "clock", "chelsea")
+
+
+def calibrated(body: nn.Module) -> nn.Module:
+    """``body`` with its BatchNorm statistics taken from eight sample photos (the defaults,
+    mean 0 and variance 1, let a random ResNet's activations drift until its map is
+    noise)."""
+    norms = [m for m in body.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        return body
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    batch = torch.stack([(images.resize(images.match_channels(images.load_sample(p), 3)[0],
+                                        (SIDE, SIDE)) - mean) / std for p in PHOTOS])
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                          # a plain average over the batch
+    body.train()
+    with torch.no_grad():
+        body(batch)
+    return body.eval()
+
+
 def connection(name: str, photo: str) -> tuple:
     con = kql.connect()
     picture = images.match_channels(images.load_sample(photo), 3)[0]
@@ -70,7 +92,7 @@ def connection(name: str, photo: str) -> tuple:
     if name == "efficientnet_lite0":
         return con, name
     torch.manual_seed(0)
-    body = getattr(torchvision.models, name)().eval()
+    body = calibrated(getattr(torchvision.models, name)().eval())
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     scaled = moving(body, (images.resize(picture, (SIDE, SIDE)) - mean) / std)
     con.register_model("net", scaled, mean=MEAN, std=STD)
@@ -86,7 +108,13 @@ def main() -> None:
     parser.add_argument("--plain-positions", type=int, default=96,
                         help="time the plain loop on about this many positions, scaled to the map")
     parser.add_argument("--float16", action="store_true", help="also float16")
+    parser.add_argument("--with-ssim", type=float, default=None,
+                        help="instead: WITH SSIM >= T on EfficientNet-Lite0, precision 'auto' "
+                             "(may verify in bfloat16) against 'float32', on --photos")
+    parser.add_argument("--photos", default="chelsea,rocket,retina,gravel,coffee")
     args = parser.parse_args()
+    if args.with_ssim is not None:
+        return with_ssim(args)
     precisions = ["float32", "bfloat16", "int8"] + (["float16"] if args.float16 else [])
     print(f"precision: torch {torch.__version__} on {torch.get_num_threads()} threads, "
           f"PATCH {PATCH} STRIDE {args.stride} BATCH {BATCH}, {SIDE} px, photo {args.photo}")
@@ -131,6 +159,38 @@ def main() -> None:
                   f"{took['plain loop'] / took[p]:.2f}x the plain loop; SSIM {q['ssim']:.3f}, "
                   f"Spearman {q['spearman']:.3f}, top-10% IoU {q['top10_iou']:.2f}")
         print(f"  float32 plan: {took['plain loop'] / took['float32']:.2f}x the plain loop")
+
+
+def with_ssim(args) -> None:
+    """``WITH SSIM >= T`` on Lite0 under 'auto' and 'float32', interleaved per photo, each
+    planned afresh; fidelity against KQL's exact float32 map, speed against each other."""
+    print(f"WITH SSIM >= {args.with_ssim}: EfficientNet-Lite0, PATCH {PATCH} STRIDE {args.stride}, "
+          f"torch {torch.__version__} on {torch.get_num_threads()} threads")
+    ratios = []
+    for photo in args.photos.split(","):
+        con = kql.connect()
+        con.plan_cache.learning = False
+        query = (f"OCCLUDE sample('{photo}') USING efficientnet_lite0 PATCH {PATCH} "
+                 f"STRIDE {args.stride}")
+        exact = con.execute(query).heatmap
+        took, maps, how = {}, {}, {}
+        for r in range(args.rounds):
+            for setting in (["auto", "float32"] if r % 2 == 0 else ["float32", "auto"]):
+                con.execute(f"SET precision = '{setting}'")
+                con.plan_cache.clear()
+                began = time.perf_counter()
+                out = con.execute(f"{query} WITH SSIM >= {args.with_ssim}")
+                took.setdefault(setting, []).append(time.perf_counter() - began)
+                maps[setting] = out.heatmap
+                line = out.plan.splitlines()[1]
+                how[setting] = ("bfloat16" if "precision=bfloat16" in line else "float32") + \
+                    (f", lattice {out.check['lattice']}" if out.check else "")
+        med = {k: statistics.median(v) for k, v in took.items()}
+        ratios.append(med["float32"] / med["auto"])
+        cells = ", ".join(f"{k}: {med[k]:.2f} s ({how[k]}), SSIM "
+                          f"{map_quality(exact, maps[k])['ssim']:.3f}" for k in ("float32", "auto"))
+        print(f"  {photo}: {cells}; float32 / auto {ratios[-1]:.2f}")
+    print(f"median float32 / auto: {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
