@@ -191,23 +191,24 @@ def calibrate(con, stmt: ast.Calibrate, text: str, progress) -> Result:
                                         f"{tp.bandwidth / 1e9:.1f} GB/s; {tp.verdict()}")
 
 
-# Below this many images CALIBRATE still tunes, but says its bound is loose.
-FEW_CALIBRATION_IMAGES = 5
-
-
 def calibrate_model(con, stmt: ast.CalibrateModel, text: str, progress) -> Result:
     """``CALIBRATE <model> ON ...``: tune the projective-field threshold on the images and
     keep the tuning record in the catalog, for the OCCLUDE queries of that geometry."""
     queries = bind_calibration(con, stmt, text)
     from .planner import tuning     # the tuner, only once the statement is bound
 
+    few = len(queries) < tuning.TIGHT           # it still tunes, and says the bound is loose
+    if few:                                     # before the maps are computed, and after
+        con.on_warning(tuning.what_it_can_promise(len(queries)))
+    if progress is not None and hasattr(progress, "describe"):
+        progress.describe(f"calibrate {len(queries)} image{'' if len(queries) == 1 else 's'}")
     record = tuning.tune(queries, settings=con.settings, directory=con.catalog.directory,
                          progress=progress)
     con.catalog.save_tuning(queries[0].model.name, tuning.key(queries[0]), record.to_dict())
     message = record.summary()
-    if len(queries) < FEW_CALIBRATION_IMAGES:
+    if few:
         count = f"{len(queries)} image{'' if len(queries) == 1 else 's'}"
-        warning = f"tuned on {count}: fewer than {FEW_CALIBRATION_IMAGES}, the bound is loose"
+        warning = f"tuned on {count}: fewer than {tuning.TIGHT}, the bound is loose"
         message += f"; {warning}"
     return Result("set", text, message=message)
 

@@ -13,6 +13,7 @@ no tuning (a tuning only tells how often each lattice's check passes).
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import numpy as np
@@ -113,16 +114,18 @@ def task_of(query, device: str) -> OcclusionTask:
                          fill=query.fill)
 
 
-def exact_and_thresholded(query, device: str, taus) -> tuple:
-    """The exact probability map of ``query`` and one thresholded map per tau."""
+def maps_at(query, device: str, taus, progress=None):
+    """The exact probability map of ``query``, then one thresholded map per tau, lazily:
+    ``(tau, map, seconds)`` (tau 1 first), so that a caller may stop early.
+    ``progress(done, total)``: positions done of the map being computed."""
     profile = profile_model(query, device)
     task = task_of(query, device)
     budget = memory.budget(device)
-    maps = []
+    shape = query.grid.shape
     for tau in (1.0,) + tuple(taus):
+        began = time.perf_counter()
         steps = plan_steps(profile, task.ys, task.xs, task.patch, tau=tau)
         batch = memory.incremental_fit(profile, steps, budget, device, query.batch,
                                        task.count).batch      # a BATCH asked for, held to it
-        maps.append(IncrementalOcclusion(profile, steps, batch).run(task).probabilities)
-    shape = query.grid.shape
-    return maps[0].reshape(shape), [np.asarray(m).reshape(shape) for m in maps[1:]]
+        out = IncrementalOcclusion(profile, steps, batch).run(task, progress)
+        yield tau, np.asarray(out.probabilities).reshape(shape), time.perf_counter() - began

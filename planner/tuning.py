@@ -32,6 +32,12 @@ VERIFIED_STEPS = (2, 3, 4)
 COVERAGE = 0.9
 CONFIDENCE = 0.9
 ONE_IMAGE_MARGIN = 0.05
+# CALIBRATE's cost per image, in exact maps: the exact one and thresholded ones up to this.
+BUDGET = 3.0
+# A thresholded map below this SSIM ends its image's thresholded maps (smaller taus keep less).
+FLOOR = 0.5
+NOT_MEASURED = -1.0         # the SSIM recorded for a tau not computed: never chosen
+TIGHT = 5                   # images from which the bound is called tight
 
 
 def heatmap_ssim(exact: np.ndarray, approx: np.ndarray) -> float:
@@ -121,10 +127,11 @@ class TuningRecord:
         return found
 
     def predicted(self, tau: float) -> Optional[float]:
-        """The bound at a tau of the grid (None off the grid)."""
+        """The bound at a tau of the grid (None off the grid, or where it was not
+        measured on every image)."""
         for i, t in enumerate(self.taus):
             if abs(t - tau) < 1e-9:
-                return self.bound(i)
+                return None if NOT_MEASURED in self.ssims[i] else self.bound(i)
         return None
 
     @property
@@ -132,7 +139,12 @@ class TuningRecord:
         return f"tuned on {self.images} image{'s' if self.images != 1 else ''}"
 
     def summary(self) -> str:
-        parts = [f"tau {t:.1f}: SSIM >= {self.bound(i):.3f}" for i, t in enumerate(self.taus)]
+        parts = [f"tau {t:.1f}: SSIM >= {self.bound(i):.3f}" for i, t in enumerate(self.taus)
+                 if NOT_MEASURED not in self.ssims[i]]
+        skipped = [f"{t:.1f}" for i, t in enumerate(self.taus) if NOT_MEASURED in self.ssims[i]]
+        if skipped:
+            parts.append(f"tau {', '.join(skipped)}: not measured on every image (a larger tau "
+                         f"fell below SSIM {FLOOR:g} or used the budget of {BUDGET:g} exact maps)")
         for r, sp, ssims in self.drills:
             parts.append(f"DRILLDOWN {r:g} SPEEDUP {sp:g} exact: SSIM >= {conservative(ssims[0]):.3f}")
         for step, b in self.checks:
@@ -185,14 +197,22 @@ def _smallest(taus, ssims, target, fallback, make):
 
 
 def tune(queries: list, settings=None, directory=None, progress=None,
-         taus: tuple = TAUS, drilldowns: tuple = DRILLDOWNS) -> TuningRecord:
-    """Exact and thresholded maps of every query (one per sample image); their SSIMs."""
+         taus: tuple = TAUS, drilldowns: tuple = DRILLDOWNS, budget: float = BUDGET) -> TuningRecord:
+    """Exact and thresholded maps of every query (one per sample image); their SSIMs.
+
+    Per image, the exact map once; drill-down and the verified checks are simulated from
+    it and from the thresholded maps. The thresholded maps go from the largest tau down
+    and stop where nothing smaller can be of use: once a map's SSIM falls below
+    :data:`FLOOR` (a smaller tau keeps less), or once they have taken ``budget - 1`` times
+    the exact map's time. A tau not computed is recorded as :data:`NOT_MEASURED` (never
+    chosen). ``progress(done, total)`` counts positions over every map planned, a map
+    skipped counting as done, so the bar's rate and ETA hold."""
     from kql.errors import KqlPlanError
     from kql.operators.graph import TraceError
     from kql.operators.verified import check_bound, checkable
 
     from . import devices
-    from .approximate import exact_and_thresholded
+    from .approximate import maps_at
 
     start = time.perf_counter()
     device = "cuda" if devices.cuda_available() else "cpu"
@@ -200,30 +220,85 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     drilled = [[[] for _ in (1.0,) + tuple(taus)] for _ in drilldowns]
     checked = {step: [] for step in VERIFIED_STEPS}
     refined = {step: [] for step in VERIFIED_STEPS if step > 2 and step % 2 == 0}
-    for done, query in enumerate(queries):
+    bar = _Positions(progress, queries[0].grid.count if queries else 0,
+                     len(queries) * (1 + len(taus)))
+    for query in queries:
+        maps = maps_at(query, device, taus, progress=bar)
         try:
-            exact, approx = exact_and_thresholded(query, device, taus)
+            exact, spent, measured = None, 0.0, []
+            for _tau, found, seconds in maps:
+                bar.map_done()
+                if exact is None:
+                    exact, allowed = found, (budget - 1.0) * seconds
+                    continue
+                ssim = heatmap_ssim(exact, found)
+                ssims[len(measured)].append(ssim)
+                measured.append(found)
+                spent += seconds
+                if ssim < FLOOR or spent >= allowed:
+                    break
         except TraceError as exc:
             raise KqlPlanError(f"CALIBRATE: model '{query.model.name}' cannot run "
                                f"incrementally, so thresholding does not apply ({exc})") from None
-        for i, a in enumerate(approx):
-            ssims[i].append(heatmap_ssim(exact, a))
+        finally:
+            maps.close()
+        for i in range(len(measured), len(taus)):
+            ssims[i].append(NOT_MEASURED)
         for d, (fraction, speedup) in enumerate(drilldowns):
-            for i, a in enumerate([exact] + list(approx)):
+            for i, a in enumerate([exact] + measured):
                 drilled[d][i].append(heatmap_ssim(exact, drilled_map(query, a, fraction, speedup)))
+            for i in range(1 + len(measured), 1 + len(taus)):
+                drilled[d][i].append(NOT_MEASURED)
         if checkable(exact.shape):
             for step in VERIFIED_STEPS:
                 checked[step].append(check_bound(exact, step))
             for step in refined:
                 refined[step].append(check_bound(exact, step, refine=True))
-        if progress is not None:
-            progress(done + 1, len(queries))
+        bar.skip(len(taus) - len(measured))
     drills = tuple((r, sp, tuple(tuple(v) for v in table))
                    for (r, sp), table in zip(drilldowns, drilled))
     checks = tuple((step, tuple(b)) for step, b in checked.items() if b)
     refinements = tuple((step, tuple(b)) for step, b in refined.items() if b)
     return TuningRecord(tuple(taus), tuple(tuple(s) for s in ssims), len(queries),
                         time.perf_counter() - start, drills, checks, refinements)
+
+
+class _Positions:
+    """CALIBRATE's progress: positions over every map it plans (``maps`` of ``count``
+    positions), the map being computed reporting its own; a map skipped counts as done."""
+
+    def __init__(self, progress, count: int, maps: int):
+        self.progress, self.count, self.total = progress, count, count * maps
+        self.done = 0                        # positions of the maps finished or skipped
+
+    def __call__(self, done: int, _total: int) -> None:
+        if self.progress is not None:
+            self.progress(min(self.total, self.done + done), self.total)
+
+    def map_done(self) -> None:
+        self.skip(1)
+
+    def skip(self, maps: int) -> None:
+        self.done += maps * self.count
+        self(0, 0)
+
+
+def what_it_can_promise(images: int) -> str:
+    """What a tuning on ``images`` images can promise, said before it runs.
+
+    >>> what_it_can_promise(3)[:60]
+    'tuning on 3 images: the bound is the lowest SSIM seen and me'
+    """
+    if images <= 1:
+        return (f"tuning on 1 image: the bound is its SSIM less {ONE_IMAGE_MARGIN:g} (no spread "
+                f"to measure); {TIGHT} or more images give a bound with a stated confidence")
+    k = tolerance_factor(images)
+    tail = ("" if images >= TIGHT else
+            f"; with {TIGHT} images {tolerance_factor(TIGHT):.2f}, with 10 "
+            f"{tolerance_factor(10):.2f}: add images for a tighter bound")
+    return (f"tuning on {images} images: the bound is the lowest SSIM seen and mean - "
+            f"{k:.2f} sd of the SSIMs ({COVERAGE:.0%} of images above it, {CONFIDENCE:.0%} "
+            f"confidence){tail}")
 
 
 def drilled_map(query, fine: np.ndarray, fraction: float, speedup: float) -> np.ndarray:
