@@ -56,7 +56,11 @@ def tuned_candidates(query, ctx) -> list:
     if query.ssim is None or query.drilldown is not None or ctx.tau != "auto":
         return []
     record = _record(query, ctx.tuning_lookup)
-    return record.candidates(query.ssim) if record else []
+    if record is None:
+        return []
+    # A precision the tuning certified runs only where the session leaves it to the planner.
+    return [c for c in record.candidates(query.ssim)
+            if c.precision is None or ctx.precision == "auto"]
 
 
 def verified_candidates(query, ctx) -> list:
@@ -114,18 +118,24 @@ def task_of(query, device: str) -> OcclusionTask:
                          fill=query.fill)
 
 
-def maps_at(query, device: str, taus, progress=None):
-    """The exact probability map of ``query``, then one thresholded map per tau, lazily:
-    ``(tau, map, seconds)`` (tau 1 first), so that a caller may stop early.
-    ``progress(done, total)``: positions done of the map being computed."""
+def maps_at(query, device: str, taus, progress=None, reduced=()):
+    """The exact probability map of ``query``, then one per reduced precision of
+    ``reduced`` (exact arithmetic otherwise, :mod:`kql.operators.precision`), then one
+    thresholded map per tau, lazily: ``(tau or precision, map, seconds)`` (tau 1 first), so
+    that a caller may stop early. ``progress(done, total)``: positions done of the map
+    being computed."""
+    from kql.operators.precision import computing
+
     profile = profile_model(query, device)
     task = task_of(query, device)
     budget = memory.budget(device)
     shape = query.grid.shape
-    for tau in (1.0,) + tuple(taus):
+    for how in (1.0,) + tuple(reduced) + tuple(taus):
         began = time.perf_counter()
+        tau = how if isinstance(how, float) else 1.0
         steps = plan_steps(profile, task.ys, task.xs, task.patch, tau=tau)
         batch = memory.incremental_fit(profile, steps, budget, device, query.batch,
                                        task.count).batch      # a BATCH asked for, held to it
-        out = IncrementalOcclusion(profile, steps, batch).run(task, progress)
-        yield tau, np.asarray(out.probabilities).reshape(shape), time.perf_counter() - began
+        with computing(how if isinstance(how, str) else "float32", device):
+            out = IncrementalOcclusion(profile, steps, batch).run(task, progress)
+        yield how, np.asarray(out.probabilities).reshape(shape), time.perf_counter() - began

@@ -140,6 +140,8 @@ def _plan_with(p: Planning) -> PhysicalPlan:
 
 
 def _plan_choice(p: Planning, choice: Choice) -> PhysicalPlan:
+    if choice.precision is not None:           # the exact map in a precision the tuning certified
+        p = dataclasses.replace(p, precision=choice.precision)
     if choice.drilldown is None:
         return _single(p, choice)
     fraction, speedup = choice.drilldown
@@ -274,7 +276,8 @@ def _naive_or_incremental(p: Planning, naive_plan: PhysicalPlan, best: PhysicalP
     close = exact and NAIVE_MARGIN / CLOSE < ratio < NAIVE_MARGIN * CLOSE
     if ratio > NAIVE_MARGIN:
         # The naive map is exact: a quality asked for is met at tau 1, from the same tuning.
-        tuned = Choice(1.0, 1.0, best.approximation.source) if best.approximation else None
+        how = best.approximation
+        tuned = None if how is None else how if how.precision else Choice(1.0, 1.0, how.source)
         return (dataclasses.replace(naive_plan, reason="incremental not predicted cheaper",
                                     approximation=tuned), best if exact else None, close)
     return best, naive_plan if exact else None, close

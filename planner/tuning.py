@@ -86,6 +86,7 @@ class Choice:
     predicted_ssim: float       # the conservative bound at tau (1.0 for the exact map)
     source: str                 # 'tuned on N images', 'user', 'default (...)'
     drilldown: Optional[tuple] = None    # (fraction, SPEEDUP) when drill-down was tuned in
+    precision: Optional[str] = None      # the exact map in this arithmetic (bfloat16), tuned
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class TuningRecord:
     drills: tuple = ()          # ((fraction, speedup, ssims[1 + len(taus)][images]), ...): tau 1, taus
     checks: tuple = ()          # ((step, bounds[images]), ...): a verified drill-down's first check per lattice step
     refined: tuple = ()         # ((step, bounds[images]), ...): its one-axis refinement of an even step > 2
+    precisions: tuple = ()      # ((precision, ssims[images]), ...): the exact map in it against float32
 
     def bound(self, i: int) -> float:
         """The conservative SSIM bound at ``taus[i]``."""
@@ -124,6 +126,10 @@ class TuningRecord:
                              lambda tau, bound: Choice(tau, bound, self.source, (fraction, speedup)))
             if pick is not None:
                 found.append(pick)
+        for name, values in self.precisions:
+            bound = conservative(values)
+            if NOT_MEASURED not in values and bound >= target:
+                found.append(Choice(1.0, bound, self.source, precision=name))
         return found
 
     def predicted(self, tau: float) -> Optional[float]:
@@ -147,6 +153,8 @@ class TuningRecord:
                          f"fell below SSIM {FLOOR:g} or used the budget of {BUDGET:g} exact maps)")
         for r, sp, ssims in self.drills:
             parts.append(f"DRILLDOWN {r:g} SPEEDUP {sp:g} exact: SSIM >= {conservative(ssims[0]):.3f}")
+        for name, values in self.precisions:
+            parts.append(f"{name}: SSIM >= {conservative(values):.3f}")
         for step, b in self.checks:
             parts.append(f"checked lattice every {step}: median bound {np.median(b):.3f}")
         return f"{self.source} in {self.seconds:.1f}s; " + ", ".join(parts)
@@ -156,16 +164,19 @@ class TuningRecord:
                 "images": self.images, "seconds": self.seconds,
                 "drills": [[r, sp, [list(v) for v in ssims]] for r, sp, ssims in self.drills],
                 "checks": [[step, list(b)] for step, b in self.checks],
-                "refined": [[step, list(b)] for step, b in self.refined]}
+                "refined": [[step, list(b)] for step, b in self.refined],
+                "precisions": [[name, list(v)] for name, v in self.precisions]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningRecord":
         table = lambda rows: tuple(tuple(float(v) for v in row) for row in rows)
         drills = tuple((float(r), float(sp), table(ssims)) for r, sp, ssims in d.get("drills", ()))
         steps = lambda rows: tuple((int(step), tuple(float(v) for v in b)) for step, b in rows)
+        precisions = tuple((str(name), tuple(float(v) for v in values))
+                           for name, values in d.get("precisions", ()))
         return cls(tuple(float(t) for t in d["taus"]), table(d["ssims"]), int(d["images"]),
                    float(d.get("seconds", 0.0)), drills, steps(d.get("checks", ())),
-                   steps(d.get("refined", ())))
+                   steps(d.get("refined", ())), precisions)
 
     def check_bounds(self) -> dict:
         """The verified drill-down's check on each tuning image: ``{step: [bound, ...]}`` for
@@ -197,7 +208,8 @@ def _smallest(taus, ssims, target, fallback, make):
 
 
 def tune(queries: list, settings=None, directory=None, progress=None,
-         taus: tuple = TAUS, drilldowns: tuple = DRILLDOWNS, budget: float = BUDGET) -> TuningRecord:
+         taus: tuple = TAUS, drilldowns: tuple = DRILLDOWNS, budget: float = BUDGET,
+         reduced: Optional[tuple] = None) -> TuningRecord:
     """Exact and thresholded maps of every query (one per sample image); their SSIMs.
 
     Per image, the exact map once; drill-down and the verified checks are simulated from
@@ -205,7 +217,10 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     and stop where nothing smaller can be of use: once a map's SSIM falls below
     :data:`FLOOR` (a smaller tau keeps less), or once they have taken ``budget - 1`` times
     the exact map's time. A tau not computed is recorded as :data:`NOT_MEASURED` (never
-    chosen). ``progress(done, total)`` counts positions over every map planned, a map
+    chosen). Before the thresholded maps, the exact map in each precision of ``reduced``
+    (default: bfloat16 where the device runs it, :func:`reduced_precisions`), whose SSIM
+    against float32 lets ``WITH SSIM`` run the exact map in it where the bound reaches
+    the target. ``progress(done, total)`` counts positions over every map planned, a map
     skipped counting as done, so the bar's rate and ETA hold."""
     from kql.errors import KqlPlanError
     from kql.operators.graph import TraceError
@@ -216,22 +231,29 @@ def tune(queries: list, settings=None, directory=None, progress=None,
 
     start = time.perf_counter()
     device = "cuda" if devices.cuda_available() else "cpu"
+    reduced = reduced_precisions(device) if reduced is None else tuple(reduced)
+    lower = {name: [] for name in reduced}
     ssims = [[] for _ in taus]
     drilled = [[[] for _ in (1.0,) + tuple(taus)] for _ in drilldowns]
     checked = {step: [] for step in VERIFIED_STEPS}
     refined = {step: [] for step in VERIFIED_STEPS if step > 2 and step % 2 == 0}
     bar = _Positions(progress, queries[0].grid.count if queries else 0,
-                     len(queries) * (1 + len(taus)))
+                     len(queries) * (1 + len(reduced) + len(taus)))
     for query in queries:
-        maps = maps_at(query, device, taus, progress=bar)
+        maps = maps_at(query, device, taus, progress=bar, reduced=reduced)
         try:
-            exact, spent, measured = None, 0.0, []
-            for _tau, found, seconds in maps:
+            exact, spent, measured, in_reduced = None, 0.0, [], set()
+            for how, found, seconds in maps:
                 bar.map_done()
                 if exact is None:
                     exact, allowed = found, (budget - 1.0) * seconds
                     continue
                 ssim = heatmap_ssim(exact, found)
+                if isinstance(how, str):                 # the exact map in reduced precision
+                    lower[how].append(ssim)
+                    in_reduced.add(how)
+                    spent += seconds
+                    continue
                 ssims[len(measured)].append(ssim)
                 measured.append(found)
                 spent += seconds
@@ -242,6 +264,8 @@ def tune(queries: list, settings=None, directory=None, progress=None,
                                f"incrementally, so thresholding does not apply ({exc})") from None
         finally:
             maps.close()
+        for name in set(reduced) - in_reduced:
+            lower[name].append(NOT_MEASURED)
         for i in range(len(measured), len(taus)):
             ssims[i].append(NOT_MEASURED)
         for d, (fraction, speedup) in enumerate(drilldowns):
@@ -260,7 +284,15 @@ def tune(queries: list, settings=None, directory=None, progress=None,
     checks = tuple((step, tuple(b)) for step, b in checked.items() if b)
     refinements = tuple((step, tuple(b)) for step, b in refined.items() if b)
     return TuningRecord(tuple(taus), tuple(tuple(s) for s in ssims), len(queries),
-                        time.perf_counter() - start, drills, checks, refinements)
+                        time.perf_counter() - start, drills, checks, refinements,
+                        tuple((name, tuple(v)) for name, v in lower.items()))
+
+
+def reduced_precisions(device: str) -> tuple:
+    """The reduced precisions tuning measures on ``device``: bfloat16 where it runs it."""
+    from kql.operators.precision import BFLOAT16, unsupported
+
+    return (BFLOAT16,) if unsupported(BFLOAT16, device) is None else ()
 
 
 class _Positions:

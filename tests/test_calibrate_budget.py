@@ -41,11 +41,11 @@ def stand_in(monkeypatch, noise: dict, seconds: dict, log: list):
     """``maps_at`` whose map at tau is the exact one plus ``noise[tau]`` of random noise,
     taking ``seconds[tau]``; ``log`` gets each tau computed and whether the generator was
     closed."""
-    def maps_at(query, device, taus, progress=None):
+    def maps_at(query, device, taus, progress=None, reduced=()):
         exact = exact_map(query.grid.shape)
         rng = np.random.default_rng(0)
         try:
-            for tau in (1.0,) + tuple(taus):
+            for tau in (1.0,) + tuple(reduced) + tuple(taus):
                 log.append(tau)
                 if progress is not None:
                     progress(query.grid.count // 2, query.grid.count)
@@ -59,7 +59,7 @@ def stand_in(monkeypatch, noise: dict, seconds: dict, log: list):
 def test_thresholded_maps_stop_below_the_floor(queries, monkeypatch):
     log = []
     stand_in(monkeypatch, {0.9: 0.001, 0.8: 0.01, 0.7: 0.5}, {}, log)
-    record = tuning.tune(queries, budget=100)
+    record = tuning.tune(queries, budget=100, reduced=())
     # Per image: the exact map, tau 0.9, 0.8 and 0.7 (below the floor), then stop.
     assert log == [1.0, 0.9, 0.8, 0.7, "closed"] * 3
     assert record.ssims[0][0] > 0.95 and record.ssims[2][0] < tuning.FLOOR
@@ -75,7 +75,7 @@ def test_thresholded_maps_stop_below_the_floor(queries, monkeypatch):
 def test_thresholded_maps_stop_at_the_budget(queries, monkeypatch):
     log = []
     stand_in(monkeypatch, {}, {1.0: 1.0, 0.9: 1.5, 0.8: 1.5, 0.7: 1.5}, log)
-    record = tuning.tune(queries, budget=3.0)
+    record = tuning.tune(queries, budget=3.0, reduced=())
     # 2 exact maps' worth for thresholded ones: tau 0.9 (1.5 s) and 0.8 (3 s in all).
     assert log == [1.0, 0.9, 0.8, "closed"] * 3
     assert record.ssims[1][0] == pytest.approx(1.0) and record.ssims[2][0] == tuning.NOT_MEASURED
@@ -84,13 +84,28 @@ def test_thresholded_maps_stop_at_the_budget(queries, monkeypatch):
 def test_progress_counts_positions_over_every_map_planned(queries, monkeypatch):
     stand_in(monkeypatch, {0.9: 0.5}, {}, [])
     seen = []
-    tuning.tune(queries, progress=lambda done, total: seen.append((done, total)))
+    tuning.tune(queries, progress=lambda done, total: seen.append((done, total)), reduced=())
     count = queries[0].grid.count
     total = 3 * (1 + len(tuning.TAUS)) * count
     assert {t for _, t in seen} == {total}
     done = [d for d, _ in seen]
     assert done == sorted(done) and done[-1] == total        # never back, and to the end
     assert any(0 < d < count for d in done)                  # within a map, not per image
+
+
+def test_the_exact_map_in_bfloat16_is_tuned_first_and_becomes_a_candidate(queries, monkeypatch):
+    log = []
+    stand_in(monkeypatch, {"bfloat16": 0.02, 0.9: 0.5}, {1.0: 1.0, "bfloat16": 0.6}, log)
+    record = tuning.tune(queries, reduced=("bfloat16",))
+    assert log[:3] == [1.0, "bfloat16", 0.9]                   # before the thresholded maps
+    [(name, values)] = record.precisions
+    assert name == "bfloat16" and len(values) == 3 and 0.9 < min(values) < 0.999
+    found = [c for c in record.candidates(0.9) if c.precision == "bfloat16"]
+    assert found and found[0].tau == 1.0 and found[0].predicted_ssim >= 0.9
+    assert not [c for c in record.candidates(0.999) if c.precision]     # not past its bound
+    again = tuning.TuningRecord.from_dict(record.to_dict())             # kept in the catalog
+    assert again.precisions == record.precisions
+    assert "bfloat16: SSIM >= " in record.summary()
 
 
 def test_what_a_tuning_can_promise_is_said_first(monkeypatch):

@@ -313,3 +313,34 @@ def test_the_operator_travels_to_ray_workers(resnet, available):
     back = pickle.loads(pickle.dumps(plan.operator))
     assert back.describe()["precision"] == "bfloat16"
     assert back.approximation().kind == "precision"
+
+
+def test_a_tuning_that_certifies_bfloat16_runs_the_exact_map_in_it(residual, available, monkeypatch):
+    """CALIBRATE records the exact map's SSIM in bfloat16 against float32; where its bound
+    reaches the target, WITH SSIM may run the exact map in bfloat16 (the prediction is
+    that bound, the source the tuning); never where the session asked for float32."""
+    from kql import executor
+    from kql.language.parser import parse
+    from kql.planner import tuning
+
+    con, _ = residual
+    faster(monkeypatch, 3.0)
+    query = VERIFIED + " WITH SSIM >= 0.9"
+    plan = executor.plan(con, parse(query)[0], query)
+    failed = (0.0,) * 5                       # the verified checks failed on every tuning image
+    record = tuning.TuningRecord((0.9,), ((0.5,) * 5,), 5,
+                                 checks=((2, failed), (3, failed), (4, failed)),
+                                 refined=((4, failed),),
+                                 precisions=(("bfloat16", (0.99, 0.995, 0.99, 0.992, 0.993)),))
+    con.catalog.save_tuning("net", tuning.key(plan.query), record.to_dict())
+    try:
+        line = operator_line(con.execute("EXPLAIN " + query).plan)
+        assert "precision=bfloat16" in line and "VerifiedDrillDown" not in line, line
+        assert f"predicted_ssim={record.candidates(0.9)[-1].predicted_ssim:.3f}" in line
+        assert 'tuning="tuned on 5 images"' in line
+        con.execute("SET precision = 'float32'")
+        line = operator_line(con.execute("EXPLAIN " + query).plan)
+        assert "precision" not in line, line
+    finally:
+        con.execute("SET precision = 'auto'")
+        con.catalog.save_tuning("net", tuning.key(plan.query), {})
