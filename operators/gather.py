@@ -151,7 +151,8 @@ def gather(padded: torch.Tensor, patches: torch.Tensor, py, px, wy, wx, size: tu
     if kernels(padded.device):
         from kql.cuda import gather as gpu
 
-        return gpu.contexts(padded, patches, *_on(padded.device, py, px, wy, wx), size, offset, scale)
+        return gpu.contexts(padded, patches.to(padded.dtype), *_on(padded.device, py, px, wy, wx),
+                            size, offset, scale)
     py, px = _host(py) + offset[0], _host(px) + offset[1]
     wy, wx = _host(wy) * scale[0], _host(wx) * scale[1]
     ctx = windows(padded, wy, wx, size)
@@ -169,7 +170,7 @@ def project(base: torch.Tensor, patches: torch.Tensor, py, px,
     if kernels(base.device):
         from kql.cuda import gather as gpu
 
-        return gpu.project(base, patches, *_on(base.device, py, px))
+        return gpu.project(base, patches.to(base.dtype), *_on(base.device, py, px))
     b = patches.shape[0]
     form = torch.channels_last if channels_last else torch.contiguous_format
     full = base.expand(b, *base.shape[1:]).clone(memory_format=form)
