@@ -197,17 +197,17 @@ def calibrate_model(con, stmt: ast.CalibrateModel, text: str, progress) -> Resul
     queries = bind_calibration(con, stmt, text)
     from .planner import tuning     # the tuner, only once the statement is bound
 
+    count = f"{len(queries)} image{'' if len(queries) == 1 else 's'}"
     few = len(queries) < tuning.TIGHT           # it still tunes, and says the bound is loose
     if few:                                     # before the maps are computed, and after
         con.on_warning(tuning.what_it_can_promise(len(queries)))
     if progress is not None and hasattr(progress, "describe"):
-        progress.describe(f"calibrate {len(queries)} image{'' if len(queries) == 1 else 's'}")
+        progress.describe(f"calibrate {count}")
     record = tuning.tune(queries, settings=con.settings, directory=con.catalog.directory,
                          progress=progress)
     con.catalog.save_tuning(queries[0].model.name, tuning.key(queries[0]), record.to_dict())
     message = record.summary()
     if few:
-        count = f"{len(queries)} image{'' if len(queries) == 1 else 's'}"
         warning = f"tuned on {count}: fewer than {tuning.TIGHT}, the bound is loose"
         message += f"; {warning}"
     return Result("set", text, message=message)

@@ -6,8 +6,9 @@ by EXPLAIN ANALYZE against the float32 map (:meth:`ReducedPrecision.exact`).
 
 - **bfloat16, float16**: the scan runs under :func:`torch.autocast`; convolutions and
   matrix products take the reduced type (oneDNN's AMX/AVX512-BF16 kernels on CPU, tensor
-  cores on GPU), the materialized views stay float32 and exact, and the changed regions
-  are written back into them in float32 (:func:`~.gather.paste` casts).
+  cores on GPU). An incremental scan reads a reduced copy of the materialized views
+  (:meth:`~.profile.ModelProfile.in_dtype`; the float32 views stay as they are) and
+  :func:`~.gather.paste` casts the changed regions to it.
 - **int8**: the plain loop runs a quantized copy of the model (torch.ao's FX graph mode,
   per-channel weight scales, activation ranges from the unoccluded image's own forward
   pass: no calibration data set). Incremental inference has no int8 kernels over windows:

@@ -45,6 +45,7 @@ class ModelProfile:
                     for n in self.nodes if n in self.dynamic and n.op.startswith("call")}
         self.gates = frozenset(self._gates())
         self._padded: dict = {}
+        self._in_dtype: dict = {}     # dtype -> this profile with its views in it
         self._modules = dict(self.gm.named_modules())
         self.memo: dict = {}          # for the planner: costs that depend only on the profile
 
@@ -150,14 +151,13 @@ class ModelProfile:
         the bytes and casts nothing per call. The unoccluded logits stay float32."""
         if dtype == torch.float32:
             return self
-        kept = self.__dict__.setdefault("_in_dtype", {})
-        if dtype not in kept:
+        if dtype not in self._in_dtype:
             other = copy.copy(self)
             other.views = {n: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                            else v for n, v in self.views.items()}
             other._padded, other._in_dtype = {}, {}
-            kept[dtype] = other
-        return kept[dtype]
+            self._in_dtype[dtype] = other
+        return self._in_dtype[dtype]
 
     def pixel_view(self, node: fx.Node) -> torch.Tensor:
         """The view of ``node`` channels-last (cached): a delta convolution copies its

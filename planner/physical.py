@@ -17,7 +17,7 @@ from kql.operators.graph import TraceError
 from kql.operators.incremental import IncrementalOcclusion
 from kql.operators.layout import CONTIGUOUS
 from kql.operators.naive import NaiveOcclusion
-from kql.operators.precision import FLOAT32, INT8, ReducedPrecision, quantized
+from kql.operators.precision import FLOAT32, INT8, ReducedPrecision, quantized, runs_as
 from kql.operators.trial import OperatorTrial
 
 from . import calibrate, deltas, memory, naive_shortcut, position_groups, precision
@@ -121,8 +121,12 @@ def _plan_with(p: Planning) -> PhysicalPlan:
         # unless the session asked for a precision.
         low = precision.for_ssim(query, ctx, p.device) if verified else None
         exact_single = single_in(FLOAT32) if low is not None else single
-        ways = [] if ctx.precision not in ("auto", FLOAT32) and low is not None else [None]
-        ways += [low] if low is not None else []
+        if low is None:
+            ways = [None]
+        elif ctx.precision == "auto":
+            ways = [None, low]                 # float32 and reduced, priced side by side
+        else:
+            ways = [low]                       # the session asked for it
         for make in ([lambda c=c: _plan_choice(p, c) for c in candidates]
                      + [lambda v=v, w=w: plan_verified(query, exact_single, *v,
                                                        low=single_in(w) if w else None)
@@ -385,20 +389,20 @@ def _grouped(p: Planning, plan: PhysicalPlan) -> PhysicalPlan:
 
 
 def _in_precision(plan: PhysicalPlan, p: Planning) -> PhysicalPlan:
-    """``plan`` in the session's precision (:mod:`.precision`), priced from the measured
-    ratio of float32 to it on the convolutions its operator runs; a precision the device
+    """``plan`` in the session's precision (:mod:`.precision`), priced from the ratio of
+    float32 to it measured on the query's own model; a precision the device
     cannot run (or int8 for a model torch.ao cannot quantize) is a stated fallback."""
     chosen, note = precision.resolve(p.arithmetic, p.device)
     if chosen == FLOAT32 and not note:
         return plan
-    plain = plan.operator.plain_loop
-    if chosen == INT8 and plain:
+    runs = runs_as(chosen, plan.operator.plain_loop)
+    if runs != chosen:                         # int8 asked of an incremental scan
+        chosen, note = runs, f"{chosen}: plain loop only"
+    elif chosen == INT8:
         try:
             quantized(plan.query.model.composed(), plan.query.image)
         except Exception as exc:       # torch.ao's tracer or a layer it cannot quantize
             chosen, note = FLOAT32, "int8: " + _first_line(exc)
-    elif chosen == INT8:
-        chosen, note = "bfloat16", "int8: plain loop only"
     operator = ReducedPrecision(plan.operator, chosen, note)
     if plan.cost is None or chosen == FLOAT32:
         return dataclasses.replace(plan, operator=operator)

@@ -3,14 +3,15 @@
 The cost model prices a plan in float32 (:mod:`.calibrate`). A plan in ``bfloat16``,
 ``float16`` or ``int8`` (:mod:`kql.operators.precision`) is priced from the measured
 ratio of float32 to that precision on the query's own model, a batch of its image: the
-ratio depends on the model's layers, not only the hardware (bfloat16 ran EfficientNet-
-Lite0 2.3x faster here and plain convolution stacks 4.5x; its int8 copy, with depthwise
-convolutions and swish that torch.ao leaves in float, ran 5.5x *slower*, ResNet18's 14x
-faster). The two run interleaved, round after round, and the median ratio is kept: a
-busy machine slows both alike, so the ratio holds where absolute times do not. Ratios are
-kept per device, model and image shape beside the calibration (``precision.json``); the
-planner prices the multiplying nodes of a plan with them (:func:`priced`), and the scans'
-feedback (:mod:`.feedback`, keyed by precision) corrects the rest.
+ratio depends on the model's layers, not only the hardware (here bfloat16 ran ResNet18
+1.9x faster and EfficientNet-Lite0 1.7x; torch.ao's int8 ResNet18 10x faster and int8
+Lite0, whose depthwise convolutions and swish stay in float, 6x *slower*). The two run
+interleaved, round after round, and the median ratio is kept: a busy machine slows both
+alike, so the ratio holds where absolute times do not. Ratios are kept in this process,
+and, when measured on a quiet machine, per device, model and image shape beside the
+calibration (``precision.json``); the planner prices the multiplying nodes of a plan with
+them (:func:`priced`), and the scans' feedback (:mod:`.feedback`, keyed by precision)
+corrects the rest.
 
 ``SET precision = 'auto'`` (the default) is float32 for exact queries. Under ``WITH SSIM``
 the verified scans may also run in bfloat16 (:func:`for_ssim`), their check's windows in
@@ -22,19 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import statistics
 import time
+
 import torch
 from torch import nn
 
-from kql.fileio import read_json, update_json
+from kql.fileio import read_entries, update_json
+from kql.operators.contention import contended
 from kql.operators.precision import BFLOAT16, FLOAT16, FLOAT32, INT8, computing, quantized, unsupported
 
 from . import calibrate
 
 FILE = "precision.json"
+VERSION = 1
 ROUNDS = 3
 PAYS = 1.15                              # a reduced precision 'auto' may pick: this much faster
 BATCH = 8                                # images per timed forward pass on CPU
@@ -79,34 +82,34 @@ def speedup(precision: str, device: str, model, image: torch.Tensor, directory=N
     float32. Kept per device, model structure and image shape."""
     if precision == FLOAT32:
         return 1.0
-    key = "|".join((calibrate.device_key(device), precision, _digest(model.structure()),
+    key = "|".join((calibrate.device_key(device), precision, model.structure()[:16],
                     "x".join(map(str, image.shape))))
     if key in _cache:
         return _cache[key]
     folder = calibrate.folder_of(directory)
     path = os.path.join(folder, FILE) if folder else None
     stored = _read(path).get(key) if path else None
-    if isinstance(stored, (int, float)) and 0.01 < stored < 100:
+    if stored is not None:
         _cache[key] = float(stored)
         return _cache[key]
     ratio = measure(precision, device, model.composed(), image)
     _cache[key] = ratio
-    if path:
+    if path and not contended():           # a ratio measured under load serves this process
         with contextlib.suppress(OSError):
-            update_json(path, _read, lambda old: {**old, key: ratio}, prefix=".precision-")
+            update_json(path, lambda p: {"version": VERSION, "entries": _read(p)},
+                        lambda old: {"version": VERSION, "entries": {**old["entries"], key: ratio}},
+                        prefix=".precision-")
     return ratio
 
 
-def _digest(structure) -> str:
-    return hashlib.sha1(repr(structure).encode()).hexdigest()[:16]
-
-
 def _read(path: str) -> dict:
-    try:
-        found = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    """The sound ratios of ``path``; empty when it is missing, unreadable or of another
+    version."""
+    return read_entries(path, VERSION, _sound)
+
+
+def _sound(ratio) -> bool:
+    return isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0.01 < ratio < 100
 
 
 def measure(precision: str, device: str, model: nn.Module, image: torch.Tensor,
