@@ -9,24 +9,27 @@ import torch
 from .task import OcclusionResult, OcclusionTask, Progress, StopScan, detect_output, resolve_targets, score
 
 
-def occlude(image: torch.Tensor, color: torch.Tensor, ys, xs, patch) -> torch.Tensor:
-    """A batch of copies of ``image`` [3, H, W], each with the patch painted at its corner
-    (``ys, xs``: sequences, or int64 tensors already on the image's device).
+def occlude(image: torch.Tensor, color: torch.Tensor, at: tuple, patch) -> torch.Tensor:
+    """A batch of copies of ``image`` [C, H, W] (a volume's [C, D, H, W]), each with the
+    patch painted at its corner (``at``: one sequence per axis, or int64 tensors already
+    on the image's device).
 
-    One broadcast ``where`` over row and column masks: no loop over the batch.
+    One broadcast ``where`` over per-axis masks: no loop over the batch.
 
-    >>> occlude(torch.zeros(1, 3, 4), torch.ones(1), [0, 1], [2, 0], (1, 2))[:, 0].tolist()
+    >>> occlude(torch.zeros(1, 3, 4), torch.ones(1), ([0, 1], [2, 0]), (1, 2))[:, 0].tolist()
     [[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]
     """
-    ph, pw = patch
-    _, h, w = image.shape
     dev = image.device
-    y, x = (v.to(dev)[:, None] if isinstance(v, torch.Tensor)
-            else torch.as_tensor(np.asarray(v, np.int64), device=dev)[:, None] for v in (ys, xs))
-    rows = (torch.arange(h, device=dev) >= y) & (torch.arange(h, device=dev) < y + ph)
-    cols = (torch.arange(w, device=dev) >= x) & (torch.arange(w, device=dev) < x + pw)
-    inside = (rows[:, :, None] & cols[:, None, :])[:, None]          # [B, 1, H, W]
-    return torch.where(inside, color.view(1, -1, 1, 1), image.unsqueeze(0))
+    sizes = image.shape[1:]
+    n = len(sizes)
+    inside = None
+    for a, (corner, p, size) in enumerate(zip(at, patch, sizes)):
+        c = (corner.to(dev) if isinstance(corner, torch.Tensor)
+             else torch.as_tensor(np.asarray(corner, np.int64), device=dev))[:, None]
+        span = torch.arange(size, device=dev)
+        mask = ((span >= c) & (span < c + p)).view(-1, *(size if i == a else 1 for i in range(n)))
+        inside = mask if inside is None else inside & mask
+    return torch.where(inside[:, None], color.view(1, -1, *(1,) * n), image.unsqueeze(0))
 
 
 def scan(task: OcclusionTask, base_logits: torch.Tensor, batch_size: int, logits_of,

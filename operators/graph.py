@@ -10,6 +10,10 @@ method) become one of four logical kinds (seed paper 000, section 3.2):
 * :class:`Join` - element-wise ops of several spatial tensors, channel concatenation;
 * ``None`` - global: everything else. Incremental computation ends there (the patch is
   projected into a full tensor); an unknown node is global, which is slower, never wrong.
+
+Feature maps are images' ``[B, C, H, W]`` or volumes' ``[B, C, D, H, W]``: a window op's
+kernel, stride and dilation have one entry per spatial axis, its padding two (before and
+after), in the map's axis order, and every rule downstream is applied per axis.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ class Local:
     """A window op (seed paper 000, eqs 7-15), generalised to dilation and asymmetric pads."""
 
     kind: str                       # 'conv' | 'maxpool' | 'avgpool' | 'pad'
-    kernel: tuple                   # (kh, kw)
+    kernel: tuple                   # (kh, kw), a volume's (kd, kh, kw)
     stride: tuple
     dilation: tuple
-    pad: tuple                      # (top, bottom, left, right); may be negative for 'pad'
+    pad: tuple                      # (top, bottom, left, right), a volume's (front, back, top, ...); may be negative for 'pad'
     fill: float                     # value outside the input (0, -inf, or the pad constant)
     apply: Callable                 # applied to a gathered context with no further padding
     in_channels: int = 0
@@ -53,10 +57,10 @@ class Local:
     def macs_per_output(self) -> int:
         """Multiply-adds per output element (eq. 16 without the output volume)."""
         if self.kind == "conv":
-            return (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+            return (self.in_channels // self.groups) * math.prod(self.kernel)
         if self.kind == "pad":
             return 0
-        return self.kernel[0] * self.kernel[1]
+        return math.prod(self.kernel)
 
 
 @dataclass
@@ -77,7 +81,7 @@ class Join:
 _POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
                       nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
                       nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Softsign, nn.Identity,
-                      nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Threshold)
+                      nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Threshold)
 _POINTWISE_FUNCTIONS = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
                         F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus,
                         F.hardtanh, F.dropout, torch.relu, torch.sigmoid, torch.tanh,
@@ -169,8 +173,15 @@ def is_metadata(node: fx.Node) -> bool:
                 and len(node.args) > 1 and node.args[1] in ("shape", "ndim")))
 
 
-def pair(v) -> tuple:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def pair(v, n: int = 2) -> tuple:
+    """``v`` as ``n`` ints (one int: the same on every axis)."""
+    return (int(v),) * n if isinstance(v, int) else tuple(int(v[i]) for i in range(n))
+
+
+_CONV = {2: F.conv2d, 3: F.conv3d}
+_CONV_T = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def classify(node: fx.Node, gm: fx.GraphModule, value, arg) -> object:
@@ -192,7 +203,8 @@ def classify(node: fx.Node, gm: fx.GraphModule, value, arg) -> object:
 
 
 def _is_map(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+    """An image's ``[B, C, H, W]`` or a volume's ``[B, C, D, H, W]`` feature map."""
+    return isinstance(t, torch.Tensor) and t.dim() in (4, 5) and t.is_floating_point()
 
 
 def _input_shape(node: fx.Node, value) -> Optional[torch.Size]:
@@ -202,56 +214,62 @@ def _input_shape(node: fx.Node, value) -> Optional[torch.Size]:
 
 
 def _classify_module(mod: nn.Module, node: fx.Node, value):
-    if isinstance(mod, nn.BatchNorm2d):
+    if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm3d)):
         return Pointwise(mod) if not mod.training and mod.running_mean is not None else None
     if isinstance(mod, _POINTWISE_MODULES):
-        return Pointwise(mod) if not isinstance(mod, (nn.Dropout, nn.Dropout2d)) or not mod.training else None
+        return Pointwise(mod) if not isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Dropout3d)) \
+            or not mod.training else None
     if len(node.args) != 1 or node.kwargs:
         return None
     shape = _input_shape(node, value)
     if shape is None:
         return None
-    if isinstance(mod, nn.Conv2d) and type(mod).forward is nn.Conv2d.forward:
+    if isinstance(mod, (nn.Conv2d, nn.Conv3d)) and type(mod).forward in (nn.Conv2d.forward, nn.Conv3d.forward):
         if mod.padding_mode != "zeros":
             return None
         return conv(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
-    if isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
+    if isinstance(mod, (nn.MaxPool2d, nn.MaxPool3d)) and not mod.return_indices:
         return maxpool(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode, shape)
-    if isinstance(mod, nn.AvgPool2d):
+    if isinstance(mod, (nn.AvgPool2d, nn.AvgPool3d)):
         return avgpool(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                        mod.count_include_pad, mod.divisor_override, shape)
-    if isinstance(mod, nn.AdaptiveAvgPool2d):
+    if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
         return adaptive_avgpool(mod.output_size, shape)
-    if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d)):
-        return pad(mod.padding, float(getattr(mod, "value", 0.0)))
+    if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ConstantPad3d, *_ZERO_PAD_3D)):
+        return pad(mod.padding, float(getattr(mod, "value", 0.0)), len(shape) - 2)
     return None
+
+
+_ZERO_PAD_3D = (nn.ZeroPad3d,) if hasattr(nn, "ZeroPad3d") else ()
 
 
 def _classify_function(node: fx.Node, value, arg):
     t = node.target
-    if t in (F.conv2d, torch.conv2d):
+    if t in (F.conv2d, torch.conv2d, F.conv3d, torch.conv3d):
         stride, padding, dilation, groups = (arg(i, k, d) for i, k, d in (
             (3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1)))
         return conv(arg(1, "weight", None), arg(2, "bias", None), stride, padding, dilation, groups)
     shape = _input_shape(node, value)
-    if t in (F.max_pool2d, torch.max_pool2d) and shape is not None and not arg(6, "return_indices", False):
+    if t in (F.max_pool2d, torch.max_pool2d, F.max_pool3d, torch.max_pool3d) and shape is not None \
+            and not arg(6, "return_indices", False):
         k = arg(1, "kernel_size", None)
         return maxpool(k, arg(2, "stride", None) or k, arg(3, "padding", 0), arg(4, "dilation", 1),
                        arg(5, "ceil_mode", False), shape)
-    if t is F.avg_pool2d and shape is not None:
+    if t in (F.avg_pool2d, F.avg_pool3d) and shape is not None:
         k = arg(1, "kernel_size", None)
         return avgpool(k, arg(2, "stride", None) or k, arg(3, "padding", 0), arg(4, "ceil_mode", False),
                        arg(5, "count_include_pad", True), arg(6, "divisor_override", None), shape)
-    if t is F.adaptive_avg_pool2d and shape is not None:
+    if t in (F.adaptive_avg_pool2d, F.adaptive_avg_pool3d) and shape is not None:
         return adaptive_avgpool(arg(1, "output_size", None), shape)
     if t is F.pad:
-        if arg(2, "mode", "constant") != "constant" or len(arg(1, "pad", ())) != 4:
+        spatial = value(node).dim() - 2
+        if arg(2, "mode", "constant") != "constant" or len(arg(1, "pad", ())) != 2 * spatial:
             return None
-        return pad(tuple(arg(1, "pad", ())), float(arg(3, "value", 0.0) or 0.0))
+        return pad(tuple(arg(1, "pad", ())), float(arg(3, "value", 0.0) or 0.0), spatial)
     if t is torch.cat:
         dim = arg(1, "dim", 0)
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        if dim in (1, -3) and isinstance(tensors, (list, tuple)) and all(
+        if dim in (1, 1 - value(node).dim()) and isinstance(tensors, (list, tuple)) and all(
                 isinstance(a, fx.Node) and _is_map(value(a)) for a in tensors):
             return Join(lambda *xs: torch.cat(xs, 1), tuple(range(len(tensors))))
         return None
@@ -275,15 +293,12 @@ def _classify_method(node: fx.Node, value):
     return None
 
 
-def _broadcast_safe(v) -> bool:
-    """A constant operand that is the same at every spatial position."""
+def _broadcast_safe(v, spatial: int = 2) -> bool:
+    """A constant operand that is the same at every position of a map with ``spatial``
+    axes (its last ``spatial`` dimensions, where it has them, are 1)."""
     if not isinstance(v, torch.Tensor):
         return isinstance(v, (int, float, bool))
-    if v.dim() == 0:
-        return True
-    if v.dim() == 1:
-        return v.shape[0] == 1
-    return v.shape[-1] == 1 and v.shape[-2] == 1
+    return all(d == 1 for d in v.shape[max(0, v.dim() - spatial):])
 
 
 def _operands(node: fx.Node) -> list:
@@ -294,16 +309,18 @@ def _unary(node: fx.Node, value, fn):
     first, rest = node.args[0] if node.args else None, _operands(node)[1:]
     if not isinstance(first, fx.Node) or not _is_map(value(first)):
         return None
-    if any(isinstance(a, fx.Node) and not _broadcast_safe(value(a)) for a in rest):
+    axes = value(node).dim() - 2
+    if any(isinstance(a, fx.Node) and not _broadcast_safe(value(a), axes) for a in rest):
         return None
     return Pointwise(fn)
 
 
 def _binary(node: fx.Node, value, fn):
     ops = _operands(node)
+    axes = value(node).dim() - 2
     spatial = tuple(i for i, a in enumerate(ops) if isinstance(a, fx.Node) and _is_map(value(a))
-                    and not _broadcast_safe(value(a)))
-    others_ok = all(_broadcast_safe(value(a)) if isinstance(a, fx.Node) else _broadcast_safe(a)
+                    and not _broadcast_safe(value(a), axes))
+    others_ok = all(_broadcast_safe(value(a) if isinstance(a, fx.Node) else a, axes)
                     for i, a in enumerate(ops) if i not in spatial)
     if not spatial or not others_ok or len(node.args) < 2:
         return None
@@ -315,30 +332,31 @@ def _binary(node: fx.Node, value, fn):
 # -- window ops ---------------------------------------------------------------------------
 
 def conv(weight, bias, stride, padding, dilation, groups) -> Optional[Local]:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (4, 5):
         return None
-    k, s, d = pair(weight.shape[2:]), pair(stride), pair(dilation)
+    n = weight.dim() - 2
+    k, s, d = tuple(int(v) for v in weight.shape[2:]), pair(stride, n), pair(dilation, n)
     if isinstance(padding, str):
         if padding == "valid":
-            p = (0, 0, 0, 0)
-        else:  # 'same' (stride 1): PyTorch puts the odd pixel at the bottom/right
-            th, tw = d[0] * (k[0] - 1), d[1] * (k[1] - 1)
-            p = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            p = (0,) * 2 * n
+        else:  # 'same' (stride 1): PyTorch puts the odd pixel at the end of each axis
+            p = tuple(v for a in range(n) for t in [d[a] * (k[a] - 1)] for v in (t // 2, t - t // 2))
     else:
-        ph, pw = pair(padding)
-        p = (ph, ph, pw, pw)
+        p = tuple(v for v in pair(padding, n) for _ in (0, 1))
+    call = _CONV[n]
 
     def apply(ctx, weight=weight, bias=bias):
-        return F.conv2d(ctx, weight, bias, s, 0, d, groups)
+        return call(ctx, weight, bias, s, 0, d, groups)
 
     return Local("conv", k, s, d, p, 0.0, apply, int(weight.shape[1]) * int(groups),
                  int(weight.shape[0]), int(groups),
-                 delta=DeltaConv(weight, d, int(groups)) if s == (1, 1) and k != (1, 1) else None)
+                 delta=DeltaConv(weight, d, int(groups)) if set(s) == {1} and set(k) != {1} else None)
 
 
 class DeltaConv:
-    """The change of a stride-1 convolution's output from a change ``dx`` [B, C, h, w] of
-    its input: ``conv_transpose2d(dx)`` with the kernel flipped, no bias (a convolution is
+    """The change of a stride-1 convolution's output from a change ``dx`` [B, C, h, w] (a
+    volume's [B, C, d, h, w]) of its input: the transposed convolution of ``dx`` with the
+    kernel flipped, no bias (a convolution is
     linear). Output row ``t`` is the convolution's output row ``y + t - (k-1)d + pad`` for
     ``dx`` at input row ``y``: every output the change reaches, and only those, from
     ``h x w`` inputs, where a window over the output region reads ``(h + 2(k-1)d)`` rows.
@@ -362,63 +380,76 @@ class DeltaConv:
         if self._kernel is None or self._kernel.device != dx.device:
             self._kernel = self._flipped().to(dx.device)
         if dx.device.type == "cpu":
-            dx = dx.contiguous(memory_format=torch.channels_last)
-        return F.conv_transpose2d(dx, self._kernel, None, 1, 0, 0, self.groups, self.dilation)
+            dx = dx.contiguous(memory_format=pixels_format(dx))
+        return _CONV_T[dx.dim() - 2](dx, self._kernel, None, 1, 0, 0, self.groups, self.dilation)
 
     def _flipped(self) -> torch.Tensor:
-        """[C_out, C_in/g, kh, kw] -> [C_in, C_out/g, kh, kw], each kernel turned 180°."""
-        w = self.weight.detach().flip(2, 3)
-        c_out, c_in_g, kh, kw = w.shape
+        """[C_out, C_in/g, *k] -> [C_in, C_out/g, *k], each kernel turned 180°."""
+        w = self.weight.detach().flip(tuple(range(2, self.weight.dim())))
+        c_out, c_in_g, *k = w.shape
         g = self.groups
-        w = w.reshape(g, c_out // g, c_in_g, kh, kw).transpose(1, 2).reshape(c_in_g * g, c_out // g, kh, kw)
-        return w.contiguous(memory_format=torch.channels_last) if w.device.type == "cpu" else w.contiguous()
+        w = w.reshape(g, c_out // g, c_in_g, *k).transpose(1, 2).reshape(c_in_g * g, c_out // g, *k)
+        return w.contiguous(memory_format=pixels_format(w)) if w.device.type == "cpu" else w.contiguous()
+
+
+def pixels_format(t: torch.Tensor) -> torch.memory_format:
+    """Channels-last for ``t``'s rank: pixels (voxels) of C values."""
+    return torch.channels_last_3d if t.dim() == 5 else torch.channels_last
 
 
 def maxpool(kernel, stride, padding, dilation, ceil_mode, shape) -> Local:
-    k, s, d = pair(kernel), pair(stride if stride else kernel), pair(dilation)
-    ph, pw = pair(padding)
-    h_out, w_out = (_pool_out(shape[2 + i], k[i], s[i], (ph, pw)[i], d[i], ceil_mode) for i in (0, 1))
-    p = _pool_pads(shape, k, s, d, (ph, pw), (h_out, w_out))
+    n = len(shape) - 2
+    k, s, d = pair(kernel, n), pair(stride if stride else kernel, n), pair(dilation, n)
+    pads = pair(padding, n)
+    outs = tuple(_pool_out(shape[2 + i], k[i], s[i], pads[i], d[i], ceil_mode) for i in range(n))
+    p = _pool_pads(shape, k, s, d, pads, outs)
+    call = _MAX_POOL[n]
     return Local("maxpool", k, s, d, p, -math.inf,
-                 lambda ctx: F.max_pool2d(ctx, k, s, 0, d), int(shape[1]), int(shape[1]))
+                 lambda ctx: call(ctx, k, s, 0, d), int(shape[1]), int(shape[1]))
 
 
 def avgpool(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override, shape):
     if divisor_override:
         return None
-    k, s = pair(kernel), pair(stride if stride else kernel)
-    ph, pw = pair(padding)
-    h_out, w_out = (_pool_out(shape[2 + i], k[i], s[i], (ph, pw)[i], 1, ceil_mode) for i in (0, 1))
-    p = _pool_pads(shape, k, s, (1, 1), (ph, pw), (h_out, w_out))
+    n = len(shape) - 2
+    k, s = pair(kernel, n), pair(stride if stride else kernel, n)
+    pads = pair(padding, n)
+    outs = tuple(_pool_out(shape[2 + i], k[i], s[i], pads[i], 1, ceil_mode) for i in range(n))
+    p = _pool_pads(shape, k, s, (1,) * n, pads, outs)
     # Exact divisor of every output (count_include_pad, ceil_mode overhang): torch's own
     # average of ones against its sum of ones.
-    ones = torch.ones(1, 1, int(shape[2]), int(shape[3]))
-    mean = F.avg_pool2d(ones, k, s, (ph, pw), ceil_mode, count_include_pad)
-    total = F.avg_pool2d(ones, k, s, (ph, pw), ceil_mode, count_include_pad, divisor_override=1)
+    call = _AVG_POOL[n]
+    ones = torch.ones(1, 1, *(int(v) for v in shape[2:]))
+    mean = call(ones, k, s, pads, ceil_mode, count_include_pad)
+    total = call(ones, k, s, pads, ceil_mode, count_include_pad, divisor_override=1)
     divisor = total / mean
-    uniform = bool((divisor == k[0] * k[1]).all())
+    uniform = bool((divisor == math.prod(k)).all())
 
     def apply(ctx):
-        return F.avg_pool2d(ctx, k, s, 0, False, True, divisor_override=1)
+        return call(ctx, k, s, 0, False, True, divisor_override=1)
 
-    return Local("avgpool", k, s, (1, 1), p, 0.0, apply, int(shape[1]), int(shape[1]),
+    return Local("avgpool", k, s, (1,) * n, p, 0.0, apply, int(shape[1]), int(shape[1]),
                  divisor=None if uniform else divisor)
 
 
 def adaptive_avgpool(output_size, shape) -> Optional[Local]:
-    out = pair(output_size) if not isinstance(output_size, (tuple, list)) or None not in output_size \
-        else tuple(shape[2 + i] if v is None else int(v) for i, v in enumerate(output_size))
-    h, w = int(shape[2]), int(shape[3])
-    if out[0] < 1 or out[1] < 1 or h % out[0] or w % out[1] or (out == (1, 1) and (h, w) != (1, 1)):
+    n = len(shape) - 2
+    sizes = tuple(int(v) for v in shape[2:])
+    out = pair(output_size, n) if not isinstance(output_size, (tuple, list)) or None not in output_size \
+        else tuple(sizes[i] if v is None else int(v) for i, v in enumerate(output_size))
+    if any(o < 1 or m % o for o, m in zip(out, sizes)) or (set(out) == {1} and set(sizes) != {1}):
         return None
-    k = (h // out[0], w // out[1])
+    k = tuple(m // o for m, o in zip(sizes, out))
     return avgpool(k, k, 0, False, True, None, shape)
 
 
-def pad(padding, value: float) -> Local:
-    left, right, top, bottom = (int(v) for v in (padding if isinstance(padding, (tuple, list))
-                                                  and len(padding) == 4 else (padding,) * 4))
-    return Local("pad", (1, 1), (1, 1), (1, 1), (top, bottom, left, right), value, lambda ctx: ctx)
+def pad(padding, value: float, n: int = 2) -> Local:
+    """Constant padding of a map with ``n`` spatial axes; ``padding`` as F.pad takes it
+    (the last axis first: left, right, top, bottom, front, back)."""
+    given = tuple(int(v) for v in padding) if isinstance(padding, (tuple, list)) and \
+        len(padding) == 2 * n else (int(padding),) * 2 * n
+    p = tuple(v for a in reversed(range(n)) for v in given[2 * a:2 * a + 2])
+    return Local("pad", (1,) * n, (1,) * n, (1,) * n, p, value, lambda ctx: ctx)
 
 
 def _pool_out(size, k, s, p, d, ceil_mode) -> int:
@@ -430,9 +461,10 @@ def _pool_out(size, k, s, p, d, ceil_mode) -> int:
 
 
 def _pool_pads(shape, k, s, d, pads, outs) -> tuple:
-    """(top, bottom, left, right) so that every window lies inside the padded input."""
+    """(before, after) per axis (2D: top, bottom, left, right) so that every window lies
+    inside the padded input."""
     res = []
-    for i in (0, 1):
+    for i in range(len(shape) - 2):
         size, p = int(shape[2 + i]), pads[i]
         last = (outs[i] - 1) * s[i] - p + d[i] * (k[i] - 1)
         res += [p, max(0, last + 1 - size)]

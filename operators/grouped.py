@@ -92,7 +92,7 @@ class GroupedOcclusion(Operator):
         task's, which is ordered by group then."""
         order = self.position_order(task.ys, task.xs)
         if order is not None:
-            ordered = dataclasses.replace(task, ys=task.ys[order], xs=task.xs[order])
+            ordered = task.taking(order)
             return unordered(self.run(ordered, progress, timings), order)
         kept = self.kept
         if kept is None and self.layout == ADAPTIVE:
@@ -102,7 +102,7 @@ class GroupedOcclusion(Operator):
         parts, done = [], 0
         for start, stop in zip(starts, np.r_[starts[1:], len(groups)]):
             op = self._member(groups[start], task.ys[start:stop], task.xs[start:stop])
-            part = dataclasses.replace(task, ys=task.ys[start:stop], xs=task.xs[start:stop])
+            part = task.taking(slice(start, stop))
             report = None if progress is None else _offset(progress, done, task.count)
             result = (op.remembering(kept) if kept is not None else op).run(part, report, timings)
             parts.append(result)

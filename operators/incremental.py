@@ -12,6 +12,7 @@ value after its last use, as eager PyTorch would).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -26,19 +27,19 @@ from .graph import POOLS, Join, Local, Pointwise
 from .layout import ADAPTIVE, CHANNELS_LAST, CONTIGUOUS, Kept, LayoutTrial, in_layout, known_layout
 from .profile import ModelProfile
 from .protocol import Approximation, Operator
-from .steps import COVER, FROZEN, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, plan_steps
+from .steps import COVER, FROZEN, FULL, INPUT, OUTPUT, PATCH, PROJECT, SHAPE, VIEW, StepTable, steps_at
 from .task import OcclusionResult, OcclusionTask, Progress
 from .user_model import check_logits
 
 
 @dataclass
 class Patch:
-    """Changed region of one node's output: ``data`` [B, C, h, w] at rows ``y``, cols ``x``
-    (numpy arrays, or int64 tensors on the device where ``kql.cuda``'s kernels run)."""
+    """Changed region of one node's output: ``data`` [B, C, h, w] (a volume's [B, C, d, h,
+    w]) whose first index on each spatial axis is ``at`` (numpy arrays, or int64 tensors on
+    the device where ``kql.cuda``'s kernels run)."""
 
     data: torch.Tensor
-    y: Union[np.ndarray, torch.Tensor]
-    x: Union[np.ndarray, torch.Tensor]
+    at: tuple
 
 
 class IncrementalOcclusion(Operator):
@@ -64,15 +65,15 @@ class IncrementalOcclusion(Operator):
         if self.steps.tau >= 1.0 and self.steps.gates == "exact":
             return self
         first = self.steps[self.profile.image_node]
-        return self._with(first.y, first.x, 1.0, "exact")
+        return self._with(first.at, 1.0, "exact")
 
-    def at(self, ys, xs) -> "IncrementalOcclusion":
+    def at(self, *corners) -> "IncrementalOcclusion":
         """The same policy (crossover, threshold, gates, batch) for patches at other corners."""
-        return self._with(ys, xs, self.steps.tau, self.steps.gates)
+        return self._with(corners, self.steps.tau, self.steps.gates)
 
-    def _with(self, ys, xs, tau: float, gates: str) -> "IncrementalOcclusion":
+    def _with(self, corners: tuple, tau: float, gates: str) -> "IncrementalOcclusion":
         t = self.steps
-        steps = plan_steps(self.profile, ys, xs, t.patch, t.crossover, tau, gates, t.deltas)
+        steps = steps_at(self.profile, corners, t.patch, t.crossover, tau, gates, t.deltas)
         return IncrementalOcclusion(self.profile, steps, self.batch_size, self.layout, self.kept)
 
     def rebind(self, profile) -> "IncrementalOcclusion":
@@ -124,10 +125,10 @@ class IncrementalOcclusion(Operator):
             timings: Optional[dict] = None) -> OcclusionResult:
         """The task's heat map; with ``timings``, each node's seconds are added to
         ``timings[node.name]``. The task's positions must be the step table's."""
-        ph, pw = task.patch
         device = self.profile.device
         patch = (task.fill if task.fill is not None else      # each patch its own content
-                 task.color.to(device, torch.float32).view(-1, 1, 1).expand(-1, ph, pw))
+                 task.color.to(device, torch.float32).view(-1, *(1,) * len(task.patch))
+                 .expand(-1, *task.patch))
         corners = device_corners(self.steps, device) if g.kernels(device) else None
         profile = self.profile
         if torch.is_autocast_enabled(device.type):           # a reduced-precision scan
@@ -145,12 +146,12 @@ class IncrementalOcclusion(Operator):
 
 
 def device_corners(steps: StepTable, device) -> dict:
-    """Every changed region's corners (``{node: (y, x)}``) as int64 tensors on ``device``,
-    copied once for the whole scan: the kernels of ``kql.cuda`` read them there, and no
-    index array is built on the host or copied per layer or batch."""
-    located = [s for s in steps if s.y is not None]
-    flat = g.device_corners([a for s in located for a in (s.y, s.x)], device)
-    return {s.node: (flat[2 * i], flat[2 * i + 1]) for i, s in enumerate(located)}
+    """Every changed region's corners (``{node: (ys, xs)}``) as int64 tensors on
+    ``device``, copied once for the whole scan: the kernels of ``kql.cuda`` read them
+    there, and no index array is built on the host or copied per layer or batch."""
+    located = [s for s in steps if s.at is not None]
+    flat = iter(g.device_corners([a for s in located for a in s.at], device))
+    return {s.node: tuple(next(flat) for _ in s.at) for s in located}
 
 
 class _Batch(fx.Interpreter):
@@ -189,19 +190,17 @@ class _Batch(fx.Interpreter):
         return out
 
     def _corners(self, step) -> tuple:
-        if self.corners is not None:
-            y, x = self.corners[step.node]
-            return y[self.items], x[self.items]
-        return step.y[self.items], step.x[self.items]
+        at = self.corners[step.node] if self.corners is not None else step.at
+        return tuple(c[self.items] for c in at)
 
     # -- the steps -----------------------------------------------------------------------------
 
     def _input(self, n, step):
-        y, x = self._corners(step)
+        at = self._corners(step)
         if callable(self.patch):             # OcclusionTask.fill: the content at each corner
-            return Patch(self.patch(y, x).to(self.profile.device, torch.float32), y, x)
+            return Patch(self.patch(*at).to(self.profile.device, torch.float32), at)
         data = self.patch.unsqueeze(0).expand(self.b, *self.patch.shape)
-        return Patch(data, y, x)
+        return Patch(data, at)
 
     def _view(self, n, step):
         return self.views[n]
@@ -224,16 +223,16 @@ class _Batch(fx.Interpreter):
         return in_layout(self._patch(n, step).data, self.full_layout)
 
     def _patch(self, n, step) -> Patch:
-        y, x = self._corners(step)
+        at = self._corners(step)
         if isinstance(step.op, Pointwise):
             data = self._pointwise(n, step.op)
         elif step.delta:
-            data = self._delta(n, step, y, x)
+            data = self._delta(n, step, at)
         elif isinstance(step.op, Local):
-            data = self._local(n, step, y, x)
+            data = self._local(n, step, at)
         else:
-            data = self._join(n, step, y, x)
-        return Patch(data, y, x)
+            data = self._join(n, step, at)
+        return Patch(data, at)
 
     def _full(self, n, step):
         args, kwargs = self._full_args(n)
@@ -252,7 +251,7 @@ class _Batch(fx.Interpreter):
             v = self.env[a]
             if not isinstance(v, Patch):
                 return v
-            full = g.project(self.views[a], v.data, v.y, v.x, self.full_layout == CHANNELS_LAST)
+            full = g.project(self.views[a], v.data, v.at, self.full_layout == CHANNELS_LAST)
             return in_layout(full, self.full_layout)
         return fx.node.map_arg(n.args, full), fx.node.map_arg(n.kwargs, full)
 
@@ -262,27 +261,25 @@ class _Batch(fx.Interpreter):
         kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
         return op.call(*args, **kwargs)
 
-    def _local(self, n: fx.Node, step, oy, ox) -> torch.Tensor:
+    def _local(self, n: fx.Node, step, out_at: tuple) -> torch.Tensor:
         op: Local = step.op
         src = n.args[0]
         p = self.env[src]
-        (kh, kw), (sh, sw), (dh, dw) = op.kernel, op.stride, op.dilation
-        top, _, left, _ = op.pad
-        po, pwo = step.size
-        size = ((po - 1) * sh + (kh - 1) * dh + 1, (pwo - 1) * sw + (kw - 1) * dw + 1)
+        size = tuple((o - 1) * s + (k - 1) * d + 1
+                     for o, s, k, d in zip(step.size, op.stride, op.kernel, op.dilation))
         padded = self.profile.padded_view(src, op)
         # Eqs 25-28: the read-in window starts at o*S - P, i.e. at o*S in padded coordinates.
-        ctx = g.gather(padded, p.data, p.y, p.x, oy, ox, size, offset=(top, left), scale=(sh, sw))
+        ctx = g.gather(padded, p.data, p.at, out_at, size, offset=op.pad[0::2], scale=op.stride)
         if op.kind in POOLS:
             ctx = in_layout(ctx, self.pool_layout)    # oneDNN pools channels-last 5-6x faster
         out = op.apply(ctx)
         if op.divisor is not None:
-            out = out / g.windows(op.divisor.to(out.device), oy, ox, (po, pwo))
+            out = out / g.windows(op.divisor.to(out.device), out_at, step.size)
         elif op.kind == "avgpool":
-            out = out / float(kh * kw)
+            out = out / float(math.prod(op.kernel))
         return out
 
-    def _delta(self, n: fx.Node, step, oy, ox) -> torch.Tensor:
+    def _delta(self, n: fx.Node, step, out_at: tuple) -> torch.Tensor:
         """A delta convolution: the view over the region plus the change the input's
         changed values make (:class:`~.graph.DeltaConv`)."""
         op: Local = step.op
@@ -290,15 +287,15 @@ class _Batch(fx.Interpreter):
         p = self.env[src]
         views = self.views if self.corners is not None else None    # the kernels' path
         view = views[src] if views else self.profile.pixel_view(src)
-        dx = p.data - g.windows(view, p.y, p.x, tuple(p.data.shape[2:]))
+        dx = p.data - g.windows(view, p.at, tuple(p.data.shape[2:]))
         change = op.delta(dx)
-        top, _, left, _ = op.pad
-        zy = p.y + (top - (op.kernel[0] - 1) * op.dilation[0])    # the change's first output row
-        zx = p.x + (left - (op.kernel[1] - 1) * op.dilation[1])
+        # The change's first output index per axis, relative to the region's.
+        shift = tuple(c + (pad - (k - 1) * d) - o for c, pad, k, d, o in
+                      zip(p.at, op.pad[0::2], op.kernel, op.dilation, out_at))
         view = views[n] if views else self.profile.pixel_view(n)
-        return g.add_at(g.windows(view, oy, ox, step.size), change, zy - oy, zx - ox)
+        return g.add_at(g.windows(view, out_at, step.size), change, shift)
 
-    def _join(self, n: fx.Node, step, uy, ux) -> torch.Tensor:
+    def _join(self, n: fx.Node, step, out_at: tuple) -> torch.Tensor:
         op: Join = step.op
         operands = list(n.args[0]) if n.target is torch.cat else list(n.args) + list(n.kwargs.values())
         values = []
@@ -308,9 +305,9 @@ class _Batch(fx.Interpreter):
                 continue
             v = self.env[a]
             if isinstance(v, Patch):
-                values.append(g.gather(self.views[a], v.data, v.y, v.x, uy, ux, step.size))
+                values.append(g.gather(self.views[a], v.data, v.at, out_at, step.size))
             else:
-                values.append(g.windows(self.views[a], uy, ux, step.size))
+                values.append(g.windows(self.views[a], out_at, step.size))
         if n.target is torch.cat:
             return op.call(*values)
         args = values[:len(n.args)]

@@ -35,7 +35,7 @@ class NaiveOcclusion(Operator):
     def exact(self) -> "NaiveOcclusion":
         return self
 
-    def at(self, ys, xs) -> "NaiveOcclusion":
+    def at(self, *corners) -> "NaiveOcclusion":
         return self                        # positions come with the task
 
     def rebind(self, profile) -> "NaiveOcclusion":
@@ -68,17 +68,17 @@ class NaiveOcclusion(Operator):
         else:
             base_logits = check_logits(model(image.unsqueeze(0)))[0].float()
         # The corners go to the device once; every batch is painted there (no host copy).
-        ys, xs = (torch.as_tensor(np.asarray(v, np.int64), device=device) for v in (task.ys, task.xs))
+        corners = tuple(torch.as_tensor(np.asarray(v, np.int64), device=device) for v in task.corners)
 
         trial = (LayoutTrial(-(-task.count // self.batch_size), self.kept)
                  if self.layout == ADAPTIVE else None)
 
         def run_in(items, layout):
-            y, x = ys[items], xs[items]
+            at = tuple(c[items] for c in corners)
             if task.fill is None:
-                batch = occlude(image, color, y, x, task.patch)
+                batch = occlude(image, color, at, task.patch)
             else:                              # each patch its own content
-                batch = project(image.unsqueeze(0), task.fill(y, x).to(device, image.dtype), y, x)
+                batch = project(image.unsqueeze(0), task.fill(*at).to(device, image.dtype), at)
             return check_logits(model(in_layout(batch, layout)))
         logits_of = (trial.batches(device, run_in) if trial is not None
                      else lambda items: run_in(items, self.layout))

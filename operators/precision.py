@@ -122,8 +122,8 @@ class ReducedPrecision(Operator):
     def _wrap(self, inner) -> "ReducedPrecision":
         return ReducedPrecision(inner, self.precision, self.note)
 
-    def at(self, ys, xs):
-        return self._wrap(self.inner.at(ys, xs))
+    def at(self, *corners):
+        return self._wrap(self.inner.at(*corners))
 
     def rebind(self, profile):
         return self._wrap(self.inner.rebind(profile))

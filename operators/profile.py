@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph import Local, classify, trace
+from .graph import Local, classify, pixels_format, trace
 from .shapes import check_fits, peak_bytes, unchecked
 from .user_model import check_logits
 
@@ -130,7 +130,7 @@ class ModelProfile:
         return self.nodes[0]
 
     def map_size(self, n: fx.Node) -> tuple:
-        """(h, w) of a node's feature map."""
+        """(h, w) of a node's feature map; a volume's (d, h, w)."""
         return tuple(self.views[n].shape[2:])
 
     def module(self, n: fx.Node) -> Optional[torch.nn.Module]:
@@ -164,7 +164,8 @@ class ModelProfile:
         windows as pixels of C values (:func:`~.gather.windows`)."""
         key = (node, "channels_last")
         if key not in self._padded:
-            self._padded[key] = self.views[node].contiguous(memory_format=torch.channels_last)
+            view = self.views[node]
+            self._padded[key] = view.contiguous(memory_format=pixels_format(view))
         return self._padded[key]
 
     def padded_view(self, node: fx.Node, op: Local) -> torch.Tensor:
@@ -172,6 +173,7 @@ class ModelProfile:
         batch are cut from it)."""
         key = (node, op.pad, op.fill)
         if key not in self._padded:
-            top, bottom, left, right = op.pad
-            self._padded[key] = F.pad(self.views[node], (left, right, top, bottom), value=op.fill)
+            # F.pad takes the last axis first; op.pad is (before, after) per axis in order.
+            pads = tuple(v for a in reversed(range(len(op.pad) // 2)) for v in op.pad[2 * a:2 * a + 2])
+            self._padded[key] = F.pad(self.views[node], pads, value=op.fill)
         return self._padded[key]

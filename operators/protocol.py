@@ -41,8 +41,9 @@ class OcclusionOperator(Protocol):
     def exact(self) -> "OcclusionOperator":
         """The same plan computing the exact map (EXPLAIN ANALYZE compares the two)."""
 
-    def at(self, ys, xs) -> "OcclusionOperator":
-        """The same operator for patches at other corners (a drill-down's stage two)."""
+    def at(self, *corners) -> "OcclusionOperator":
+        """The same operator for patches at other corners (``ys, xs``, or ``zs, ys, xs``
+        for a volume): a drill-down's stage two."""
 
     def rebind(self, profile) -> "OcclusionOperator":
         """The same operator for another image (``profile``: its profile, or None)."""
@@ -75,7 +76,7 @@ class Operator:
     def exact(self):
         return self
 
-    def at(self, ys, xs):
+    def at(self, *corners):
         return self
 
     def rebind(self, profile):

@@ -21,6 +21,7 @@ pays (:func:`delta_gain` is its work ratio).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -70,17 +71,27 @@ PURE = Crossover(covered=False, fraction=None)
 
 @dataclass(frozen=True, eq=False)
 class Step:
-    """One node's step. ``size`` and the per-position corners ``y``/``x`` describe the
-    changed region for :data:`INPUT`, :data:`PATCH` and :data:`COVER` steps."""
+    """One node's step. ``size`` and the per-position corners ``at`` (one array per spatial
+    axis: rows and columns, with slices first for a volume) describe the changed region
+    for :data:`INPUT`, :data:`PATCH` and :data:`COVER` steps."""
 
     node: fx.Node
     mode: str
     op: object = None                   # the logical op (Local, Pointwise, Join) run on the region
     size: Optional[tuple] = None
-    y: Optional[np.ndarray] = None
-    x: Optional[np.ndarray] = None
-    span: Optional[tuple] = None        # ((top, height), (left, width)): each position's own region
+    at: Optional[tuple] = None          # the region's first index per axis, per position
+    span: Optional[tuple] = None        # ((first, extent), ...) per axis: each position's own region
     delta: bool = False                 # a delta convolution: view + the change (DeltaConv)
+
+    @property
+    def y(self) -> Optional[np.ndarray]:
+        """The corners' rows (the last axis but one)."""
+        return None if self.at is None else self.at[-2]
+
+    @property
+    def x(self) -> Optional[np.ndarray]:
+        """The corners' columns (the last axis)."""
+        return None if self.at is None else self.at[-1]
 
     @property
     def hands_on_patch(self) -> bool:
@@ -134,7 +145,8 @@ class StepTable:
         return iter(self.steps.values())
 
     def changed_size(self, node: fx.Node) -> Optional[tuple]:
-        """(h, w) of the patch a node hands on; None when it hands on a full tensor."""
+        """(h, w) (a volume's: (d, h, w)) of the patch a node hands on; None when it hands
+        on a full tensor."""
         step = self.steps.get(node)
         return step.size if step is not None and step.hands_on_patch else None
 
@@ -144,7 +156,8 @@ class StepTable:
 
 def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover(),
                tau: float = 1.0, gates: str = "exact", deltas: frozenset = frozenset()) -> StepTable:
-    """The step of every node of ``profile`` for patches ``patch`` at corners ``ys, xs``.
+    """The step of every node of ``profile`` for patches ``patch`` at corners ``ys, xs``
+    (:func:`steps_at` with ``(ys, xs)``).
 
     ``tau`` < 1 thresholds the projective field (seed paper 000, section 4.2): no node's
     changed region grows past ``round(tau x its map)`` per dimension; a larger one is cut
@@ -171,12 +184,29 @@ def plan_steps(profile, ys, xs, patch: tuple, crossover: Crossover = Crossover()
     >>> list(table)[1].y.tolist()                 # clamped to the map (eq 23)
     [0, 3]
     """
-    ys = np.asarray(ys, np.int64)
-    xs = np.asarray(xs, np.int64)
+    return steps_at(profile, (ys, xs), patch, crossover, tau, gates, deltas)
+
+
+def steps_at(profile, corners: tuple, patch: tuple, crossover: Crossover = Crossover(),
+             tau: float = 1.0, gates: str = "exact", deltas: frozenset = frozenset()) -> StepTable:
+    """:func:`plan_steps` for patches at ``corners``, one array per spatial axis of the
+    image (an image's ``(ys, xs)``, a volume's ``(zs, ys, xs)``): every rule is applied
+    per axis, so a volume's table is the same algorithm in three dimensions.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from kql.operators.profile import ModelProfile
+    >>> net = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.MaxPool3d(2), nn.Flatten(),
+    ...                     nn.Linear(2 * 4 * 4 * 4, 2))
+    >>> table = steps_at(ModelProfile(net, torch.rand(1, 8, 8, 8)), ([0, 6], [2, 2], [4, 0]), (2, 2, 2))
+    >>> [(s.mode, s.size) for s in list(table)[1:3]], list(table)[2].at[0].tolist()
+    ([('patch', (3, 4, 4)), ('patch', (2, 3, 3))], [0, 2])
+    """
+    corners = tuple(np.asarray(c, np.int64) for c in corners)
     steps: dict = {}
     frozen = profile.gates if gates == "frozen" else frozenset()
     for n in profile.nodes:
-        step = _step(profile, n, steps, ys, xs, patch, crossover, tau, frozen)
+        step = _step(profile, n, steps, corners, patch, crossover, tau, frozen)
         if n in deltas and can_delta(step, steps):
             step = dataclasses.replace(step, delta=True)
         steps[n] = step
@@ -205,16 +235,14 @@ def delta_gain(step: Step, steps: dict) -> float:
     >>> round(delta_gain(table[profile.nodes[1]], table.steps), 2)       # 4x4 outputs, 2x2 inputs
     4.0
     """
-    h, w = steps[step.node.args[0]].size
-    return step.size[0] * step.size[1] / (h * w)
+    return math.prod(step.size) / math.prod(steps[step.node.args[0]].size)
 
 
-def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover, tau: float,
-          frozen: frozenset) -> Step:
+def _step(profile, n: fx.Node, steps: dict, corners: tuple, patch, crossover: Crossover,
+          tau: float, frozen: frozenset) -> Step:
     if n.op == "placeholder":
-        ones = np.ones_like(ys)
-        return Step(n, INPUT, size=tuple(patch), y=ys, x=xs,
-                    span=((ys, ones * patch[0]), (xs, ones * patch[1])))
+        return Step(n, INPUT, size=tuple(patch), at=corners,
+                    span=tuple((c, np.full_like(c, p)) for c, p in zip(corners, patch)))
     if n.op == "output":
         return Step(n, OUTPUT)
     inputs = [steps[a] for a in n.all_input_nodes if steps[a].mode not in (VIEW, FROZEN)]
@@ -229,35 +257,33 @@ def _step(profile, n: fx.Node, steps: dict, ys, xs, patch, crossover: Crossover,
     if op is None or len(patched) < len(inputs) or n in crossover.nodes:
         return Step(n, PROJECT if patched else FULL)
     span = _span(profile, n, op, patched)
-    y, x, size = _region(profile, n, op, patched, span)
+    at, size = _region(profile, n, op, patched, span)
     if tau < 1.0 and not isinstance(op, Pointwise):
-        y, x, size = threshold(y, x, size, profile.map_size(n), tau)
+        at, size = threshold(at, size, profile.map_size(n), tau)
         span = None                      # thresholded: one size for every position
     covers = size == profile.map_size(n)
-    return Step(n, COVER if crossover.covered and covers else PATCH, op, size, y, x, span)
+    return Step(n, COVER if crossover.covered and covers else PATCH, op, size, at, span)
 
 
 def _region(profile, n: fx.Node, op, patched: list, span: Optional[tuple]) -> tuple:
-    """Corners and size of the region ``n`` changes: a point-wise op runs on its input's
-    region; otherwise the largest of the positions' own regions (``span``), each moved
-    inside the map, or, without them, the bound from the inputs' regions."""
-    h, w = profile.map_size(n)
+    """Corners (per axis) and size of the region ``n`` changes: a point-wise op runs on its
+    input's region; otherwise the largest of the positions' own regions (``span``), each
+    moved inside the map, or, without them, the bound from the inputs' regions."""
+    out = profile.map_size(n)
     if isinstance(op, Pointwise):
         src = patched[0]
-        return src.y, src.x, src.size
+        return src.at, src.size
     if span is not None:
-        (ty, th), (tx, tw) = span
-        ph, pw = max(1, min(int(th.max()), h)), max(1, min(int(tw.max()), w))
-        return np.clip(ty, 0, h - ph), np.clip(tx, 0, w - pw), (ph, pw)
+        size = tuple(max(1, min(int(extent.max()), o)) for (_, extent), o in zip(span, out))
+        return tuple(np.clip(first, 0, o - p) for (first, _), o, p in zip(span, out, size)), size
     if isinstance(op, Local):
         src = patched[0]
-        top, _, left, _ = op.pad
-        oy, ph = local_geometry(src.y, src.size[0], op.kernel[0], op.stride[0], op.dilation[0], top, h)
-        ox, pw = local_geometry(src.x, src.size[1], op.kernel[1], op.stride[1], op.dilation[1], left, w)
-        return oy, ox, (ph, pw)
-    uy, uh = union_geometry([s.y for s in patched], [s.size[0] for s in patched], h)
-    ux, uw = union_geometry([s.x for s in patched], [s.size[1] for s in patched], w)
-    return uy, ux, (uh, uw)
+        axes = [local_geometry(src.at[a], src.size[a], op.kernel[a], op.stride[a], op.dilation[a],
+                               op.pad[2 * a], out[a]) for a in range(len(out))]
+    else:
+        axes = [union_geometry([s.at[a] for s in patched], [s.size[a] for s in patched], out[a])
+                for a in range(len(out))]
+    return tuple(first for first, _ in axes), tuple(size for _, size in axes)
 
 
 def _span(profile, n: fx.Node, op, patched: list) -> Optional[tuple]:
@@ -265,20 +291,19 @@ def _span(profile, n: fx.Node, op, patched: list) -> Optional[tuple]:
     inputs' own regions; None where an input has none (a thresholded one)."""
     if any(s.span is None for s in patched):
         return None
-    h, w = profile.map_size(n)
+    out = profile.map_size(n)
     if isinstance(op, Pointwise):
         return patched[0].span
     if isinstance(op, Local):
-        (ty, th), (tx, tw) = patched[0].span
-        top, _, left, _ = op.pad
-        return (clipped_span(ty, th, op.kernel[0], op.stride[0], op.dilation[0], top, h),
-                clipped_span(tx, tw, op.kernel[1], op.stride[1], op.dilation[1], left, w))
-    out = []
-    for axis in (0, 1):
+        return tuple(clipped_span(first, extent, op.kernel[a], op.stride[a], op.dilation[a],
+                                  op.pad[2 * a], out[a])
+                     for a, (first, extent) in enumerate(patched[0].span))
+    spans = []
+    for axis in range(len(out)):
         lo = np.min(np.stack([s.span[axis][0] for s in patched]), axis=0)
         hi = np.max(np.stack([s.span[axis][0] + s.span[axis][1] for s in patched]), axis=0)
-        out.append((lo, hi - lo))
-    return tuple(out)
+        spans.append((lo, hi - lo))
+    return tuple(spans)
 
 
 def clipped_span(y: np.ndarray, p: np.ndarray, k: int, s: int, d: int, pad: int, out: int):
@@ -294,20 +319,18 @@ def clipped_span(y: np.ndarray, p: np.ndarray, k: int, s: int, d: int, pad: int,
     return lo, np.maximum(hi - lo + 1, 0)
 
 
-def threshold(y: np.ndarray, x: np.ndarray, size: tuple, out: tuple, tau: float) -> tuple:
-    """Cap a changed region at ``round(tau x out)`` per dimension, keeping its centre
-    (eqs 40-41 and 43, on the output side: the read-in window follows from the capped
-    output, eq 42).
+def threshold(at: tuple, size: tuple, out: tuple, tau: float) -> tuple:
+    """Cap a changed region (corners ``at`` per axis) at ``round(tau x out)`` per
+    dimension, keeping its centre (eqs 40-41 and 43, on the output side: the read-in
+    window follows from the capped output, eq 42). Returns ``(at, size)``.
 
-    >>> y, x, size = threshold(np.array([0, 6]), np.array([2, 2]), (8, 3), (16, 16), 0.25)
+    >>> (y, x), size = threshold((np.array([0, 6]), np.array([2, 2])), (8, 3), (16, 16), 0.25)
     >>> y.tolist(), x.tolist(), size
     ([2, 8], [2, 2], (4, 3))
     """
-    (h, w), (oh, ow) = size, out
-    ch, cw = min(h, max(1, round(tau * oh))), min(w, max(1, round(tau * ow)))
-    y = np.clip(y + (h - ch) // 2, 0, oh - ch)
-    x = np.clip(x + (w - cw) // 2, 0, ow - cw)
-    return y, x, (ch, cw)
+    capped = tuple(min(h, max(1, round(tau * o))) for h, o in zip(size, out))
+    return (tuple(np.clip(c + (h - k) // 2, 0, o - k) for c, h, k, o in zip(at, size, capped, out)),
+            capped)
 
 
 def _ceil_div(a, b):

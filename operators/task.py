@@ -33,6 +33,8 @@ class OcclusionTask:
     ``model`` takes pixel-space images ``[B, C, H, W]`` (normalisation inside) and returns
     outputs ``[B, classes]``. ``image`` is ``[C, H, W]`` after the model's resize; ``color``
     is ``[C]``; ``ys``/``xs`` are the top-left corners of the patches in heat-map order.
+    A volume (``image`` ``[C, D, H, W]``, ``patch`` ``(d, h, w)``) gives each patch's first
+    slice in ``zs`` too; :attr:`corners` is every spatial axis's, in the image's order.
     ``targets``: the classes to map (a None among them is the arg-max class of the
     unoccluded image; empty: that class alone); ``target`` is the one-class spelling.
     ``output``: one of :data:`OUTPUTS`, or None to detect it from the unoccluded output
@@ -54,10 +56,22 @@ class OcclusionTask:
     targets: tuple = ()
     output: Optional[str] = None
     fill: Optional[Callable] = None
+    zs: Optional[np.ndarray] = None
 
     @property
     def count(self) -> int:
         return int(len(self.ys))
+
+    @property
+    def corners(self) -> tuple:
+        """The patches' first index along each spatial axis: ``(ys, xs)``, or ``(zs, ys, xs)``."""
+        return (self.ys, self.xs) if self.zs is None else (self.zs, self.ys, self.xs)
+
+    def taking(self, index) -> "OcclusionTask":
+        """The task of the positions ``index`` (a slice or an index array) selects."""
+        zs = None if self.zs is None else np.asarray(self.zs)[index]
+        return dataclasses.replace(self, ys=np.asarray(self.ys)[index],
+                                   xs=np.asarray(self.xs)[index], zs=zs)
 
 
 @dataclass

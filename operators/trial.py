@@ -82,9 +82,9 @@ class OperatorTrial(Operator):
     def exact(self) -> "OperatorTrial":
         return self
 
-    def at(self, ys, xs):
+    def at(self, *corners):
         """The chosen operator for patches at other corners (a drill-down's stage two)."""
-        return self.chosen.at(ys, xs)
+        return self.chosen.at(*corners)
 
     def rebind(self, profile) -> "OperatorTrial":
         return OperatorTrial(self.chosen.rebind(profile), self.other.rebind(profile), self.kept,
@@ -118,7 +118,7 @@ class OperatorTrial(Operator):
         if order is None:
             return _Watch(self, task, progress).run()
         # Positions in the order a grouped operator scans them: every part a prefix of it.
-        ordered = dataclasses.replace(task, ys=task.ys[order], xs=task.xs[order])
+        ordered = task.taking(order)
         return unordered(_Watch(self, ordered, progress).run(), order)
 
     def position_order(self, ys, xs):
@@ -261,7 +261,6 @@ def _part(operator, task: OcclusionTask, start: int, stop: int,
     """``operator``'s result on the task's positions ``[start, stop)`` (its step table
     planned for them; fewer when ``progress`` stops it), reporting progress on the whole
     task."""
-    ys, xs = task.ys[start:stop], task.xs[start:stop]
-    part = dataclasses.replace(task, ys=ys, xs=xs)
+    part = task.taking(slice(start, stop))
     report = None if progress is None else (lambda done, _total: progress(start + done, task.count))
-    return operator.at(ys, xs).run(part, report)
+    return operator.at(*part.corners).run(part, report)

@@ -110,12 +110,12 @@ def _record(query, lookup) -> Optional[TuningRecord]:
 
 
 def task_of(query, device: str) -> OcclusionTask:
-    ys, xs = query.grid.positions()
+    *depth, ys, xs = query.grid.positions()         # a volume's first slices first
     return OcclusionTask(model=query.model.composed(), image=query.image,
                          color=torch.tensor(query.color, dtype=torch.float32),
                          patch=query.grid.patch, ys=ys, xs=xs, target=query.target, device=device,
                          targets=query.resolved or query.targets, output=query.output,
-                         fill=query.fill)
+                         fill=query.fill, zs=depth[0] if depth else None)
 
 
 def maps_at(query, device: str, taus, progress=None, reduced=()):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kql.operators.graph import POOLS, Local, Pointwise, is_metadata
-from kql.operators.steps import COVER, PATCH, PROJECT, SHAPE, Step, StepTable, plan_steps
+from kql.operators.steps import COVER, PATCH, PROJECT, SHAPE, Step, StepTable, steps_at
 
 FLOAT = 4
 # Calls that return a view (or a tuple of views) of their input: no bytes move.
@@ -63,8 +63,7 @@ class PlanCost:
 
 
 def centre(profile, patch: tuple) -> tuple:
-    h, w = profile.map_size(profile.image_node)
-    return (h - patch[0]) // 2, (w - patch[1]) // 2
+    return tuple((m - p) // 2 for m, p in zip(profile.map_size(profile.image_node), patch))
 
 
 def layer_costs(profile, steps: StepTable) -> list[LayerCost]:
@@ -74,18 +73,18 @@ def layer_costs(profile, steps: StepTable) -> list[LayerCost]:
         op = profile.ops.get(n)
         if not isinstance(op, Local) or op.kind != "conv":
             continue
-        _, c_out, h_out, w_out = profile.views[n].shape
+        c_out, cells = profile.views[n].shape[1], math.prod(profile.map_size(n))
         per = op.macs_per_output() * c_out
         size = steps.changed_size(n)
-        area = h_out * w_out if size is None else size[0] * size[1]
-        costs.append(LayerCost(n.name, per * h_out * w_out, per * area, size is None))
+        area = cells if size is None else math.prod(size)
+        costs.append(LayerCost(n.name, per * cells, per * area, size is None))
     return costs
 
 
 def redundancy_ratio(profile, patch: tuple, position: tuple = None) -> float:
     """R = Q / Q_inc (eqs 17, 19, 20), the patch at ``position`` (default: the centre)."""
-    y, x = position if position is not None else centre(profile, patch)
-    costs = layer_costs(profile, plan_steps(profile, [y], [x], patch))
+    at = position if position is not None else centre(profile, patch)
+    costs = layer_costs(profile, steps_at(profile, tuple([c] for c in at), patch))
     q = sum(c.full_macs for c in costs)
     q_inc = sum(c.incremental_macs for c in costs)
     return q / q_inc if q_inc else 1.0
@@ -200,9 +199,9 @@ def _full_node_cost(profile, n: fx.Node, tp, batch: int) -> tuple:
     out = profile.views.get(n)
     op = profile.ops.get(n)
     if isinstance(op, Local) and op.kind == "conv":
-        _, c_out, h, w = out.shape
-        macs = op.macs_per_output() * c_out * h * w
-        return batch * macs, _conv_seconds(tp, op, macs, h * w, batch)
+        c_out, cells = out.shape[1], math.prod(out.shape[2:])
+        macs = op.macs_per_output() * c_out * cells
+        return batch * macs, _conv_seconds(tp, op, macs, cells, batch)
     if isinstance(op, Local) and op.kind in POOLS:
         return 0.0, _pool_seconds(tp, op, batch * out.numel())
     linear = _linear_shape(profile, n)
@@ -300,30 +299,30 @@ def incremental_cost(profile, steps: StepTable, tp, batch: int) -> PlanCost:
 
 def _incremental_node(profile, step: Step, steps: StepTable, tp, batch: int) -> tuple:
     n, op = step.node, step.op
-    h, w = step.size
+    cells = math.prod(step.size)
     c_out = profile.views[n].shape[1]
     if isinstance(op, Pointwise):
-        moved = 2 * c_out * h * w
+        moved = 2 * c_out * cells
         return 0.0, 0.0, tp.overhead + tp.bytes_seconds(batch * moved * FLOAT)
     if step.delta:
         return _delta_node(profile, step, steps, tp, batch)
     if isinstance(op, Local):
         c_in = profile.views[n.args[0]].shape[1]
-        ctx = c_in * ((h - 1) * op.stride[0] + (op.kernel[0] - 1) * op.dilation[0] + 1) * \
-            ((w - 1) * op.stride[1] + (op.kernel[1] - 1) * op.dilation[1] + 1)
+        ctx = c_in * math.prod((o - 1) * s + (k - 1) * d + 1 for o, s, k, d in
+                               zip(step.size, op.stride, op.kernel, op.dilation))
         gathered = batch * ctx * FLOAT
         secs = tp.gather_seconds(gathered)
         if op.kind == "conv":
-            macs = op.macs_per_output() * c_out * h * w
-            return batch * macs, gathered, secs + _conv_seconds(tp, op, macs, h * w, batch)
+            macs = op.macs_per_output() * c_out * cells
+            return batch * macs, gathered, secs + _conv_seconds(tp, op, macs, cells, batch)
         if op.kind in POOLS:
-            return 0.0, gathered, secs + _pool_seconds(tp, op, batch * c_out * h * w)
-        return 0.0, gathered, secs + tp.bytes_seconds(batch * (ctx + c_out * h * w) * FLOAT)
+            return 0.0, gathered, secs + _pool_seconds(tp, op, batch * c_out * cells)
+        return 0.0, gathered, secs + tp.bytes_seconds(batch * (ctx + c_out * cells) * FLOAT)
     inputs = [a for a in n.all_input_nodes if isinstance(profile.views.get(a), torch.Tensor)
-              and profile.views[a].dim() == 4]
-    moved = sum(profile.views[a].shape[1] for a in inputs) * h * w
+              and profile.views[a].dim() in (4, 5)]
+    moved = sum(profile.views[a].shape[1] for a in inputs) * cells
     gathered = batch * moved * FLOAT
-    combined = batch * c_out * h * w * FLOAT
+    combined = batch * c_out * cells * FLOAT
     return 0.0, gathered, (tp.gather_seconds(gathered) + tp.overhead
                            + tp.bytes_seconds(2 * combined))
 
@@ -333,14 +332,13 @@ def _delta_node(profile, step: Step, steps: StepTable, tp, batch: int) -> tuple:
     subtracted, the transposed convolution over that change alone, the output's view
     under the region copied and the change added."""
     n, op = step.node, step.op
-    h, w = step.size
-    ih, iw = steps[n.args[0]].size
+    cells, changed = math.prod(step.size), math.prod(steps[n.args[0]].size)
     c_in, c_out = profile.views[n.args[0]].shape[1], profile.views[n].shape[1]
-    moved = c_in * ih * iw + c_out * h * w
+    moved = c_in * changed + c_out * cells
     gathered = batch * moved * FLOAT
-    macs = op.macs_per_output() * c_out * ih * iw
+    macs = op.macs_per_output() * c_out * changed
     secs = (tp.gather_seconds(gathered) + 2 * tp.overhead + tp.bytes_seconds(2 * gathered)
-            + _conv_seconds(tp, op, macs, h * w, batch))
+            + _conv_seconds(tp, op, macs, cells, batch))
     return batch * macs, gathered, secs
 
 

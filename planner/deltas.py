@@ -11,7 +11,7 @@ as a delta convolution where that is predicted cheaper by :data:`MARGIN`.
 
 from __future__ import annotations
 
-from kql.operators.steps import Crossover, can_delta, plan_steps
+from kql.operators.steps import Crossover, can_delta, steps_at
 
 from .cost import delta_seconds
 
@@ -27,8 +27,7 @@ def choose(profile, positions: tuple, patch: tuple, tp, batch: int, setting: str
     none ('off'). Decided on the step table with the crossover at fraction 1."""
     if setting == "off":
         return frozenset()
-    ys, xs = positions
-    table = plan_steps(profile, ys, xs, patch, Crossover(), tau, gates)
+    table = steps_at(profile, positions, patch, Crossover(), tau, gates)
     able = [s for s in table if can_delta(s, table.steps)]
     if setting == "on":
         return frozenset(s.node for s in able)

@@ -32,8 +32,7 @@ def _num(value: float, digits: int = 2) -> str:
 
 def render(plan, actual: Optional[dict] = None) -> list[str]:
     q = plan.query
-    rows, cols = q.grid.shape
-    lines = [_line("HeatMap", target=_targets(q), shape=f"{rows}x{cols}", positions=q.grid.count,
+    lines = [_line("HeatMap", target=_targets(q), shape=_sizes(q.grid.shape), positions=q.grid.count,
                    into=q.into or "none", output=_output(q))]
     lines.append("  " + _operator_line(plan, actual))
     labels = ("StageOne", "StageTwo") if len(plan.stages) == 2 else ("Cells",)
@@ -41,16 +40,26 @@ def render(plan, actual: Optional[dict] = None) -> list[str]:
         lines.append(f"    {label} " + _operator_line(stage, None))
     if plan.cost is not None:
         lines += ["    " + text for text in _node_lines(plan, actual)]
-    h, w = q.image.shape[1:]
-    lines.append("    " + _line("Image", source=q.image_label, size=f"{h}x{w}",
-                                 patch="{}x{}".format(*q.grid.patch),
-                                 stride="{}x{}".format(*q.grid.stride),
-                                 region=("({}, {}, {}, {})".format(*q.grid.region)
-                                         if q.grid.region else "none"),
+    lines.append("    " + _line("Volume" if q.grid.depth is not None else "Image",
+                                 source=q.image_label, size=_sizes(q.image.shape[1:]),
+                                 patch=_sizes(q.grid.patch), stride=_sizes(q.grid.stride),
+                                 region=(str(tuple(q.grid.region)) if q.grid.region else "none"),
+                                 spacing=_spacing(q.image_info) if q.grid.depth is not None else None,
                                  color=q.color_label, resize=_resize(q),
                                  channels="; ".join(q.notes) or None))
     lines.append(summary(plan, actual))
     return lines
+
+
+def _sizes(values) -> str:
+    """``16x16``, a volume's ``8x16x16``."""
+    return "x".join(str(int(v)) for v in values)
+
+
+def _spacing(info: dict) -> Optional[str]:
+    """A volume's voxel size (mm, its file's or affine's), when known."""
+    spacing = info.get("spacing")
+    return "x".join(f"{float(v):g}" for v in spacing) + " mm" if spacing else None
 
 
 def summary(plan, actual: Optional[dict] = None) -> str:
@@ -218,7 +227,7 @@ def _node_lines(plan, actual) -> list[str]:
         if merge == "run":
             items["nodes"] = len(members)
         elif first.step.size is not None:
-            items["patch"] = "{}x{}".format(*first.step.size)
+            items["patch"] = _sizes(first.step.size)
         items["gflops"] = _num(2 * sum(c.macs for c in members) * n / 1e9, 3)
         gathered = sum(c.gather_bytes for c in members)
         if gathered:

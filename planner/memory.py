@@ -96,8 +96,8 @@ def occluded_bytes(image_shape) -> int:
     >>> occluded_bytes((3, 224, 224))
     652288
     """
-    _, h, w = image_shape
-    return 3 * h * w * FLOAT + h * w
+    cells = math.prod(image_shape[1:])
+    return 3 * cells * FLOAT + cells
 
 
 def naive_bytes(profile, batch: int) -> int:
@@ -115,7 +115,7 @@ def incremental_bytes(profile, steps, batch: int) -> int:
     for step in steps:
         if step.mode == PATCH:
             c = profile.views[step.node].shape[1]
-            per_item = max(per_item, 3 * c * (step.size[0] + 4) * (step.size[1] + 4) * FLOAT)
+            per_item = max(per_item, 3 * c * math.prod(s + 4 for s in step.size) * FLOAT)
     return fixed + batch * per_item
 
 

@@ -81,7 +81,7 @@ def _gather_rate(dev, batch: int) -> float:
     patches = torch.randn(batch, 128, 12, 12, device=dev)
     rng = np.random.default_rng(0)
     wy, wx = rng.integers(0, 44, batch), rng.integers(0, 44, batch)
-    seconds = timed(lambda: gather(base, patches, wy + 1, wx + 1, wy, wx, (14, 14)), str(dev.type))
+    seconds = timed(lambda: gather(base, patches, (wy + 1, wx + 1), (wy, wx), (14, 14)), str(dev.type))
     return batch * 128 * 14 * 14 * 4 / seconds
 
 

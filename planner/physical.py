@@ -376,7 +376,8 @@ def _grouped(p: Planning, plan: PhysicalPlan) -> PhysicalPlan:
     """``plan`` with its positions grouped by the region they change
     (:mod:`.position_groups`) where that is predicted cheaper by the margin."""
     query, steps = p.query, plan.operator.steps
-    if p.ctx.position_groups == "off" or math.prod(query.image.shape[1:]) <= GROUPS_MIN_PIXELS:
+    if p.ctx.position_groups == "off" or math.prod(query.image.shape[1:]) <= GROUPS_MIN_PIXELS \
+            or query.grid.depth is not None:        # bands of rows and columns: images only
         return plan
     ys, xs = query.grid.positions()
     found = position_groups.group(p.profile, steps, ys, xs, p.throughput, plan.batch)

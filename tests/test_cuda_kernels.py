@@ -49,15 +49,15 @@ GEOMETRIES = textwrap.dedent("""
         else:                                            # channels-last: strides the kernel must use
             patches = torch.randn(b, c, ph, pw, device=device).to(memory_format=torch.channels_last)
         got = gpu.contexts(base, patches, t(py), t(px), t(wy), t(wx), (r, rw), (dy, dx), (sy, sx))
-        want = ref.gather(base, patches.contiguous(), py, px, wy, wx, (r, rw), offset=(dy, dx), scale=(sy, sx))
+        want = ref.gather(base, patches.contiguous(), (py, px), (wy, wx), (r, rw), offset=(dy, dx), scale=(sy, sx))
         assert got.shape == (b, c, r, rw) and torch.equal(got, want), case
         got = gpu.windows(base, t(wy), t(wx), (r, rw), (sy, sx))
-        assert torch.equal(got, ref.windows(base, wy, wx, (r, rw), (sy, sx))), case
+        assert torch.equal(got, ref.windows(base, (wy, wx), (r, rw), (sy, sx))), case
         fy, fx = rng.integers(0, h - min(ph, h) + 1, b), rng.integers(0, w - min(pw, w) + 1, b)
         small = patches[:, :, :h, :w].contiguous()
         fy, fx = np.minimum(fy, h - small.shape[2]), np.minimum(fx, w - small.shape[3])
         got = gpu.project(base, small, t(fy), t(fx))
-        assert torch.equal(got, ref.project(base, small, fy, fx)), case
+        assert torch.equal(got, ref.project(base, small, (fy, fx))), case
         cases += 1
     print("ok", cases)
 """)

@@ -70,14 +70,14 @@ def test_add_at_keeps_only_what_falls_inside(channels_last):
             for j in range(5):
                 if 0 <= oy[b] + i < 6 and 0 <= ox[b] + j < 7:
                     expected[b, :, oy[b] + i, ox[b] + j] += patches[b, :, i, j]
-    np.testing.assert_allclose(g.add_at(dst.clone(), patches, oy, ox), expected, atol=1e-6)
+    np.testing.assert_allclose(g.add_at(dst.clone(), patches, (oy, ox)), expected, atol=1e-6)
 
 
 def test_channels_last_windows_are_the_same_windows():
     base = torch.randn(1, 6, 9, 11)
     ys, xs = np.array([0, 3, 5]), np.array([7, 0, 2])
-    plain = g.windows(base, ys, xs, (4, 4))
-    pixels = g.windows(base.contiguous(memory_format=torch.channels_last), ys, xs, (4, 4))
+    plain = g.windows(base, (ys, xs), (4, 4))
+    pixels = g.windows(base.contiguous(memory_format=torch.channels_last), (ys, xs), (4, 4))
     assert pixels.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, pixels)
 

@@ -59,8 +59,8 @@ def test_a_projection_is_pasted_alike_in_either_layout():
     torch.manual_seed(0)
     base, patches = torch.rand(1, 5, 7, 9), torch.rand(3, 5, 2, 3)
     ys, xs = np.array([0, 2, 5]), np.array([1, 4, 6])
-    plain = g.project(base, patches, ys, xs)
-    fast = g.project(base, patches.contiguous(memory_format=torch.channels_last), ys, xs, True)
+    plain = g.project(base, patches, (ys, xs))
+    fast = g.project(base, patches.contiguous(memory_format=torch.channels_last), (ys, xs), True)
     assert fast.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, fast)
     assert torch.equal(plain[1, :, 2:4, 4:7], patches[1])         # the patch is where it goes

@@ -111,10 +111,10 @@ def test_threshold_changes_the_map_and_caps_every_region():
 
 
 def test_threshold_keeps_the_centre_of_the_region():
-    y, x, size = threshold(np.array([0, 10, 30]), np.array([5, 5, 5]), (10, 4), (40, 40), 0.1)
+    (y, x), size = threshold((np.array([0, 10, 30]), np.array([5, 5, 5])), (10, 4), (40, 40), 0.1)
     assert size == (4, 4)
     assert y.tolist() == [3, 13, 33] and x.tolist() == [5, 5, 5]    # width 4 already fits
-    y, _, size = threshold(np.array([34]), np.array([0]), (6, 6), (40, 40), 0.1)
+    (y, _), size = threshold((np.array([34]), np.array([0])), (6, 6), (40, 40), 0.1)
     assert size == (4, 4) and y.tolist() == [35]                   # centred, inside the map
 
 
