@@ -129,6 +129,12 @@ class Connection:
         """Register a torch float ``[3, H, W]`` in [0, 1] or a numpy uint8 ``HxWx3`` image."""
         self.catalog.register_image(name, image)
 
+    def register_volume(self, name: str, volume, affine=None) -> None:
+        """Register a volume (a CT or MRI scan): a float torch tensor or numpy array
+        ``[C, D, H, W]`` (or ``[D, H, W]``: one channel) in the model's own intensities, with
+        its 4x4 voxel-to-world ``affine`` when it has one (kept for NIfTI maps)."""
+        self.catalog.register_volume(name, volume, affine)
+
     # -- running ---------------------------------------------------------------------------
 
     def execute(self, query: str, progress=None) -> Optional[Result]:

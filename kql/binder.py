@@ -37,6 +37,8 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
     except KqlError as exc:
         raise at_node(exc, stmt.model)
     raw, label, info = _image(stmt.image, catalog, max_pixels)
+    if raw.dim() == 4:
+        return _bind_volume(stmt, text, spec, raw, label, info)
     raw, channel_note = _channels(stmt, raw, spec)
     size = images.target_size(raw.shape[1], raw.shape[2], spec.input_size)
     frame = Frame.fitting(tuple(raw.shape[1:]), size, stmt.resize or DEFAULT_RESIZE)
@@ -44,12 +46,7 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
     patch = stmt.patch or (DEFAULT_PATCH, DEFAULT_PATCH)
     stride = stmt.stride or (DEFAULT_STRIDE, DEFAULT_STRIDE)
     region = _region(stmt, frame)
-    grid = OcclusionGrid(int(image.shape[1]), int(image.shape[2]), patch, stride, region)
-    problem = grid.problem()
-    if problem:
-        clause = ("stride" if "stride" in problem else
-                  "region" if "region" in problem and stmt.region else "patch")
-        raise fail(stmt, clause, problem)
+    grid = _checked(stmt, OcclusionGrid(int(image.shape[1]), int(image.shape[2]), patch, stride, region))
     color, color_label, fill = _color(stmt, image, patch)
     if stmt.batch is not None and stmt.batch < 1:
         raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
@@ -63,10 +60,86 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
         output=stmt.output, frame=frame, original=raw, image_info=info, fill=fill)
 
 
+def _checked(stmt: ast.Occlude, grid: OcclusionGrid) -> OcclusionGrid:
+    problem = grid.problem()
+    if problem:
+        clause = ("stride" if "stride" in problem or "STRIDE" in problem else
+                  "region" if ("region" in problem or "REGION" in problem) and stmt.region else "patch")
+        raise fail(stmt, clause, problem)
+    return grid
+
+
+def _bind_volume(stmt: ast.Occlude, text: str, spec, raw: torch.Tensor, label: str,
+                 info: dict) -> OcclusionQuery:
+    """An ``OCCLUDE`` of a volume ``[C, D, H, W]``: the same query in three dimensions
+    (a cube for one number, REGION's six numbers); exact plans only for now."""
+    for clause, given in (("ssim", stmt.ssim), ("drilldown", stmt.drilldown), ("resize", stmt.resize)):
+        if given is not None:
+            raise fail(stmt, clause, f"{_CLAUSE_WORDS[clause]} applies to images; a volume's map "
+                                     f"is computed exactly")
+    if int(raw.shape[0]) != spec.channels:
+        raise fail(stmt, "image", f"the volume has {raw.shape[0]} channel(s) but model "
+                                  f"'{spec.name}' takes {spec.channels}")
+    volume = _volume_input(stmt, raw, spec)
+    grid = _checked(stmt, OcclusionGrid(
+        int(volume.shape[2]), int(volume.shape[3]), _cube(stmt.patch, DEFAULT_VOLUME_PATCH),
+        _cube(stmt.stride, DEFAULT_STRIDE), stmt.region.numbers if stmt.region else None,
+        depth=int(volume.shape[1])))
+    color, color_label = _volume_color(stmt, volume)
+    if stmt.batch is not None and stmt.batch < 1:
+        raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
+    targets, top = _targets(stmt, spec)
+    return OcclusionQuery(
+        statement=stmt, text=text, image_label=label, image=volume, model=spec,
+        target=targets[0] if targets else None, grid=grid, color=color, color_label=color_label,
+        device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, targets=targets, top=top,
+        output=stmt.output, original=raw, image_info=info)
+
+
+DEFAULT_VOLUME_PATCH = 8
+_CLAUSE_WORDS = {"ssim": "WITH SSIM", "drilldown": "DRILLDOWN", "resize": "RESIZE"}
+
+
+def _cube(size, default: int) -> tuple:
+    """PATCH or STRIDE of a volume: three sizes, one number for all three."""
+    if size is None:
+        return (default,) * 3
+    return (size[0],) * 3 if isinstance(size, ast.Same) else tuple(size)
+
+
+def _volume_input(stmt: ast.Occlude, raw: torch.Tensor, spec) -> torch.Tensor:
+    """The volume at the model's input size: as it is, or resampled (trilinear) to a
+    model's ``input_size`` of three numbers."""
+    size = spec.input_size
+    if size is None or tuple(raw.shape[1:]) == tuple(size if isinstance(size, (tuple, list)) else ()):
+        return raw
+    if not isinstance(size, (tuple, list)) or len(size) != 3:
+        raise fail(stmt, "image", f"model '{spec.name}' has input_size {size!r}; a volume needs "
+                                  f"three sizes (d, h, w) or none")
+    return torch.nn.functional.interpolate(raw[None], size=tuple(int(v) for v in size),
+                                           mode="trilinear", align_corners=False)[0]
+
+
+def _volume_color(stmt: ast.Occlude, volume: torch.Tensor) -> tuple:
+    """A volume's cube holds one value per channel: the volume's mean (the default,
+    ``COLOR mean``) or ``COLOR (v)`` in the volume's own intensities."""
+    c = stmt.color
+    channels = int(volume.shape[0])
+    if c is None or (isinstance(c, ast.ColorNamed) and c.name == "mean"):
+        return tuple(float(v) for v in volume.mean(dim=(1, 2, 3))), "mean"
+    if isinstance(c, ast.ColorValue):
+        return (float(c.value),) * channels, f"({c.value:g})"
+    raise fail(stmt, "color", "a volume takes COLOR mean or COLOR (value), the value in the "
+                              "volume's own intensities")
+
+
 def _region(stmt: ast.Occlude, frame: Frame) -> Optional[tuple]:
     """REGION (in the original image's pixels) in the model's pixels."""
     if stmt.region is None:
         return None
+    if stmt.region.z is not None:
+        raise fail(stmt, "region", "REGION takes four numbers (x, y, w, h) for an image; six "
+                                   "are a volume's")
     r = stmt.region
     region = (r.x, r.y, r.w, r.h)
     (h, w) = frame.original
@@ -93,7 +166,8 @@ def _image(ref, catalog, max_pixels: int) -> tuple[torch.Tensor, str, dict]:
         if isinstance(ref, ast.ImageFile):
             loaded = images.read_image(ref.path, max_pixels=max_pixels)
             return loaded.tensor, f"'{ref.path}'", dict(loaded.info)
-        return catalog.resolve_image(ref.name, max_pixels), ref.name, {}
+        tensor = catalog.resolve_image(ref.name, max_pixels)
+        return tensor, ref.name, catalog.image_info(ref.name)
     except KqlError as exc:
         raise at_node(exc, ref)
 
@@ -112,6 +186,11 @@ def _color(stmt: ast.Occlude, image: torch.Tensor, patch: tuple) -> tuple[tuple,
         if c.name in CONTENTS:
             return (0.0,) * channels, c.name, CONTENTS[c.name](image, patch)
         return NAMED_COLORS[c.name][:1] * channels, c.name, None
+    if isinstance(c, ast.ColorValue):
+        if channels != 1 or not 0.0 <= c.value <= 1.0:
+            raise fail(stmt, "color", f"one colour value is a grey image's (in [0, 1]); this "
+                                      f"image has {channels} channels: use (r, g, b) or a name")
+        return (float(c.value),), f"({c.value:g})", None
     rgb = (float(c.r), float(c.g), float(c.b))
     if not all(0.0 <= v <= 1.0 for v in rgb):
         raise fail(stmt, "color", f"colour components must lie in [0, 1] (pixel space), got "

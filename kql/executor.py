@@ -333,17 +333,17 @@ def _predicted_ssim(physical, out) -> Optional[float]:
 
 def _result(physical, out, text: str) -> Result:
     q = physical.query
-    rows, cols = q.grid.shape
+    shape = q.grid.shape                  # (rows, cols); a volume's (slices, rows, cols)
     labels = q.model.labels
     if labels is not None and len(labels) != len(out.base_logits):
         raise at_node(KqlPlanError(f"model '{q.model.name}' has {len(labels)} labels but returns "
                                    f"{len(out.base_logits)} classes"), q.statement.model)
     names = [labels[t] if labels is not None else f"class {t}" for t in out.targets]
-    maps = out.scores.reshape(len(out.targets), rows, cols)
+    maps = out.scores.reshape(len(out.targets), *shape)
     return Result(
         "occlude", text,
         heatmap=maps[0],
-        logits=out.logits.reshape(rows, cols),
+        logits=out.logits.reshape(shape),
         target=out.target,
         label=names[0],
         probability=out.base_probability,

@@ -294,6 +294,11 @@ def read_image(path: str, *, max_pixels: int = MAX_PIXELS, memory_limit: Optiona
     >>> image.tensor.shape, float(image.tensor.max()), image.info
     (torch.Size([1, 2, 3]), 1.0, {'format': 'PNG', 'mode': 'I;16', 'bits': 16})
     """
+    from . import volumes
+
+    if volumes.is_volume_path(path):            # a NIfTI file or a folder of DICOM slices
+        loaded = volumes.read_volume(path, max_voxels=max_pixels, memory_limit=reading_limit(memory_limit))
+        return LoadedImage(loaded.tensor, dict(loaded.info))
     with open_regular_file(path, "image file", KqlImageError) as fh:
         head = fh.read(132)
         fh.seek(0)

@@ -71,7 +71,8 @@ class ModelSpec:
             else:
                 n = len(self.mean if self.mean is not None else self.std)
                 self._composed = nn.Sequential(Normalize(self.mean or (0.0,) * n,
-                                                         self.std or (1.0,) * n), body)
+                                                         self.std or (1.0,) * n,
+                                                         spatial_axes(body)), body)
         return in_eval_mode(self._composed)
 
     @property
@@ -128,18 +129,33 @@ class ModelSpec:
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel; traced by torch.fx as point-wise arithmetic."""
+    """(x - mean) / std per channel of an image's ``[B, C, H, W]`` (``spatial`` 2) or a
+    volume's ``[B, C, D, H, W]`` (3); traced by torch.fx as point-wise arithmetic."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, spatial: int = 2):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        shape = (1, -1) + (1,) * spatial
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
 
     def forward(self, x):
         return (x - self.mean) / self.std
 
 
 _CONVS = ("Conv1d", "Conv2d", "Conv3d")      # a TorchScript submodule's original_name
+
+
+def spatial_axes(module: nn.Module) -> int:
+    """The spatial axes of what ``module`` takes: its first convolution's (3 for a Conv3d
+    network: volumes), else 2.
+
+    >>> spatial_axes(nn.Sequential(nn.Conv3d(1, 2, 3))), spatial_axes(nn.Linear(2, 2))
+    (3, 2)
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.conv._ConvNd):
+            return sub.weight.dim() - 2
+    return 2
 
 
 def input_channels(module: nn.Module, default: Optional[int] = 3) -> Optional[int]:

@@ -44,6 +44,7 @@ class Catalog:
         self._tables: dict[str, dict] = {}            # image tables of an in-memory catalog
         self._loaded_models: dict[str, tuple] = {}    # {name: (entry, spec)} read from files
         self._loaded_images: dict[str, tuple] = {}    # {name: (entry, tensor)}
+        self._info: dict[str, dict] = {}              # {name: what its file or registration says}
         self._tunings: dict = {}        # an in-memory catalog's: {model: {key: entry}}
         self._store = CatalogFile(directory) if directory is not None else None
 
@@ -151,16 +152,34 @@ class Catalog:
     def register_image(self, name: str, image) -> torch.Tensor:
         tensor = img.to_tensor(image)
         self._images[name] = tensor
+        self._info.pop(name, None)
         self._loaded_images.pop(name, None)
         self._forget("images", name)
         return tensor
+
+    def register_volume(self, name: str, volume, affine=None) -> torch.Tensor:
+        """A volume ``[C, D, H, W]`` (or ``[D, H, W]``) from Python, with its voxel-to-world
+        ``affine`` (4x4) when it has one."""
+        tensor, info = _volume(volume, affine)
+        self._images[name] = tensor
+        self._info[name] = info
+        self._loaded_images.pop(name, None)
+        self._forget("images", name)
+        return tensor
+
+    def image_info(self, name: str) -> dict:
+        """What the image's file (or registration) says beyond its pixels: a volume's
+        affine and voxel spacing, a DICOM header's fields; empty when nothing."""
+        return dict(self._info.get(name, {}))
 
     def forget_image(self, name: str) -> None:
         """Drop the session image ``name`` (registered from Python); file entries stay."""
         self._images.pop(name, None)
 
     def load_image(self, name: str, path: str, max_pixels: int = img.MAX_PIXELS) -> torch.Tensor:
-        tensor = img.load_file(path, max_pixels=max_pixels)
+        loaded = img.read_image(path, max_pixels=max_pixels)
+        tensor = loaded.tensor
+        self._info[name] = dict(loaded.info)
         entry = {"path": os.path.abspath(path)}
         self._keep("images", name, entry)
         self._images.pop(name, None)
@@ -170,8 +189,12 @@ class Catalog:
     def resolve_image(self, name: str, max_pixels: int = img.MAX_PIXELS) -> torch.Tensor:
         if name in self._images:
             return self._images[name]
-        tensor = self._from_file("images", name, self._loaded_images,
-                                 lambda entry: img.load_file(entry["path"], max_pixels=max_pixels))
+        def read(entry):
+            loaded = img.read_image(entry["path"], max_pixels=max_pixels)
+            self._info[name] = dict(loaded.info)
+            return loaded.tensor
+
+        tensor = self._from_file("images", name, self._loaded_images, read)
         if tensor is None:
             hint = _close(name, [r["name"] for r in self.image_rows()])
             raise KqlImageError(f"unknown image '{name}'" + (
@@ -216,8 +239,8 @@ class Catalog:
                 source = _source(entries, damaged, name)
             else:
                 source = self._loaded_images[name][0]["path"]
-            rows.append({"name": name, "height": int(t.shape[1]) if t is not None else None,
-                         "width": int(t.shape[2]) if t is not None else None, "source": source})
+            rows.append({"name": name, "height": int(t.shape[-2]) if t is not None else None,
+                         "width": int(t.shape[-1]) if t is not None else None, "source": source})
         return rows + self.table_rows()
 
     # -- the catalog file ---------------------------------------------------------------------
@@ -255,6 +278,33 @@ class Catalog:
             raise error(f"{kind.lower()} '{name}' in catalog file '{self._store.path}' is damaged "
                         f"({problem}); LOAD {kind} {name} FROM '<file>' replaces it")
         return cache[name][1] if name in cache else None
+
+
+def _volume(volume, affine) -> tuple:
+    """A user's volume as a float32 ``[C, D, H, W]`` tensor and its info (the affine, the
+    voxel spacing it implies); a clear error for anything else."""
+    import numpy as np
+
+    if isinstance(volume, np.ndarray):
+        if not (np.issubdtype(volume.dtype, np.number) or volume.dtype == bool):
+            raise KqlImageError(f"a volume array must be numeric, got {volume.dtype}")
+        volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+    if not isinstance(volume, torch.Tensor):
+        raise KqlImageError(f"a volume must be a torch tensor or a numpy array, not {type(volume).__name__}")
+    t = volume.detach().to("cpu", torch.float32)
+    t = t.unsqueeze(0) if t.dim() == 3 else t
+    if t.dim() != 4 or min(t.shape) < 1:
+        raise KqlImageError(f"a volume must have shape [C, D, H, W] or [D, H, W], got {list(volume.shape)}")
+    if not torch.isfinite(t).all():
+        raise KqlImageError("the volume contains NaN or infinite values")
+    info = {"format": "volume", "shape": tuple(int(v) for v in t.shape[1:])}
+    if affine is not None:
+        a = np.asarray(affine, dtype=np.float64)
+        if a.shape != (4, 4) or not np.isfinite(a).all():
+            raise KqlImageError(f"a volume's affine must be a finite 4x4 matrix, got shape {list(a.shape)}")
+        info["affine"] = a.tolist()
+        info["spacing"] = tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))
+    return t.contiguous(), info
 
 
 def _trusted_digest(entry: dict):

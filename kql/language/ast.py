@@ -147,17 +147,39 @@ class ColorRGB(Node):
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
 
 
-Color = Union[ColorNamed, ColorRGB]
+@dataclass(frozen=True)
+class ColorValue(Node):
+    """``(v)``: one value, a grey image's (in [0, 1]) or a volume's (its own intensities)."""
+    value: float
+    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+
+Color = Union[ColorNamed, ColorRGB, ColorValue]
+
+
+class Same(tuple):
+    """A PATCH or STRIDE written as one number: the same size on every axis (a square on
+    an image, a cube on a volume). Equal to the plain tuple."""
 
 
 @dataclass(frozen=True)
 class Region(Node):
-    """``REGION (x, y, w, h)``: columns x..x+w-1 and rows y..y+h-1 of the model input."""
+    """``REGION (x, y, w, h)``: columns x..x+w-1 and rows y..y+h-1 of the model input; a
+    volume's ``(x, y, z, w, h, d)`` adds slices z..z+d-1."""
     x: int
     y: int
     w: int
     h: int
+    z: Optional[int] = None
+    d: Optional[int] = None
     pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+
+    @property
+    def numbers(self) -> tuple:
+        """As written: (x, y, w, h) or (x, y, z, w, h, d)."""
+        if self.z is None:
+            return (self.x, self.y, self.w, self.h)
+        return (self.x, self.y, self.z, self.w, self.h, self.d)
 
 
 # -- statements ---------------------------------------------------------------------------
@@ -176,8 +198,8 @@ class Occlude(ClausePositions, Node):
     image: ImageRef
     model: ModelName
     target: Optional[Target] = None
-    patch: Optional[Tuple[int, int]] = None        # (height, width)
-    stride: Optional[Tuple[int, int]] = None       # (rows, columns)
+    patch: Optional[Tuple[int, ...]] = None        # (height, width); a volume's (depth, height, width)
+    stride: Optional[Tuple[int, ...]] = None       # (rows, columns); a volume's (slices, rows, columns)
     color: Optional[Color] = None
     region: Optional[Region] = None
     ssim: Optional[float] = None                   # WITH SSIM >= value

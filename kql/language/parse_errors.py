@@ -64,6 +64,8 @@ def _bad_character(err: UnexpectedCharacters, text: str) -> str:
 def _unexpected_token(err: UnexpectedToken) -> tuple[str, Token]:
     """The message for a token the grammar does not allow here, and the token to point at."""
     token, expected = err.token, _acceptable(err, err.expected)
+    if token.type == "_MINUS":                      # only COLOR (-v) takes a sign
+        return "unexpected '-': negative numbers are not allowed", token
     stack = _value_stack(err)
     previous = _last_token(stack[-1]) if stack else None
     misread = _keyword_read_as_name(stack) or _calibrate_mistake(token, expected, stack)
@@ -121,9 +123,8 @@ def _acceptable(err: UnexpectedInput, fallback) -> set:
     to a copy of the parser keeps only what can follow here.
     """
     parser = getattr(err, "interactive_parser", None)
-    if parser is None:
-        return set(fallback or ())
-    return set(parser.accepts())
+    accepted = set(fallback or ()) if parser is None else set(parser.accepts())
+    return accepted - {"_MINUS"} if "NUMBER" in accepted else accepted    # a sign is part of a number
 
 
 def _keyword_read_as_name(stack: list) -> Optional[tuple[str, Token]]:

@@ -308,7 +308,7 @@ class _ToAst(Transformer):
         return _Clause("output", _pos(meta), {"output": children[0].lower()})
 
     def size(self, meta, children):
-        return children  # [height, width or None], checked by the clause that owns it
+        return children  # [first, second or None, third or None], checked by the clause that owns it
 
     def patch_clause(self, meta, children):
         return _Clause("patch", _pos(meta), {"patch": _size(children[0], "PATCH")})
@@ -324,15 +324,23 @@ class _ToAst(Transformer):
         return ast.ColorNamed("gray" if name == "grey" else name, pos=_pos(meta))
 
     def color_rgb(self, meta, children):
-        _count(meta, children, 3, "COLOR", "three numbers (r, g, b)")
+        if len(children) == 1:
+            return ast.ColorValue(_real(children[0], "COLOR"), pos=_pos(meta))
+        _count(meta, children, 3, "COLOR", "three numbers (r, g, b) or one value")
         r, g, b = (_real(n, "COLOR") for n in children)
         return ast.ColorRGB(r, g, b, pos=_pos(meta))
+
+    def color_negative(self, meta, children):
+        return ast.ColorValue(-_real(children[0], "COLOR"), pos=_pos(meta))
 
     def region_clause(self, meta, children):
         return _Clause("region", _pos(meta), {"region": children[0]})
 
     def region(self, meta, children):
-        _count(meta, children, 4, "REGION", "four whole numbers (x, y, w, h)")
+        if len(children) == 6:                          # a volume's (x, y, z, w, h, d)
+            x, y, z, w, h, d = (_whole(n, "REGION") for n in children)
+            return ast.Region(x, y, w, h, z, d, pos=_pos(meta))
+        _count(meta, children, 4, "REGION", "four whole numbers (x, y, w, h), or a volume's six")
         x, y, w, h = (_whole(n, "REGION") for n in children)
         return ast.Region(x, y, w, h, pos=_pos(meta))
 
@@ -368,7 +376,7 @@ def _gather(clauses: list) -> tuple[dict, tuple]:
     return fields, tuple(where)
 
 
-def _size(numbers: list, keyword: str) -> tuple[int, int]:
-    height, width = numbers
-    height = _whole(height, keyword)
-    return height, height if width is None else _whole(width, keyword)
+def _size(numbers: list, keyword: str) -> tuple:
+    """(height, width), (depth, height, width), or one number as :class:`ast.Same`."""
+    given = [_whole(n, keyword) for n in numbers if n is not None]
+    return ast.Same((given[0],) * 2) if len(given) == 1 else tuple(given)
