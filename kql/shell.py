@@ -44,7 +44,7 @@ KQL statements end with ';' and may span lines; '--' starts a comment; Tab compl
         DRILLDOWN <fraction> [SPEEDUP <s>]        coarse pass, then refine the hot part
         ON cpu|gpu|auto                           device
         BATCH <n>                                 positions per forward pass
-        INTO '<file>'                             write .png, .npy or .parquet
+        INTO '<file>'                             write .png .npy .parquet .nii(.gz)
       many images (a glob or an image table) also take:
         WHERE <column> >=|<=|>|< <number>         keep the rows that pass
         ORDER BY <column> [ASC|DESC]              sort the rows

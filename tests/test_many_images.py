@@ -138,7 +138,9 @@ def test_the_table_is_read_by_pandas_without_kql(net, folder, tmp_path):
     frame = pd.read_parquet(out)
     assert list(frame.columns) == ["path", "height", "width", "target", "label", "probability",
                                    "rows", "cols", "heatmap", "drop", "drop_x", "drop_y",
-                                   "drop_w", "drop_h", "ssim", "plan", "seconds", "error"]
+                                   "drop_w", "drop_h", "ssim", "plan", "seconds", "error",
+                                   "depth", "slices", "drop_z", "drop_d", "volume_heatmap"]
+    assert frame["depth"].isna().all() and frame["volume_heatmap"].isna().all()   # images
     assert (frame["ssim"][frame["error"].isna()] == 1.0).all()       # exact maps
     assert len(frame) == 5 and frame["error"].notna().sum() == 1
     first = np.array([list(r) for r in frame["heatmap"][0]])

@@ -1,11 +1,13 @@
-"""Writing heat maps: a PNG overlay (drawn by :mod:`kql.results.overlay`), raw .npy, or a Parquet row.
+"""Writing heat maps: a PNG overlay (drawn by :mod:`kql.results.overlay`; a volume's three
+orthogonal slices by :mod:`kql.results.volume_overlay`), raw .npy, a Parquet row, or a
+volume's map as NIfTI (.nii, .nii.gz) with the scan's affine, to open over the scan.
 
 Every writer goes through :func:`kql.fileio.atomic_write`: the data lands in a temporary
 file in the target directory and is renamed into place, so a failure leaves nothing
 half-written.
 
 >>> FORMATS, formats_text()
-(('.png', '.npy', '.parquet'), '.png, .npy or .parquet')
+(('.png', '.npy', '.parquet', '.nii', '.nii.gz'), '.png, .npy, .parquet, .nii or .nii.gz')
 """
 
 from __future__ import annotations
@@ -27,16 +29,37 @@ def save(result, path: str, **overlay_options) -> str:
     ``overlay_options`` (:data:`kql.results.overlay.OPTIONS`, checked for every format) draw the PNG."""
     from .overlay import checked
 
-    ext = os.path.splitext(path)[1].lower()
+    ext = extension(path)
     if ext not in WRITERS:
         raise KqlExecutionError(f"cannot save to '{path}': use a {formats_text()} file")
     options = checked(overlay_options) if overlay_options else {}
+    if ext in NIFTI:
+        return _nifti(result, path)
     try:
         # Through a hidden .kql-* file; the map gets the usual mode, not mkstemp's 0600.
         atomic_write(path, lambda tmp: WRITERS[ext](result, tmp, options), mode=None,
                      private=False)
     except OSError as exc:
         raise KqlExecutionError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    return path
+
+
+def extension(path: str) -> str:
+    """The output format a path names: its extension, ``.nii.gz`` taken whole."""
+    lower = path.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
+
+
+def _nifti(result, path: str) -> str:
+    """A volume's map (the first target's) as NIfTI, its affine the scan's with each cell
+    at its patch's centre (:func:`~kql.catalog.volumes.map_affine`; no affine: voxel units)."""
+    from .nifti import map_affine, write_nifti
+
+    if result.heatmap.ndim != 3:
+        raise KqlExecutionError(f"cannot save to '{path}': a NIfTI file holds a volume's map; "
+                                f"this map is an image's")
+    affine = result.image_info.get("affine", np.eye(4))
+    write_nifti(path, result.heatmap, map_affine(affine, result.patch, result.stride, result.offset))
     return path
 
 
@@ -59,14 +82,29 @@ def _parquet(result, tmp: str, options: dict) -> None:
 
 
 def _png(result, tmp: str, options: dict) -> None:
-    """The overlay of :mod:`kql.results.overlay`: each map over the image as the user gave it."""
+    """The overlay of :mod:`kql.results.overlay`: each map over the image as the user gave
+    it; a volume's, three orthogonal slices through the strongest drop."""
+    if result.heatmap.ndim == 3:
+        from . import volume_overlay
+
+        info = result.image_info
+        volume_overlay.write_png(tmp, result.image, result.heatmap, result.probability,
+                                 result.patch, result.stride, result.offset,
+                                 title=f"{result.model}: {result.label} on {result.image_label}",
+                                 spacing=info.get("spacing"), orientation=info.get("orientation"),
+                                 output=result.output,
+                                 **{k: v for k, v in options.items() if k in VOLUME_OPTIONS})
+        return
     from .overlay import write_png
 
     write_png(result, tmp, **options)
 
 
+# The overlay options that apply to a volume's slices (the others shape 2D panels).
+VOLUME_OPTIONS = ("colormap", "alpha", "scale")
 # The one list of output formats (the INTO check of the planner uses it too).
-WRITERS = {".png": _png, ".npy": _npy, ".parquet": _parquet}
+NIFTI = (".nii", ".nii.gz")
+WRITERS = {".png": _png, ".npy": _npy, ".parquet": _parquet, ".nii": None, ".nii.gz": None}
 FORMATS = tuple(WRITERS)
 
 
@@ -85,7 +123,7 @@ def check_into(plan, ctx=None) -> None:
     >>> check_into(SimpleNamespace(statement=stmt, into=stmt.into), None)
     Traceback (most recent call last):
     ...
-    kql.errors.KqlPlanError: line 1, column 23: INTO 'map.jpg': unsupported file type '.jpg'; use .png, .npy or .parquet
+    kql.errors.KqlPlanError: line 1, column 23: INTO 'map.jpg': unsupported file type '.jpg'; use .png, .npy, .parquet, .nii or .nii.gz
     >>> check_into(SimpleNamespace(statement=stmt, into="m" * 300 + ".png"), None)
     Traceback (most recent call last):
     ...
@@ -99,7 +137,7 @@ def check_into(plan, ctx=None) -> None:
     problem = path_problem(into) or _too_long(into)
     if problem is not None:
         raise fail(plan.statement, "into", f"INTO '{shorten(into)}': {problem}")
-    ext = os.path.splitext(into)[1].lower()
+    ext = extension(into)
     if ext not in FORMATS:
         raise fail(plan.statement, "into", f"INTO '{into}': unsupported file type "
                                            f"'{ext or '(none)'}'; use {formats_text()}")

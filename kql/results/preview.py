@@ -173,6 +173,8 @@ def preview(result, width: int = 80, color: bool = True, truecolor: bool = True)
     target when there are several); '' for any other result."""
     if getattr(result, "kind", None) != "occlude" or getattr(result, "heatmap", None) is None:
         return ""
+    if result.heatmap.ndim == 3:
+        return _volume_preview(result, width, color, truecolor)
     drops = result.drops if result.heatmaps is not None else result.drop[None]
     drops = np.asarray(drops, np.float64)
     first = drops[0]
@@ -196,6 +198,27 @@ def preview(result, width: int = 80, color: bool = True, truecolor: bool = True)
             found = top_regions(drop, 1)
             where = region_text(result.box(*found[0]), drop[found[0]]) if found else "none"
             lines.append(f"  class {target} '{label}': {where}")
+    return "\n".join(lines)
+
+
+def _volume_preview(result, width: int, color: bool, truecolor: bool) -> str:
+    """A volume's map: its slice (along the first axis) through the strongest drop, and
+    that cell's patch in voxels."""
+    from .volume_overlay import preview_slice, strongest_cell
+
+    index, values = preview_slice(result.heatmap, result.probability)
+    drop = np.asarray(result.probability - values, np.float64)
+    peak = float(np.nanmax(drop)) if np.isfinite(drop).any() else 0.0
+    scaled = np.clip(drop, 0, None) / peak if peak > 0 else np.zeros_like(drop)
+    rows, cols = drop.shape
+    aspect = (rows * result.stride[1]) / max(cols * result.stride[2], 1)
+    lines = render_map(scaled, aspect, width, color, truecolor)
+    lines.append(f"slice {index} of {result.heatmap.shape[0]} (axis 0), through the strongest drop; "
+                 + (f"drop 0 (dark) .. {peak:.2f} (bright)" if color else f"drop 0 ' ' .. {peak:.2f} '█'"))
+    cell = strongest_cell(result.heatmap, result.probability)
+    first = [(o + c) * s for o, c, s in zip(result.offset, cell, result.stride)]
+    lines.append(f"strongest drop {result.probability - float(result.heatmap[cell]):.3f}: patch at voxel "
+                 f"({', '.join(map(str, first))}), {'x'.join(map(str, result.patch))} voxels")
     return "\n".join(lines)
 
 

@@ -66,7 +66,8 @@ class Result:
         """``[targets, rows, cols]``: :attr:`drop` of every target."""
         if self.heatmaps is None:
             return None
-        return np.asarray(self.base_scores, np.float32)[:, None, None] - self.heatmaps
+        base = np.asarray(self.base_scores, np.float32)
+        return base.reshape(-1, *(1,) * (self.heatmaps.ndim - 1)) - self.heatmaps
 
     @property
     def attributions(self) -> Optional[np.ndarray]:
@@ -75,8 +76,8 @@ class Result:
         :attr:`drops` over the cells whose patch covers it (``OUTPUT logits`` on a grid
         Captum's ``Occlusion`` also slides gives its map); NaN where no patch covers it
         (a stride larger than the patch, the border a stride leaves, outside REGION)."""
-        if self.heatmaps is None or self.image is None:
-            return None
+        if self.heatmaps is None or self.image is None or self.volume:
+            return None                         # a volume's: voxel_drop of .volume_overlay
         from .attribution import window_mean
 
         drops = self.drops
@@ -91,6 +92,11 @@ class Result:
         """``[H, W]``: :attr:`attributions` of the first target."""
         maps = self.attributions
         return None if maps is None else maps[0]
+
+    @property
+    def volume(self) -> bool:
+        """Whether the map is a volume's ``[slices, rows, cols]``."""
+        return self.heatmap is not None and self.heatmap.ndim == 3
 
     def box(self, row: int, col: int) -> tuple:
         """``(x, y, w, h)`` of map cell (row, col)'s patch in the original image's pixels
@@ -114,6 +120,8 @@ class Result:
         targets = self.targets or [self.target]
         labels = self.labels or [self.label]
         scores = self.base_scores or [self.probability]
+        if self.volume:
+            return self._volume_arrow(maps, targets, labels, scores)
         count, (rows, cols) = len(maps), maps.shape[1:]
         x, y, w, h = self.box(0, 0)
         each = lambda value, kind=None: pa.array([value] * count, kind)
@@ -131,8 +139,26 @@ class Result:
             "heatmap": pa.array([m.tolist() for m in maps], pa.list_(pa.list_(pa.float32()))),
         })
 
+    def _volume_arrow(self, maps, targets, labels, scores):
+        """A volume's row per target: the geometry per axis (slices, rows, cols) and the
+        map as nested lists."""
+        import pyarrow as pa
+
+        count = len(maps)
+        each = lambda value, kind=None: pa.array([value] * count, kind)
+        axes = {f"{name}_{axis}": each(int(v), pa.int32()) for name, values in
+                (("size", maps.shape[1:]), ("patch", self.patch), ("stride", self.stride),
+                 ("offset", self.offset)) for axis, v in zip("dhw", values)}
+        return pa.table({
+            "query": each(self.query), "model": each(self.model), "image": each(self.image_label),
+            "target": pa.array(targets, pa.int32()), "label": pa.array(labels),
+            "probability": pa.array(scores, pa.float32()), "output": each(self.output), **axes,
+            "heatmap": pa.array([m.tolist() for m in maps], pa.list_(pa.list_(pa.list_(pa.float32())))),
+        })
+
     def save(self, path: str, **overlay_options) -> str:
-        """Write the heat map to ``path`` (.png overlay, .npy array or .parquet row);
+        """Write the heat map to ``path`` (.png overlay, .npy array, .parquet row; a
+        volume's also .nii or .nii.gz over the scan);
         ``overlay_options`` draw the PNG (:mod:`kql.results.overlay`: ``scale='absolute'``, ...)."""
         from ..errors import KqlExecutionError
         from .output import save
@@ -148,19 +174,19 @@ class Result:
         if self.kind == "show":
             return _table(self.rows) if self.rows else "(none)"
         if self.kind == "occlude":
-            rows, cols = self.heatmap.shape
+            shape = "x".join(str(v) for v in self.heatmap.shape)
             maps = self.heatmaps if self.heatmaps is not None else self.heatmap[None]
             targets = self.targets or [self.target]
             labels = self.labels or [self.label]
             scores = self.base_scores or [self.probability]
             what = "p" if self.output != "logits" else "logit"
-            lines = [f"{'heat map' if len(maps) == 1 else f'{len(maps)} heat maps'} {rows}x{cols} "
+            lines = [f"{'heat map' if len(maps) == 1 else f'{len(maps)} heat maps'} {shape} "
                      f"in {self.seconds:.2f}s"]
             for target, label, score, values in zip(targets, labels, scores, maps):
                 lines.append(f"  class {target} '{label}': {what}={score:.4f} unoccluded; "
                              f"map {float(values.min()):.4f} .. {float(values.max()):.4f}")
             if len(maps) == 1:
-                lines = [f"heat map {rows}x{cols} for class {self.target} '{self.label}' "
+                lines = [f"heat map {shape} for class {self.target} '{self.label}' "
                          f"({what}={self.probability:.4f} unoccluded; map "
                          f"{float(self.heatmap.min()):.4f} .. {float(self.heatmap.max()):.4f}) "
                          f"in {self.seconds:.2f}s"]
@@ -194,6 +220,13 @@ class Result:
         """The overlay of an OCCLUDE result as PNG bytes (default options); None otherwise."""
         if self.kind != "occlude":
             return None
+        if self.volume:
+            from . import volume_overlay
+
+            return volume_overlay.png_bytes(self.image, self.heatmap, self.probability, self.patch,
+                                            self.stride, self.offset, output=self.output,
+                                            spacing=self.image_info.get("spacing"),
+                                            orientation=self.image_info.get("orientation"))
         from .overlay import png_bytes
 
         return png_bytes(self)

@@ -24,6 +24,13 @@ ssim              float32                     the SSIM against the exact map the
 plan              string                      the operator that ran (EXPLAIN's line)
 seconds           float32                     time spent on this image
 error             string                      why the image failed (null: it did not)
+depth             int32                       a volume's slices as given (null: an image);
+                                              height and width are then its rows and columns
+slices            int32                       a volume map's slices (rows, cols: per slice)
+drop_z, drop_d    float32                     a volume's strongest cube: its first slice and
+                                              depth (drop_x.. in voxels; null: an image)
+volume_heatmap    list<list<list<float32>>>   a volume's map, slice by slice (heatmap is
+                                              then null)
 ================  ==========================  ==============================================
 """
 
@@ -36,7 +43,7 @@ import numpy as np
 
 COLUMNS = ("path", "height", "width", "target", "label", "probability", "rows", "cols",
            "heatmap", "drop", "drop_x", "drop_y", "drop_w", "drop_h", "ssim", "plan", "seconds",
-           "error")
+           "error", "depth", "slices", "drop_z", "drop_d", "volume_heatmap")
 # What WHERE and ORDER BY may name.
 RANKABLE = ("probability", "drop", "seconds", "target", "path", "label", "height", "width",
             "ssim")
@@ -50,12 +57,15 @@ def schema():
              "label": pa.string(), "probability": f32, "rows": i32, "cols": i32,
              "heatmap": pa.list_(pa.list_(f32)), "drop": f32, "drop_x": f32, "drop_y": f32,
              "drop_w": f32, "drop_h": f32, "ssim": f32, "plan": pa.string(), "seconds": f32,
-             "error": pa.string()}
+             "error": pa.string(), "depth": i32, "slices": i32, "drop_z": f32, "drop_d": f32,
+             "volume_heatmap": pa.list_(pa.list_(pa.list_(f32)))}
     return pa.schema([(name, types[name]) for name in COLUMNS])
 
 
 def row_of(path: str, result, seconds: float) -> dict:
     """The table row of one image's :class:`~kql.results.result.Result` (its first target)."""
+    if result.volume:
+        return _volume_row(path, result, seconds)
     drop = result.drop
     i, j = np.unravel_index(int(np.argmax(drop)), drop.shape)
     x, y, w, h = result.box(int(i), int(j))
@@ -71,6 +81,26 @@ def row_of(path: str, result, seconds: float) -> dict:
             "heatmap": result.heatmap.tolist(), "drop": float(drop[i, j]),
             "drop_x": float(x), "drop_y": float(y), "drop_w": float(w), "drop_h": float(h),
             "ssim": None if ssim is None else float(ssim), "plan": operator, "seconds": float(seconds), "error": None}
+
+
+def _volume_row(path: str, result, seconds: float) -> dict:
+    """A volume's row: its map slice by slice, the strongest cube in voxels."""
+    drop = result.drop
+    cell = np.unravel_index(int(np.argmax(drop)), drop.shape)
+    z, y, x = ((o + int(c)) * s for o, c, s in zip(result.offset, cell, result.stride))
+    d, h, w = result.patch
+    depth, height, width = (tuple(result.original.shape[1:]) if result.original is not None
+                            else tuple(result.image.shape[1:]))
+    operator = result.plan.splitlines()[1].strip() if result.plan.count("\n") else result.plan
+    row = dict.fromkeys(COLUMNS)
+    row.update(path=path, height=int(height), width=int(width), depth=int(depth),
+               target=int(result.target), label=result.label,
+               probability=float(result.probability), slices=int(drop.shape[0]),
+               rows=int(drop.shape[1]), cols=int(drop.shape[2]),
+               volume_heatmap=result.heatmap.tolist(), drop=float(drop[cell]),
+               drop_x=float(x), drop_y=float(y), drop_z=float(z), drop_w=float(w),
+               drop_h=float(h), drop_d=float(d), ssim=1.0, plan=operator, seconds=float(seconds))
+    return row
 
 
 def error_row(path: str, message: str, seconds: float = 0.0) -> dict:
@@ -156,9 +186,12 @@ class ResultSet:
             if r["error"]:
                 lines.append(f"  {name:<40}  error: {r['error']}"[:width])
                 continue
+            where = (f"({r['drop_x']:.0f}, {r['drop_y']:.0f}, {r['drop_w']:.0f}x{r['drop_h']:.0f})"
+                     if r.get("depth") is None else
+                     f"({r['drop_x']:.0f}, {r['drop_y']:.0f}, {r['drop_z']:.0f}, "
+                     f"{r['drop_w']:.0f}x{r['drop_h']:.0f}x{r['drop_d']:.0f})")
             lines.append(f"  {name:<40}  {r['label'][:20]:<20}  p={r['probability']:.4f}  "
-                         f"drop={r['drop']:.4f} at ({r['drop_x']:.0f}, {r['drop_y']:.0f}, "
-                         f"{r['drop_w']:.0f}x{r['drop_h']:.0f})"[:width])
+                         f"drop={r['drop']:.4f} at {where}"[:width])
         if len(self.rows) > 20:
             lines.append(f"  ... {len(self.rows) - 20} more")
         if self.into:
