@@ -53,9 +53,9 @@ class Windows(_PerDevice):
                          kernel=None if kernel is None else kernel.detach().cpu())
         self.size = tuple(size)
 
-    def __call__(self, ys, xs) -> torch.Tensor:
-        t = self.on(ys)
-        out = windows(t["base"], ys, xs, self.size)
+    def __call__(self, *corners) -> torch.Tensor:
+        t = self.on(corners[0])
+        out = windows(t["base"], corners, self.size)
         return out if t["kernel"] is None else out * t["kernel"]
 
 
@@ -82,9 +82,9 @@ def gaussian(image: torch.Tensor, size: tuple) -> Windows:
 
 
 def gaussian_kernel(size: tuple, dtype=torch.float32) -> torch.Tensor:
-    """``[h, w]``: MONAI's ``gaussian_occlusion`` multiplier, ``1 - Gaussian`` scaled to
-    [0, 1]: a unit impulse at the centre (pixel ``h // 2, w // 2``) smoothed by a Gaussian
-    of sigma ``size / 4`` per axis (MONAI's ``GaussianSmooth``, erf approximation,
+    """``[h, w]`` (a volume's ``[d, h, w]``): MONAI's ``gaussian_occlusion`` multiplier,
+    ``1 - Gaussian`` scaled to [0, 1]: a unit impulse at the centre (pixel ``h // 2, w //
+    2``) smoothed by a Gaussian of sigma ``size / 4`` per axis (MONAI's ``GaussianSmooth``, erf approximation,
     truncated at 4 sigma, zero padding), negated and min-max scaled: 0 at the centre, 1
     at the far corners.
 
@@ -100,7 +100,9 @@ def gaussian_kernel(size: tuple, dtype=torch.float32) -> torch.Tensor:
         at = torch.arange(m) - m // 2 + tail        # the impulse response at each pixel
         inside = (at >= 0) & (at < len(g))
         axes.append(torch.where(inside, g[at.clamp(0, len(g) - 1)], torch.zeros(())))
-    smooth = -(axes[0][:, None] * axes[1][None, :])
+    smooth = -axes[0]
+    for g in axes[1:]:                              # the outer product over the axes
+        smooth = smooth.unsqueeze(-1) * g
     low, high = smooth.min(), smooth.max()
     if low == high:
         return torch.zeros(tuple(size), dtype=dtype)

@@ -61,7 +61,7 @@ def same_as_monai(model, x, b_box=None, reference=None, **kw) -> OcclusionSensit
     ours = OcclusionSensitivity(model, verbose=False, **kw)
     occ, best = ours(x, b_box=b_box)
     assert occ.shape == expected.shape and occ.dtype == expected.dtype
-    assert float(expected.std(dim=(2, 3)).max()) > 50 * TOLERANCE     # a map that varies
+    assert float(expected.std(dim=tuple(range(2, expected.dim()))).max()) > 50 * TOLERANCE   # a map that varies
     torch.testing.assert_close(occ, expected, atol=TOLERANCE, rtol=0)
     assert torch.equal(best, expected_class)
     return ours
@@ -125,7 +125,8 @@ def test_windows_off_the_stride_grid():
     torch.testing.assert_close(ours(x)[0], expected, atol=TOLERANCE, rtol=0)
     (plan,) = ours.plans
     assert plan.operator.name == "IncrementalOcclusion"
-    assert plan.ys is not None and sorted(set(plan.ys.tolist()))[-2:] == [56, 58]
+    ys = plan.corners[0]
+    assert sorted(set(ys.tolist()))[-2:] == [56, 58]
 
 
 @pytest.mark.parametrize("strategy", ["naive", "incremental"])
@@ -148,7 +149,7 @@ def test_resnet18():
 
 @pytest.mark.parametrize("x,call,error,words", [
     (image().repeat(2, 1, 1, 1), {}, ValueError, "batch size of 1"),
-    (torch.rand(1, 3, 8, 8, 8), {}, NotImplementedError, "2D images"),
+    (torch.rand(1, 3, 8), {}, NotImplementedError, "images .1, C, H, W. or volumes"),
     (image(), dict(extra=1), NotImplementedError, "extra"),
     (image(height=4, width=4), {}, ValueError, "should be bigger than mask"),
 ])
@@ -158,8 +159,30 @@ def test_what_is_not_supported_says_so_in_one_line(net, x, call, error, words):
     assert "\n" not in str(info.value)
 
 
+@pytest.fixture(scope="module")
+def volume_net():
+    from volume_models import blob_volume, resnet3d, sensitive_volume
+
+    x = blob_volume(16, 18, 20, seed=1)
+    return sensitive_volume(resnet3d(), x, (6, 6, 6), (0.0,)), x[None]
+
+
+@pytest.mark.parametrize("kw,b_box", [
+    (dict(mask_size=6, overlap=0.5), None),                                  # gaussian
+    (dict(mask_size=(4, 6, 8), mode="mean_patch", overlap=0.25), None),
+    (dict(mask_size=6, mode=0.0, overlap=0.5), None),
+    (dict(mask_size=5, mode="mean_img", overlap=0.0), [2, 10, 3, 12, -1, -1]),
+])
+def test_matches_monai_on_volumes(volume_net, kw, b_box):
+    model, x = volume_net
+    ours = same_as_monai(model, x, b_box, **kw)
+    assert "Volume:" in "\n".join(ours.plans[0].explain())
+
+
 def test_bad_arguments(net):
     with pytest.raises(NotImplementedError, match="mode must be"):
         OcclusionSensitivity(net, mode="median")
     with pytest.raises(ValueError, match="overlap"):
         OcclusionSensitivity(net, mask_size=4, overlap=1.0, verbose=False)(image())
+    with pytest.raises(ValueError, match="mask_size must have 2 values for a 2D input"):
+        OcclusionSensitivity(net, mask_size=(4, 4, 4), verbose=False)(image())

@@ -104,7 +104,7 @@ class Occlusion(ScannedFront):
                                                          _spans(w, window[1], stride[1])):
             color = per_channel.flatten().tolist() if constant else None
             fill = None if constant else baseline_fill(content, (wh, ww))
-            result = self.scanner.scan(image, (wh, ww), rows, cols, (target,), color=color,
+            result = self.scanner.scan(image, (wh, ww), (rows, cols), (target,), color=color,
                                        fill=fill, progress=bar)
             change = result.base_logits[target] - result.all_logits[0].astype(np.float64)
             ys, xs = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))

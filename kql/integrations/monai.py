@@ -1,11 +1,11 @@
 """MONAI's ``OcclusionSensitivity``, computed by KQL's engine: a drop-in for
-``monai.visualize.OcclusionSensitivity`` on 2D images.
+``monai.visualize.OcclusionSensitivity`` on 2D images and 3D volumes.
 
 ``OcclusionSensitivity(nn_module, mask_size, n_batch, verbose, mode, overlap,
-activate)(x, b_box)`` returns MONAI's two tensors: the occlusion map ``[1, K, H, W]`` (each
-pixel the blend of the activated outputs of the windows covering it, as MONAI's
-sliding-window inference blends them) and the most probable class ``[1, 1, H, W]`` (plain
-tensors, not MetaTensors). The windows are MONAI's: a step of ``int(mask * (1 -
+activate)(x, b_box)`` returns MONAI's two tensors: the occlusion map ``[1, K, H, W]`` (a
+volume's ``[1, K, D, H, W]``: each pixel the blend of the activated outputs of the
+windows covering it, as MONAI's sliding-window inference blends them) and the most
+probable class ``[1, 1, H, W]`` (plain tensors, not MetaTensors). The windows are MONAI's: a step of ``int(mask * (1 -
 overlap))``, the last one pulled back inside the image, over the bounding box widened by
 half a mask when ``b_box`` is given.
 
@@ -22,7 +22,7 @@ its engine; ``plans`` keeps the physical plans of the last call):
   window, as MONAI calls it).
 
 These are the patch's content per position (``OcclusionTask.fill``). Not supported (a
-one-line error says so): 3D images, ``**kwargs`` for the module. ``n_batch`` is accepted
+one-line error says so): ``**kwargs`` for the module. ``n_batch`` is accepted
 and left to the planner (it picks the batch within ``memory_limit``); ``verbose`` shows
 KQL's progress bar; a callable ``activate`` must act row by row (it gets every window's
 outputs at once).
@@ -40,7 +40,7 @@ from torch import nn
 from kql.operators import fills
 from kql.operators.gather import windows
 from kql.progress import ProgressBar
-from kql.results.attribution import window_sums
+from kql.results.attribution import window_sums_at
 
 from .scan import ScannedFront, Scanner
 
@@ -71,27 +71,27 @@ class OcclusionSensitivity(ScannedFront):
         image = x[0].detach()
         shape = tuple(image.shape[1:])
         box, mask = self._box(shape, b_box)
-        rows, cols = (lo + _starts(hi - lo, m, self.overlap) for (lo, hi), m in zip(box, mask))
-        scores = self._scores(x, image, mask, rows, cols)
+        starts = tuple(lo + _starts(hi - lo, m, self.overlap) for (lo, hi), m in zip(box, mask))
+        scores = self._scores(x, image, mask, starts)
         weight = _blend_weights(mask) if self.mode == "gaussian" else None
-        ys, xs = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
-        total, weights = window_sums(scores, ys, xs, mask, shape, weight)
+        corners = tuple(a.ravel() for a in np.meshgrid(*starts, indexing="ij"))
+        total, weights = window_sums_at(scores, corners, mask, shape, weight)
         full = torch.zeros(scores.shape[0], *shape, dtype=torch.float64)
-        (r0, r1), (c0, c1) = box
-        full[:, r0:r1, c0:c1] = total[:, r0:r1, c0:c1] / weights[r0:r1, c0:c1]
+        inside = tuple(slice(lo, hi) for lo, hi in box)
+        full[(slice(None), *inside)] = total[(slice(None), *inside)] / weights[inside]
         if b_box is not None:                  # the box itself, as MONAI crops it
             lo = [max(b, 0) for b in b_box[::2]]
             hi = [b if b > 0 else s for b, s in zip(b_box[1::2], shape)]
-            full = full[:, lo[0]:hi[0], lo[1]:hi[1]]
+            full = full[(slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
         occ_map = full.to(x.dtype).to(x.device)[None]
         return occ_map, occ_map.argmax(dim=1, keepdim=True)
 
     def _check(self, x: torch.Tensor, kwargs: dict) -> None:
         if x.shape[0] > 1:
             raise ValueError("Expected batch size of 1.")
-        if x.ndim != 4:
-            raise NotImplementedError(f"kql OcclusionSensitivity: 2D images [1, C, H, W] only, "
-                                      f"got shape {tuple(x.shape)}")
+        if x.ndim not in (4, 5):
+            raise NotImplementedError(f"kql OcclusionSensitivity: images [1, C, H, W] or volumes "
+                                      f"[1, C, D, H, W], got shape {tuple(x.shape)}")
         if kwargs:
             raise NotImplementedError(f"kql OcclusionSensitivity: arguments for the module "
                                       f"({', '.join(kwargs)}) are not supported")
@@ -99,10 +99,11 @@ class OcclusionSensitivity(ScannedFront):
             raise ValueError(f"overlap must be >= 0 and < 1, got {self.overlap}.")
 
     def _box(self, shape: tuple, b_box) -> tuple:
-        """``(((row0, row1), (col0, col1)), mask)``: where MONAI slides its windows (a
-        bounding box widened by half a mask, the mask cut to it) and their size."""
-        mask = _pair(self.mask_size)
-        box = ((0, shape[0]), (0, shape[1]))
+        """``(((row0, row1), (col0, col1)), mask)`` (a volume's slices first): where MONAI
+        slides its windows (a bounding box widened by half a mask, the mask cut to it) and
+        their size."""
+        mask = _sizes(self.mask_size, len(shape))
+        box = tuple((0, s) for s in shape)
         if b_box is not None:
             box = _crop(b_box, mask, shape)
             mask = tuple(min(m, hi - lo) for m, (lo, hi) in zip(mask, box))
@@ -111,14 +112,14 @@ class OcclusionSensitivity(ScannedFront):
             raise ValueError(f"Image (spatial shape) {crop} should be bigger than mask {mask}.")
         return box, mask
 
-    def _scores(self, x, image, mask: tuple, rows, cols) -> torch.Tensor:
+    def _scores(self, x, image, mask: tuple, starts: tuple) -> torch.Tensor:
         """``[K, windows]``: the activated outputs with each window occluded, one KQL scan."""
         color, fill = self._content(image, mask)
         classes = self.scanner.outputs(x).shape[1]
         bar = ProgressBar() if self.verbose else None
         self.scanner.plans = []
         try:
-            result = self.scanner.scan(image, mask, rows, cols, tuple(range(classes)),
+            result = self.scanner.scan(image, mask, starts, tuple(range(classes)),
                                        color=color, fill=fill, progress=bar)
         finally:
             if bar is not None:
@@ -136,12 +137,12 @@ class OcclusionSensitivity(ScannedFront):
             return None, fills.gaussian(image, mask)
         base = image.unsqueeze(0).contiguous()
         if mode == "mean_patch":
-            def fill(ys, xs):
-                w = windows(base, ys, xs, mask)
-                return w * w.mean(dim=(1, 2, 3), keepdim=True)
+            def fill(*corners):
+                w = windows(base, corners, mask)
+                return w * w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
         elif callable(mode):
-            def fill(ys, xs):
-                return torch.cat([mode(base, w[None]) for w in windows(base, ys, xs, mask)])
+            def fill(*corners):
+                return torch.cat([mode(base, w[None]) for w in windows(base, corners, mask)])
         else:
             raise NotImplementedError(f"mode must be a float, a callable or one of {MODES}, "
                                       f"got {mode!r}")
@@ -157,21 +158,23 @@ class OcclusionSensitivity(ScannedFront):
         return outputs
 
 
-def _pair(mask_size) -> tuple:
+def _sizes(mask_size, n: int) -> tuple:
+    """The mask per spatial axis (one number: the same on each, as MONAI's ensure_tuple_rep)."""
     if isinstance(mask_size, int):
-        return mask_size, mask_size
+        return (mask_size,) * n
     mask = tuple(int(m) for m in mask_size)
     if len(mask) == 1:
-        return mask * 2
-    if len(mask) != 2:
-        raise NotImplementedError(f"kql OcclusionSensitivity: 2D masks only, got {mask_size!r}")
+        return mask * n
+    if len(mask) != n:
+        raise ValueError(f"mask_size must have {n} values for a {n}D input, got {mask_size!r}")
     return mask
 
 
 def _crop(b_box: Sequence, mask: tuple, shape: tuple) -> tuple:
     """The rows and columns MONAI scans for ``b_box``: the box widened by half a mask."""
-    if len(b_box) != 4:
-        raise ValueError(f"b_box must be [min_row, max_row, min_col, max_col], got {b_box!r}")
+    if len(b_box) != 2 * len(shape):
+        raise ValueError(f"b_box must be [min, max] per spatial axis ({2 * len(shape)} values), "
+                         f"got {b_box!r}")
     edge = [(m - 1) // 2 for m in mask]
     lo = [max(b - e, 0) for b, e in zip(b_box[::2], edge)]
     hi = [s if b == -1 else min(b + e, s) for b, e, s in zip(b_box[1::2], edge, shape)]

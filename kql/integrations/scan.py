@@ -43,11 +43,11 @@ from kql.planner.plan import PhysicalPlan
 class _Positioned(PhysicalPlan):
     """A physical plan run at the scanner's corners, off the query's grid."""
 
-    ys: Optional[np.ndarray] = None
-    xs: Optional[np.ndarray] = None
+    corners: tuple = ()                # (ys, xs), a volume's (zs, ys, xs)
 
     def task(self):
-        return dataclasses.replace(super().task(), ys=self.ys, xs=self.xs)
+        *depth, ys, xs = self.corners
+        return dataclasses.replace(super().task(), ys=ys, xs=xs, zs=depth[0] if depth else None)
 
 
 class Scanner:
@@ -71,20 +71,24 @@ class Scanner:
         with modes_kept([self.module]), torch.inference_mode():
             return self.spec.composed()(images)
 
-    def scan(self, image: torch.Tensor, size: tuple, rows, cols, targets: tuple,
+    def scan(self, image: torch.Tensor, size: tuple, starts: tuple, targets: tuple,
              color=None, fill: Optional[Callable] = None, progress=None) -> OcclusionResult:
-        """The raw outputs of ``targets`` with a ``size`` window at every corner of
-        ``rows`` x ``cols`` (row-major), painted ``color`` (one value per channel) or
-        ``fill(ys, xs)``; ``result.all_logits`` is ``[targets, rows * cols]``."""
-        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        channels, h, w = image.shape
-        row_axis, col_axis = _axis(rows, size[0]), _axis(cols, size[1])
-        regular = row_axis is not None and col_axis is not None
-        if regular:
-            (sy, y0, rh), (sx, x0, rw) = row_axis, col_axis
-            grid = OcclusionGrid(h, w, tuple(size), (sy, sx), (x0, y0, rw, rh))
+        """The raw outputs of ``targets`` with a ``size`` window at every corner of the
+        grid ``starts`` (one array per axis: rows and columns, a volume's slices first;
+        row-major), painted ``color`` (one value per channel) or ``fill(*corners)``;
+        ``result.all_logits`` is ``[targets, windows]``."""
+        starts = tuple(np.asarray(s, np.int64) for s in starts)
+        channels, *dims = image.shape
+        axes = [_axis(s, p) for s, p in zip(starts, size)]
+        regular = all(a is not None for a in axes)
+        depth = dims[0] if len(dims) == 3 else None
+        if regular:                            # REGION (x, y, [z,] w, h, [d]): last axis first
+            region = tuple(a[1] for a in reversed(axes)) + tuple(a[2] for a in reversed(axes))
+            grid = OcclusionGrid(dims[-2], dims[-1], tuple(size), tuple(a[0] for a in axes), region,
+                                 depth=depth)
         else:                                  # priced as a grid of the same step; run at ours
-            grid = OcclusionGrid(h, w, tuple(size), (_step(rows), _step(cols)))
+            grid = OcclusionGrid(dims[-2], dims[-1], tuple(size), tuple(_step(s) for s in starts),
+                                 depth=depth)
         device = "gpu" if image.device.type == "cuda" else "cpu"
         color = tuple(float(c) for c in color) if color is not None else (0.0,) * channels
         stmt = ast.Occlude(image=ast.ImageName("input"), model=ast.ModelName(self.spec.name))
@@ -95,10 +99,10 @@ class Scanner:
         with modes_kept([self.module]):
             run, _ = plan_bound(self.connection, query)
             if not regular:                    # no feedback: its per-position time is another grid's
-                ys, xs = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
+                corners = tuple(a.ravel() for a in np.meshgrid(*starts, indexing="ij"))
                 fields = {f.name: getattr(run, f.name) for f in dataclasses.fields(PhysicalPlan)}
-                fields.update(operator=run.operator.at(ys, xs), learner=None)
-                run = _Positioned(**fields, ys=ys, xs=xs)
+                fields.update(operator=run.operator.at(*corners), learner=None)
+                run = _Positioned(**fields, corners=corners)
             self.plans.append(run)
             return run.run(progress)
 

@@ -17,6 +17,8 @@ and the Captum and MONAI front ends (:mod:`kql.integrations`) share it.
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Optional
 
 import numpy as np
@@ -28,23 +30,31 @@ def window_sums(values, ys, xs, size: tuple, shape: tuple,
     """``(total [K, H, W], weights [H, W])`` in float64 on the CPU: every window ``n``
     (corner ``ys[n], xs[n]``, ``size`` (h, w), inside the ``shape`` (H, W) image) adds
     ``values[:, n]`` times ``weight`` (``[h, w]``; None: ones) to the pixels it covers,
-    and ``weight`` to their weights. Sums of several window sizes add up."""
+    and ``weight`` to their weights. Sums of several window sizes add up. A volume's:
+    ``ys`` the tuple of corners per axis and ``xs`` None (:func:`window_sums_at`)."""
+    return window_sums_at(values, ys if xs is None else (ys, xs), size, shape, weight)
+
+
+def window_sums_at(values, corners: tuple, size: tuple, shape: tuple,
+                   weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`window_sums` for windows at ``corners`` (one array per axis) of an image or a
+    volume of ``shape``."""
     values = torch.as_tensor(np.asarray(values, np.float64))
-    k = values.shape[0]
-    (ph, pw), (h, w) = size, shape
-    weight = (torch.ones(ph, pw, dtype=torch.float64) if weight is None
+    k, cells = values.shape[0], math.prod(shape)
+    weight = (torch.ones(tuple(size), dtype=torch.float64) if weight is None
               else torch.as_tensor(weight).detach().cpu().to(torch.float64))
-    ys, xs = (torch.as_tensor(np.asarray(v, np.int64)) for v in (ys, xs))
-    total = torch.zeros(k, h * w, dtype=torch.float64)
-    weights = torch.zeros(h * w, dtype=torch.float64)
-    corner = ys * w + xs
-    # One scatter per offset inside the window: the loop runs h*w times, not once per window.
-    for i in range(ph):
-        for j in range(pw):
-            flat = corner + (i * w + j)
-            total.index_add_(1, flat, values * weight[i, j])
-            weights.index_add_(0, flat, weight[i, j].expand(len(flat)))
-    return total.view(k, h, w), weights.view(h, w)
+    corner = torch.zeros(len(corners[0]), dtype=torch.int64)
+    for c, n in zip(corners, shape):                 # the corners' flat indices
+        corner = corner * n + torch.as_tensor(np.asarray(c, np.int64))
+    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
+    total = torch.zeros(k, cells, dtype=torch.float64)
+    weights = torch.zeros(cells, dtype=torch.float64)
+    # One scatter per offset inside the window: the loop runs once per window cell, not per window.
+    for offset in itertools.product(*(range(s) for s in size)):
+        flat = corner + sum(o * s for o, s in zip(offset, strides))
+        total.index_add_(1, flat, values * weight[offset])
+        weights.index_add_(0, flat, weight[offset].expand(len(flat)))
+    return total.view(k, *shape), weights.view(*shape)
 
 
 def window_mean(values, ys, xs, size: tuple, shape: tuple) -> torch.Tensor:
