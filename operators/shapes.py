@@ -149,7 +149,7 @@ class Hop:
     kernel: tuple
     stride: tuple
     dilation: tuple
-    out: tuple            # (h, w); () for an output that is no feature map
+    out: tuple            # (h, w), a volume's (d, h, w); () for an output that is no feature map
     in_channels: int
     conv: Optional[Conv] = None
     resized: bool = False
@@ -212,19 +212,20 @@ class ShapeSummary:
 
 
 def _spatial(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] * t.shape[3] > 1
+    return _maps(t) and math.prod(t.shape[2:]) > 1
 
 
 def _pooled(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] == t.shape[3] == 1
+    return _maps(t) and all(s == 1 for s in t.shape[2:])
 
 
 def _maps(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 4
+    """An image's feature map [B, C, H, W] (or [B, H, W, C]) or a volume's [B, C, D, H, W]."""
+    return isinstance(t, torch.Tensor) and t.dim() in (4, 5)
 
 
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _pair(v, n: int = 2) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
 def unchecked(x: torch.Tensor, limit: Optional[int]) -> bool:
@@ -271,18 +272,21 @@ class _Recorder:
         over every pixel) is followed as channels-last: its size is dims 1-2."""
         source = self._source(x)
         windowed = isinstance(module, _WINDOWS)
+        n = x.dim() - 2 if _maps(x) else 2
         # The input's layout from its size against its source's map (a tensor a function
         # permuted is not the module output it was read as); windows take [B, C, H, W].
         was = self.image_size if source < 0 else self.hops[source].out
-        last_in = (_maps(x) and not windowed and bool(was) and tuple(x.shape[2:]) != was
-                   and tuple(x.shape[1:3]) == was)
+        last_in = (_maps(x) and x.dim() == 4 and not windowed and bool(was)
+                   and tuple(x.shape[2:]) != was and tuple(x.shape[1:3]) == was)
         in_size = (tuple(x.shape[1:3]) if last_in else tuple(x.shape[2:])) if _maps(x) else ()
         in_channels = (x.shape[3] if last_in else x.shape[1]) if _maps(x) else 0
-        kernel = _pair(module.kernel_size) if windowed else (1, 1)
-        stride = _pair(module.stride or module.kernel_size) if windowed else (1, 1)
-        dilation = _pair(getattr(module, "dilation", 1)) if windowed else (1, 1)
+        kernel = _pair(module.kernel_size, n) if windowed else (1,) * n
+        stride = _pair(module.stride or module.kernel_size, n) if windowed else (1,) * n
+        dilation = _pair(getattr(module, "dilation", 1), n) if windowed else (1,) * n
         last_out, out = False, ()
-        if _maps(output):
+        if _maps(output) and output.dim() == 5:      # a volume's map: channels first
+            out = tuple(output.shape[2:])
+        elif _maps(output):
             if isinstance(module, nn.Linear):
                 last_out = True                      # features last: [B, H, W, C]
             elif not windowed:
@@ -291,7 +295,7 @@ class _Recorder:
                 last_out = last_in != (same != in_size and flipped == in_size)
             out = tuple(output.shape[1:3]) if last_out else tuple(output.shape[2:])
         resized = bool(out) and not windowed and out != in_size
-        if out == (1, 1) and in_size != (1, 1):
+        if out and set(out) == {1} and set(in_size) != {1}:
             out = ()                                 # pooled to 1x1: every value changes
         self.hops.append(Hop(source, kernel, stride, dilation, out, in_channels, conv, resized,
                              gated=self.gate is not None))
@@ -312,12 +316,12 @@ class _Recorder:
             self.activations += _bytes(output)
             self.outputs.append(_bytes(output))
             conv = None
-            if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
-                _, c_out, h, w = output.shape
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)) and isinstance(output, torch.Tensor):
+                c_out, cells = output.shape[1], math.prod(output.shape[2:])
                 depth = module.in_channels // module.groups * math.prod(module.kernel_size)
-                macs = float(c_out * h * w * depth)
+                macs = float(c_out * cells * depth)
                 self.macs += macs
-                conv = Conv(macs, depth, h * w, c_out,
+                conv = Conv(macs, depth, cells, c_out,
                             module.groups > 1 and module.groups == module.in_channels)
                 self.convs.append(conv)
             elif isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
@@ -334,8 +338,8 @@ class _Recorder:
         return record
 
 
-_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_WINDOWS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)
+_WINDOWS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)
 _LAYERS = _WINDOWS + (nn.Linear,)
 
 
@@ -352,9 +356,9 @@ def may_have_gate(model: nn.Module) -> bool:
     """
     pooled = False
     for m in model.modules():
-        if isinstance(m, _GLOBAL_POOLS) and m.output_size in (1, (1, 1)):
+        if isinstance(m, _GLOBAL_POOLS) and m.output_size in (1, (1, 1), (1, 1, 1)):
             pooled = True
-        elif pooled and isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1:
+        elif pooled and isinstance(m, (nn.Conv2d, nn.Conv3d)) and math.prod(m.kernel_size) > 1:
             return True
     return False
 

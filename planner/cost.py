@@ -164,7 +164,7 @@ def shape_incremental_floor(summary, patch: tuple, tp, batch: int) -> Optional[f
     for hop, region in zip(summary.hops, summary.changed(patch)):
         if not hop.out:
             continue
-        area, whole = region[0] * region[1], hop.out[0] * hop.out[1]
+        area, whole = math.prod(region), math.prod(hop.out)
         conv = hop.conv
         full = 0.0 if conv is None else conv_call_seconds(
             tp, conv.macs, conv.depth, conv.area, conv.depthwise, conv.out_channels, batch)

@@ -49,10 +49,10 @@ def profile_model(query: OcclusionQuery, device: str, keep_graph=None,
 def over_limit(query: OcclusionQuery, exc: OverMemoryLimit) -> KqlError:
     """A planning pass refused before it ran, as the plans over the limit are, pointing at
     the image."""
-    h, w = query.image.shape[1:]
+    size = "x".join(str(int(v)) for v in query.image.shape[1:])
     needed = memory.size_text(exc.needed)
     error = memory.MemoryLimitError(
-        f"planning runs model '{query.model.name}' once on the {h}x{w} image; {exc.what} "
+        f"planning runs model '{query.model.name}' once on the {size} image; {exc.what} "
         f"needs {needed} at BATCH 1 but memory_limit is {memory.size_text(exc.limit)}; SET "
         f"memory_limit = '{math.ceil(exc.needed / 2**30)} GB' to allow it, or occlude a "
         "smaller image", exc.needed)

@@ -8,6 +8,8 @@ plan from what it found, reusing the pass's logits.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,7 +50,7 @@ def decide(p, margin: float) -> Optional[NaiveFromShapes]:
     plain = query.ssim is None and query.drilldown is None
     default = plain and ctx.exact_settings and ctx.strategy == "auto"
     gated = default and may_have_gate(query.model.composed())
-    pixels = query.image.shape[1] * query.image.shape[2]
+    pixels = math.prod(query.image.shape[1:])           # a volume's voxels
     small = default and pixels <= SMALL_IMAGE
     large = plain and pixels > LARGE_IMAGE
     if not (gated or small or large):

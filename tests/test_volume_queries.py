@@ -5,6 +5,8 @@ clear one-line error for every clause a volume cannot take.
 The maps themselves are checked against a plain 3D loop in tests/test_volumes.py; here
 the model is small and the question is what reaches the user."""
 
+import math
+
 import nibabel
 import numpy as np
 import pyarrow.parquet as pq
@@ -174,3 +176,62 @@ def test_air_is_a_negative_colour_and_other_numbers_stay_unsigned():
     assert result.heatmap[0, 0, 0] == pytest.approx(result.probability, abs=1e-6)
     with pytest.raises(kql.KqlSyntaxError, match="negative numbers are not allowed"):
         con.execute("OCCLUDE v USING net PATCH -4")
+
+
+def test_a_dicom_series_folder_is_loaded_and_occluded(tmp_path):
+    from test_volume_files import series_folder, stack
+
+    pixels = stack(count=8, rows=10, columns=12)
+    folder = series_folder(tmp_path, pixels, [[-50.0, 20.0, 3.0 * k] for k in range(8)])
+    con = kql.connect(str(tmp_path))
+    con.register_model("net", small_net(), mean=(0.0,), std=(500.0,))
+    con.execute(f"LOAD IMAGE series FROM '{folder}'")
+    result = con.execute(f"OCCLUDE series USING net PATCH 4 STRIDE 2 INTO '{tmp_path / 'm.nii.gz'}'")
+    # (i, j, k) = (column, row, slice): 12 x 10 x 8 voxels of 0.75 x 0.5 x 3 mm.
+    assert result.image.shape == (1, 12, 10, 8) and result.heatmap.shape == (5, 4, 3)
+    assert result.image_info["format"] == "DICOM series"
+    assert result.image_info["spacing"] == pytest.approx((0.75, 0.5, 3.0))
+    assert nibabel.load(str(tmp_path / "m.nii.gz")).shape == (5, 4, 3)
+
+
+def test_views_over_memory_limit_run_the_plain_loop_and_say_why(monkeypatch):
+    from kql import executor
+    from kql.language.parser import parse
+    from kql.planner import naive_shortcut
+    from volume_models import resnet3d
+
+    monkeypatch.setattr(naive_shortcut, "SMALL_IMAGE", 0)      # the costed plans, not the shape floor
+    con = kql.connect()
+    con.register_model("net", resnet3d())
+    con.register_volume("v", blob_volume(24, 24, 24, seed=1))
+    query = "OCCLUDE v USING net PATCH 4 STRIDE 4 BATCH 1"
+    needs = {}
+    for strategy in ("naive", "incremental"):
+        con.execute(f"SET strategy = '{strategy}'")
+        needs[strategy] = executor.plan(con, parse(query)[0], query).memory_bytes
+    assert needs["naive"] < needs["incremental"]              # the volume's views
+    con.execute(f"SET memory_limit = {(needs['naive'] + needs['incremental']) // 2}")
+    with pytest.raises(kql.KqlPlanError, match="the incremental plan .* needs .* at BATCH 1"):
+        con.execute(query)
+    con.execute("SET strategy = 'auto'")
+    line = con.execute("EXPLAIN " + query).plan.splitlines()[1]
+    assert line.strip().startswith("NaiveOcclusion:"), line
+    assert "reason=incremental needs" in line and "memory_limit" in line, line
+
+
+def test_the_shape_pass_counts_a_volume_networks_work():
+    """The cheap planning pass (module hooks, no trace) sees Conv3d layers and follows a
+    cube's region through them, so a volume is priced, not taken for a small image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kql.operators.shapes import summarize
+    from volume_models import resnet3d
+
+    net, volume = resnet3d(), blob_volume(16, 20, 24, seed=1)
+    summary = summarize(net, volume)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net(volume[None])
+    assert summary.macs == pytest.approx(counter.get_total_flops() / 2, rel=1e-6)
+    regions = summary.changed((4, 4, 4))
+    first = next(r for r, hop in zip(regions, summary.hops) if hop.conv is not None)
+    assert len(first) == 3 and 1 < math.prod(first) < math.prod(summary.hops[0].out)
