@@ -146,8 +146,11 @@ def _routes(app: FastAPI, viewer: Viewer) -> None:
         return Response(viewer.overlay(key), media_type="image/png")
 
     @app.get("/api/image/{image}.png")
-    def original(image: str):
-        return Response(image_png(viewer, viewer.image_ref(image)), media_type="image/png")
+    def original(image: str, slice: str | None = None):
+        if slice is not None and not (slice.isascii() and slice.isdigit() and len(slice) < 7):
+            raise ApiError(400, f"slice must be a whole number from 0, not {shown(slice, 40)}")
+        index = None if slice is None else int(slice)
+        return Response(image_png(viewer, viewer.image_ref(image), index), media_type="image/png")
 
 
 # -- running it -------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def exact_anyway(result, ssim: float) -> str | None:
 def describe(viewer: Viewer, result) -> dict:
     """The JSON of one OCCLUDE result; ``boxes[i][j]`` is cell (i, j)'s patch (x, y, w, h)
     in the original image's pixels."""
+    if result.volume:
+        return describe_volume(viewer, result)
     key = viewer.keep(result)
     rows, cols = result.heatmap.shape
     picture = result.original if result.original is not None else result.image
@@ -97,6 +99,28 @@ def describe(viewer: Viewer, result) -> dict:
         "width": int(picture.shape[2]), "height": int(picture.shape[1]),
         "boxes": [[[round(float(v), 3) for v in result.box(i, j)] for j in range(cols)]
                   for i in range(rows)],
+        "overlay_url": f"/api/result/{key}/overlay.png",
+    }
+
+
+def describe_volume(viewer: Viewer, result) -> dict:
+    """A volume's map as the page browses it, slice by slice along the first axis:
+    ``values[s][i][j]``, each map slice's first voxel slice (``slice_first``) and the
+    patch's depth, and ``boxes[i][j]`` the cell's patch in a slice's voxels (x, y, w, h)."""
+    key = viewer.keep(result)
+    slices, rows, cols = result.heatmap.shape
+    (pd, ph, pw), (sd, sy, sx), (d0, r0, c0) = result.patch, result.stride, result.offset
+    depth, height, width = (int(v) for v in result.image.shape[1:])
+    return {
+        "id": key, "query": result.query, "volume": True, "slices": slices, "rows": rows,
+        "cols": cols, "positions": slices * rows * cols, "values": result.heatmap.tolist(),
+        "probability": result.probability, "label": result.label, "target": result.target,
+        "plan": result.plan, "seconds": result.seconds, "tau": result.tau,
+        "predicted_ssim": result.predicted_ssim, "tuning": result.tuning,
+        "patch": list(result.patch), "stride": list(result.stride), "offset": list(result.offset),
+        "output": result.output, "depth": depth, "width": width, "height": height,
+        "slice_first": [(d0 + s) * sd for s in range(slices)], "slice_patch": pd,
+        "boxes": [[[(c0 + j) * sx, (r0 + i) * sy, pw, ph] for j in range(cols)] for i in range(rows)],
         "overlay_url": f"/api/result/{key}/overlay.png",
     }
 
@@ -147,8 +171,9 @@ def register_upload(viewer: Viewer, data: bytes) -> dict:
     return {"name": name, "height": int(tensor.shape[1]), "width": int(tensor.shape[2])}
 
 
-def image_png(viewer: Viewer, ref: str) -> bytes:
-    """The image of a checked reference as a PNG, as the user gave it."""
+def image_png(viewer: Viewer, ref: str, index: int | None = None) -> bytes:
+    """The image of a checked reference as a PNG, as the user gave it; a volume's slice
+    ``index`` along its first axis (default: the middle one), its intensities windowed."""
     from .catalog import images
     pixels, _ = viewer.pixel_limit()
     with viewer.lock:
@@ -161,7 +186,20 @@ def image_png(viewer: Viewer, ref: str) -> bytes:
                 tensor = viewer.con.catalog.resolve_image(ref, max_pixels=pixels)
         except KqlError as exc:
             raise ApiError(400, _one_line(exc)) from None
+    if tensor.dim() == 4:
+        depth = int(tensor.shape[1])
+        index = depth // 2 if index is None else index
+        if index >= depth:
+            raise ApiError(400, f"slice {index} is past the volume's last ({depth - 1})")
+        return tensor_png(windowed(tensor[:, index]))
     return tensor_png(tensor)
+
+
+def windowed(plane):
+    """A volume's slice ``[C, H, W]`` in its own units, to [0, 1] between its 1st and 99th
+    percentiles (CT's Hounsfield units, MRI's arbitrary ones)."""
+    low, high = (float(v) for v in plane.float().quantile(plane.new_tensor([0.01, 0.99])))
+    return ((plane - low) / (high - low if high > low else 1.0)).clamp(0, 1)
 
 
 def tensor_png(tensor) -> bytes:

@@ -240,7 +240,11 @@ class Catalog:
             else:
                 source = self._loaded_images[name][0]["path"]
             rows.append({"name": name, "height": int(t.shape[-2]) if t is not None else None,
-                         "width": int(t.shape[-1]) if t is not None else None, "source": source})
+                         "width": int(t.shape[-1]) if t is not None else None, "source": source,
+                         "depth": int(t.shape[1]) if t is not None and t.dim() == 4 else None})
+        if not any(r["depth"] for r in rows):       # images only: no depth column
+            for r in rows:
+                del r["depth"]
         return rows + self.table_rows()
 
     # -- the catalog file ---------------------------------------------------------------------

@@ -5,7 +5,23 @@ const $ = (id) => document.getElementById(id);
 const FIT_W = 480, FIT_H = 360;              // the largest size an image is drawn at
 const CELL_HINT = "Click a cell of a map to see its value.";
 const POLL_MS = 300;                          // how often a run's progress is asked for
-const state = { picture: null, scale: 1, region: null, drag: null, token: "", header: "X-KQL-Token" };
+const state = { picture: null, scale: 1, region: null, drag: null, token: "", header: "X-KQL-Token",
+                volumes: {} };                // a volume's name -> its slices (depth)
+const REGION_HINT = "Drag on the image to draw a region.";
+const VOLUME_HINT = "A volume: the slider browses its slices; its map covers the whole volume.";
+
+const isVolume = () => $("image").value in state.volumes;
+
+// A picture the server draws: an image, or a volume's slice along its first axis.
+function pictureOf(name, slice) {
+  const query = slice === undefined ? "" : `?slice=${slice}`;
+  return new Promise((resolve, reject) => {
+    const picture = new Image();
+    picture.onload = () => resolve(picture);
+    picture.onerror = () => reject(new Error("cannot load this image"));
+    picture.src = `/api/image/${encodeURIComponent(name)}.png${query}`;
+  });
+}
 
 // -- talking to the server -------------------------------------------------------------------
 
@@ -42,21 +58,33 @@ async function loadLists() {
   const models = (await api("/api/models")).models;
   for (const m of models) option($("model"), m.name, `${m.name} (${m.source})`);
   const lists = await api("/api/images");
-  for (const im of lists.images) option($("image"), im.name, `${im.name} (${im.width}x${im.height})`);
+  for (const im of lists.images) {
+    if (im.depth) state.volumes[im.name] = im.depth;
+    option($("image"), im.name, im.depth ? `${im.name} (volume ${im.depth}x${im.height}x${im.width})`
+                                        : `${im.name} (${im.width}x${im.height})`);
+  }
   for (const name of lists.samples) option($("image"), `sample:${name}`, `sample('${name}')`);
   if (!lists.images.length) $("image").value = "sample:chelsea";
   await loadPicture();
 }
 
-function loadPicture() {
+async function loadPicture(keepSlice) {
   state.region = null;
   showRegion();
-  return new Promise((resolve) => {
-    const picture = new Image();
-    picture.onload = () => { state.picture = picture; drawSource(); resolve(); };
-    picture.onerror = () => { status("cannot load this image", true); resolve(); };
-    picture.src = `/api/image/${encodeURIComponent($("image").value)}.png`;
-  });
+  const name = $("image").value, depth = state.volumes[name];
+  $("slice-row").hidden = !depth;
+  $("hint").textContent = depth ? VOLUME_HINT : REGION_HINT;
+  if (depth && keepSlice !== true) {
+    $("slice").max = depth - 1;
+    $("slice").value = Math.floor(depth / 2);
+  }
+  if (depth) $("slice-at").textContent = `${$("slice").value} of ${depth}`;
+  try {
+    state.picture = await pictureOf(name, depth ? Number($("slice").value) : undefined);
+    drawSource();
+  } catch (err) {
+    status(err.message, true);
+  }
 }
 
 async function upload() {
@@ -122,7 +150,7 @@ function showRegion() {
 function regionEvents() {
   const canvas = $("source");
   let start = null;
-  canvas.addEventListener("mousedown", (e) => { start = pixelAt(canvas, e, state.scale); });
+  canvas.addEventListener("mousedown", (e) => { if (!isVolume()) start = pixelAt(canvas, e, state.scale); });
   canvas.addEventListener("mousemove", (e) => {
     if (!start) return;
     state.drag = rectOf(start, pixelAt(canvas, e, state.scale));
@@ -146,7 +174,7 @@ function request() {
   const body = {
     model: $("model").value, image: $("image").value,
     patch: Number($("patch").value), stride: Number($("stride").value),
-    region: state.region, compare: $("compare").checked,
+    region: isVolume() ? null : state.region, compare: $("compare").checked,
   };
   if ($("ssim-on").checked || body.compare) body.ssim = Number($("ssim").value);
   return body;
@@ -196,7 +224,8 @@ async function run() {
         `SSIM of the approximate map vs the exact one: ${data.ssim.toFixed(4)}`;
       status(doneText([data.exact, data.approx]));
     } else {
-      addPanel("Heat map", data, picture);
+      if (data.volume) addVolumePanel("Heat map", data, $("image").value);
+      else addPanel("Heat map", data, picture);
       status(doneText([data]));
     }
   } catch (err) {
@@ -229,16 +258,17 @@ function geometry(map) {
 
 // The half-width of the colour range: the map's largest change from the unoccluded score.
 function spreadOf(map) {
-  return map.values.flat().reduce((m, v) => Math.max(m, Math.abs(v - map.probability)), 0) || 1;
+  return map.values.flat(2).reduce((m, v) => Math.max(m, Math.abs(v - map.probability)), 0) || 1;
 }
 
-function drawMap(canvas, map, picture, picked) {
+function drawMap(canvas, map, picture, picked, slice) {
   const scale = fitScale(map.width, map.height);
   const ctx = drawPicture(canvas, picture, scale);
   const g = geometry(map), spread = spreadOf(map);
+  const values = map.volume ? map.values[slice] : map.values;     // a volume's: one slice
   for (let i = 0; i < map.rows; i++) {
     for (let j = 0; j < map.cols; j++) {
-      ctx.fillStyle = diverging(map.values[i][j], map.probability, spread);
+      ctx.fillStyle = diverging(values[i][j], map.probability, spread);
       const x = g.cx + j * g.dx - g.dx / 2, y = g.cy + i * g.dy - g.dy / 2;
       ctx.fillRect(x * scale, y * scale, g.dx * scale, g.dy * scale);
     }
@@ -307,9 +337,65 @@ function addPanel(title, map, picture) {
   $("panels").appendChild(panel);
 }
 
+// A volume's map: a slider over its slices; each drawn over the scan's slice through the
+// middle of that map slice's cubes (the page asks the server for it).
+function strongestSlice(map) {
+  let best = 0, low = Infinity;
+  map.values.forEach((plane, s) => plane.flat().forEach((v) => { if (v < low) { low = v; best = s; } }));
+  return best;
+}
+
+function addVolumePanel(title, map, name) {
+  const panel = $("panel").content.firstElementChild.cloneNode(true);
+  panel.querySelector("h2").textContent = title;
+  panel.querySelector(".summary").textContent =
+    `${map.slices}x${map.rows}x${map.cols} map of class ${map.target} '${map.label}' ` +
+    `(unoccluded ${map.probability.toFixed(4)}) in ${map.seconds.toFixed(2)} s, over a ` +
+    `${map.depth}x${map.height}x${map.width} volume`;
+  panel.querySelector(".plan").textContent = map.plan;
+  panel.querySelector(".overlay").src = map.overlay_url;
+  const canvas = panel.querySelector(".map-canvas"), slider = panel.querySelector(".map-slice");
+  panel.querySelector(".map-slice-row").hidden = false;
+  slider.max = map.slices - 1;
+  slider.value = strongestSlice(map);
+  const view = { picture: null, picked: null };
+  const voxelSlice = (s) => map.slice_first[s] + Math.floor(map.slice_patch / 2);
+  async function show() {
+    const s = Number(slider.value);
+    panel.querySelector(".map-slice-at").textContent =
+      `${s} of ${map.slices} (volume slice ${voxelSlice(s)})`;
+    try {
+      view.picture = await pictureOf(name, voxelSlice(s));
+    } catch (err) {
+      status(err.message, true);
+      return;
+    }
+    if (Number(slider.value) === s) drawMap(canvas, map, view.picture, view.picked, s);
+  }
+  slider.addEventListener("input", () => { view.picked = null; show(); });
+  drawLegend(panel, map);
+  canvas.addEventListener("click", (e) => {
+    if (!view.picture) return;
+    const [x, y] = pixelAt(canvas, e, fitScale(map.width, map.height));
+    const cell = cellAt(map, x, y), s = Number(slider.value);
+    if (!cell) { $("cell").textContent = `${title}: no cell there`; return; }
+    view.picked = cell;
+    drawMap(canvas, map, view.picture, cell, s);
+    const [i, j] = cell, box = map.boxes[i][j], v = map.values[s][i][j];
+    const what = map.output === "logits" ? "logit" : "P";
+    $("cell").textContent = `${title}: cell (${s}, ${i}, ${j}): ${what}(${map.label}) = ${v.toFixed(4)} ` +
+      `with the cube here (unoccluded ${map.probability.toFixed(4)}, drop ${(map.probability - v).toFixed(4)}); ` +
+      `cube from slice ${map.slice_first[s]}, x=${box[0]}, y=${box[1]}, ` +
+      `${map.slice_patch}x${box[3]}x${box[2]} voxels`;
+  });
+  $("panels").appendChild(panel);
+  return show();
+}
+
 // -- start ------------------------------------------------------------------------------------
 
-$("image").addEventListener("change", loadPicture);
+$("image").addEventListener("change", () => loadPicture());
+$("slice").addEventListener("input", () => loadPicture(true));
 $("upload").addEventListener("change", upload);
 $("run").addEventListener("click", run);
 regionEvents();
