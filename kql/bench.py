@@ -14,7 +14,8 @@ Captum's ``Occlusion`` is given the band as its input and pastes it back into th
 inside the forward function, so it visits the same positions. ``--captum`` and ``--monai``
 add KQL's drop-ins for Captum and MONAI (:mod:`kql.integrations`) and MONAI itself on the
 band the same way, and print how far each drop-in's output is from its library's
-(:mod:`.bench_libraries`).
+(:mod:`.bench_libraries`). ``--volume`` runs the 3D benchmark instead
+(:mod:`.bench_volumes`: a volume's whole map against a plain 3D loop and MONAI).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def band(grid_rows: int, grid_cols: int, positions: int) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--volume" in argv:                  # 3D: its own model, volume and options
+        from . import bench_volumes
+
+        return bench_volumes.main([a for a in argv if a != "--volume"])
     args = _parser().parse_args(argv)
     from .planner import calibrate
 
@@ -114,6 +120,9 @@ def _parser():
                         "is constant); maps are then compared with pure incremental (exact)")
     p.add_argument("--crossovers", action="store_true",
                    help="also time incremental inference at every crossover the planner costs")
+    p.add_argument("--volume", action="store_true",
+                   help="the 3D benchmark instead: a ResNet10-style 3D network on a volume, KQL "
+                        "against a plain 3D loop and MONAI (its options: kql bench --volume --help)")
     return p
 
 

@@ -104,3 +104,14 @@ def test_bench_monai_alone_keeps_captum_out(capsys):
     assert code == 0
     assert not re.search(r"^(kql )?captum ", out, re.M)
     assert re.search(r"^  kql monai vs monai: max \|occlusion map diff\| \S+ \(ok\)$", out, re.M), out
+
+
+def test_bench_volume_compares_a_3d_plan_with_the_loop_and_monai(capsys):
+    code = bench.main(["--volume", "--size", "16", "--channels", "4,8", "--patch", "4",
+                       "--stride", "4", "--rounds", "1", "--plain-positions", "16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"FLOP ratio \d+\.\d\d", out) or "NaiveOcclusion" in out, out
+    assert re.search(r"plain loop / kql [0-9.]+x, monai / kql [0-9.]+x", out), out
+    diff = float(re.search(r"max \|kql - plain loop\| ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-5, out
