@@ -158,10 +158,10 @@ MAX_SPREAD = 0.3       # no more sensitive than needed: the float noise shrinks 
 
 
 class _Probed:
-    """A model's logits on the probes, run as one batch and one by one, and the target."""
+    """A model's logits on the probes (the unoccluded input first), run as one batch and
+    one by one, and the target."""
 
-    def __init__(self, model, image, patch, color, target):
-        probes = _probes(image, patch, color)
+    def __init__(self, model, probes, target):
         self.batched = model(probes).double()
         self.alone = torch.cat([model(p[None]) for p in probes]).double()
         self.base = self.batched[0]
@@ -189,13 +189,14 @@ class _Probed:
         return float(p.max() - p.min())
 
 
-def _probed_scale(model: nn.Module, image, patch, color, target) -> Scaled:
-    """Offset and scale fitted on probes of ``image`` (see ``sensitive``)."""
-    probed = _Probed(model, image, patch, color, target)
+def probed_scale(model: nn.Module, probes: torch.Tensor, target, spread: float = MAX_SPREAD) -> Scaled:
+    """Offset and scale fitted on ``probes`` (the unoccluded input, then occluded copies;
+    see ``sensitive``): images' or volumes'."""
+    probed = _Probed(model, probes, target)
     scale = min(3.0 / probed.gap, MAX_MAGNITUDE / float(probed.base.abs().max()))
     for _ in range(3):                          # the noise is about linear in the scale
         scale *= min(1.0, NOISE_BUDGET / max(probed.noise(scale), 1e-15))
-    while probed.spread(scale) > MAX_SPREAD:
+    while probed.spread(scale) > spread:
         scale *= 0.8
     return Scaled(model, scale, probed.lead - scale * probed.base,
                   scale * float(probed.base.abs().max()), probed.noise(scale))
@@ -247,7 +248,7 @@ def sensitive(model: nn.Module, image: torch.Tensor, patch=None, color=(0.0, 0.0
     model.eval()
     if patch is None:
         return _top_probability_scale(model, image, top_probability).eval()
-    return _probed_scale(model, image, patch, color, target).eval()
+    return probed_scale(model, _probes(image, patch, color), target).eval()
 
 
 # -- the reference -----------------------------------------------------------------------------

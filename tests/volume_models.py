@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import MAX_MAGNITUDE, MAX_SPREAD, NOISE_BUDGET, Scaled
+from helpers import MAX_SPREAD, Scaled, probed_scale
 
 CLASSES = 5
 
@@ -203,39 +203,6 @@ def _probes(volume: torch.Tensor, patch, color) -> torch.Tensor:
     return torch.stack([volume] + copies)
 
 
-class _Probed:
-    """``helpers._Probed`` on volumes: the logits on the probes as one batch and one by
-    one; the target, the rival class whose gap to it moves most, and the lead logits."""
-
-    def __init__(self, model, volume, patch, color, target):
-        probes = _probes(volume, patch, color)
-        self.batched = model(probes).double()
-        self.alone = torch.cat([model(p[None]) for p in probes]).double()
-        self.base = self.batched[0]
-        self.target = int(self.base.argmax()) if target is None else int(target)
-        moves = self.batched - self.base
-        gaps = moves[:, self.target:self.target + 1] - moves
-        gaps = gaps.amax(0) - gaps.amin(0)
-        gaps[self.target] = -1.0
-        self.rival = int(gaps.argmax())
-        self.gap = max(float(gaps[self.rival]), 1e-12)
-        self.lead = torch.full_like(self.base, -4.0)
-        leader = self.rival if target is not None else self.target
-        self.lead[self.target], self.lead[self.rival] = 0.0, 0.0
-        self.lead[leader] = 0.2
-
-    def probability(self, scale, logits):
-        return torch.softmax(scale * (logits - self.base) + self.lead, 1)[:, self.target]
-
-    def noise(self, scale) -> float:
-        diff = self.probability(scale, self.batched) - self.probability(scale, self.alone)
-        return float(diff.abs().max())
-
-    def spread(self, scale) -> float:
-        p = self.probability(scale, self.batched)
-        return float(p.max() - p.min())
-
-
 @torch.no_grad()
 def sensitive_volume(model: nn.Module, volume: torch.Tensor, patch, color, target=None,
                      spread: float = MAX_SPREAD) -> Scaled:
@@ -249,14 +216,7 @@ def sensitive_volume(model: nn.Module, volume: torch.Tensor, patch, color, targe
     (NOISE_BUDGET), and the probability's spread over the probes (``spread``).
     """
     model.eval()
-    probed = _Probed(model, volume, cube(patch), color, target)
-    scale = min(3.0 / probed.gap, MAX_MAGNITUDE / float(probed.base.abs().max()))
-    for _ in range(3):                          # the noise is about linear in the scale
-        scale *= min(1.0, NOISE_BUDGET / max(probed.noise(scale), 1e-15))
-    while probed.spread(scale) > spread:
-        scale *= 0.8
-    return Scaled(model, scale, probed.lead - scale * probed.base,
-                  scale * float(probed.base.abs().max()), probed.noise(scale)).eval()
+    return probed_scale(model, _probes(volume, cube(patch), color), target, spread).eval()
 
 
 # -- the reference ------------------------------------------------------------------------------
