@@ -140,6 +140,30 @@ def test_matches_the_plain_loop(calibrated, model, case, tmp_path):
                   unoccluded(net, volume, target))
 
 
+@pytest.mark.slow
+def test_monai_densenet121_3d(tmp_path):
+    """The issue's network itself: MONAI's DenseNet121(spatial_dims=3) at its smallest
+    input (32^3: four halvings after the stem), cubes of 8 on a far corner's 8 positions
+    (border windows on every axis) and through the centre; naive and incremental."""
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    shape = (32, 32, 32)
+    body = calibrate_batchnorm3d(DenseNet121(spatial_dims=3, in_channels=1, out_channels=3), shape,
+                                 passes=1)
+    volume = blob_volume(*shape, seed=2)
+    value = float(volume.mean())
+    net = sensitive_volume(body, volume, (8, 8, 8), value)
+    con = kql.connect(str(tmp_path))
+    con.register_model("net", net)
+    con.register_volume("vol", volume)
+    for extra in ("REGION (16, 16, 16, 16, 16, 16)", "REGION (8, 8, 8, 16, 16, 16)"):
+        region = region_of(extra)
+        expected, target = plain_volume_map(net, volume, (8, 8, 8), (8, 8, 8), value, None, region)
+        check_engines(con, occlude(8, 8, None, extra), expected, target,
+                      unoccluded(net, volume, target))
+
+
 @pytest.mark.parametrize("deltas", ["off", "on"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_every_layer_incremental(calibrated, model, deltas, tmp_path):
