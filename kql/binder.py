@@ -85,7 +85,7 @@ def _bind_volume(stmt: ast.Occlude, text: str, spec, raw: torch.Tensor, label: s
         int(volume.shape[2]), int(volume.shape[3]), _cube(stmt.patch, DEFAULT_VOLUME_PATCH),
         _cube(stmt.stride, DEFAULT_STRIDE), stmt.region.numbers if stmt.region else None,
         depth=int(volume.shape[1])))
-    color, color_label = _volume_color(stmt, volume)
+    color, color_label, fill = _volume_color(stmt, volume, grid.patch)
     if stmt.batch is not None and stmt.batch < 1:
         raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
     targets, top = _targets(stmt, spec)
@@ -93,7 +93,7 @@ def _bind_volume(stmt: ast.Occlude, text: str, spec, raw: torch.Tensor, label: s
         statement=stmt, text=text, image_label=label, image=volume, model=spec,
         target=targets[0] if targets else None, grid=grid, color=color, color_label=color_label,
         device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, targets=targets, top=top,
-        output=stmt.output, original=raw, image_info=info)
+        output=stmt.output, original=raw, image_info=info, fill=fill)
 
 
 DEFAULT_VOLUME_PATCH = 8
@@ -120,17 +120,20 @@ def _volume_input(stmt: ast.Occlude, raw: torch.Tensor, spec) -> torch.Tensor:
                                            mode="trilinear", align_corners=False)[0]
 
 
-def _volume_color(stmt: ast.Occlude, volume: torch.Tensor) -> tuple:
-    """A volume's cube holds one value per channel: the volume's mean (the default,
-    ``COLOR mean``) or ``COLOR (v)`` in the volume's own intensities."""
+def _volume_color(stmt: ast.Occlude, volume: torch.Tensor, patch: tuple) -> tuple:
+    """``(colour, label, fill)`` of a volume's cube: one value per channel, the volume's
+    mean (the default, ``COLOR mean``) or ``COLOR (v)`` in the volume's own intensities;
+    or the volume under the cube repainted (``COLOR gaussian``, ``COLOR mean_patch``)."""
     c = stmt.color
     channels = int(volume.shape[0])
     if c is None or (isinstance(c, ast.ColorNamed) and c.name == "mean"):
-        return tuple(float(v) for v in volume.mean(dim=(1, 2, 3))), "mean"
+        return tuple(float(v) for v in volume.mean(dim=(1, 2, 3))), "mean", None
     if isinstance(c, ast.ColorValue):
-        return (float(c.value),) * channels, f"({c.value:g})"
-    raise fail(stmt, "color", "a volume takes COLOR mean or COLOR (value), the value in the "
-                              "volume's own intensities")
+        return (float(c.value),) * channels, f"({c.value:g})", None
+    if isinstance(c, ast.ColorNamed) and c.name in CONTENTS:
+        return (0.0,) * channels, c.name, CONTENTS[c.name](volume, patch)
+    raise fail(stmt, "color", "a volume takes COLOR mean, COLOR (value) in the volume's own "
+                              "intensities, COLOR gaussian or COLOR mean_patch")
 
 
 def _region(stmt: ast.Occlude, frame: Frame) -> Optional[tuple]:

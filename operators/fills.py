@@ -60,19 +60,21 @@ class Windows(_PerDevice):
 
 
 class PatchMean(_PerDevice):
-    """Each patch of ``size`` the per-channel mean of ``image`` ``[C, H, W]`` under it."""
+    """Each patch of ``size`` the per-channel mean of ``image`` ``[C, H, W]`` (a volume's
+    ``[C, D, H, W]``) under it."""
 
     def __init__(self, image: torch.Tensor, size: tuple):
-        means = F.avg_pool2d(image.detach().cpu().float().unsqueeze(0), tuple(size), stride=1)[0]
+        pool = F.avg_pool3d if image.dim() == 4 else F.avg_pool2d
+        means = pool(image.detach().cpu().float().unsqueeze(0), tuple(size), stride=1)[0]
         super().__init__(means=means.to(image.dtype))       # [C, H - ph + 1, W - pw + 1]
         self.size = tuple(size)
 
-    def __call__(self, ys, xs) -> torch.Tensor:
-        means = self.on(ys)["means"]
-        iy, ix = (torch.as_tensor(np.asarray(v, np.int64) if not isinstance(v, torch.Tensor) else v,
-                                  device=means.device) for v in (ys, xs))
-        at = means[:, iy, ix].t()                            # [B, C]
-        return at[:, :, None, None].expand(*at.shape, *self.size).contiguous()
+    def __call__(self, *corners) -> torch.Tensor:
+        means = self.on(corners[0])["means"]
+        index = tuple(torch.as_tensor(np.asarray(v, np.int64) if not isinstance(v, torch.Tensor) else v,
+                                      device=means.device) for v in corners)
+        at = means[(slice(None), *index)].t()               # [B, C]
+        return at.view(*at.shape, *(1,) * len(self.size)).expand(*at.shape, *self.size).contiguous()
 
 
 def gaussian(image: torch.Tensor, size: tuple) -> Windows:

@@ -5,6 +5,7 @@ clear one-line error for every clause a volume cannot take.
 The maps themselves are checked against a plain 3D loop in tests/test_volumes.py; here
 the model is small and the question is what reaches the user."""
 
+import itertools
 import math
 
 import nibabel
@@ -126,8 +127,8 @@ def test_a_volume_from_python_with_its_affine_and_a_resampling_model(tmp_path):
     ("WITH SSIM >= 0.9", "line 1, column 40: WITH SSIM applies to images; a volume's map is computed exactly"),
     ("DRILLDOWN 0.2", "line 1, column 40: DRILLDOWN applies to images"),
     ("RESIZE pad", "line 1, column 40: RESIZE applies to images"),
-    ("COLOR gray", "line 1, column 40: a volume takes COLOR mean or COLOR (value)"),
-    ("COLOR gaussian", "line 1, column 40: a volume takes COLOR mean or COLOR (value)"),
+    ("COLOR gray", "line 1, column 40: a volume takes COLOR mean, COLOR (value)"),
+    ("COLOR (0.1, 0.2, 0.3)", "line 1, column 40: a volume takes COLOR mean, COLOR (value)"),
     ("PATCH 4x4", "line 1, column 40: PATCH and STRIDE need 3 sizes here (a volume takes d x h x w"),
     ("STRIDE 2x2", "line 1, column 40: PATCH and STRIDE need 3 sizes here"),
     ("REGION (0, 0, 8, 8)", "line 1, column 40: REGION takes 6 numbers for this volume, got 4"),
@@ -235,3 +236,33 @@ def test_the_shape_pass_counts_a_volume_networks_work():
     regions = summary.changed((4, 4, 4))
     first = next(r for r, hop in zip(regions, summary.hops) if hop.conv is not None)
     assert len(first) == 3 and 1 < math.prod(first) < math.prod(summary.hops[0].out)
+
+
+@pytest.mark.parametrize("form", ["gaussian", "mean_patch"])
+def test_the_volume_under_the_cube_repainted(form):
+    """COLOR gaussian (the cube's voxels times 1 - MONAI's Gaussian) and COLOR mean_patch
+    (each channel's mean of the cube's voxels) paint each cube from the volume itself:
+    both engines against a loop that cuts the cubes out with slices."""
+    from kql.operators.fills import gaussian_kernel
+    from volume_models import resnet3d, sensitive_volume
+
+    volume = blob_volume(12, 14, 16, seed=1)
+    net = sensitive_volume(resnet3d(), volume, (4, 4, 6), (float(volume.mean()),))
+    con = kql.connect()
+    con.register_model("net", net)
+    con.register_volume("v", volume)
+    kernel = gaussian_kernel((4, 4, 6))
+    with torch.no_grad():
+        target = int(net(volume[None]).argmax())
+        expected = []
+        for z, y, x in itertools.product(range(0, 9, 2), range(0, 11, 2), range(0, 11, 2)):
+            occluded = volume.clone()
+            cube = occluded[:, z:z + 4, y:y + 4, x:x + 6]
+            cube.copy_(cube * kernel if form == "gaussian" else cube.mean(dim=(1, 2, 3), keepdim=True).expand_as(cube))
+            expected.append(float(torch.softmax(net(occluded[None]).double(), 1)[0, target]))
+    expected = np.array(expected, np.float32).reshape(5, 6, 6)
+    assert expected.max() - expected.min() > 0.02
+    for strategy in ("naive", "incremental"):
+        con.execute(f"SET strategy = '{strategy}'")
+        result = con.execute(f"OCCLUDE v USING net PATCH 4x4x6 STRIDE 2 COLOR {form}")
+        np.testing.assert_allclose(result.heatmap, expected, atol=1e-5, err_msg=strategy)
