@@ -35,11 +35,14 @@ KQL statements end with ';' and may span lines; '--' starts a comment; Tab compl
         OUTPUT softmax|sigmoid|logits|probability score of the outputs (default detected)
         RESIZE squash|crop|pad                    fit a photo to the model (default squash)
         PATCH <h> [x <w>]                         patch size in pixels (default 16)
-        STRIDE <h> [x <w>]                        step between positions (default 4)
+        PATCH <d> x <h> x <w>                     a volume's cube in voxels (default 8)
+        STRIDE <h> [x <w>] | <d> x <h> x <w>      step between positions (default 4)
         COLOR black|gray|white|mean|(r, g, b)     patch colour (default gray)
+        COLOR (<v>)                               one value: a grey image's or a volume's
         COLOR mean_patch|gaussian                 the image under the patch: its mean,
                                                   or times 1 - a Gaussian
         REGION (x, y, w, h)                       occlude only inside this box (image pixels)
+        REGION (x, y, z, w, h, d)                 a volume's box (voxels)
         WITH SSIM >= <t>                          approximate, keeping SSIM >= t
         DRILLDOWN <fraction> [SPEEDUP <s>]        coarse pass, then refine the hot part
         ON cpu|gpu|auto                           device
@@ -56,7 +59,7 @@ KQL statements end with ';' and may span lines; '--' starts a comment; Tab compl
   LOAD MODEL <name> FROM '<file>' [ARCH <arch>] [LABELS '<file>'] [TRUSTED]
       <file>    ONNX, TorchScript (code: only TRUSTED), or a state dict (.pt / safetensors) of ARCH
       <arch>    resnet18 (torchvision) | timm:<name> | 'package.module:factory' (your code)
-  LOAD IMAGE <name> FROM '<file>'            one image
+  LOAD IMAGE <name> FROM '<file>'            one image, a NIfTI volume or a DICOM series folder
   LOAD IMAGES <name> FROM '<glob>'           an image table: every file the glob matches
   SHOW MODELS;  SHOW IMAGES;  SHOW SETTINGS;
   SET <setting> = <value>;                   SHOW SETTINGS lists them all; among them:
