@@ -290,6 +290,24 @@ def test_ray_gives_the_local_rows(net, folder, ray_started, capfd):
     assert noise.out == "" and noise.err == "", noise        # Ray's logs stay out of the terminal
 
 
+def test_ray_gives_a_volume_glob_the_local_rows(tmp_path, ray_started):
+    import nibabel
+    from test_volume_queries import small_net
+    from volume_models import blob_volume
+
+    for i in range(2):
+        nibabel.save(nibabel.Nifti1Image(blob_volume(12, 14, 16, seed=i)[0].numpy(), np.eye(4)),
+                     str(tmp_path / f"scan{i}.nii.gz"))
+    con = kql.connect()
+    con.register_model("net", small_net())
+    query = f"OCCLUDE '{tmp_path}/*.nii.gz' USING net PATCH 4 STRIDE 4"
+    local, on_ray = con.execute(query), con.execute(query + " ON RAY ORDER BY path")
+    assert [r["path"] for r in on_ray] == [r["path"] for r in local]
+    for a, b in zip(local.rows, on_ray.rows):
+        assert a["error"] is None and b["error"] is None and b["depth"] == 12
+        np.testing.assert_allclose(np.array(a["volume_heatmap"]), np.array(b["volume_heatmap"]), atol=1e-6)
+
+
 def test_ray_runs_a_model_from_the_users_own_module_file(folder, tmp_path, ray_started, capfd):
     module = user_module(tmp_path)
     torch.manual_seed(0)
