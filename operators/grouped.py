@@ -2,7 +2,8 @@
 
 A patch near the image border changes a smaller region at every layer than one in the
 middle, but one step table runs every position at the largest region. Grouped by bands
-of rows and columns (:mod:`kql.planner.position_groups` chooses them), each group's
+of rows and columns (a volume's slices too; :mod:`kql.planner.position_groups` chooses
+them), each group's
 table is planned for its own positions, and the border groups run smaller regions. The
 map is the same, position by position: every group is exact incremental inference.
 
@@ -15,6 +16,7 @@ whole groups, and a part stopped early is a prefix, as the watcher expects.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import numpy as np
@@ -25,15 +27,17 @@ from .task import OcclusionResult, OcclusionTask, Progress, joined, unordered
 
 
 class GroupedOcclusion(Operator):
-    """Physical operator: incremental inference per band of rows and columns."""
+    """Physical operator: incremental inference per band of each axis (rows and columns;
+    a volume's slices, rows and columns)."""
 
     name = "IncrementalOcclusion"          # the same engine, in groups (EXPLAIN: groups=N)
     learns_layout = True
 
     def __init__(self, edges: tuple, members: dict, kept: Optional[Kept] = None):
-        """``edges``: ``(rows, columns)``, the pixel coordinates where a band starts (after
-        the first); ``members``: ``{(row band, column band): IncrementalOcclusion}``, each
-        planned for the positions of its group (re-targeted when a scan's differ)."""
+        """``edges``: per axis (``(rows, columns)``, a volume's slices first), the pixel
+        coordinates where a band starts (after the first); ``members``: ``{(row band, column
+        band): IncrementalOcclusion}`` (a band per axis), each planned for the positions of
+        its group (re-targeted when a scan's differ)."""
         self.edges = tuple(np.asarray(e, np.int64) for e in edges)
         self.members = dict(members)
         self.kept = kept
@@ -72,15 +76,15 @@ class GroupedOcclusion(Operator):
     def _each(self, change, kept) -> "GroupedOcclusion":
         return GroupedOcclusion(self.edges, {g: change(op) for g, op in self.members.items()}, kept)
 
-    def groups_of(self, ys, xs) -> np.ndarray:
-        """The group of each position, as one number (row band x columns + column band)."""
-        rows = np.searchsorted(self.edges[0], np.asarray(ys), side="right")
-        cols = np.searchsorted(self.edges[1], np.asarray(xs), side="right")
-        return rows * (len(self.edges[1]) + 1) + cols
+    def groups_of(self, *corners) -> np.ndarray:
+        """The group of each position, as one number (its bands in C order: row band x
+        columns + column band on an image)."""
+        bands = [np.searchsorted(e, np.asarray(c), side="right") for e, c in zip(self.edges, corners)]
+        return np.ravel_multi_index(bands, [len(e) + 1 for e in self.edges])
 
-    def position_order(self, ys, xs) -> Optional[np.ndarray]:
+    def position_order(self, *corners) -> Optional[np.ndarray]:
         """The order to scan the positions in (group by group), None when they are."""
-        groups = self.groups_of(ys, xs)
+        groups = self.groups_of(*corners)
         if np.all(groups[1:] >= groups[:-1]):
             return None
         return np.argsort(groups, kind="stable")
@@ -90,19 +94,19 @@ class GroupedOcclusion(Operator):
         """Each group in turn on its positions; the map in the task's order. Stopped by
         ``progress`` (:class:`~.task.StopScan`), the positions done are a prefix of the
         task's, which is ordered by group then."""
-        order = self.position_order(task.ys, task.xs)
+        order = self.position_order(*task.corners)
         if order is not None:
             ordered = task.taking(order)
             return unordered(self.run(ordered, progress, timings), order)
         kept = self.kept
         if kept is None and self.layout == ADAPTIVE:
             kept = Kept({}, "groups")          # this scan's: the first trial decides for all
-        groups = self.groups_of(task.ys, task.xs)
+        groups = self.groups_of(*task.corners)
         starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
         parts, done = [], 0
         for start, stop in zip(starts, np.r_[starts[1:], len(groups)]):
-            op = self._member(groups[start], task.ys[start:stop], task.xs[start:stop])
             part = task.taking(slice(start, stop))
+            op = self._member(groups[start], part.corners)
             report = None if progress is None else _offset(progress, done, task.count)
             result = (op.remembering(kept) if kept is not None else op).run(part, report, timings)
             parts.append(result)
@@ -111,18 +115,18 @@ class GroupedOcclusion(Operator):
                 break                          # stopped: the positions so far
         return joined(parts)
 
-    def _member(self, group: int, ys, xs):
-        """The group's operator for patches at ``ys, xs``: as planned, or re-targeted."""
-        rows, cols = divmod(int(group), len(self.edges[1]) + 1)
-        op = self.members.get((rows, cols)) or self._largest
+    def _member(self, group: int, corners: tuple):
+        """The group's operator for patches at ``corners``: as planned, or re-targeted."""
+        key = tuple(int(b) for b in np.unravel_index(int(group), [len(e) + 1 for e in self.edges]))
+        op = self.members.get(key) or self._largest
         planned = op.steps[op.profile.image_node]
-        if np.array_equal(planned.y, ys) and np.array_equal(planned.x, xs):
+        if all(np.array_equal(p, c) for p, c in zip(planned.at, corners)):
             return op
-        return op.at(ys, xs)
+        return op.at(*corners)
 
 
 def _cells(steps) -> int:
-    return sum(s.size[0] * s.size[1] for s in steps if s.incremental)
+    return sum(math.prod(s.size) for s in steps if s.incremental)
 
 
 def _offset(progress, done: int, total: int):

@@ -134,8 +134,8 @@ class ReducedPrecision(Operator):
     def remembering(self, kept):
         return self._wrap(self.inner.remembering(kept))
 
-    def position_order(self, ys, xs):
-        return self.inner.position_order(ys, xs)
+    def position_order(self, *corners):
+        return self.inner.position_order(*corners)
 
     def run(self, task: OcclusionTask, progress: Progress = None,
             timings: Optional[dict] = None) -> OcclusionResult:

@@ -54,7 +54,7 @@ class OcclusionOperator(Protocol):
     def remembering(self, kept) -> "OcclusionOperator":
         """The same operator, its layout trial kept in (and read from) ``kept``."""
 
-    def position_order(self, ys, xs) -> Optional[np.ndarray]:
+    def position_order(self, *corners) -> Optional[np.ndarray]:
         """The order it scans positions in where that is not the task's (a permutation of
         their indices), so that a watched scan stopped early has done a prefix; None."""
 
@@ -88,5 +88,5 @@ class Operator:
     def remembering(self, kept):
         return self
 
-    def position_order(self, ys, xs):
+    def position_order(self, *corners):
         return None

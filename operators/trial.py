@@ -114,16 +114,16 @@ class OperatorTrial(Operator):
             result = self.chosen.run(task, progress)
             return dataclasses.replace(
                 result, ran=((self.chosen.name, task.count, self.clock() - began),))
-        order = self.position_order(task.ys, task.xs)
+        order = self.position_order(*task.corners)
         if order is None:
             return _Watch(self, task, progress).run()
         # Positions in the order a grouped operator scans them: every part a prefix of it.
         ordered = task.taking(order)
         return unordered(_Watch(self, ordered, progress).run(), order)
 
-    def position_order(self, ys, xs):
+    def position_order(self, *corners):
         for op in (self.chosen, self.other):
-            order = op.position_order(ys, xs)
+            order = op.position_order(*corners)
             if order is not None:
                 return order
         return None

@@ -376,14 +376,13 @@ def _grouped(p: Planning, plan: PhysicalPlan) -> PhysicalPlan:
     """``plan`` with its positions grouped by the region they change
     (:mod:`.position_groups`) where that is predicted cheaper by the margin."""
     query, steps = p.query, plan.operator.steps
-    if p.ctx.position_groups == "off" or math.prod(query.image.shape[1:]) <= GROUPS_MIN_PIXELS \
-            or query.grid.depth is not None:        # bands of rows and columns: images only
+    if p.ctx.position_groups == "off" or math.prod(query.image.shape[1:]) <= GROUPS_MIN_PIXELS:
         return plan
-    ys, xs = query.grid.positions()
-    found = position_groups.group(p.profile, steps, ys, xs, p.throughput, plan.batch)
+    corners = query.grid.positions()
+    found = position_groups.group(p.profile, steps, corners, p.throughput, plan.batch)
     if found is None:
         return plan
-    single = position_groups.scan_seconds(p.profile, steps, p.throughput, plan.batch, len(ys))
+    single = position_groups.scan_seconds(p.profile, steps, p.throughput, plan.batch, len(corners[0]))
     if found.seconds >= GROUPS_MARGIN * single:
         return plan
     return dataclasses.replace(plan, operator=found.operator, cost=found.cost)

@@ -1,15 +1,18 @@
 """Grouping a query's positions by the size of the region they change.
 
 A position's own region at each node (:attr:`~kql.operators.steps.Step.span`) depends
-on its row for the height and on its column for the width, and shrinks near the border.
-Rows are cut into contiguous bands, columns too, by a small dynamic programme over a
-proxy of the work (each band priced at its largest region, weighted by the node's work
-per output cell); the best few cuts are then planned for real, one step table per group
-(row band x column band), and priced by the cost model, batches per group included.
+on its row for the height and on its column for the width (a volume's slice for the
+depth), and shrinks near the border. Each axis is cut into contiguous bands by a small
+dynamic programme over a proxy of the work (each band priced at its largest region,
+weighted by the node's work per output cell); the best few cuts are then planned for
+real, one step table per group (a band of each axis), and priced by the cost model,
+batches per group included. In three dimensions the border is a larger share of the
+positions, and grouping saves more.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -18,13 +21,14 @@ import numpy as np
 from kql.operators.graph import Local
 from kql.operators.grouped import GroupedOcclusion
 from kql.operators.incremental import IncrementalOcclusion
-from kql.operators.steps import COVER, Crossover, plan_steps
+from kql.operators.steps import COVER, Crossover, steps_at
 
 from .cost import NodeCost, PlanCost, incremental_cost
 
-MAX_BANDS = 4              # per axis: 16 groups at most
+MAX_BANDS = 4              # per axis: 16 groups at most on an image
 MAX_COORDINATES = 128      # an axis with more distinct coordinates is pooled into this many
 GROUP_BUDGETS = (4, 9, 16)     # the best cut of at most this many groups is planned for real
+VOLUME_BUDGETS = (8, 27)       # a volume's: two or three bands per axis
 
 
 @dataclass(frozen=True)
@@ -44,30 +48,31 @@ def scan_seconds(profile, table, tp, batch: int, count: int) -> float:
     return seconds + (incremental_cost(profile, table, tp, rest).seconds if rest else 0.0)
 
 
-def group(profile, steps, ys, xs, tp, batch: int):
-    """The cheapest grouping of positions ``ys, xs`` under ``steps`` (their one table),
-    or None when no grouping is possible (a thresholded table, one coordinate per axis).
-    Its ``seconds`` are comparable with :func:`scan_seconds` of ``steps``."""
+def group(profile, steps, corners: tuple, tp, batch: int):
+    """The cheapest grouping of the positions at ``corners`` (one array per axis: ``(ys,
+    xs)``, a volume's ``(zs, ys, xs)``) under ``steps`` (their one table), or None when no
+    grouping is possible (a thresholded table, one coordinate per axis). Its ``seconds``
+    are comparable with :func:`scan_seconds` of ``steps``."""
     sized = [s for s in steps if s.incremental]
     if not sized or any(s.span is None for s in sized):
         return None
     work = np.array([_work(profile, s) for s in sized])
-    axes = [_axis(np.asarray(c), [s.span[a][1] for s in sized]) for a, c in enumerate((ys, xs))]
+    axes = [_axis(np.asarray(c), [s.span[a][1] for s in sized]) for a, c in enumerate(corners)]
     if all(len(coords) < 2 for coords, _, _ in axes):
         return None
-    cuts = [_cuts(counts, sizes, work * _mean_other(axes[1 - a], len(sized)))
+    cuts = [_cuts(counts, sizes, work * _mean_others(axes, a, len(sized)))
             for a, (_, counts, sizes) in enumerate(axes)]
     best = None
-    for budget in GROUP_BUDGETS:
-        pairs = [(ky, kx) for ky in range(1, len(cuts[0]) + 1) for kx in range(1, len(cuts[1]) + 1)
-                 if 1 < ky * kx <= budget]
-        if not pairs:
+    for budget in GROUP_BUDGETS if len(axes) == 2 else VOLUME_BUDGETS:
+        bands = [k for k in itertools.product(*(range(1, len(c) + 1) for c in cuts))
+                 if 1 < math.prod(k) <= budget]
+        if not bands:
             continue
         # A cut that saves nothing is no cut: each group costs a little (calls, a partial batch).
-        ky, kx = min(pairs, key=lambda k: _proxy(axes, cuts, k, work) * (1 + 1e-3 * k[0] * k[1]))
-        edges = (axes[0][0][cuts[0][ky - 1]], axes[1][0][cuts[1][kx - 1]])
+        k = min(bands, key=lambda k: _proxy(axes, cuts, k, work) * (1 + 1e-3 * math.prod(k)))
+        edges = tuple(axis[0][cut[n - 1]] for axis, cut, n in zip(axes, cuts, k))
         for cross in {steps.crossover, _whole_from(steps)}:
-            found = _planned(profile, steps, ys, xs, tp, batch, edges, cross)
+            found = _planned(profile, steps, corners, tp, batch, edges, cross)
             if best is None or found.seconds < best.seconds:
                 best = found
     return best
@@ -95,9 +100,14 @@ def _axis(coords: np.ndarray, sizes: list) -> tuple:
     return values, counts, table
 
 
-def _mean_other(axis: tuple, nodes: int) -> np.ndarray:
-    _, counts, sizes = axis
-    return (sizes * counts).sum(axis=1) / max(counts.sum(), 1) if sizes.size else np.ones(nodes)
+def _mean_others(axes: list, a: int, nodes: int) -> np.ndarray:
+    """Per node, the mean extent of its region along every axis but ``a``, multiplied:
+    what a cell of axis ``a``'s band weighs."""
+    out = np.ones(nodes)
+    for b, (_, counts, sizes) in enumerate(axes):
+        if b != a and sizes.size:
+            out = out * (sizes * counts).sum(axis=1) / max(counts.sum(), 1)
+    return out
 
 
 def _cuts(counts: np.ndarray, sizes: np.ndarray, weight: np.ndarray) -> list:
@@ -129,32 +139,33 @@ def _cuts(counts: np.ndarray, sizes: np.ndarray, weight: np.ndarray) -> list:
 
 
 def _proxy(axes, cuts, k: tuple, work: np.ndarray) -> float:
-    """The work proxy of ``k`` = (row bands, column bands): every group at its largest."""
+    """The work proxy of ``k`` (bands per axis): every group at its largest."""
     peaks = []
-    for (_, counts, sizes), starts in zip(axes, (cuts[0][k[0] - 1], cuts[1][k[1] - 1])):
-        bounds = np.r_[0, starts, sizes.shape[1]]
+    for (_, counts, sizes), cut, n in zip(axes, cuts, k):
+        bounds = np.r_[0, cut[n - 1], sizes.shape[1]]
         peaks.append([(counts[a:b].sum(), sizes[:, a:b].max(axis=1))
                       for a, b in zip(bounds[:-1], bounds[1:])])
-    return sum(ny * nx * float(work @ (hy * wx)) for ny, hy in peaks[0] for nx, wx in peaks[1])
+    return sum(math.prod(c for c, _ in combo) * float(work @ math.prod(s for _, s in combo))
+               for combo in itertools.product(*peaks))
 
 
-def _planned(profile, steps, ys, xs, tp, batch: int, edges: tuple, cross=None) -> Grouping:
-    """One step table per group of ``edges`` (band starts, pixel coordinates) under the
-    crossover ``cross`` (by default that of ``steps``), priced."""
-    rows = np.searchsorted(edges[0], ys, side="right")
-    cols = np.searchsorted(edges[1], xs, side="right")
+def _planned(profile, steps, corners: tuple, tp, batch: int, edges: tuple, cross=None) -> Grouping:
+    """One step table per group of ``edges`` (band starts per axis, pixel coordinates)
+    under the crossover ``cross`` (by default that of ``steps``), priced."""
+    corners = tuple(np.asarray(c) for c in corners)
+    bands = [np.searchsorted(e, c, side="right") for e, c in zip(edges, corners)]
     members, costs, seconds = {}, [], 0.0
     cross = cross or steps.crossover
-    for key in sorted(set(zip(rows.tolist(), cols.tolist()))):
-        at = (rows == key[0]) & (cols == key[1])
-        table = plan_steps(profile, ys[at], xs[at], steps.patch, cross, steps.tau, steps.gates,
-                           steps.deltas)
+    for key in sorted(set(zip(*(b.tolist() for b in bands)))):
+        at = np.logical_and.reduce([b == k for b, k in zip(bands, key)])
+        table = steps_at(profile, tuple(c[at] for c in corners), steps.patch, cross, steps.tau,
+                         steps.gates, steps.deltas)
         members[key] = IncrementalOcclusion(profile, table, batch)
         count = int(at.sum())
         costs.append((incremental_cost(profile, table, tp, batch), count / batch))
         seconds += scan_seconds(profile, table, tp, batch, count)
-    return Grouping(GroupedOcclusion(edges, members), _combined(costs, math.ceil(len(ys) / batch)),
-                    seconds)
+    return Grouping(GroupedOcclusion(edges, members),
+                    _combined(costs, math.ceil(len(corners[0]) / batch)), seconds)
 
 
 def _whole_from(steps) -> Crossover:

@@ -97,7 +97,7 @@ def test_border_groups_change_smaller_regions_and_fewer_macs():
     profile = ModelProfile(net, torch.rand(3, 48, 48), "cpu")
     ys, xs = grid_positions((48, 48), (8, 8), (2, 2))
     one = plan_steps(profile, ys, xs, (8, 8))
-    found = position_groups.group(profile, one, ys, xs, TABLE, 16)
+    found = position_groups.group(profile, one, (ys, xs), TABLE, 16)
     assert found is not None and len(found.operator.members) > 1
     batches = -(-len(ys) // 16)
     single = incremental_cost(profile, one, TABLE, 16).macs * len(ys) / 16
@@ -117,7 +117,7 @@ def test_a_thresholded_table_is_not_grouped():
     profile = ModelProfile(net, torch.rand(3, 40, 40), "cpu")
     ys, xs = grid_positions((40, 40), (8, 8), (4, 4))
     assert position_groups.group(profile, plan_steps(profile, ys, xs, (8, 8), tau=0.5),
-                                 ys, xs, TABLE, 16) is None
+                                 (ys, xs), TABLE, 16) is None
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def grouped_plan(forced):
     task = planned.task()
     one = plan_steps(profile, task.ys, task.xs, (8, 8))
     edges = (np.array([6, 26]), np.array([4, 30]))
-    grouped = position_groups._planned(profile, one, task.ys, task.xs, TABLE, 4, edges).operator
+    grouped = position_groups._planned(profile, one, (task.ys, task.xs), TABLE, 4, edges).operator
     assert len(grouped.members) == 9
     expected, _ = plain_heatmap(net, image, (8, 8), (2, 2), (0.0, 0.0, 0.0))
     return dataclasses.replace(planned, operator=grouped), expected.ravel()
@@ -183,7 +183,7 @@ def test_groups_whole_where_the_one_table_covers_the_map_are_exact(forced, whole
     one = plan_steps(profile, ys, xs, (8, 8))
     cross = position_groups._whole_from(one) if whole else one.crossover
     assert (cross != one.crossover) == whole                   # the model covers its map
-    grouped = position_groups._planned(profile, one, ys, xs, TABLE, 8,
+    grouped = position_groups._planned(profile, one, (ys, xs), TABLE, 8,
                                        (np.array([8, 24]), np.array([8, 24])), cross).operator
     task = executor_task(net, image, ys, xs)
     expected, _ = plain_heatmap(net, image, (8, 8), (2, 2), (0.0, 0.0, 0.0))
@@ -204,10 +204,41 @@ def test_the_exact_form_of_a_grouped_frozen_gates_plan_is_exact():
     profile = ModelProfile(net, torch.rand(3, 40, 40), "cpu")
     ys, xs = grid_positions((40, 40), (8, 8), (4, 4))
     frozen = plan_steps(profile, ys, xs, (8, 8), gates="frozen")
-    grouped = position_groups._planned(profile, frozen, ys, xs, TABLE, 8,
+    grouped = position_groups._planned(profile, frozen, (ys, xs), TABLE, 8,
                                        (np.array([16]), np.array([16]))).operator
     assert grouped.approximation().kind == "frozen_gates"
     exact = grouped.exact()
     assert exact.approximation() is None
     assert all(op.steps.gates == "exact" for op in exact.members.values())
 
+
+
+def test_a_volume_grouped_by_bands_of_every_axis_is_exact():
+    """A volume's positions in 2 x 2 x 2 groups (bands of slices, rows and columns): each
+    group's table is its own and smaller at the border, and the map is the plain 3D loop's."""
+    from kql.operators.steps import steps_at
+    from kql.operators.task import OcclusionTask
+    from volume_models import blob_volume, plain_volume_map, resnet3d, sensitive_volume
+
+    volume = blob_volume(16, 20, 24, seed=2)
+    value = float(volume.mean())
+    net = sensitive_volume(resnet3d(), volume, (4, 4, 4), value)
+    profile = ModelProfile(net, volume, "cpu")
+    axes = [np.arange(0, n - 3, 2) for n in (16, 20, 24)]
+    corners = tuple(g.ravel() for g in np.meshgrid(*axes, indexing="ij"))
+    one = steps_at(profile, corners, (4, 4, 4))
+    edges = (np.array([8]), np.array([10]), np.array([12]))
+    grouped = position_groups._planned(profile, one, corners, TABLE, 8, edges).operator
+    assert len(grouped.members) == 8 and set(grouped.groups_of(*corners)) == set(range(8))
+    cells = {key: sum(np.prod(s.size) for s in op.steps if s.incremental)
+             for key, op in grouped.members.items()}
+    assert min(cells.values()) < sum(np.prod(s.size) for s in one if s.incremental)
+    task = OcclusionTask(net, volume, torch.tensor([value]), (4, 4, 4), corners[1], corners[2],
+                         zs=corners[0])
+    expected, _ = plain_volume_map(net, volume, (4, 4, 4), (2, 2, 2), value)
+    assert np.ptp(expected) > 0.05
+    found = position_groups.group(profile, one, corners, TABLE, 8)
+    assert found is not None and len(found.operator.edges) == 3        # priced: bands of all three
+    for operator in (grouped, found.operator):
+        result = operator.run(task)
+        assert np.abs(result.probabilities - expected.ravel()).max() <= TOL
