@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from .catalog import images
-from .errors import KqlError
+from .catalog.models import spatial_axes
+from .errors import KqlError, KqlPlanError
 from .language import ast
 from .operators import fills
 from .planner.frame import DEFAULT_RESIZE, Frame
@@ -37,6 +38,7 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
     except KqlError as exc:
         raise at_node(exc, stmt.model)
     raw, label, info = _image(stmt.image, catalog, max_pixels)
+    _same_rank(stmt, spec, raw, label)
     if raw.dim() == 4:
         return _bind_volume(stmt, text, spec, raw, label, info)
     raw, channel_note = _channels(stmt, raw, spec)
@@ -60,6 +62,15 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
         output=stmt.output, frame=frame, original=raw, image_info=info, fill=fill)
 
 
+def _same_rank(stmt: ast.Occlude, spec, raw: torch.Tensor, label: str) -> None:
+    """A volume for a network of 3D convolutions, an image for one of 2D ones."""
+    axes = spatial_axes(spec.module)
+    if axes in (2, 3) and raw.dim() - 1 != axes:
+        takes, given = (("volumes", "an image") if axes == 3 else ("images", "a volume"))
+        raise at_node(KqlPlanError(f"model '{spec.name}' takes {takes} (its first convolution "
+                                   f"is {axes}D); {label} is {given}"), stmt.image)
+
+
 def _checked(stmt: ast.Occlude, grid: OcclusionGrid) -> OcclusionGrid:
     problem = grid.problem()
     if problem:
@@ -78,8 +89,8 @@ def _bind_volume(stmt: ast.Occlude, text: str, spec, raw: torch.Tensor, label: s
             raise fail(stmt, clause, f"{_CLAUSE_WORDS[clause]} applies to images; a volume's map "
                                      f"is computed exactly")
     if int(raw.shape[0]) != spec.channels:
-        raise fail(stmt, "image", f"the volume has {raw.shape[0]} channel(s) but model "
-                                  f"'{spec.name}' takes {spec.channels}")
+        raise at_node(KqlPlanError(f"the volume has {raw.shape[0]} channel(s) but model "
+                                   f"'{spec.name}' takes {spec.channels}"), stmt.image)
     volume = _volume_input(stmt, raw, spec)
     grid = _checked(stmt, OcclusionGrid(
         int(volume.shape[2]), int(volume.shape[3]), _cube(stmt.patch, DEFAULT_VOLUME_PATCH),
@@ -114,8 +125,8 @@ def _volume_input(stmt: ast.Occlude, raw: torch.Tensor, spec) -> torch.Tensor:
     if size is None or tuple(raw.shape[1:]) == tuple(size if isinstance(size, (tuple, list)) else ()):
         return raw
     if not isinstance(size, (tuple, list)) or len(size) != 3:
-        raise fail(stmt, "image", f"model '{spec.name}' has input_size {size!r}; a volume needs "
-                                  f"three sizes (d, h, w) or none")
+        raise at_node(KqlPlanError(f"model '{spec.name}' has input_size {size!r}; a volume needs "
+                                   f"three sizes (d, h, w) or none"), stmt.image)
     return torch.nn.functional.interpolate(raw[None], size=tuple(int(v) for v in size),
                                            mode="trilinear", align_corners=False)[0]
 

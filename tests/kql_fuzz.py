@@ -73,15 +73,18 @@ def _number_list(low: int, high: int):
 
 # -- images, models, clauses ------------------------------------------------------------------
 
-IMAGE = _weighted((6, st.just(["img"])), (1, st.just(["sample", "(", "'chelsea'", ")"])),
+IMAGE = _weighted((6, st.just(["img"])), (2, st.just(["vol"])), (1, st.just(["sample", "(", "'chelsea'", ")"])),
                   (1, st.just(["nope"])), (1, STRING.map(lambda s: [s])),
                   (1, STRING.map(lambda s: ["sample", "(", s, ")"])))
-LIGHT_MODEL = _weighted((6, st.just(["net"])), (1, st.just(["nope"])), (1, NAME.map(lambda n: [n])))
+LIGHT_MODEL = _weighted((6, st.just(["net"])), (2, st.just(["net3"])), (1, st.just(["nope"])),
+                        (1, NAME.map(lambda n: [n])))
 # The built-in model and a torchvision name (no weights here) cost seconds to load once.
 MODEL = _weighted((8, LIGHT_MODEL), (1, st.just(["efficientnet_lite0"])), (1, st.just(["resnet18"])))
-SIZE = st.one_of(NUMBER.map(lambda n: [n]), st.tuples(NUMBER, NUMBER).map(lambda t: [t[0], "x", t[1]]))
-COLOR = st.one_of(st.sampled_from([["black"], ["gray"], ["grey"], ["white"], ["mean"]]),
-                  _number_list(1, 5))
+SIZE = st.one_of(NUMBER.map(lambda n: [n]), st.tuples(NUMBER, NUMBER).map(lambda t: [t[0], "x", t[1]]),
+                 st.tuples(NUMBER, NUMBER, NUMBER).map(lambda t: [t[0], "x", t[1], "x", t[2]]))
+COLOR = st.one_of(st.sampled_from([["black"], ["gray"], ["grey"], ["white"], ["mean"],
+                                   ["gaussian"], ["mean_patch"]]),
+                  _number_list(1, 5), NUMBER.map(lambda n: ["(", "-", n, ")"]))
 ONE_TARGET = st.one_of(NUMBER.map(lambda n: [n]), STRING.map(lambda s: [s]),
                        st.sampled_from([["PREDICTED"], ["'a'"], ["'e'"]]))
 TARGET = st.one_of(ONE_TARGET, NUMBER.map(lambda n: ["TOP", n]),
@@ -96,7 +99,7 @@ OCCLUSION_CLAUSES = [
 ]
 CLAUSES = OCCLUSION_CLAUSES + [
     _sometimes_wrong(TARGET).map(lambda v: ["TARGET", *v]),
-    _sometimes_wrong(_number_list(3, 5)).map(lambda v: ["REGION", *v]),
+    _sometimes_wrong(_number_list(3, 7)).map(lambda v: ["REGION", *v]),
     _sometimes_wrong(NUMBER.map(lambda n: [n])).map(lambda v: ["WITH", "SSIM", ">=", *v]),
     st.tuples(NUMBER, st.none() | NUMBER).map(
         lambda t: ["DRILLDOWN", t[0]] + ([] if t[1] is None else ["SPEEDUP", t[1]])),
@@ -322,7 +325,7 @@ class _Hostile:
         return ["("] * depth + inner + [")"] * depth
 
     def image(self) -> list:
-        return self.pick([["img"]] * 4 + [["tbl"], [self.pick(GLOBS)], [self.pick(GLOBS)],
+        return self.pick([["img"]] * 4 + [["vol"], ["vol"], ["tbl"], [self.pick(GLOBS)], [self.pick(GLOBS)],
                           ["'shots/shot0.png'"], ["sample", "(", "'chelsea'", ")"],
                           ["sample", "(", self.text(), ")"], [self.text()],
                           ["sample", "(", "sample", "(", "'x'", ")", ")"]])
@@ -333,7 +336,8 @@ class _Hostile:
         return self.pick([one(), ["TOP", self.number()], ["(", *several, ")"]])
 
     def size(self) -> list:
-        return [self.number()] + (["x", self.number()] if self.r.random() < 0.4 else [])
+        extra = self.r.choice([0, 0, 0, 1, 1, 2])          # a square, h x w, or a volume's d x h x w
+        return [self.number()] + sum((["x", self.number()] for _ in range(extra)), [])
 
     def where(self) -> list:
         texts = [self.text(), "'c'", "'shots/shot1.png'"]
@@ -344,8 +348,9 @@ class _Hostile:
         every = [lambda: ["TARGET", *self.target()], lambda: ["PATCH", *self.size()],
                  lambda: ["STRIDE", *self.size()],
                  lambda: ["COLOR", *self.pick([["gray"], ["mean"], self.numbers(3, real=True),
-                                               self.numbers(4, real=True)])],
-                 lambda: ["REGION", *self.numbers(self.pick([4, 4, 3]))],
+                                               self.numbers(4, real=True), self.numbers(1, real=True),
+                                               ["(", "-", self.number(real=True), ")"]])],
+                 lambda: ["REGION", *self.numbers(self.pick([4, 4, 3, 6, 6]))],
                  lambda: ["WITH", "SSIM", ">=", self.real()],
                  lambda: ["DRILLDOWN", self.pick([self.real()] * 4 + ["1e-300", "1e-30", "0.999999"])]
                  + (["SPEEDUP", self.real()] if self.r.random() < 0.5 else []),
@@ -365,7 +370,7 @@ class _Hostile:
         return sum((make() for make in chosen), [])
 
     def statement(self) -> list:
-        occlude = ["OCCLUDE", *self.image(), "USING", self.pick(["net", "net", "nope", "ts"]),
+        occlude = ["OCCLUDE", *self.image(), "USING", self.pick(["net", "net", "net3", "nope", "ts"]),
                    *self.clauses()]
         return self.pick([
             occlude, occlude, occlude, ["EXPLAIN"] + occlude, ["EXPLAIN", "ANALYZE"] + occlude,

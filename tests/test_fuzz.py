@@ -49,6 +49,16 @@ SHOW = os.environ.get("KQL_FUZZ_SHOW", "")         # print the cases whose outco
 FULL = EXAMPLES > 1000
 
 
+def _volumes(con) -> None:
+    """A small 3D network "net3" and a volume "vol": the fuzzed queries reach the 3D forms
+    (PATCH d x h x w, six-number REGION, COLOR (-v)) and the mismatches (a volume through
+    the 2D "net", an image through "net3")."""
+    from volume_models import blob_volume, resnet3d
+
+    con.register_model("net3", resnet3d())
+    con.register_volume("vol", blob_volume(8, 10, 12, seed=1))
+
+
 class Hang(BaseException):
     """A case ran past its deadline (a BaseException: no ``except Exception`` swallows it)."""
 
@@ -61,6 +71,7 @@ def con(tmp_path_factory, small_model):
         c = kql.connect()
         c.register_model("net", small_model, labels=["a", "b", "c", "d", "e"])
         c.register_image("img", smooth_noise_image(24, 30))
+        _volumes(c)
         # Each (model, image) pair is profiled once (four fit the plan cache): here, not
         # in the cases, whose deadline is for hangs.
         models = ("net", "efficientnet_lite0") if FULL else ("net",)
@@ -255,6 +266,7 @@ def hostile_con(tmp_path_factory, small_model):
         c = kql.connect()
         c.register_model("net", small_model, labels=["a", "b", "c", "d", "e"])
         c.register_image("img", smooth_noise_image(24, 30))
+        _volumes(c)
         c.execute("LOAD MODEL ts FROM 'ts.pt' TRUSTED; LOAD IMAGES tbl FROM 'shots/*.png'")
         for warm_up in ("img USING net", "img USING ts", "'shots/*.png' USING net"):
             c.execute(f"EXPLAIN OCCLUDE {warm_up}")

@@ -160,8 +160,15 @@ def test_volume_registration_and_channel_errors():
     with pytest.raises(kql.KqlError, match="the volume has 2 channel.* but model 'net' takes 1"):
         con.execute("OCCLUDE two USING net PATCH 4")
     con.register_image("img", torch.rand(1, 16, 16))
+    with pytest.raises(kql.KqlError, match=r"line 1, column 9: model 'net' takes volumes \(its first "
+                                           r"convolution is 3D\); img is an image"):
+        con.execute("OCCLUDE img USING net")
+    con.register_model("net2", nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2)))
+    with pytest.raises(kql.KqlError, match="model 'net2' takes images .*; two is a volume"):
+        con.execute("OCCLUDE two USING net2 PATCH 4")
+    con.register_model("flat", nn.Sequential(nn.Flatten(), nn.Linear(256, 2)))
     with pytest.raises(kql.KqlError, match="REGION takes four numbers .* for an image; six are a volume's"):
-        con.execute("OCCLUDE img USING net REGION (0, 0, 0, 4, 4, 4)")
+        con.execute("OCCLUDE img USING flat REGION (0, 0, 0, 4, 4, 4)")
 
 
 def test_air_is_a_negative_colour_and_other_numbers_stay_unsigned():

@@ -155,6 +155,8 @@ def spatial_axes(module: nn.Module) -> int:
     for sub in module.modules():
         if isinstance(sub, nn.modules.conv._ConvNd):
             return sub.weight.dim() - 2
+        if getattr(sub, "original_name", None) in _CONVS and _weight(sub) is not None:
+            return _weight(sub).dim() - 2                   # a TorchScript convolution
     return 2
 
 
