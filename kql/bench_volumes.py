@@ -2,7 +2,8 @@
 
 A ResNet-style 3D network shaped like MedicalNet's ResNet10 (7x7x7 stem at stride 2, max
 pool, one basic block per width, 32-64-128-256 channels by default; random weights,
-BatchNorm statistics from batches of volumes like the test's) on a seeded ``1 x 64^3``
+BatchNorm statistics from batches of volumes like the test's; ``--model densenet121``:
+MONAI's ``DenseNet121(spatial_dims=3)``, calibrated alike) on a seeded ``1 x 64^3``
 volume of smooth blobs, the whole map ``OCCLUDE vol USING net PATCH 8 STRIDE 4`` (3,375
 positions), the cubes painted with the volume's mean (KQL's default for volumes):
 
@@ -24,7 +25,8 @@ map from the plain loop's on the positions the loop ran.
 
 Usage (``kql bench --volume`` runs :func:`main`; so does benchmarks/volumes.py):
   kql bench --volume [--size 64] [--patch 8] [--stride 4] [--rounds 3]
-      [--plain-positions 256] [--channels 32,64,128,256] [--batch 16] [--device cpu|cuda]
+      [--plain-positions 256] [--channels 32,64,128,256] [--model resnet10|densenet121]
+      [--batch 16] [--device cpu|cuda]
 """
 import argparse
 import copy
@@ -72,6 +74,16 @@ def resnet10_3d(widths, classes: int = 2, seed: int = 0) -> nn.Module:
         cin = cout
     layers += [nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(cin, classes)]
     return nn.Sequential(*layers).eval()
+
+
+def network(name: str, widths) -> nn.Module:
+    """The benchmark's 3D network: ResNet10-style of ``widths``, or MONAI's DenseNet121."""
+    if name == "resnet10":
+        return resnet10_3d(widths)
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=2).eval()
 
 
 def blob_volume(size: int, seed: int) -> torch.Tensor:
@@ -202,17 +214,20 @@ def main(argv=None) -> int:
                              "scaled to the whole map (0: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="the plain loop's and MONAI's device (KQL's plan picks its own)")
+    parser.add_argument("--model", default="resnet10", choices=("resnet10", "densenet121"),
+                        help="MedicalNet-shaped ResNet10 (--channels) or MONAI's DenseNet121")
     parser.add_argument("--no-monai", action="store_true")
     parser.add_argument("--no-kql", action="store_true", help="time the plain loop and MONAI only")
     args = parser.parse_args(argv)
     widths = [int(c) for c in args.channels.split(",")]
-    model = calibrated(resnet10_3d(widths), args.size)
+    model = calibrated(network(args.model, widths), args.size)
     volume = blob_volume(args.size, seed=0)
     color = float(volume.mean())
     at = corners(args.size, args.patch, args.stride)
     side = (args.size - args.patch) // args.stride + 1
-    print(f"volumes: torch {torch.__version__} on {torch.get_num_threads()} threads, ResNet10-3D "
-          f"{args.channels}, 1x{args.size}^3, PATCH {args.patch} STRIDE {args.stride}: "
+    name = f"ResNet10-3D {args.channels}" if args.model == "resnet10" else "MONAI DenseNet121-3D"
+    print(f"volumes: torch {torch.__version__} on {torch.get_num_threads()} threads, {name}, "
+          f"1x{args.size}^3, PATCH {args.patch} STRIDE {args.stride}: "
           f"{len(at)} positions ({side}^3), plain loop and MONAI at batch {args.batch} "
           f"on {args.device}")
 
