@@ -39,8 +39,10 @@ fuzz: install
 
 # On a machine with a CUDA GPU (under 8 minutes): the kernel and engine tests on the
 # device, then kql bench on it for VGG16, ResNet18 and InceptionV3, exact (against naive
-# and Captum on the same GPU) and approximate (tau 0.5). Never run in this repository's
-# sessions so far (no GPU was lent): run it whenever one is at hand.
+# and Captum on the same GPU) and approximate (tau 0.5), and the 3D benchmark (a volume's
+# map against a plain 3D loop and MONAI on the GPU; KQL's volumes take the torch path).
+# Never run in this repository's sessions so far (no GPU was lent): run it whenever one
+# is at hand.
 gpu-check: install
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
 	$(PY) -m pytest -q tests/test_cuda_kernels.py tests/test_position_groups.py tests/test_incremental.py -k "not slow"
@@ -48,6 +50,7 @@ gpu-check: install
 	  $(VENV)/bin/kql bench --model $$m --device cuda --positions 512 --repeat 2 ; \
 	  $(VENV)/bin/kql bench --model $$m --device cuda --positions 512 --tau 0.5 --no-captum ; \
 	done
+	$(VENV)/bin/kql bench --volume --device cuda --rounds 2 --plain-positions 512
 
 clean:
 	rm -rf $(VENV) build *.egg-info
