@@ -283,6 +283,10 @@ def load_image(con, stmt: ast.LoadImage, text: str, progress) -> Result:
         t = con.catalog.load_image(stmt.name, stmt.path, con.settings["max_image_pixels"])
     except KqlError as exc:
         raise at_node(exc, stmt)
+    if t.dim() == 4:                           # a NIfTI file or a DICOM series
+        sizes = "x".join(str(int(v)) for v in t.shape[1:])
+        return Result("load", text, message=f"volume '{stmt.name}' loaded ({sizes}, "
+                                            f"{t.shape[0]} channel{'s' if t.shape[0] > 1 else ''})")
     return Result("load", text, message=f"image '{stmt.name}' loaded "
                                         f"({t.shape[1]}x{t.shape[2]})")
 

@@ -44,7 +44,8 @@ def scan(tmp_path):
     nibabel.save(image, str(tmp_path / "scan.nii.gz"))
     con = kql.connect(str(tmp_path))
     con.register_model("net", small_net(), mean=(250.0,), std=(10.0,))   # Hounsfield-like units in
-    con.execute(f"LOAD IMAGE ct FROM '{tmp_path / 'scan.nii.gz'}'")
+    loaded = con.execute(f"LOAD IMAGE ct FROM '{tmp_path / 'scan.nii.gz'}'")
+    assert loaded.message == "volume 'ct' loaded (12x14x16, 1 channel)"
     return con, tmp_path, values.astype(np.float32) * 0.5 - 100.0
 
 
