@@ -84,24 +84,17 @@ def _parquet(result, tmp: str, options: dict) -> None:
 def _png(result, tmp: str, options: dict) -> None:
     """The overlay of :mod:`kql.results.overlay`: each map over the image as the user gave
     it; a volume's, three orthogonal slices through the strongest drop."""
-    if result.heatmap.ndim == 3:
-        from . import volume_overlay
+    if result.volume:
+        from .volume_overlay import result_png
 
-        info = result.image_info
-        volume_overlay.write_png(tmp, result.image, result.heatmap, result.probability,
-                                 result.patch, result.stride, result.offset,
-                                 title=f"{result.model}: {result.label} on {result.image_label}",
-                                 spacing=info.get("spacing"), orientation=info.get("orientation"),
-                                 output=result.output,
-                                 **{k: v for k, v in options.items() if k in VOLUME_OPTIONS})
+        with open(tmp, "wb") as fh:
+            fh.write(result_png(result, **options))
         return
     from .overlay import write_png
 
     write_png(result, tmp, **options)
 
 
-# The overlay options that apply to a volume's slices (the others shape 2D panels).
-VOLUME_OPTIONS = ("colormap", "alpha", "scale")
 # The one list of output formats (the INTO check of the planner uses it too).
 NIFTI = (".nii", ".nii.gz")
 WRITERS = {".png": _png, ".npy": _npy, ".parquet": _parquet, ".nii": None, ".nii.gz": None}

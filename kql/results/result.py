@@ -221,12 +221,9 @@ class Result:
         if self.kind != "occlude":
             return None
         if self.volume:
-            from . import volume_overlay
+            from .volume_overlay import result_png
 
-            return volume_overlay.png_bytes(self.image, self.heatmap, self.probability, self.patch,
-                                            self.stride, self.offset, output=self.output,
-                                            spacing=self.image_info.get("spacing"),
-                                            orientation=self.image_info.get("orientation"))
+            return result_png(self)
         from .overlay import png_bytes
 
         return png_bytes(self)

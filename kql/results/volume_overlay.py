@@ -114,6 +114,12 @@ def _scan(volume) -> np.ndarray:
     return volume if volume.ndim == 3 else volume[0]
 
 
+def grey_window(volume) -> tuple:
+    """``(low, high)``: the grey range a volume's slices are shown in, whichever slice
+    (:func:`_window` of its first channel): the page's slices and the PNG's alike."""
+    return _window(_scan(volume))
+
+
 def _window(scan: np.ndarray) -> tuple:
     """The grey range: the 1st-99th percentiles, from a strided sample of a large scan."""
     flat = scan.ravel()
@@ -230,6 +236,23 @@ def png_bytes(volume, values, base: float, patch, stride, offset, **kw) -> bytes
     fig = slices_figure(volume, values, base, patch, stride, offset, **kw)
     fig.savefig(buffer, format="png", dpi=fig.dpi)
     return buffer.getvalue()
+
+
+# The overlay options that shape a volume's slices (the others shape 2D panels).
+RESULT_OPTIONS = ("colormap", "alpha", "scale")
+
+
+def result_png(result, **options) -> bytes:
+    """A volume's OCCLUDE result (:class:`~kql.results.result.Result`) as PNG bytes: its
+    first map over the scan it ran on, titled, spaced and oriented as the scan's file says;
+    of ``options`` (overlay options), those of :data:`RESULT_OPTIONS` apply."""
+    info = result.image_info
+    return png_bytes(result.image, result.heatmap, result.probability, result.patch,
+                     result.stride, result.offset,
+                     title=f"{result.model}: {result.label} on {result.image_label}",
+                     spacing=info.get("spacing"), orientation=info.get("orientation"),
+                     output=result.output,
+                     **{k: v for k, v in options.items() if k in RESULT_OPTIONS})
 
 
 def write_png(path: str, volume, values, base: float, patch, stride, offset, **kw) -> None:
