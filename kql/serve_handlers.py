@@ -173,7 +173,8 @@ def register_upload(viewer: Viewer, data: bytes) -> dict:
 
 def image_png(viewer: Viewer, ref: str, index: int | None = None) -> bytes:
     """The image of a checked reference as a PNG, as the user gave it; a volume's slice
-    ``index`` along its first axis (default: the middle one), its intensities windowed."""
+    ``index`` along its first axis (default: the middle one), in the grey window of the
+    whole scan (:func:`~kql.results.volume_overlay.grey_window`: every slice alike)."""
     from .catalog import images
     pixels, _ = viewer.pixel_limit()
     with viewer.lock:
@@ -191,15 +192,11 @@ def image_png(viewer: Viewer, ref: str, index: int | None = None) -> bytes:
         index = depth // 2 if index is None else index
         if index >= depth:
             raise ApiError(400, f"slice {index} is past the volume's last ({depth - 1})")
-        return tensor_png(windowed(tensor[:, index]))
+        from .results.volume_overlay import grey_window
+
+        low, high = grey_window(tensor)
+        return tensor_png(((tensor[:, index] - low) / (high - low)).clamp(0, 1))
     return tensor_png(tensor)
-
-
-def windowed(plane):
-    """A volume's slice ``[C, H, W]`` in its own units, to [0, 1] between its 1st and 99th
-    percentiles (CT's Hounsfield units, MRI's arbitrary ones)."""
-    low, high = (float(v) for v in plane.float().quantile(plane.new_tensor([0.01, 0.99])))
-    return ((plane - low) / (high - low if high > low else 1.0)).clamp(0, 1)
 
 
 def tensor_png(tensor) -> bytes:
