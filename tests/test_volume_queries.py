@@ -122,6 +122,11 @@ def test_a_volume_from_python_with_its_affine_and_a_resampling_model(tmp_path):
     result = con.execute("OCCLUDE v USING net PATCH 4 STRIDE 2")
     assert result.image.shape == (1, 8, 8, 8) and result.heatmap.shape == (3, 3, 3)
     assert result.image_info["spacing"] == (1.0, 2.0, 3.0)
+    assert result.image_info["orientation"] == "RAS"        # as a file's affine gives it
+    con.register_volume("flat", blob_volume(16, 12, 10, seed=2).numpy(), affine=np.zeros((4, 4)))
+    flat = con.execute(f"OCCLUDE flat USING net PATCH 4 STRIDE 2 INTO '{tmp_path / 'flat.png'}'")
+    assert "orientation" not in flat.image_info and "spacing" not in flat.image_info
+    assert (tmp_path / "flat.png").stat().st_size > 0                 # drawn in voxel units
 
 
 @pytest.mark.parametrize("clause, message", [

@@ -160,7 +160,9 @@ class Catalog:
     def register_volume(self, name: str, volume, affine=None) -> torch.Tensor:
         """A volume ``[C, D, H, W]`` (or ``[D, H, W]``) from Python, with its voxel-to-world
         ``affine`` (4x4) when it has one."""
-        tensor, info = _volume(volume, affine)
+        from .volumes import from_user
+
+        tensor, info = from_user(volume, affine)
         self._images[name] = tensor
         self._info[name] = info
         self._loaded_images.pop(name, None)
@@ -282,33 +284,6 @@ class Catalog:
             raise error(f"{kind.lower()} '{name}' in catalog file '{self._store.path}' is damaged "
                         f"({problem}); LOAD {kind} {name} FROM '<file>' replaces it")
         return cache[name][1] if name in cache else None
-
-
-def _volume(volume, affine) -> tuple:
-    """A user's volume as a float32 ``[C, D, H, W]`` tensor and its info (the affine, the
-    voxel spacing it implies); a clear error for anything else."""
-    import numpy as np
-
-    if isinstance(volume, np.ndarray):
-        if not (np.issubdtype(volume.dtype, np.number) or volume.dtype == bool):
-            raise KqlImageError(f"a volume array must be numeric, got {volume.dtype}")
-        volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-    if not isinstance(volume, torch.Tensor):
-        raise KqlImageError(f"a volume must be a torch tensor or a numpy array, not {type(volume).__name__}")
-    t = volume.detach().to("cpu", torch.float32)
-    t = t.unsqueeze(0) if t.dim() == 3 else t
-    if t.dim() != 4 or min(t.shape) < 1:
-        raise KqlImageError(f"a volume must have shape [C, D, H, W] or [D, H, W], got {list(volume.shape)}")
-    if not torch.isfinite(t).all():
-        raise KqlImageError("the volume contains NaN or infinite values")
-    info = {"format": "volume", "shape": tuple(int(v) for v in t.shape[1:])}
-    if affine is not None:
-        a = np.asarray(affine, dtype=np.float64)
-        if a.shape != (4, 4) or not np.isfinite(a).all():
-            raise KqlImageError(f"a volume's affine must be a finite 4x4 matrix, got shape {list(a.shape)}")
-        info["affine"] = a.tolist()
-        info["spacing"] = tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))
-    return t.contiguous(), info
 
 
 def _trusted_digest(entry: dict):

@@ -181,9 +181,39 @@ def _geometry_info(fmt: str, affine, shape) -> dict:
 
     affine = np.asarray(affine, dtype=np.float64)
     codes = nibabel.aff2axcodes(affine)
-    return {"format": fmt, "affine": [[float(v) for v in row] for row in affine],
-            "spacing": tuple(float(v) for v in nibabel.affines.voxel_sizes(affine)),
-            "shape": tuple(int(s) for s in shape), "orientation": "".join(c or "?" for c in codes)}
+    sizes = tuple(float(v) for v in nibabel.affines.voxel_sizes(affine))
+    info = {"format": fmt, "affine": [[float(v) for v in row] for row in affine],
+            "shape": tuple(int(s) for s in shape)}
+    if min(sizes) > 0:                     # a degenerate affine gives no voxel size
+        info["spacing"] = sizes
+    if None not in codes:                  # nor an orientation
+        info["orientation"] = "".join(codes)
+    return info
+
+
+def from_user(volume, affine=None) -> tuple:
+    """``(tensor, info)``: a volume given from Python (a torch tensor or numpy array
+    ``[C, D, H, W]`` or ``[D, H, W]``) as float32 ``[C, D, H, W]``, and with a 4x4
+    ``affine`` the geometry a file's would give (spacing, orientation); a one-line
+    :class:`KqlImageError` for anything else."""
+    if isinstance(volume, np.ndarray):
+        if not (np.issubdtype(volume.dtype, np.number) or volume.dtype == bool):
+            raise KqlImageError(f"a volume array must be numeric, got {volume.dtype}")
+        volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+    if not isinstance(volume, torch.Tensor):
+        raise KqlImageError(f"a volume must be a torch tensor or a numpy array, not {type(volume).__name__}")
+    t = volume.detach().to("cpu", torch.float32)
+    t = t.unsqueeze(0) if t.dim() == 3 else t
+    if t.dim() != 4 or min(t.shape) < 1:
+        raise KqlImageError(f"a volume must have shape [C, D, H, W] or [D, H, W], got {list(volume.shape)}")
+    if not torch.isfinite(t).all():
+        raise KqlImageError("the volume contains NaN or infinite values")
+    if affine is None:
+        return t.contiguous(), {"format": "volume", "shape": tuple(int(v) for v in t.shape[1:])}
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise KqlImageError(f"a volume's affine must be a finite 4x4 matrix, got shape {list(a.shape)}")
+    return t.contiguous(), _geometry_info("volume", a, t.shape[1:])
 
 
 # -- DICOM series ----------------------------------------------------------------------------
