@@ -280,7 +280,8 @@ class LoadedImage(NamedTuple):
 def read_image(path: str, *, max_pixels: int = MAX_PIXELS, memory_limit: Optional[int] = None) -> LoadedImage:
     """Read an image file, its kind known from its content, not its name: PNG, JPEG, TIFF
     (its first page), BMP, GIF (its first frame), ... via Pillow; DICOM (its first frame)
-    via pydicom; or a .npy array (HxW[xC], never unpickled). Its size is read from the
+    via pydicom; or a .npy array (HxW[xC], never unpickled); or a volume ``[C, D, H, W]``:
+    a NIfTI file or a folder of DICOM slices (:mod:`.volumes`). Its size is read from the
     header first: more than ``max_pixels`` pixels, or more bytes decoded (or inflated)
     than ``memory_limit`` (default: the statement's ``SET memory_limit``), is refused
     before anything is decoded.
@@ -296,18 +297,22 @@ def read_image(path: str, *, max_pixels: int = MAX_PIXELS, memory_limit: Optiona
     """
     from . import volumes
 
-    if volumes.is_volume_path(path):            # a NIfTI file or a folder of DICOM slices
-        loaded = volumes.read_volume(path, max_voxels=max_pixels, memory_limit=reading_limit(memory_limit))
+    limit = reading_limit(memory_limit)
+    if os.path.isdir(path) and volumes.holds_dicom(path):      # a DICOM series
+        loaded = volumes.read_dicom_series(path, max_pixels, limit)
         return LoadedImage(loaded.tensor, dict(loaded.info))
     with open_regular_file(path, "image file", KqlImageError) as fh:
-        head = fh.read(132)
+        head = fh.read(volumes.HEAD_BYTES)
         fh.seek(0)
-        from . import dicom, image_formats as formats
+        if not volumes.is_nifti(head):
+            from . import dicom, image_formats as formats
 
-        read = (formats.read_npy if head.startswith(b"\x93NUMPY") else
-                dicom.read_dicom if dicom.is_dicom(head) else formats.decode)
-        arr, info = read(fh, path, max_pixels, reading_limit(memory_limit))
-    return LoadedImage(_from_array(arr), info)
+            read = (formats.read_npy if head.startswith(b"\x93NUMPY") else
+                    dicom.read_dicom if dicom.is_dicom(head) else formats.decode)
+            arr, info = read(fh, path, max_pixels, limit)
+            return LoadedImage(_from_array(arr), info)
+    loaded = volumes.read_nifti(path, max_pixels, limit)        # a NIfTI volume
+    return LoadedImage(loaded.tensor, dict(loaded.info))
 
 
 def load_file(path: str, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
