@@ -49,17 +49,26 @@ def bind(stmt: ast.Occlude, text: str, catalog, max_pixels: int = images.MAX_PIX
     stride = stmt.stride or (DEFAULT_STRIDE, DEFAULT_STRIDE)
     region = _region(stmt, frame)
     grid = _checked(stmt, OcclusionGrid(int(image.shape[1]), int(image.shape[2]), patch, stride, region))
-    color, color_label, fill = _color(stmt, image, patch)
+    return _query(stmt, text, spec, label, image, grid, _color(stmt, image, patch), raw, info,
+                  ssim=stmt.ssim, drilldown=stmt.drilldown, speedup=stmt.speedup,
+                  notes=(channel_note,) if channel_note else (), frame=frame)
+
+
+def _query(stmt: ast.Occlude, text: str, spec, label: str, image: torch.Tensor,
+           grid: OcclusionGrid, painted: tuple, raw: torch.Tensor, info: dict,
+           **more) -> OcclusionQuery:
+    """The logical plan of an image's or a volume's statement: BATCH checked, the
+    targets resolved; ``painted`` is ``(colour, its label, fill)``, ``more`` the fields
+    only one of them sets."""
     if stmt.batch is not None and stmt.batch < 1:
         raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
     targets, top = _targets(stmt, spec)
+    color, color_label, fill = painted
     return OcclusionQuery(
         statement=stmt, text=text, image_label=label, image=image, model=spec,
         target=targets[0] if targets else None, grid=grid, color=color, color_label=color_label,
-        device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, ssim=stmt.ssim,
-        drilldown=stmt.drilldown, speedup=stmt.speedup,
-        notes=(channel_note,) if channel_note else (), targets=targets, top=top,
-        output=stmt.output, frame=frame, original=raw, image_info=info, fill=fill)
+        device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, targets=targets, top=top,
+        output=stmt.output, original=raw, image_info=info, fill=fill, **more)
 
 
 def _same_rank(stmt: ast.Occlude, spec, raw: torch.Tensor, label: str) -> None:
@@ -96,15 +105,8 @@ def _bind_volume(stmt: ast.Occlude, text: str, spec, raw: torch.Tensor, label: s
         int(volume.shape[2]), int(volume.shape[3]), _cube(stmt.patch, DEFAULT_VOLUME_PATCH),
         _cube(stmt.stride, DEFAULT_STRIDE), stmt.region.numbers if stmt.region else None,
         depth=int(volume.shape[1])))
-    color, color_label, fill = _volume_color(stmt, volume, grid.patch)
-    if stmt.batch is not None and stmt.batch < 1:
-        raise fail(stmt, "batch", f"BATCH must be at least 1, got {stmt.batch}")
-    targets, top = _targets(stmt, spec)
-    return OcclusionQuery(
-        statement=stmt, text=text, image_label=label, image=volume, model=spec,
-        target=targets[0] if targets else None, grid=grid, color=color, color_label=color_label,
-        device=stmt.device or "auto", batch=stmt.batch, into=stmt.into, targets=targets, top=top,
-        output=stmt.output, original=raw, image_info=info, fill=fill)
+    return _query(stmt, text, spec, label, volume, grid, _volume_color(stmt, volume, grid.patch),
+                  raw, info)
 
 
 DEFAULT_VOLUME_PATCH = 8
