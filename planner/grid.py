@@ -49,10 +49,10 @@ class OcclusionGrid:
         """Why this geometry is impossible, or None."""
         dims, n = self.dims, len(self.dims)
         x = "x".join
-        if len(self.patch) != n or len(self.stride) != n:
-            what = "a volume takes d x h x w" if n == 3 else "an image takes h x w"
-            return (f"PATCH and STRIDE need {n} sizes here ({what}, or one number), got "
-                    f"{x(map(str, self.patch))} and {x(map(str, self.stride))}")
+        for keyword, sizes in (("PATCH", self.patch), ("STRIDE", self.stride)):
+            if len(sizes) != n:
+                what = "a volume takes d x h x w" if n == 3 else "an image takes h x w"
+                return f"{keyword} needs {n} sizes here ({what}, or one number), got {x(map(str, sizes))}"
         if min(self.patch) < 1:
             return f"patch size must be at least 1 (got {x(map(str, self.patch))})"
         if min(self.stride) < 1:
