@@ -3,7 +3,8 @@ chromium (selenium), on a small registered model whose maps are checked against 
 same query run through ``con.execute``.
 
 The browser test needs Debian's chromium and chromedriver (``make test`` installs them):
-without them it fails, saying how to install them.
+without them it fails, saying how to install them (tests/serve_page.py: the server, the
+browser and the page's steps, shared with tests/test_serve_volumes.py).
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import sys
-import threading
 import time
 
 import numpy as np
@@ -27,9 +26,9 @@ from models_zoo import sensitive_small_cnn
 from fastapi.testclient import TestClient  # the web extra: pip install 'kql[web]'
 
 from kql import cli, serve, serve_guard
+from serve_page import api_client, browser, distinct_colours, server, start_query  # noqa: F401
 
 QUERY = "OCCLUDE img USING net PATCH 6 STRIDE 4"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +37,6 @@ def con():
     con.register_model("net", sensitive_small_cnn())
     con.register_image("img", smooth_noise_image(24, 30))
     return con
-
-
-def api_client(app, **options) -> TestClient:
-    """A client of ``app`` that sends the server's token, as the page does."""
-    client = TestClient(app, **options)
-    client.headers[serve.TOKEN_HEADER] = client.get("/api/session").json()["token"]
-    return client
 
 
 @pytest.fixture(scope="module")
@@ -358,64 +350,11 @@ def app(con):
     return serve.create_app(con, allowed_hosts=list(serve.LOCAL_HOSTS))
 
 
-@pytest.fixture(scope="module")
-def server(app):
-    import uvicorn
-
-    sock = serve.listen("127.0.0.1", 0)
-    instance = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not instance.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert instance.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    instance.should_exit = True
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: apt-get install -y chromium chromium-driver "
-                    "(make test installs them)", pytrace=False)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1400,1000", "--force-device-scale-factor=1"):
-        options.add_argument(flag)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))   # no selenium-manager
-    yield driver
-    driver.quit()
-
-
-def distinct_colours(png: bytes, rect: dict) -> int:
-    shot = Image.open(io.BytesIO(png)).convert("RGB")
-    box = (int(rect["x"]), int(rect["y"]), int(rect["x"] + rect["width"]), int(rect["y"] + rect["height"]))
-    pixels = np.asarray(shot.crop(box)).reshape(-1, 3)
-    return len(np.unique(pixels, axis=0))
-
-
 def test_the_page_runs_a_query_and_shows_a_cell(server, browser, con):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    browser.get(server + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) >= 2)
-    Select(browser.find_element(By.ID, "model")).select_by_value("net")
-    Select(browser.find_element(By.ID, "image")).select_by_value("img")
-    for field, value in (("patch", "6"), ("stride", "4")):
-        box = browser.find_element(By.ID, field)
-        box.clear()
-        box.send_keys(value)
-    browser.find_element(By.ID, "run").click()
+    wait = start_query(browser, server, "net", "img", 6, 4)
     wait.until(lambda d: d.execute_script(
         "const i = document.querySelector('img.overlay'); return i && i.complete && i.naturalWidth > 0"))
     canvas = browser.find_element(By.CSS_SELECTOR, ".map-canvas")
@@ -442,20 +381,10 @@ def test_the_page_shows_progress_a_legend_and_clears_the_last_cell(server, app, 
                                                                    monkeypatch):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     monkeypatch.setattr(app.state.viewer, "progress", SlowProgress())
-    browser.get(server + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) >= 2)
-    Select(browser.find_element(By.ID, "model")).select_by_value("net")
-    Select(browser.find_element(By.ID, "image")).select_by_value("img")
-    for field, value in (("patch", "6"), ("stride", "2")):          # 130 positions in 5 batches
-        box = browser.find_element(By.ID, field)
-        box.clear()
-        box.send_keys(value)
+    wait = start_query(browser, server, "net", "img", 6, 2)         # 130 positions in 5 batches
     status = lambda: browser.find_element(By.ID, "status").text
-    browser.find_element(By.ID, "run").click()
     wait.until(lambda d: "/130 positions" in status() and "s left" in status())
     wait.until(lambda d: status().startswith("done: 130 positions in"))
     legend = browser.find_element(By.CSS_SELECTOR, ".legend-bar")

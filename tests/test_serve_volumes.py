@@ -13,7 +13,7 @@ from PIL import Image
 
 import kql
 from kql import serve
-from test_serve import api_client, browser, distinct_colours, server  # noqa: F401 (fixtures)
+from serve_page import api_client, browser, distinct_colours, server, start_query  # noqa: F401
 from volume_models import blob_volume, resnet3d, sensitive_volume
 
 QUERY = "OCCLUDE ct USING net PATCH 4 STRIDE 2"
@@ -74,19 +74,9 @@ def test_a_volume_map_comes_back_slice_by_slice(client, con):
 def test_the_page_browses_a_volume_maps_slices(server, browser, con):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    browser.get(server + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: len(Select(d.find_element(By.ID, "image")).options) >= 2)
-    Select(browser.find_element(By.ID, "model")).select_by_value("net")
-    Select(browser.find_element(By.ID, "image")).select_by_value("ct")
-    wait.until(lambda d: d.find_element(By.ID, "slice").is_displayed())
-    for field, value in (("patch", "4"), ("stride", "2")):
-        box = browser.find_element(By.ID, field)
-        box.clear()
-        box.send_keys(value)
-    browser.find_element(By.ID, "run").click()
+    wait = start_query(browser, server, "net", "ct", 4, 2)
+    assert browser.find_element(By.ID, "slice").is_displayed()       # the volume's slider
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".map-slice-at")
                and "of 4" in d.find_element(By.CSS_SELECTOR, ".map-slice-at").text)
     expected = con.execute(QUERY).heatmap

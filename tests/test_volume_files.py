@@ -14,12 +14,12 @@ import nibabel
 import numpy as np
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from kql.catalog import volumes
 from kql.results import nifti
 from kql.errors import KqlExecutionError, KqlImageError
+from test_scan_images import dicom_bytes
 
 # i -> posterior (-y), j -> superior (+z), k -> right (+x): voxel sizes 2, 3, 4 mm.
 PERMUTED = np.array([[0.0, 0.0, 4.0, -7.0], [-2.0, 0.0, 0.0, 5.0], [0.0, 3.0, 0.0, 11.0], [0, 0, 0, 1]])
@@ -159,21 +159,12 @@ AXIAL = [1, 0, 0, 0, 1, 0]
 
 
 def slice_bytes(pixels, position, number, series=SERIES, orientation=AXIAL) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PixelSpacing, ds.SeriesInstanceUID = "CT", [0.5, 0.75], series
-    ds.ImageOrientationPatient, ds.InstanceNumber = orientation, number
+    """One CT slice of a series (test_scan_images' DICOM file with a series' geometry)."""
+    elements = dict(SeriesInstanceUID=series, ImageOrientationPatient=orientation,
+                    InstanceNumber=number, RescaleSlope=2, RescaleIntercept=-1024)
     if position is not None:
-        ds.ImagePositionPatient = position
-    ds.RescaleSlope, ds.RescaleIntercept = 2, -1024
-    ds.set_pixel_data(pixels, "MONOCHROME2", 12)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+        elements["ImagePositionPatient"] = position
+    return dicom_bytes(pixels, **elements)
 
 
 def stack(count=5, rows=6, columns=7) -> np.ndarray:
